@@ -1,0 +1,3 @@
+from neuron_export.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""TorchScript tracing on the CPU: the same files as the Neuron backend, for hosts without the SDK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+NAME = "cpu"
+COMPILER_TYPE = "torchscript-cpu"  # an honest marker: these files run on CPU, not on a NeuronCore
+
+
+def compiler_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def compile(wrapper: Any, example_inputs: list[Any], compiler_args: list[str], inline_weights: bool,
+            workdir: Path) -> Any:
+    import torch
+
+    # strict=False lets the VAE halves return the dicts the runtime expects.
+    return torch.jit.trace(wrapper, tuple(example_inputs), strict=False, check_trace=False)
+
+
+def load(path: Path) -> Any:
+    import torch
+
+    return torch.jit.load(str(path), map_location="cpu")
+
+
+def validation_skip_reason() -> str | None:
+    return None

@@ -1,0 +1,223 @@
+"""Runs a Plan: one component at a time is loaded, traced, saved, freed, then reloaded and checked.
+
+Memory stays near one component's weights: the eager model's reference outputs on fresh inputs are
+computed before tracing, the model is freed after saving, and only then is the artifact loaded back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from neuron_export import __version__
+from neuron_export.backends import get_backend
+from neuron_export.components import family_module, flatten, make_inputs
+from neuron_export.errors import BuildError
+from neuron_export.layout import ARTIFACT_NAME, publish, staging_directory, write_layout
+from neuron_export.manifest import (
+    ComponentRecord, FileRecord, Manifest, PipelineRecord, SourceRecord, TensorRecord, ValidationRecord,
+    environment, file_record, normalized_config,
+)
+from neuron_export.plan import Job, Plan
+
+TRACE_SEED, VALIDATION_SEED = 0, 1
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress for the renderer: a component starts a stage, or finishes with its record."""
+
+    component: str
+    index: int
+    total: int
+    stage: str  # "loading", "tracing", "validating", "done"
+    record: ComponentRecord | None = None
+
+
+EventHandler = Callable[[BuildEvent], None]
+
+
+def limit_fragmentation() -> None:
+    """Return freed tensor memory to the OS promptly (glibc keeps large freed arenas otherwise)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 131072)  # M_MMAP_THRESHOLD: big allocations get their own mapping
+        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD: trim the heap top eagerly
+    except OSError:
+        pass
+
+
+def release_memory() -> None:
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the kernel's peak-RSS counter
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def max_abs_diff(expected: list[Any], actual: list[Any]) -> float:
+    if len(expected) != len(actual):
+        raise BuildError(f"the artifact returned {len(actual)} tensors where the eager model returns {len(expected)}")
+    worst = 0.0
+    for want, got in zip(expected, actual):
+        if tuple(want.shape) != tuple(got.shape):
+            raise BuildError(f"the artifact returned shape {tuple(got.shape)} where the eager model returns {tuple(want.shape)}")
+        worst = max(worst, float((want.float() - got.float()).abs().max()))
+    return worst
+
+
+def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_stage: Callable[[str], None]) -> ComponentRecord:
+    """Load, trace, save and check one component; nothing of it stays in memory afterwards."""
+    import torch
+
+    spec = job.spec
+    family = family_module(spec.name)
+    backend = get_backend(plan.backend)
+    skip_reason = "skipped: disabled by --disable-validation" if plan.config.disable_validation else backend.validation_skip_reason()
+    started = time.perf_counter()
+    reset_peak_rss()
+
+    on_stage("loading")
+    with torch.no_grad():
+        model = family.load(job.source_folder, spec)
+        parameter_count = sum(p.numel() for p in model.parameters())
+        trace_inputs = make_inputs(spec.inputs, TRACE_SEED)
+        validation_inputs = make_inputs(spec.inputs, VALIDATION_SEED) if skip_reason is None else None
+        expected = [t.clone() for t in family.reference(model, spec, validation_inputs)] if validation_inputs else None
+
+        on_stage("tracing")
+        wrapper = family.wrap(model, spec)
+        compiler_args = list(job.compiler_args) if plan.backend == "neuron" else []
+        try:
+            traced = backend.compile(wrapper, trace_inputs, compiler_args, plan.config.inline_weights, workdir / spec.name)
+        except Exception as exc:
+            kept = f"; compiler work dir and log kept in {workdir / spec.name}" if plan.backend == "neuron" else ""
+            raise BuildError(f"Compiling {spec.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}{kept}.") from exc
+        artifact = directory / spec.name / ARTIFACT_NAME
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(traced, str(artifact))
+        del traced, wrapper, model, trace_inputs
+        release_memory()
+
+        if skip_reason is None:
+            on_stage("validating")
+            loaded = backend.load(artifact)
+            actual = flatten(loaded(*validation_inputs))
+            del loaded
+            diff = max_abs_diff(expected, actual)
+            status = "passed" if diff <= job.atol else "failed"
+            validation = ValidationRecord(status=status, max_abs_diff=diff, atol=job.atol,
+                                          reason=None if status == "passed" else f"max abs diff {diff:.3g} > atol {job.atol:g}")
+        else:
+            validation = ValidationRecord(status="skipped", reason=skip_reason, atol=job.atol)
+    release_memory()
+
+    return ComponentRecord(
+        name=spec.name,
+        model_type=spec.model_type,
+        backend=plan.backend,
+        compiler_type=backend.COMPILER_TYPE,
+        compiler_version=backend.compiler_version(),
+        compiler_args=compiler_args,
+        neuron_compiler_args=list(job.compiler_args),
+        inline_weights=plan.config.inline_weights,
+        inputs=[TensorRecord(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in spec.inputs],
+        outputs=list(spec.outputs),
+        files=[file_record(artifact, directory)],
+        source_files=[],
+        parameter_count=parameter_count,
+        build_seconds=round(time.perf_counter() - started, 3),
+        peak_rss_bytes=peak_rss_bytes(),
+        validation=validation,
+    )
+
+
+def source_file_records(plan: Plan, job: Job) -> list[FileRecord]:
+    """sha256 of each weight file a component was built from, relative to its model root."""
+    records = []
+    for path in job.weight_files:
+        root = plan.source.unet_path if job.component == "unet" and plan.source.unet_path else plan.source.path
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            relative = Path(path.name)
+        record = file_record(path, path.parent)
+        records.append(FileRecord(path=relative.as_posix(), sha256=record.sha256, size=record.size))
+    return records
+
+
+def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecord], component_files: set[str]) -> Manifest:
+    config = plan.config
+    other_files = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in component_files)
+    return Manifest(
+        tool_version=__version__,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        config=normalized_config(config),
+        pipeline=PipelineRecord(
+            family=config.family, task=config.task, kind=plan.facts.kind, is_lcm=plan.facts.is_lcm,
+            diffusers_pipeline=plan.diffusers_pipeline, optimum_pipeline=plan.optimum_pipeline,
+            data_parallel_mode=plan.data_parallel_mode, height=plan.height, width=plan.width,
+            batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
+        ),
+        source=SourceRecord(model_id=plan.source.model_id, revision=plan.source.revision, commit=plan.source.commit,
+                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit),
+        environment=environment(plan.backend),
+        components=records,
+        files=[file_record(p, directory) for p in other_files],
+    )
+
+
+def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manifest:
+    """Build every job into a hidden sibling directory and rename it into place only when all succeeded."""
+    limit_fragmentation()
+    total = len(plan.jobs)
+    with staging_directory(plan.output) as (staging, workdir):
+        records: dict[str, ComponentRecord] = {}
+        for index, job in enumerate(plan.jobs, start=1):
+            def stage(name: str, job: Job = job, index: int = index) -> None:
+                on_event(BuildEvent(job.component, index, total, name))
+
+            record = build_component(job, plan, staging, workdir, stage)
+            record.source_files = source_file_records(plan, job)
+            records[job.component] = record
+            on_event(BuildEvent(job.component, index, total, "done", record))
+            if record.validation.status == "failed":
+                raise BuildError(
+                    f"Validation of {job.component} failed: {record.validation.reason} on fresh inputs; "
+                    "nothing was written (raise --atol only if this difference is acceptable)."
+                )
+        write_layout(plan, staging, records)
+        component_files = {f.path for record in records.values() for f in record.files}
+        manifest = make_manifest(plan, staging, records, component_files)
+        manifest.write(staging)
+        publish(staging, plan.output, plan.config.force)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return manifest

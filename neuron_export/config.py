@@ -1,0 +1,198 @@
+"""Every user-facing option as one validated pydantic value; all input checks live here.
+
+Precedence: field defaults < YAML file < `--set key=value` < command-line flags. Nothing heavy is
+imported, so a bad option fails in milliseconds, before any model file is opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neuron_export.errors import UserError
+
+Family = Literal["sd", "sd-xl", "lcm"]
+Task = Literal["text-to-image", "image-to-image", "inpainting"]
+AutoCast = Literal["none", "matmul", "all"]
+AutoCastType = Literal["bf16", "fp16", "tf32"]
+Target = Literal["inf2", "trn1", "trn2"]
+Backend = Literal["auto", "neuron", "cpu"]
+ComponentName = Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+
+FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm")
+TASKS: tuple[str, ...] = ("text-to-image", "image-to-image", "inpainting")
+COMPONENT_NAMES: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+
+# The checkpoint each command exports when --model is not given.
+CANONICAL_MODELS = {
+    "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd-xl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "lcm": "SimianLuo/LCM_Dreamshaper_v7",
+}
+
+MIN_SIDE, MAX_SIDE = 64, 4096
+
+
+class ExportConfig(BaseModel):
+    """One export: which model, which shapes, which compiler options, where to write."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: Family
+    task: Task = "text-to-image"
+    model: str | None = None
+    revision: str | None = None
+    unet: str | None = None
+    output: Path | None = None
+    batch_size: int = 1
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    auto_cast: AutoCast = "matmul"
+    auto_cast_type: AutoCastType | None = None
+    optlevel: Literal[1, 2, 3] = 2
+    inline_weights: bool = True
+    dynamic_batch_size: bool = False
+    target: Target = "inf2"
+    backend: Backend = "auto"
+    disable_validation: bool = False
+    atol: float | None = Field(default=None, gt=0)
+    components: tuple[ComponentName, ...] | None = None
+    force: bool = False
+    # Hub access; never written to the manifest (see manifest.normalized_config).
+    token: str | None = Field(default=None, repr=False)
+    hub_cache_dir: Path | None = None
+    offline: bool = False
+
+    @field_validator("height", "width")
+    @classmethod
+    def _side(cls, value: int | None) -> int | None:
+        if value is None:
+            return value
+        if value < MIN_SIDE or value > MAX_SIDE:
+            raise ValueError(f"must be between {MIN_SIDE} and {MAX_SIDE} pixels")
+        if value % 8:
+            nearest = max(MIN_SIDE, round(value / 8) * 8)
+            raise ValueError(f"must be a multiple of 8; use {nearest}")
+        return value
+
+    @field_validator("batch_size", "num_images_per_prompt")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+    @field_validator("components")
+    @classmethod
+    def _no_repeats(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("names a component twice; list each once")
+        if value is not None and not value:
+            raise ValueError("is empty; name at least one component or leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _auto_cast_pair(self) -> ExportConfig:
+        if self.auto_cast == "none" and self.auto_cast_type is not None:
+            raise ValueError(
+                f"auto_cast_type = '{self.auto_cast_type}' has no effect with auto_cast = 'none'; "
+                "drop --auto-cast-type or pass --auto-cast matmul"
+            )
+        if self.auto_cast != "none" and self.auto_cast_type is None:
+            object.__setattr__(self, "auto_cast_type", "bf16")
+        if self.model is None:
+            object.__setattr__(self, "model", CANONICAL_MODELS[self.family])
+        return self
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def explain_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's report into one sentence naming the field, the value and the fix."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "config"
+    value = first.get("input")
+    kind = first["type"]
+    message = first["msg"].removeprefix("Value error, ")
+    if not first["loc"]:  # a model-level check already names its fields
+        return message[0].upper() + message[1:] + "."
+    if kind == "extra_forbidden":
+        return unknown_key_message(field, "options")
+    if kind in ("literal_error", "enum"):
+        expected = first.get("ctx", {}).get("expected", "")
+        return f"{field} = {value!r} is not valid; use one of {expected}."
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{field} = {value!r} is not a whole number; pass an integer such as 1."
+    if kind in ("float_parsing", "float_type"):
+        return f"{field} = {value!r} is not a number; pass a number such as 0.001."
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{field} = {value!r} is not true or false."
+    return f"{field} = {value!r} is not valid: {message}."
+
+
+def unknown_key_message(key: str, where: str) -> str:
+    valid = list(ExportConfig.model_fields)
+    close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else f"valid keys are: {', '.join(valid)}."
+    return f"Unknown key '{key}' in {where}; {hint}"
+
+
+def _normalize_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+    normalized: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in ExportConfig.model_fields:
+            raise UserError(unknown_key_message(str(key), where))
+        normalized[name] = value
+    return normalized
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML file of ExportConfig keys (kebab-case or snake_case), checked for unknown keys."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist; pass a path to a YAML file such as configs/sd15-512.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"Config file {path} is not valid YAML{where}; fix its syntax.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of option: value, not {type(data).__name__}.")
+    return _normalize_keys(data, str(path))
+
+
+def parse_set_options(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as YAML scalars so numbers and booleans keep their type."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r} is not key=value; write it like --set height=768.")
+        result[key.strip()] = yaml.safe_load(raw) if raw else None
+    return _normalize_keys(result, "--set")
+
+
+def make_config(*layers: dict[str, Any]) -> ExportConfig:
+    """Merge option layers (later wins; None means 'not given') and validate once."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({key: value for key, value in layer.items() if value is not None})
+    if isinstance(merged.get("components"), str):
+        merged["components"] = [name.strip() for name in merged["components"].split(",") if name.strip()]
+    if "family" not in merged:
+        raise UserError(f"No model family given; set family to one of {', '.join(FAMILIES)} in the config file.")
+    try:
+        return ExportConfig(**merged)
+    except ValidationError as exc:
+        raise UserError(explain_validation_error(exc)) from None

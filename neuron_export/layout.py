@@ -1,0 +1,109 @@
+"""The optimum-neuron directory layout, written into a hidden sibling and renamed into place in one step.
+
+An output directory is either a complete export or untouched: a failure, Ctrl-C or kill leaves at most
+a hidden `.NAME.partial-*` sibling, which the next run of the same export removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from neuron_export.errors import UserError
+from neuron_export.source import PROCESSOR_FOLDERS
+
+if TYPE_CHECKING:
+    from neuron_export.manifest import ComponentRecord
+    from neuron_export.plan import Plan
+
+ARTIFACT_NAME = "model.neuron"
+COMPONENT_CONFIG = "config.json"
+
+
+def _sibling(output: Path, tag: str) -> Path:
+    return output.parent / f".{output.name}.{tag}"
+
+
+@contextlib.contextmanager
+def staging_directory(output: Path) -> Iterator[tuple[Path, Path]]:
+    """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic),
+    removed with everything in it unless the export is published. Also yields the compiler work dir,
+    which is kept after a failed Neuron compile so its log can be read."""
+    output = output.absolute()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same export
+    staging = _sibling(output, f"partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    workdir = _sibling(output, "neuron-work")
+    try:
+        yield staging, workdir
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, output: Path, force: bool) -> None:
+    """Rename the finished export into place; an existing one is replaced only with --force."""
+    output = output.absolute()
+    if output.exists():
+        if not force:
+            raise UserError(f"--output {output} appeared while exporting; pass --force to replace it.")
+        retired = _sibling(output, f"old-{uuid.uuid4().hex[:8]}")
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def neuron_section(plan: Plan, record: ComponentRecord, spec: Any) -> dict[str, Any]:
+    """The `neuron` object optimum-neuron's loader rebuilds its input specs from."""
+    config = plan.config
+    section: dict[str, Any] = {
+        "compiler_type": record.compiler_type,
+        "compiler_version": record.compiler_version,
+        "inline_weights_to_neff": config.inline_weights,
+        **{f"static_{key}": value for key, value in spec.static_shapes.items()},
+        "dynamic_batch_size": config.dynamic_batch_size,
+        "tensor_parallel_size": 1,
+        "optlevel": str(config.optlevel),
+        "auto_cast": config.auto_cast,
+        "auto_cast_type": config.auto_cast_type,
+        "instance_type": config.target,
+        "int_dtype": "int64",
+        "float_dtype": "fp32",
+        "model_type": spec.model_type,
+        "output_attentions": False,
+        "output_hidden_states": spec.output_hidden_states,
+        "task": spec.task,
+    }
+    return section
+
+
+def component_config(plan: Plan, job: Any, record: ComponentRecord) -> dict[str, Any]:
+    config = json.loads((job.source_folder / COMPONENT_CONFIG).read_text())
+    config.setdefault("model_type", job.spec.model_type)  # diffusers configs have none; the loader falls back to it
+    if job.component == "unet" and plan.facts.is_lcm:
+        # optimum-neuron picks its LCM runtime from this name (saving drops it), so keep the marker explicit.
+        name = plan.config.unet or plan.config.model or ""
+        config["_name_or_path"] = name if "lcm" in name.lower() else f"lcm:{name}"
+    config["neuron"] = neuron_section(plan, record, job.spec)
+    return config
+
+
+def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord]) -> None:
+    """model_index.json, the processors it names, and each component's config.json with its neuron section."""
+    source = plan.source.path
+    index = json.loads((source / "model_index.json").read_text())
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for name in PROCESSOR_FOLDERS:
+        entry = index.get(name)
+        if entry and entry[0] is not None and (source / name).is_dir():
+            shutil.copytree(source / name, directory / name, dirs_exist_ok=True)
+    for job in plan.jobs:
+        config = component_config(plan, job, records[job.component])
+        (directory / job.component / COMPONENT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

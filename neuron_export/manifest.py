@@ -1,0 +1,148 @@
+"""The manifest written beside every export: what was built, from what, with which compiler, and whether it was checked.
+
+Read back by `inspect`, `verify` and `generate`; it is a pydantic model so readers get types, not dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+HASH_CHUNK = 8 * 2**20
+
+
+class FileRecord(BaseModel):
+    path: str  # relative to the export (or source) root, with forward slashes
+    sha256: str
+    size: int
+
+
+class TensorRecord(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class ValidationRecord(BaseModel):
+    status: Literal["passed", "failed", "skipped"]
+    reason: str | None = None
+    max_abs_diff: float | None = None
+    atol: float | None = None
+
+
+class ComponentRecord(BaseModel):
+    name: str
+    model_type: str
+    backend: str
+    compiler_type: str
+    compiler_version: str
+    compiler_args: list[str]  # the flags passed to the compiler (empty for the cpu backend)
+    neuron_compiler_args: list[str]  # the neuronx-cc flags of this component kind, recorded on every backend
+    inline_weights: bool
+    inputs: list[TensorRecord]
+    outputs: list[str]
+    files: list[FileRecord]
+    source_files: list[FileRecord]
+    parameter_count: int
+    build_seconds: float
+    peak_rss_bytes: int
+    validation: ValidationRecord
+
+
+class SourceRecord(BaseModel):
+    model_id: str
+    revision: str | None = None
+    commit: str | None = None
+    unet_id: str | None = None
+    unet_commit: str | None = None
+
+
+class PipelineRecord(BaseModel):
+    family: str
+    task: str
+    kind: str  # sd, sdxl, sdxl-refiner
+    is_lcm: bool
+    diffusers_pipeline: str
+    optimum_pipeline: str
+    data_parallel_mode: str
+    height: int
+    width: int
+    batch_size: int
+    num_images_per_prompt: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: int = MANIFEST_FORMAT
+    tool: str = "neuron-export"
+    tool_version: str
+    created_at: str
+    config: dict[str, Any]
+    pipeline: PipelineRecord
+    source: SourceRecord
+    environment: dict[str, str | None]
+    components: dict[str, ComponentRecord]
+    files: list[FileRecord]  # every other file of the export (configs, tokenizers, scheduler)
+
+    def write(self, directory: Path) -> Path:
+        path = directory / MANIFEST_NAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        return cls.model_validate_json((directory / MANIFEST_NAME).read_text())
+
+    def all_files(self) -> list[FileRecord]:
+        return [f for record in self.components.values() for f in record.files] + list(self.files)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: Path, root: Path) -> FileRecord:
+    return FileRecord(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(backend: str) -> dict[str, str | None]:
+    """Versions that decide whether an artifact loads; the Neuron ones only when the SDK really imports."""
+    env = {
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "torch": _version("torch"),
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "huggingface_hub": _version("huggingface_hub"),
+        "torch_neuronx": None,
+        "neuronx_cc": None,
+    }
+    if backend == "neuron":
+        env["torch_neuronx"] = _version("torch-neuronx")
+        env["neuronx_cc"] = _version("neuronx-cc")
+    return env
+
+
+def normalized_config(config: Any) -> dict[str, Any]:
+    """The resolved options, minus secrets."""
+    return config.model_dump(mode="json", exclude={"token"})

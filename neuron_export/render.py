@@ -1,0 +1,135 @@
+"""What the user sees: rich progress on a terminal, plain lines in logs and CI, one JSON object with --json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuron_export.build import BuildEvent
+    from neuron_export.manifest import Manifest
+    from neuron_export.plan import Plan
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def validation_text(record: Any) -> str:
+    v = record.validation
+    if v.status == "passed":
+        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g})"
+    return v.reason or v.status
+
+
+class Reporter:
+    """Receives build events; renders them for a terminal, a log, or not at all (--json)."""
+
+    def __init__(self, json_mode: bool = False, stream: Any = None) -> None:
+        self.json_mode = json_mode
+        self.stream = stream or sys.stdout
+        self.interactive = not json_mode and self.stream.isatty()
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def plan(self, plan: Plan) -> None:
+        if self.json_mode:
+            return
+        names = ", ".join(job.component for job in plan.jobs)
+        self.line(f"Exporting {plan.source.model_id} ({plan.facts.kind}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
+                  f"at {plan.height}x{plan.width}, batch {plan.config.batch_size}, backend {plan.backend}: {names}")
+
+    def line(self, text: str) -> None:
+        if self.json_mode:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def __call__(self, event: BuildEvent) -> None:
+        if self.json_mode:
+            return
+        if self.interactive:
+            self._rich_event(event)
+            return
+        prefix = f"[{event.index}/{event.total}] {event.component}"
+        if event.stage == "done" and event.record is not None:
+            r = event.record
+            self.line(f"{prefix}: done in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
+                      f"validation {validation_text(r)}")
+        else:
+            self.line(f"{prefix}: {event.stage}")
+
+    def _rich_event(self, event: BuildEvent) -> None:
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        if self._progress is None:
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                      console=Console(file=self.stream))
+            self._progress.start()
+        progress = self._progress
+        label = f"[{event.index}/{event.total}] {event.component}"
+        if event.component not in self._tasks:
+            self._tasks[event.component] = progress.add_task(label, total=1)
+        task = self._tasks[event.component]
+        if event.stage == "done" and event.record is not None:
+            progress.update(task, description=f"{label}: {validation_text(event.record)}", completed=1)
+            progress.stop_task(task)
+        else:
+            progress.update(task, description=f"{label}: {event.stage}")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def summary(self, manifest: Manifest, output: Any) -> None:
+        self.close()
+        if self.json_mode:
+            print(json.dumps(result_object(manifest, output)), file=self.stream, flush=True)
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"Exported to {output}")
+        for column in ("component", "inputs", "seconds", "peak RSS", "size", "validation"):
+            table.add_column(column)
+        for record in manifest.components.values():
+            shapes = ", ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
+            size = sum(f.size for f in record.files)
+            table.add_row(record.name, shapes, f"{record.build_seconds:.1f}", human_bytes(record.peak_rss_bytes),
+                          human_bytes(size), validation_text(record))
+        Console(file=self.stream, width=None if self.interactive else 160).print(table)
+
+
+def result_object(manifest: Manifest, output: Any) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "output": str(output),
+        "manifest": str(output / "manifest.json"),
+        "backend": next(iter(manifest.components.values())).backend if manifest.components else None,
+        "pipeline": manifest.pipeline.model_dump(),
+        "components": {
+            name: {
+                "seconds": record.build_seconds,
+                "peak_rss_bytes": record.peak_rss_bytes,
+                "validation": record.validation.model_dump(),
+                "files": [f.model_dump() for f in record.files],
+            }
+            for name, record in manifest.components.items()
+        },
+    }
+
+
+def error(message: str, json_mode: bool, exit_code: int) -> None:
+    if json_mode:
+        print(json.dumps({"ok": False, "error": message, "exit_code": exit_code}), flush=True)
+    else:
+        print(f"neuron-export: error: {message}", file=sys.stderr, flush=True)

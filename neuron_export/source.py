@@ -1,0 +1,233 @@
+"""Where the model comes from (local directory or hub snapshot) and what it is, read from its JSON files.
+
+Only configs and safetensors headers are read here: no weights are loaded and no remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neuron_export.errors import UserError
+
+# Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
+SOURCE_FOLDER = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_encoder": "vae",
+    "vae_decoder": "vae",
+}
+# Files copied unchanged into the export so the runtime can tokenize and schedule.
+PROCESSOR_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# Full-precision weights and their shards; fp16 variants and pickled .bin files are never fetched.
+HUB_WEIGHT_PATTERNS = (*WEIGHT_NAMES, "*.safetensors.index.json", "*-of-*.safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A pipeline on local disk, and where it came from."""
+
+    model_id: str
+    path: Path
+    revision: str | None = None
+    commit: str | None = None
+    unet_id: str | None = None
+    unet_path: Path | None = None  # directory holding the replacement UNet's config.json and weights
+    unet_commit: str | None = None
+
+    def folder(self, component: str) -> Path:
+        """The directory whose config.json and weights a component is loaded from."""
+        if component == "unet" and self.unet_path is not None:
+            return self.unet_path
+        return self.path / SOURCE_FOLDER[component]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the pipeline is, decided from its configs rather than from its name."""
+
+    pipeline_class: str
+    kind: str  # "sd", "sdxl" or "sdxl-refiner"
+    is_lcm: bool
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any] | None
+    text_encoder_2: dict[str, Any] | None
+    weight_files: dict[str, tuple[Path, ...]] = field(default_factory=dict)  # component -> safetensors files
+
+    @property
+    def unet_in_channels(self) -> int:
+        return int(self.unet.get("in_channels", 4))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+    @property
+    def default_side(self) -> int:
+        sample_size = self.unet.get("sample_size", 64)
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        return int(sample_size) * self.vae_scale_factor
+
+    @property
+    def is_xl(self) -> bool:
+        return self.kind in ("sdxl", "sdxl-refiner")
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        names = [] if self.text_encoder is None else ["text_encoder"]
+        if self.text_encoder_2 is not None:
+            names.append("text_encoder_2")
+        return (*names, "unet", "vae_encoder", "vae_decoder")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} is missing: {path} does not exist; point --model at a complete diffusers pipeline.") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{what} at {path} is not valid JSON (line {exc.lineno}); re-download the model.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} at {path} is not a JSON object; re-download the model.")
+    return data
+
+
+def find_weight_files(folder: Path) -> tuple[Path, ...]:
+    """The component's safetensors file(s): the full-precision one, not a variant; shards via their index."""
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return (folder / name,)
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(_read_json(index, index.name).get("weight_map", {}).values()))
+            return tuple(folder / shard for shard in shards)
+    if any(folder.glob("*.bin")):
+        raise UserError(
+            f"{folder} has only .bin weights; neuron-export reads safetensors only (no pickle loading): "
+            "convert them or pick a revision with .safetensors files."
+        )
+    raise UserError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
+
+
+def check_safetensors(path: Path) -> None:
+    """Fail now, not mid-export, on a file cut short or not safetensors at all (reads the header only)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > min(size, 100 * 2**20):
+                raise ValueError("header size out of range")
+            header = json.loads(handle.read(header_size))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a valid safetensors file (its header cannot be read); re-download it.") from None
+    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    expected = 8 + header_size + data_end
+    if size < expected:
+        raise UserError(f"{path} is truncated ({size} of {expected} bytes); re-download it.")
+
+
+def read_facts(source: ModelSource) -> ModelFacts:
+    """Recognise SD, SDXL base, SDXL refiner, LCM and inpainting models from model_index.json and configs."""
+    if not source.path.is_dir():
+        raise UserError(f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id.")
+    index = _read_json(source.path / "model_index.json", "model_index.json")
+    unet_folder = source.folder("unet")
+    if not (unet_folder / "config.json").is_file():
+        raise UserError(
+            f"--model {source.model_id} has no UNet ({unet_folder / 'config.json'} is missing); "
+            "neuron-export needs a full Stable Diffusion pipeline with a unet/ folder."
+        )
+    unet = _read_json(unet_folder / "config.json", "unet/config.json")
+    vae = _read_json(source.path / "vae" / "config.json", "vae/config.json")
+
+    def optional_config(name: str) -> dict[str, Any] | None:
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            return None
+        return _read_json(source.path / name / "config.json", f"{name}/config.json")
+
+    text_encoder = optional_config("text_encoder")
+    text_encoder_2 = optional_config("text_encoder_2")
+    if text_encoder_2 is not None or unet.get("addition_embed_type") == "text_time":
+        kind = "sdxl" if text_encoder is not None else "sdxl-refiner"
+    else:
+        kind = "sd"
+    if kind == "sd" and text_encoder is None:
+        raise UserError(f"--model {source.model_id} has no text_encoder; it is not a Stable Diffusion pipeline neuron-export can export.")
+    facts = ModelFacts(
+        pipeline_class=str(index.get("_class_name", "")),
+        kind=kind,
+        is_lcm=unet.get("time_cond_proj_dim") is not None,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+    )
+    weights = {name: find_weight_files(source.folder(name)) for name in facts.components}
+    return ModelFacts(**{**facts.__dict__, "weight_files": weights})
+
+
+def _hub_download(repo_id: str, revision: str | None, patterns: list[str], token: str | None,
+                  cache_dir: Path | None, offline: bool) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, allow_patterns=patterns, token=token,
+            cache_dir=cache_dir, local_files_only=offline,
+        )
+    except RepositoryNotFoundError:
+        raise UserError(f"--model {repo_id}: no such model on the hub (or it is private: pass --token); check the id.") from None
+    except RevisionNotFoundError:
+        raise UserError(f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit.") from None
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"--model {repo_id} is not in the local hub cache and offline mode is on (or the hub cannot be reached); "
+            "download it first or pass a local directory."
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise UserError(f"--model {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory.") from None
+    commit = Path(path).name if len(Path(path).name) == 40 else None
+    return Path(path), commit
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+
+
+def resolve_source(model: str, revision: str | None, unet: str | None, components: tuple[str, ...],
+                   token: str | None = None, cache_dir: Path | None = None, offline: bool = False) -> ModelSource:
+    """A local directory as it is, or a hub snapshot holding only what `components` need."""
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
+    if looks_like_hub_id(model):
+        folders = sorted({SOURCE_FOLDER[name] for name in components} - ({"unet"} if unet else set()))
+        patterns = ["model_index.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
+        patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
+        path, commit = _hub_download(model, revision, patterns, token, cache_dir, offline)
+    else:
+        path, commit = Path(model).expanduser(), None
+        if not path.is_dir():
+            raise UserError(f"--model {model}: directory does not exist; pass a diffusers pipeline directory or a hub id like org/name.")
+    unet_path = unet_commit = None
+    if unet is not None:
+        if looks_like_hub_id(unet):
+            unet_root, unet_commit = _hub_download(
+                unet, None, ["config.json", *HUB_WEIGHT_PATTERNS, *(f"unet/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))],
+                token, cache_dir, offline,
+            )
+        else:
+            unet_root = Path(unet).expanduser()
+            if not unet_root.is_dir():
+                raise UserError(f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl.")
+        unet_path = unet_root / "unet" if (unet_root / "unet" / "config.json").is_file() else unet_root
+    return ModelSource(model_id=model, path=path, revision=revision, commit=commit,
+                       unet_id=unet, unet_path=unet_path, unet_commit=unet_commit)
