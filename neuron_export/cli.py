@@ -175,3 +175,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         error("interrupted; nothing was written (the output directory is untouched).", json_mode, 130)
         sys.exit(130)
+
+
+def _register_more_commands() -> None:
+    """Commands that work on a finished export live in their own modules; each adds itself to `app`."""
+    from neuron_export import deploy_cli, generate_cli
+
+    deploy_cli.register(app)
+    generate_cli.register(app)
+
+
+_register_more_commands()
