@@ -1,0 +1,451 @@
+"""Deterministic random-weight Stable Diffusion pipelines built locally for tests, demos and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+EXAMPLE_KINDS = ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
+
+# --- shared dimensions of the tiny examples -------------------------------------------------------
+
+TOKENIZER_MAX_LENGTH = 77
+TINY_TEXT_HIDDEN = 32  # hidden size of every tiny CLIP text encoder
+TINY_TEXT_PROJECTION = 32  # projection_dim of the tiny SDXL text_encoder_2 (pooled embeds)
+TINY_ADDITION_TIME_EMBED_DIM = 8  # SDXL "text_time" embedding width per time id
+TINY_TIME_COND_PROJ_DIM = 32  # LCM guidance-embedding width (UNet time_cond_proj_dim)
+TINY_UNET_SAMPLE_SIZE = 8  # latent side; with the vae scale factor of 8 the default image is 64x64
+
+# BPE merges of the tiny tokenizer: a handful, just so that merging is exercised.
+_MERGES = (
+    ("t", "h"),
+    ("th", "e</w>"),
+    ("a", "n"),
+    ("i", "n"),
+    ("o", "n</w>"),
+    ("e", "r"),
+    ("a", "t</w>"),
+    ("c", "at</w>"),
+    ("d", "o"),
+    ("do", "g</w>"),
+    ("t", "o</w>"),
+    ("p", "h"),
+    ("ph", "o"),
+    ("pho", "to</w>"),
+)
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"
+_MERGES_HEADER = "#version: 0.2"
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    """One printable unicode character per byte value, as byte-level BPE (GPT-2/CLIP) uses.
+
+    Bytes that are already visible, non-space latin-1 characters stand for themselves; every
+    other byte (controls, space, soft hyphen, ...) is shifted to code points 256, 257, ...
+    """
+    visible = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    alphabet = []
+    shifted = 0
+    for byte in range(256):
+        if byte in visible:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + shifted))
+            shifted += 1
+    return alphabet
+
+
+def tokenizer_vocab() -> dict[str, int]:
+    """The tiny tokenizer's vocabulary: bytes, bytes ending a word, merged pairs, then specials."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [char + "</w>" for char in alphabet] + [a + b for a, b in _MERGES]
+    tokens += [_BOS, _EOS]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _make_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        vocab=tokenizer_vocab(),
+        merges=list(_MERGES),
+        unk_token=_EOS,
+        bos_token=_BOS,
+        eos_token=_EOS,
+        pad_token=_EOS,
+        model_max_length=TOKENIZER_MAX_LENGTH,
+    )
+
+
+def _write_tokenizer_files(folder: pathlib.Path) -> None:
+    """Add the files a slow CLIPTokenizer needs (transformers 5 only writes tokenizer.json).
+
+    vocab.json + merges.txt are what `CLIPTokenizer` of transformers 4.x reads; special_tokens_map.json
+    is kept for the same older readers.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer_vocab(), ensure_ascii=False), encoding="utf-8")
+    merges = "\n".join([_MERGES_HEADER] + [f"{a} {b}" for a, b in _MERGES]) + "\n"
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    special = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": _EOS, "unk_token": _EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+
+
+# --- model factories ------------------------------------------------------------------------------
+
+
+def _clip_text_config(
+    *,
+    hidden_size: int = TINY_TEXT_HIDDEN,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 37,
+    vocab_size: int | None = None,
+    projection_dim: int = TINY_TEXT_PROJECTION,
+    hidden_act: str = "quick_gelu",
+):
+    from transformers import CLIPTextConfig
+
+    vocab = tokenizer_vocab()
+    return CLIPTextConfig(
+        vocab_size=vocab_size if vocab_size is not None else len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        projection_dim=projection_dim,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+        # Pooling takes the hidden state at the eos token, so the ids must match the tokenizer.
+        bos_token_id=vocab[_BOS],
+        eos_token_id=vocab[_EOS],
+        pad_token_id=vocab[_EOS],
+    )
+
+
+def _tiny_text_encoder():
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_clip_text_config())
+
+
+def _tiny_text_encoder_2():
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(_clip_text_config(hidden_act="gelu"))
+
+
+def _tiny_sd_unet(*, in_channels: int = 4, time_cond_proj_dim: int | None = None):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=TINY_UNET_SAMPLE_SIZE,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=TINY_TEXT_HIDDEN,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+def _tiny_sdxl_unet(*, refiner: bool = False, time_cond_proj_dim: int | None = None):
+    """SDXL-shaped UNet: linear-projection transformers and "text_time" additional embeddings.
+
+    The base model conditions on both text encoders (hidden states concatenated) and 6 time ids
+    (original size, crop offset, target size); the refiner only on text_encoder_2 and 5 time ids
+    (original size, crop offset, aesthetic score).
+    """
+    from diffusers import UNet2DConditionModel
+
+    num_time_ids = 5 if refiner else 6
+    cross_attention_dim = TINY_TEXT_HIDDEN if refiner else 2 * TINY_TEXT_HIDDEN
+    return UNet2DConditionModel(
+        sample_size=TINY_UNET_SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=num_time_ids * TINY_ADDITION_TIME_EMBED_DIM + TINY_TEXT_PROJECTION,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+def _tiny_vae(*, scaling_factor: float = 0.18215):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),  # four blocks -> vae scale factor 8, like real models
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+_SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def _euler_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**_SD_BETAS, timestep_spacing="leading", steps_offset=1)
+
+
+def _lcm_scheduler():
+    from diffusers import LCMScheduler
+
+    return LCMScheduler(
+        **_SD_BETAS,
+        original_inference_steps=50,
+        timestep_spacing="leading",
+        steps_offset=1,
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+
+
+# --- pipeline builders ----------------------------------------------------------------------------
+
+
+def _sd_like(pipeline_cls, unet, scheduler):
+    return pipeline_cls(
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder(),
+        tokenizer=_make_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_sd():
+    from diffusers import StableDiffusionPipeline
+
+    return _sd_like(StableDiffusionPipeline, _tiny_sd_unet(), _euler_scheduler())
+
+
+def _build_sd_inpaint():
+    from diffusers import StableDiffusionInpaintPipeline
+
+    # 4 noisy latents + 1 mask channel + 4 masked-image latents
+    return _sd_like(StableDiffusionInpaintPipeline, _tiny_sd_unet(in_channels=9), _euler_scheduler())
+
+
+def _build_lcm():
+    from diffusers import LatentConsistencyModelPipeline
+
+    unet = _tiny_sd_unet(time_cond_proj_dim=TINY_TIME_COND_PROJ_DIM)
+    return _sd_like(LatentConsistencyModelPipeline, unet, _lcm_scheduler())
+
+
+def _build_sdxl():
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(scaling_factor=0.13025),
+        text_encoder=_tiny_text_encoder(),
+        text_encoder_2=_tiny_text_encoder_2(),
+        tokenizer=_make_tokenizer(),
+        tokenizer_2=_make_tokenizer(),
+        unet=_tiny_sdxl_unet(),
+        scheduler=_euler_scheduler(),
+        add_watermarker=False,
+    )
+
+
+def _build_sdxl_refiner():
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=_tiny_vae(scaling_factor=0.13025),
+        text_encoder=None,
+        text_encoder_2=_tiny_text_encoder_2(),
+        tokenizer=None,
+        tokenizer_2=_make_tokenizer(),
+        unet=_tiny_sdxl_unet(refiner=True),
+        scheduler=_euler_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+
+
+_PIPELINE_BUILDERS = {
+    "sd": _build_sd,
+    "sd-inpaint": _build_sd_inpaint,
+    "sdxl": _build_sdxl,
+    "sdxl-refiner": _build_sdxl_refiner,
+    "lcm": _build_lcm,
+}
+
+_TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+
+
+def _save_pipeline(pipeline, directory: pathlib.Path) -> None:
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    for name in _TOKENIZER_FOLDERS:
+        if getattr(pipeline, name, None) is not None:
+            _write_tokenizer_files(directory / name)
+
+
+def _build_lcm_sdxl_unet(directory: pathlib.Path) -> None:
+    # Laid out like the hub repo latent-consistency/lcm-sdxl: a bare UNet at the repository root.
+    unet = _tiny_sdxl_unet(time_cond_proj_dim=TINY_TIME_COND_PROJ_DIM)
+    unet.save_pretrained(directory, safe_serialization=True)
+
+
+# --- full-size SD 1.5 (random weights) ------------------------------------------------------------
+
+
+def _build_sd15_full(directory: pathlib.Path) -> None:
+    """Stable Diffusion 1.5 shapes, written one component at a time so only one big model is live."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(
+        _clip_text_config(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=49408,
+            projection_dim=768,
+        )
+    )
+    text_encoder.save_pretrained(directory / "text_encoder")
+    del text_encoder
+    gc.collect()
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    vae.save_pretrained(directory / "vae", safe_serialization=True)
+    del vae
+    gc.collect()
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+        norm_num_groups=32,
+    )
+    unet.save_pretrained(directory / "unet", safe_serialization=True)
+    del unet
+    gc.collect()
+
+    tokenizer = _make_tokenizer()
+    tokenizer.save_pretrained(directory / "tokenizer")
+    _write_tokenizer_files(directory / "tokenizer")
+    scheduler = _euler_scheduler()
+    scheduler.save_pretrained(directory / "scheduler")
+
+    # model_index.json only records component classes, so let diffusers write it from a tiny
+    # stand-in pipeline with the same component classes (save_config writes nothing else).
+    stand_in = _sd_like(StableDiffusionPipeline, _tiny_sd_unet(), scheduler)
+    stand_in.save_config(directory)
+
+
+@contextlib.contextmanager
+def _quiet_transformers_saving():
+    """Hide the "Writing model shards" progress bar transformers 5 prints for every save."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+# --- public API -----------------------------------------------------------------------------------
+
+
+def build_example(kind: str, directory: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build the example pipeline `kind` with random weights (seeded) and save it to `directory`.
+
+    Weights are float32 safetensors; the same kind and seed always give byte-identical files.
+    Returns the directory as a `pathlib.Path`.
+    """
+    if kind not in EXAMPLE_KINDS:
+        raise ValueError(f"unknown example kind {kind!r}; valid kinds: {', '.join(EXAMPLE_KINDS)}")
+
+    import torch
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # fork_rng: seed our own draws without disturbing the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]), _quiet_transformers_saving():
+        torch.manual_seed(seed)
+        if kind == "lcm-sdxl-unet":
+            _build_lcm_sdxl_unet(directory)
+        elif kind == "sd15-full":
+            _build_sd15_full(directory)
+        else:
+            _save_pipeline(_PIPELINE_BUILDERS[kind](), directory)
+    return directory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m neuron_export.examples",
+        description="Build a random-weight example Stable Diffusion pipeline (no network needed).",
+    )
+    parser.add_argument("kind", choices=EXAMPLE_KINDS, help="which example to build")
+    parser.add_argument("directory", help="output directory (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed for the random weights (default 0)")
+    args = parser.parse_args(argv)
+    print(build_example(args.kind, args.directory, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
