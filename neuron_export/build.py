@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import shutil
 import sys
 import time
@@ -53,6 +54,26 @@ def limit_fragmentation() -> None:
         libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD: trim the heap top eagerly
     except OSError:
         pass
+
+
+def quiet_libraries() -> None:
+    """Our progress lines are the output; library chatter (accelerate hints, tracer warnings) is not."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*[Tt]racer.*")
+    warnings.filterwarnings("ignore", module=r"torch\.jit.*")
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers)\..*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
 
 
 def release_memory() -> None:
@@ -198,6 +219,7 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
 def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manifest:
     """Build every job into a hidden sibling directory and rename it into place only when all succeeded."""
     limit_fragmentation()
+    quiet_libraries()
     total = len(plan.jobs)
     with staging_directory(plan.output) as (staging, workdir):
         records: dict[str, ComponentRecord] = {}

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 
 from neuron_export.errors import UserError
@@ -125,7 +124,7 @@ def build_command(
     _run_export([read_config_file(config_file), parse_set_options(set_options), flags], json_output)
 
 
-def _known_long_options(command: click.Command) -> set[str]:
+def _known_long_options(command: Any) -> set[str]:
     names: set[str] = set()
     for param in command.params:
         names.update(opt for opt in [*param.opts, *param.secondary_opts] if opt.startswith("--"))
@@ -161,14 +160,19 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     try:
         command.main(args=args, prog_name="neuron-export", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        error(exc.format_message() + " (see --help)", json_mode, exc.exit_code)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         error("interrupted; nothing was written.", json_mode, 130)
         sys.exit(130)
+    except typer.TyperException as exc:  # usage errors from the command-line parser
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(message)
+            sys.exit(0)
+        code = getattr(exc, "exit_code", 2)
+        error(message.rstrip(".") + ". See --help.", json_mode, code)
+        sys.exit(code)
     except UserError as exc:
         error(str(exc), json_mode, exc.exit_code)
         sys.exit(exc.exit_code)

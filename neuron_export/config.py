@@ -121,7 +121,7 @@ def explain_validation_error(error: ValidationError) -> str:
     kind = first["type"]
     message = first["msg"].removeprefix("Value error, ")
     if not first["loc"]:  # a model-level check already names its fields
-        return message[0].upper() + message[1:] + "."
+        return message + "."
     if kind == "extra_forbidden":
         return unknown_key_message(field, "options")
     if kind in ("literal_error", "enum"):

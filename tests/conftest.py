@@ -29,3 +29,35 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], path
         return built[kind]
 
     return get
+
+
+class CliResult:
+    """What a user would see: exit code, stdout, stderr."""
+
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(exit_code={self.exit_code}, stdout={self.stdout[-800:]!r}, stderr={self.stderr[-800:]!r})"
+
+
+def run_cli(*args: object) -> CliResult:
+    """Run `neuron-export ARGS...` in this process (torch stays imported between tests)."""
+    import contextlib
+    import io
+
+    from neuron_export.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def cli() -> Callable[..., CliResult]:
+    return run_cli
