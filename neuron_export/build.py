@@ -74,6 +74,8 @@ def quiet_libraries() -> None:
 
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
 
 
 def release_memory() -> None:

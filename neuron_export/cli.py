@@ -57,11 +57,14 @@ def _export_options(
     raise NotImplementedError
 
 
+# On/off flags whose absence must not override a YAML file's `true`.
+_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "json_output"}
+
+
 def _flag_values(values: dict[str, Any]) -> dict[str, Any]:
-    """Flags the user gave; unset booleans count as not given so a YAML file's value stands."""
-    given = {key: value for key, value in values.items() if value is not None and value is not False}
-    given.pop("json_output", None)
-    return given
+    """The options the user actually gave on the command line."""
+    return {key: value for key, value in values.items()
+            if value is not None and not (key in _PLAIN_FLAGS and value is False) and key != "json_output"}
 
 
 def _run_export(layers: list[dict[str, Any]], json_mode: bool) -> None:
@@ -156,10 +159,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv), _known_long_options(command))
     json_mode = "--json" in args
     signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     from neuron_export.render import error
 
     try:
-        command.main(args=args, prog_name="neuron-export", standalone_mode=False)
+        returned = command.main(args=args, prog_name="neuron-export", standalone_mode=False)
+        if returned == 130:  # the parser turns KeyboardInterrupt into exit code 130 after cleanup ran
+            raise KeyboardInterrupt
+        if isinstance(returned, int) and returned:
+            sys.exit(returned)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
