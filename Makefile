@@ -1,0 +1,18 @@
+# Torch is installed first and pinned, so no dependency resolves it on its own (that pulls GBs of CUDA).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test bench
+
+install:
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) scripts/bench_export_memory.py

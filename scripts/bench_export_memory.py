@@ -1,0 +1,103 @@
+"""Peak host memory of a full-size SD 1.5 export (random weights, built locally), cpu backend.
+
+Prints peak RSS overall (sampled from outside the exporting process) and per component (the kernel's
+high-water mark, reset before each component), each against the largest component's weight bytes.
+Target: the overall peak is at most 1.5x the largest component's weights. Exits 1 when it is not.
+
+    python scripts/bench_export_memory.py [--model-dir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TARGET_RATIO = 1.5
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run a command, polling its RSS every 10 ms; returns the result and the highest RSS seen."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes(process.pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    done.set()
+    sampler.join()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peak
+
+
+def gib(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="an existing sd15-full example (built when absent)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary model and export")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    model = args.model_dir or work / "sd15-full"
+    if not (model / "model_index.json").exists():
+        print(f"building full-size SD 1.5 (random weights) in {model} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)], check=True,
+                       stdout=subprocess.DEVNULL)
+    output = work / "export"
+    started = time.perf_counter()
+    result, sampled_peak = run_sampled([sys.executable, "-m", "neuron_export", "sd", "-m", str(model),
+                                        "--backend", "cpu", "-o", str(output), "--json"])
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        print(result.stdout, result.stderr, sep="\n")
+        return 2
+    manifest = json.loads((output / "manifest.json").read_text())
+
+    weights = {name: sum(f["size"] for f in record["source_files"]) for name, record in manifest["components"].items()}
+    largest_name = max(weights, key=weights.get)
+    largest = weights[largest_name]
+    print(f"\nfull-size SD 1.5, 512x512, cpu backend, exported in {seconds:.0f} s")
+    print(f"largest component: {largest_name}, {gib(largest)} of weights\n")
+    print(f"{'component':<14}{'weights':>12}{'peak RSS':>12}{'x largest':>11}{'x own':>8}")
+    for name, record in manifest["components"].items():
+        peak = record["peak_rss_bytes"]
+        print(f"{name:<14}{gib(weights[name]):>12}{gib(peak):>12}{peak / largest:>11.2f}{peak / weights[name]:>8.2f}")
+    component_peak = max(r["peak_rss_bytes"] for r in manifest["components"].values())
+    overall = max(sampled_peak, component_peak)
+    ratio = overall / largest
+    print(f"\noverall peak RSS: {gib(overall)} (sampled {gib(sampled_peak)}, per-component high-water {gib(component_peak)})")
+    print(f"overall peak / largest component's weights: {ratio:.2f}x (target <= {TARGET_RATIO}x): "
+          f"{'PASS' if ratio <= TARGET_RATIO else 'FAIL'}")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ratio <= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
