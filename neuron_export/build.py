@@ -19,7 +19,8 @@ from typing import Any, Callable
 from neuron_export import __version__
 from neuron_export.backends import get_backend
 from neuron_export.components import family_module, flatten, make_inputs
-from neuron_export.errors import BuildError
+from neuron_export.cache import CacheEntry, ComponentCache, link_or_copy
+from neuron_export.errors import BuildError, UserError
 from neuron_export.layout import ARTIFACT_NAME, publish, staging_directory, write_layout
 from neuron_export.manifest import (
     ComponentRecord, FileRecord, Manifest, PipelineRecord, SourceRecord, TensorRecord, ValidationRecord,
@@ -37,7 +38,7 @@ class BuildEvent:
     component: str
     index: int
     total: int
-    stage: str  # "loading", "tracing", "validating", "done"
+    stage: str  # "cached", "loading", "tracing", "validating", "done"
     record: ComponentRecord | None = None
 
 
@@ -117,10 +118,19 @@ def max_abs_diff(expected: list[Any], actual: list[Any]) -> float:
     return worst
 
 
+def children_peak_rss_bytes() -> int:
+    """The largest finished child process (neuronx-cc runs as one) of this worker."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
 def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_stage: Callable[[str], None]) -> ComponentRecord:
-    """Load, trace, save and check one component; nothing of it stays in memory afterwards."""
+    """Load, trace, save (as directory/model.neuron) and check one component. Runs in a worker process."""
     import torch
 
+    limit_fragmentation()
+    quiet_libraries()
     spec = job.spec
     family = family_module(spec.name)
     backend = get_backend(plan.backend)
@@ -143,9 +153,9 @@ def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_sta
             traced = backend.compile(wrapper, trace_inputs, compiler_args, plan.config.inline_weights, workdir / spec.name)
         except Exception as exc:
             kept = f"; compiler work dir and log kept in {workdir / spec.name}" if plan.backend == "neuron" else ""
-            raise BuildError(f"Compiling {spec.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}{kept}.") from exc
-        artifact = directory / spec.name / ARTIFACT_NAME
-        artifact.parent.mkdir(parents=True, exist_ok=True)
+            reason = str(exc).splitlines()[0][:300] if str(exc) else ""
+            raise BuildError(f"Compiling {spec.name} failed: {type(exc).__name__}: {reason}{kept}.") from exc
+        artifact = directory / ARTIFACT_NAME
         torch.jit.save(traced, str(artifact))
         del traced, wrapper, model, trace_inputs
         release_memory()
@@ -162,7 +172,10 @@ def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_sta
         else:
             validation = ValidationRecord(status="skipped", reason=skip_reason, atol=job.atol)
     release_memory()
+    if plan.backend == "neuron":
+        shutil.rmtree(workdir / spec.name, ignore_errors=True)
 
+    artifact_record = file_record(artifact, directory)
     return ComponentRecord(
         name=spec.name,
         model_type=spec.model_type,
@@ -174,26 +187,28 @@ def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_sta
         inline_weights=plan.config.inline_weights,
         inputs=[TensorRecord(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in spec.inputs],
         outputs=list(spec.outputs),
-        files=[file_record(artifact, directory)],
-        source_files=[],
+        files=[FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size)],
+        source_files=source_file_records(plan, job),
         parameter_count=parameter_count,
+        cache_key=job.cache_key,
+        built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         build_seconds=round(time.perf_counter() - started, 3),
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=max(peak_rss_bytes(), children_peak_rss_bytes()),
+        estimated_peak_bytes=job.estimated_peak_bytes,
         validation=validation,
     )
 
 
 def source_file_records(plan: Plan, job: Job) -> list[FileRecord]:
-    """sha256 of each weight file a component was built from, relative to its model root."""
+    """The weight files a component was built from, with the hashes the plan already knows."""
+    root = plan.source.unet_path if job.component == "unet" and plan.source.unet_path else plan.source.path
     records = []
-    for path in job.weight_files:
-        root = plan.source.unet_path if job.component == "unet" and plan.source.unet_path else plan.source.path
+    for path, digest in zip(job.weight_files, job.weight_hashes):
         try:
-            relative = path.relative_to(root)
+            relative = path.relative_to(root).as_posix()
         except ValueError:
-            relative = Path(path.name)
-        record = file_record(path, path.parent)
-        records.append(FileRecord(path=relative.as_posix(), sha256=record.sha256, size=record.size))
+            relative = path.name
+        records.append(FileRecord(path=relative, sha256=digest, size=path.stat().st_size))
     return records
 
 
@@ -202,7 +217,7 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
     other_files = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in component_files)
     return Manifest(
         tool_version=__version__,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        created_at=max((record.built_at for record in records.values()), default=""),
         config=normalized_config(config),
         pipeline=PipelineRecord(
             family=config.family, task=config.task, kind=plan.facts.kind, is_lcm=plan.facts.is_lcm,
@@ -218,30 +233,131 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
     )
 
 
-def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manifest:
-    """Build every job into a hidden sibling directory and rename it into place only when all succeeded."""
-    limit_fragmentation()
-    quiet_libraries()
-    total = len(plan.jobs)
-    with staging_directory(plan.output) as (staging, workdir):
-        records: dict[str, ComponentRecord] = {}
-        for index, job in enumerate(plan.jobs, start=1):
-            def stage(name: str, job: Job = job, index: int = index) -> None:
-                on_event(BuildEvent(job.component, index, total, name))
+class _Worker:
+    def __init__(self, process: Any, job: Job, build_dir: Path) -> None:
+        self.process, self.job, self.build_dir = process, job, build_dir
+        self.exited_at: float | None = None
 
-            record = build_component(job, plan, staging, workdir, stage)
-            record.source_files = source_file_records(plan, job)
-            records[job.component] = record
-            on_event(BuildEvent(job.component, index, total, "done", record))
+
+def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path, queue: Any) -> _Worker:
+    from neuron_export.worker import context, worker_main
+
+    build_dir = cache.new_build_dir(job.cache_key)
+    process = context().Process(target=worker_main, args=(plan, job, build_dir, workdir, queue), daemon=True,
+                                name=f"neuron-export-{job.component}")
+    process.start()
+    return _Worker(process, job, build_dir)
+
+
+def _worker_error(name: str, payload: tuple) -> Exception:
+    kind, message = payload[0], payload[1]
+    if kind == "UserError":
+        return UserError(message)
+    if kind == "crash":
+        return BuildError(f"{message[0].upper()}{message[1:]}; nothing was written.")
+    return BuildError(message)
+
+
+def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: Path,
+                  on_event: EventHandler) -> dict[str, CacheEntry]:
+    """Build jobs in worker processes, at most --jobs at once and only while their estimated peaks fit
+    the memory budget together; each finished component is stored in the cache at once."""
+    from queue import Empty
+
+    from neuron_export.worker import context
+
+    queue = context().Queue()
+    pending = list(jobs)
+    running: dict[str, _Worker] = {}
+    built: dict[str, CacheEntry] = {}
+    index = {job.component: plan.jobs.index(job) + 1 for job in jobs}
+    total = len(plan.jobs)
+    try:
+        while pending or running:
+            for job in list(pending):
+                in_use = sum(w.job.estimated_peak_bytes for w in running.values())
+                if len(running) >= plan.config.jobs:
+                    break
+                if running and in_use + job.estimated_peak_bytes > plan.memory_budget:
+                    continue  # wait for memory; a smaller job later in the list may still fit
+                running[job.component] = _start(job, plan, cache, workdir, queue)
+                pending.remove(job)
+            try:
+                name, kind, payload = queue.get(timeout=0.2)
+            except Empty:
+                _check_workers(running)
+                continue
+            worker = running[name]
+            if kind == "stage":
+                on_event(BuildEvent(name, index[name], total, payload))
+                continue
+            worker.process.join()
+            del running[name]
+            if kind == "error":
+                shutil.rmtree(worker.build_dir, ignore_errors=True)
+                raise _worker_error(name, payload)
+            record = ComponentRecord.model_validate_json(payload)
             if record.validation.status == "failed":
+                shutil.rmtree(worker.build_dir, ignore_errors=True)
+                on_event(BuildEvent(name, index[name], total, "done", record))
                 raise BuildError(
-                    f"Validation of {job.component} failed: {record.validation.reason} on fresh inputs; "
+                    f"Validation of {name} failed: {record.validation.reason} on fresh inputs; "
                     "nothing was written (raise --atol only if this difference is acceptable)."
                 )
+            built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
+            on_event(BuildEvent(name, index[name], total, "done", record))
+    finally:
+        for worker in running.values():
+            worker.process.kill()
+            worker.process.join()
+            shutil.rmtree(worker.build_dir, ignore_errors=True)
+    return built
+
+
+def _check_workers(running: dict[str, _Worker]) -> None:
+    """A worker that died without a word was killed (most often by the kernel, out of memory)."""
+    for name, worker in running.items():
+        code = worker.process.exitcode
+        if code is None:
+            continue
+        if code != 0:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            hint = " (SIGKILL: most likely out of memory; lower --jobs or --max-memory)" if code == -9 else ""
+            raise BuildError(f"The worker building {name} died with {how}{hint}; nothing was written.")
+        worker.exited_at = worker.exited_at or time.monotonic()
+        if time.monotonic() - worker.exited_at > 30:
+            raise BuildError(f"The worker building {name} exited without reporting a result; nothing was written.")
+
+
+def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manifest:
+    """Reuse every cached component, build the rest in workers, then assemble the export in a hidden
+    sibling directory and rename it into place only when all of it succeeded."""
+    if plan.up_to_date:
+        return Manifest.read(plan.output)
+    cache = ComponentCache(plan.cache_dir)
+    cache.remove_orphans()
+    total = len(plan.jobs)
+    entries: dict[str, CacheEntry] = {}
+    for index, job in enumerate(plan.jobs, start=1):
+        entry = cache.lookup(job.cache_key)  # hash-checked; a bad entry is discarded and rebuilt
+        if entry is not None:
+            entries[job.component] = entry
+            on_event(BuildEvent(job.component, index, total, "cached", entry.record))
+    missing = [job for job in plan.jobs if job.component not in entries]
+    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"
+    if missing:
+        entries.update(build_missing(plan, missing, cache, workdir, on_event))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    with staging_directory(plan.output) as staging:
+        records: dict[str, ComponentRecord] = {}
+        for job in plan.jobs:
+            entry = entries[job.component]
+            link_or_copy(entry.artifact, staging / job.component / ARTIFACT_NAME)
+            records[job.component] = entry.record
         write_layout(plan, staging, records)
         component_files = {f.path for record in records.values() for f in record.files}
         manifest = make_manifest(plan, staging, records, component_files)
         manifest.write(staging)
         publish(staging, plan.output, plan.config.force)
-        shutil.rmtree(workdir, ignore_errors=True)
     return manifest

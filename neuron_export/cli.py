@@ -33,9 +33,9 @@ def _export_options(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
     unet: Optional[str] = typer.Option(None, "--unet", help="Replacement UNet (hub id or directory), e.g. latent-consistency/lcm-sdxl."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory [default: derived from family and shapes]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per call [default: 1]."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels, a multiple of 8 [default: the model's]."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels, a multiple of 8 [default: the model's]."),
+    batch_size: Optional[str] = typer.Option(None, "--batch-size", metavar="N[,N...]", help="Prompts per call; a comma list builds one export per value [default: 1]."),
+    height: Optional[str] = typer.Option(None, "--height", metavar="PX[,PX...]", help="Image height in pixels, a multiple of 8; a comma list builds one export per value [default: the model's]."),
+    width: Optional[str] = typer.Option(None, "--width", metavar="PX[,PX...]", help="Image width in pixels, a multiple of 8; a comma list builds one export per value [default: the model's]."),
     num_images_per_prompt: Optional[int] = typer.Option(None, "--num-images-per-prompt", help="Images per prompt [default: 1]."),
     auto_cast: Optional[str] = typer.Option(None, "--auto-cast", help="none | matmul | all [default: matmul]."),
     auto_cast_type: Optional[str] = typer.Option(None, "--auto-cast-type", help="bf16 | fp16 | tf32 [default: bf16 when auto-casting]."),
@@ -52,8 +52,11 @@ def _export_options(
     token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN", show_envvar=False, help="Hugging Face token for private models."),
     hub_cache_dir: Optional[Path] = typer.Option(None, "--hub-cache-dir", help="Where hub downloads are cached [default: huggingface_hub's]."),
     offline: bool = typer.Option(False, "--offline", help="Use only the local hub cache."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Components built at once, each in its own process [default: 1]."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Host memory the builds may use together, e.g. 20GiB [default: what is available]."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export]."),
 ) -> dict[str, Any]:
-    """Only a signature: the flags every export command shares (see `_with_export_options`)."""
+    """Only a signature: the flags every export command shares (see `_export_command`)."""
     raise NotImplementedError
 
 
@@ -68,25 +71,47 @@ def _flag_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_export(layers: list[dict[str, Any]], json_mode: bool) -> None:
-    from neuron_export.config import make_config
-    from neuron_export.render import Reporter
-
-    config = make_config(*layers)
+    """Plan every export (a shape matrix makes several) before building any, then build them in turn;
+    components they share come from the cache after the first build."""
+    from neuron_export.config import make_configs
     from neuron_export.plan import make_plan
+    from neuron_export.render import Reporter, result_object
 
+    configs = make_configs(*layers)
+    plans = [make_plan(config) for config in configs]
     reporter = Reporter(json_mode=json_mode)
-    plan = make_plan(config)
-    reporter.plan(plan)
-    from neuron_export.build import run_export
+    results = []
+    for plan in plans:
+        reporter.plan(plan)
+        if plan.up_to_date:
+            from neuron_export.manifest import Manifest
 
-    try:
-        manifest = run_export(plan, reporter)
-    finally:
-        reporter.close()
-    reporter.summary(manifest, plan.output)
+            reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
+            manifest = Manifest.read(plan.output)
+        else:
+            from neuron_export.build import run_export
+
+            try:
+                manifest = run_export(plan, reporter)
+            finally:
+                reporter.close()
+            reporter.summary(manifest, plan.output)
+        results.append(result_object(manifest, plan.output))
+    if json_mode:
+        import json
+
+        print(json.dumps(results[0] if len(results) == 1 else {"ok": True, "exports": results}), flush=True)
 
 
-def _export_command(family: str):  # noqa: ANN202 - a Typer command built per family
+def _run_plan(layers: list[dict[str, Any]], json_mode: bool) -> None:
+    from neuron_export.config import make_configs
+    from neuron_export.plan import make_plan
+    from neuron_export.render import render_plans
+
+    render_plans([make_plan(config) for config in make_configs(*layers)], json_mode)
+
+
+def _export_command(family: str, plan_only: bool = False):  # noqa: ANN202 - a Typer command built per family
     def command(
         output_dir: Optional[Path] = typer.Argument(None, metavar="[OUTPUT]", help="Output directory (same as --output; as optimum-cli takes it)."),
         **flags: Any,
@@ -95,7 +120,7 @@ def _export_command(family: str):  # noqa: ANN202 - a Typer command built per fa
         values = _flag_values(flags)
         if output_dir is not None:
             values.setdefault("output", output_dir)
-        _run_export([{"family": family}, values], json_mode)
+        (_run_plan if plan_only else _run_export)([{"family": family}, values], json_mode)
 
     import inspect
 
@@ -106,25 +131,43 @@ def _export_command(family: str):  # noqa: ANN202 - a Typer command built per fa
     return command
 
 
+plan_app = typer.Typer(
+    help="Show what an export would build, from cache or not, with memory and time estimates; exits 6 when "
+         "the largest job cannot fit --max-memory. Takes the export commands' flags.",
+    no_args_is_help=True,
+)
+app.add_typer(plan_app, name="plan")
 for _family in ("sd", "sd-xl", "lcm"):
     app.command(_family, help=FAMILY_HELP[_family])(_export_command(_family))
+    plan_app.command(_family, help=f"Plan: {FAMILY_HELP[_family]}")(_export_command(_family, plan_only=True))
 
 
-@app.command("build")
-def build_command(
-    config_file: Path = typer.Argument(..., metavar="CONFIG.yaml", help="A YAML config, e.g. configs/sdxl-base-1024.yaml."),
-    set_options: list[str] = typer.Option([], "--set", help="Override one key: --set height=768 (repeatable)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="auto | neuron | cpu."),
-    disable_validation: bool = typer.Option(False, "--disable-validation", help="Skip validation."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    json_output: bool = typer.Option(False, "--json", help="Print one machine-readable result object."),
-) -> None:
-    """Export from a YAML config file: defaults < file < --set < flags."""
-    from neuron_export.config import parse_set_options, read_config_file
+def _build_command(plan_only: bool):  # noqa: ANN202
+    def build_command(
+        config_file: Path = typer.Argument(..., metavar="CONFIG.yaml", help="A YAML config, e.g. configs/sdxl-base-1024.yaml."),
+        set_options: list[str] = typer.Option([], "--set", help="Override one key: --set height=768 (repeatable)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory."),
+        backend: Optional[str] = typer.Option(None, "--backend", help="auto | neuron | cpu."),
+        disable_validation: bool = typer.Option(False, "--disable-validation", help="Skip validation."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Components built at once."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Host memory the builds may use together."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Component cache directory."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+        json_output: bool = typer.Option(False, "--json", help="Print one machine-readable result object."),
+    ) -> None:
+        """Export from a YAML config file: defaults < file < --set < flags."""
+        from neuron_export.config import parse_set_options, read_config_file
 
-    flags = _flag_values({"output": output, "backend": backend, "disable_validation": disable_validation, "force": force})
-    _run_export([read_config_file(config_file), parse_set_options(set_options), flags], json_output)
+        flags = _flag_values({"output": output, "backend": backend, "disable_validation": disable_validation,
+                              "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force})
+        layers = [read_config_file(config_file), parse_set_options(set_options), flags]
+        (_run_plan if plan_only else _run_export)(layers, json_output)
+
+    return build_command
+
+
+app.command("build", help="Export from a YAML config file: defaults < file < --set < flags.")(_build_command(False))
+plan_app.command("build", help="Plan an export from a YAML config file.")(_build_command(True))
 
 
 def _known_long_options(command: Any) -> set[str]:
@@ -191,8 +234,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def _register_more_commands() -> None:
     """Commands that work on a finished export live in their own modules; each adds itself to `app`."""
-    from neuron_export import deploy_cli, generate_cli
+    from neuron_export import cache_cli, deploy_cli, generate_cli
 
+    cache_cli.register(app)
     deploy_cli.register(app)
     generate_cli.register(app)
 

@@ -7,6 +7,8 @@ imported, so a bad option fails in milliseconds, before any model file is opened
 from __future__ import annotations
 
 import difflib
+import itertools
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,10 +64,19 @@ class ExportConfig(BaseModel):
     atol: float | None = Field(default=None, gt=0)
     components: tuple[ComponentName, ...] | None = None
     force: bool = False
-    # Hub access; never written to the manifest (see manifest.normalized_config).
+    # How to build, not what: never written to the manifest (see manifest.normalized_config).
     token: str | None = Field(default=None, repr=False)
     hub_cache_dir: Path | None = None
     offline: bool = False
+    jobs: int = 1
+    max_memory: int | None = None  # bytes; None = what the host has available
+    cache_dir: Path | None = None
+    output_root: Path | None = None  # a shape matrix writes one export per combination below this
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("height", "width")
     @classmethod
@@ -79,7 +90,7 @@ class ExportConfig(BaseModel):
             raise ValueError(f"must be a multiple of 8; use {nearest}")
         return value
 
-    @field_validator("batch_size", "num_images_per_prompt")
+    @field_validator("batch_size", "num_images_per_prompt", "jobs")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -109,8 +120,17 @@ class ExportConfig(BaseModel):
         return self
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+              "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '16G', '3.5 GB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise ValueError("is not a memory size; write it like 16GiB or 24G")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def explain_validation_error(error: ValidationError) -> str:
@@ -183,8 +203,16 @@ def parse_set_options(pairs: list[str]) -> dict[str, Any]:
     return _normalize_keys(result, "--set")
 
 
-def make_config(*layers: dict[str, Any]) -> ExportConfig:
-    """Merge option layers (later wins; None means 'not given') and validate once."""
+MATRIX_KEYS = ("height", "width", "batch_size")
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, str) and "," in value:
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _merge(layers: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update({key: value for key, value in layer.items() if value is not None})
@@ -192,7 +220,31 @@ def make_config(*layers: dict[str, Any]) -> ExportConfig:
         merged["components"] = [name.strip() for name in merged["components"].split(",") if name.strip()]
     if "family" not in merged:
         raise UserError(f"No model family given; set family to one of {', '.join(FAMILIES)} in the config file.")
+    return merged
+
+
+def _validate(values: dict[str, Any]) -> ExportConfig:
     try:
-        return ExportConfig(**merged)
+        return ExportConfig(**values)
     except ValidationError as exc:
         raise UserError(explain_validation_error(exc)) from None
+
+
+def make_configs(*layers: dict[str, Any]) -> list[ExportConfig]:
+    """Merge option layers (later wins; None means 'not given'); comma lists or YAML lists of height,
+    width and batch_size make a shape matrix: one config per combination, all validated up front."""
+    merged = _merge(layers)
+    axes = {key: _as_list(merged[key]) for key in MATRIX_KEYS if key in merged}
+    combinations = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
+    if len(combinations) == 1:
+        return [_validate({**merged, **combinations[0]})]
+    root = merged.pop("output", None)
+    return [_validate({**merged, **combination, "output_root": root}) for combination in combinations]
+
+
+def make_config(*layers: dict[str, Any]) -> ExportConfig:
+    """One config; a shape matrix is refused here (callers that accept one use make_configs)."""
+    configs = make_configs(*layers)
+    if len(configs) > 1:
+        raise UserError("This command takes one shape; pass single values for height, width and batch_size.")
+    return configs[0]

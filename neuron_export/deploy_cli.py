@@ -1,7 +1,107 @@
-"""Typer commands that look at a finished export: inspect, verify, push (registered by cli.py)."""
+"""Typer commands that look at a finished export: inspect, verify, push (registered by cli.py).
+
+Thin: parse, call inspection / verify / hub, render. Nothing heavy is imported until a command runs.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+
+VERIFY_HELP = """Check an export: integrity, compatibility with this host, fit on an instance.
+
+\b
+integrity      every file in manifest.json is present with its size and sha256
+               (streamed); unlisted files optimum-neuron's loader would pick up
+               (a stray *.neuron, an unknown component folder) are failures;
+               README.md and .gitattributes (added by the Hub) are ignored
+compatibility  this host's torch / torch-neuronx / neuronx-cc / diffusers against
+               the versions the manifest records; a --backend cpu export cannot
+               run on a NeuronCore; without the Neuron SDK here a neuron export
+               is reported UNCHECKED, not passed
+fit            device memory per NeuronCore and host RAM to load the pipeline
+               (estimated from parameter counts, artifact sizes and shapes)
+               against --target; names the smallest instance that fits
+
+\b
+Exit codes (the first failing check in this order decides):
+  0  every check passed (or was skipped / unchecked)
+  3  integrity failed: a file is missing, changed, or stray
+  4  compatibility failed (with --strict: also when it could not be checked)
+  5  the export does not fit --target
+  2  usage error, or no readable manifest.json
+"""
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def inspect_command(
+    export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
+    json_output: bool = typer.Option(False, "--json", help="Print the manifest as one JSON object."),
+) -> None:
+    """Summarise an export: pipeline, source, component shapes and dtypes, compiler flags, versions, sizes,
+    validation, build times and peak RSS."""
+    from neuron_export import inspection
+
+    manifest = inspection.load_manifest(export_dir)
+    if json_output:
+        print(inspection.manifest_json(manifest), flush=True)
+        return
+    inspection.render(manifest, export_dir, _console())
+
+
+def verify_command(
+    export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
+    target: Optional[str] = typer.Option(None, "--target", help="Instance to check the fit on: inf2.xlarge | inf2.8xlarge | "
+                                         "inf2.24xlarge | inf2.48xlarge | trn1.2xlarge | trn1.32xlarge | trn1n.32xlarge."),
+    strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
+) -> None:
+    from neuron_export import verify
+    from neuron_export.targets import get_instance
+
+    instance = get_instance(target) if target else None
+    report = verify.verify(export_dir, instance, strict=strict)
+    if json_output:
+        print(json.dumps(report.to_json()), flush=True)
+    else:
+        verify.render(report, _console())
+    if report.exit_code:
+        sys.exit(report.exit_code)  # typer.Exit's code is dropped in non-standalone mode; SystemExit is not
+
+
+def push_command(
+    export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, org/name (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing) [default: main]."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token [default: HF_TOKEN or the saved login]."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object describing the upload."),
+) -> None:
+    """Upload an export to the Hugging Face Hub with a generated model card (README.md).
+
+    The export's integrity is verified first and a corrupted export is refused (exit 3). Only the files
+    manifest.json lists, and manifest.json itself, are uploaded; the card is uploaded separately, so the
+    export directory is not modified.
+    """
+    from neuron_export import hub
+
+    result = hub.push_export(export_dir, repo_id, private=private, revision=revision, token=token)
+    if json_output:
+        print(json.dumps(result), flush=True)
+        return
+    print(f"Pushed {len(result['files'])} files and {result['card']} to {result['repo_url'] or repo_id} "
+          f"(revision {result['revision']}{', private' if private else ''}).", flush=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+    app.command("inspect")(inspect_command)
+    app.command("verify", help=VERIFY_HELP)(verify_command)
+    app.command("push")(push_command)

@@ -11,3 +11,9 @@ class BuildError(UserError):
     """A component failed to build or validate; the export was not written."""
 
     exit_code = 1
+
+
+class MemoryBudgetError(UserError):
+    """The largest job cannot fit the memory budget; refused before anything is loaded."""
+
+    exit_code = 6

@@ -1,7 +1,145 @@
-"""The `generate` command: run an export and write images (registered by cli.py)."""
+"""The `generate` command: run an export and write images (registered by cli.py).
+
+A thin layer over `neuron_export.runtime`: parse flags, check the request against the export's compiled
+shapes (before any artifact loads), show progress per denoising step, write one PNG (a grid when the
+call makes several images). torch and diffusers are imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+
+from neuron_export.errors import UserError
+
+GENERATE_HELP = (
+    "Generate images with an export (CPU TorchScript here; Neuron artifacts on an inf2/trn1 host) and write "
+    "them to one PNG, a grid when there are several. Shapes are the compiled ones: --height, --width, "
+    "--num-images-per-prompt and the number of prompts must match the export."
+)
+
+
+class StepProgress:
+    """Denoising progress: a rich bar on a terminal, one plain line per step otherwise."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.interactive = self.stream.isatty()
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.interactive:
+            print(f"step {step}/{total}", file=self.stream, flush=True)
+            return
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                      console=Console(file=self.stream))
+            self._progress.start()
+            self._task = self._progress.add_task("denoising", total=total)
+        self._progress.update(self._task, completed=step, total=total)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def check_output_path(output: Path) -> None:
+    """Fail before any work if the image cannot be written where asked."""
+    from PIL import Image
+
+    Image.init()
+    if output.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--output {output} has no image extension PIL can write; end it with .png.")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; pass a file name such as {output / 'image.png'}.")
+    if not output.parent.is_dir():
+        raise UserError(f"--output {output}: directory {output.parent} does not exist; create it or choose another path.")
+
+
+def write_image(image: Any, output: Path) -> None:
+    """Write atomically: a failed or interrupted save leaves no partial file behind."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
+    os.close(handle)
+    try:
+        image.save(temporary)
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def run_generate(
+    export_dir: Path, prompts: list[str], output: Path, *, negative_prompt: Optional[str] = None,
+    image: Optional[Path] = None, mask: Optional[Path] = None, strength: Optional[float] = None,
+    steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
+    num_images_per_prompt: Optional[int] = None, batch_size: Optional[int] = None,
+    height: Optional[int] = None, width: Optional[int] = None,
+) -> Path:
+    from neuron_export import runtime
+
+    manifest = runtime.read_export(export_dir)
+    request = runtime.resolve_request(
+        export_dir, manifest, prompts, negative_prompt=negative_prompt, image=image, mask=mask, strength=strength,
+        steps=steps, guidance_scale=guidance_scale, seed=seed, num_images_per_prompt=num_images_per_prompt,
+        batch_size=batch_size, height=height, width=width)
+    check_output_path(output)
+    for note in request.notes:
+        print(note, flush=True)
+    pipeline = manifest.pipeline
+    backend = runtime.export_backend(export_dir, manifest)
+    print(f"Loading {export_dir} ({pipeline.diffusers_pipeline}, {pipeline.task}, backend {backend})", flush=True)
+    started = time.monotonic()
+    pipe = runtime.load_pipeline(export_dir, manifest)
+    print(f"Loaded in {time.monotonic() - started:.1f}s; generating {request.image_count} image(s) at "
+          f"{request.width}x{request.height}: {request.steps} steps, guidance {request.guidance_scale:g}, "
+          f"seed {request.seed}" + (f", strength {request.strength:g}" if request.strength is not None else ""),
+          flush=True)
+    progress = StepProgress()
+    started = time.monotonic()
+    try:
+        images = runtime.run_request(pipe, request, output_type="pil", on_step=progress)
+    finally:
+        progress.close()
+    rows, columns = runtime.grid_shape(len(images), request.num_images_per_prompt)
+    picture = runtime.image_grid(images, columns)
+    write_image(picture, output)
+    layout = f" as a {rows}x{columns} grid" if len(images) > 1 else ""
+    print(f"Wrote {len(images)} image(s){layout} ({picture.size[0]}x{picture.size[1]}) to {output} "
+          f"in {time.monotonic() - started:.1f}s", flush=True)
+    return output
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the main app."""
+
+    @app.command("generate", help=GENERATE_HELP)
+    def generate_command(
+        export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
+        prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat it once per prompt of the compiled batch."),
+        output: Path = typer.Option(..., "--output", "-o", help="Image file to write (PNG); several images become one grid."),
+        negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (not for LCM)."),
+        image: Optional[Path] = typer.Option(None, "--image", help="Initial image (image-to-image and inpainting exports)."),
+        mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask, white = repaint (inpainting exports)."),
+        strength: Optional[float] = typer.Option(None, "--strength", help="How much to change --image, (0, 1] [default: 0.8; SDXL 0.3; inpainting 1.0]."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps [default: 30; LCM 4]."),
+        guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance [default: 7.5; LCM 8.0]."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the torch.Generator."),
+        num_images_per_prompt: Optional[int] = typer.Option(None, "--num-images-per-prompt", help="Must equal the compiled value [default: it]."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Repeat a single --prompt this many times (must equal the compiled batch)."),
+        height: Optional[int] = typer.Option(None, "--height", help="Must equal the compiled height [default: it]."),
+        width: Optional[int] = typer.Option(None, "--width", help="Must equal the compiled width [default: it]."),
+    ) -> None:
+        run_generate(export_dir, prompt, output, negative_prompt=negative_prompt, image=image, mask=mask,
+                     strength=strength, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                     num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width)

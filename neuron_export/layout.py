@@ -29,19 +29,17 @@ def _sibling(output: Path, tag: str) -> Path:
 
 
 @contextlib.contextmanager
-def staging_directory(output: Path) -> Iterator[tuple[Path, Path]]:
+def staging_directory(output: Path) -> Iterator[Path]:
     """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic),
-    removed with everything in it unless the export is published. Also yields the compiler work dir,
-    which is kept after a failed Neuron compile so its log can be read."""
+    removed with everything in it unless the export is published."""
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     for stale in output.parent.glob(f".{output.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same export
     staging = _sibling(output, f"partial-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
-    workdir = _sibling(output, "neuron-work")
     try:
-        yield staging, workdir
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -95,15 +93,25 @@ def component_config(plan: Plan, job: Any, record: ComponentRecord) -> dict[str,
     return config
 
 
+def use_lcm_scheduler(index: dict[str, Any], scheduler_config: Path) -> None:
+    """An LCM UNet swapped into a pipeline (LCM-SDXL) needs the LCM scheduler; the source names its own."""
+    index["scheduler"] = ["diffusers", "LCMScheduler"]
+    config = json.loads(scheduler_config.read_text())
+    config["_class_name"] = "LCMScheduler"  # LCMScheduler.from_config ignores keys it does not know
+    scheduler_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord]) -> None:
     """model_index.json, the processors it names, and each component's config.json with its neuron section."""
     source = plan.source.path
     index = json.loads((source / "model_index.json").read_text())
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for name in PROCESSOR_FOLDERS:
         entry = index.get(name)
         if entry and entry[0] is not None and (source / name).is_dir():
             shutil.copytree(source / name, directory / name, dirs_exist_ok=True)
+    if plan.facts.is_lcm and index.get("scheduler", [None, None])[1] != "LCMScheduler":
+        use_lcm_scheduler(index, directory / "scheduler" / "scheduler_config.json")
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for job in plan.jobs:
         config = component_config(plan, job, records[job.component])
         (directory / job.component / COMPONENT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

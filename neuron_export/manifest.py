@@ -52,8 +52,11 @@ class ComponentRecord(BaseModel):
     files: list[FileRecord]
     source_files: list[FileRecord]
     parameter_count: int
+    cache_key: str = ""
+    built_at: str = ""
     build_seconds: float
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # measured: the build's high-water mark, compiler subprocesses included
+    estimated_peak_bytes: int = 0  # what the plan predicted, so estimates can be checked
     validation: ValidationRecord
 
 
@@ -85,7 +88,7 @@ class Manifest(BaseModel):
     format: int = MANIFEST_FORMAT
     tool: str = "neuron-export"
     tool_version: str
-    created_at: str
+    created_at: str  # when the newest component was built (not when assembled: reruns stay byte-identical)
     config: dict[str, Any]
     pipeline: PipelineRecord
     source: SourceRecord
@@ -143,6 +146,10 @@ def environment(backend: str) -> dict[str, str | None]:
     return env
 
 
+# How a build ran rather than what it built: left out so an unchanged export is byte-identical.
+NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root"}
+
+
 def normalized_config(config: Any) -> dict[str, Any]:
-    """The resolved options, minus secrets."""
-    return config.model_dump(mode="json", exclude={"token"})
+    """The resolved options that decide the export's contents (no secrets, no build-process knobs)."""
+    return config.model_dump(mode="json", exclude=NOT_RECORDED)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuron_export.backends import resolve_backend
+from neuron_export import __version__
+from neuron_export.backends import get_backend, resolve_backend
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
+from neuron_export.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
 from neuron_export.components import ComponentSpec, describe
 from neuron_export.config import ExportConfig
-from neuron_export.errors import UserError
+from neuron_export.errors import MemoryBudgetError, UserError
+from neuron_export.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
+from neuron_export.manifest import MANIFEST_NAME, Manifest
 from neuron_export.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
@@ -48,8 +54,14 @@ class Job:
     spec: ComponentSpec
     source_folder: Path
     weight_files: tuple[Path, ...]
-    compiler_args: tuple[str, ...]
+    weight_hashes: tuple[str, ...]
+    weights: WeightStats
+    compiler_args: tuple[str, ...]  # the neuronx-cc flags of this component (passed only on the neuron backend)
     atol: float
+    cache_key: str
+    cached: bool  # an entry exists (checked for integrity when it is used)
+    estimated_peak_bytes: int
+    estimated_seconds: float
 
     @property
     def component(self) -> str:
@@ -68,6 +80,20 @@ class Plan:
     jobs: tuple[Job, ...]
     diffusers_pipeline: str
     optimum_pipeline: str
+    cache_dir: Path
+    memory_budget: int
+
+    @property
+    def up_to_date(self) -> bool:
+        """The output already holds exactly this export (same component keys, same settings)."""
+        try:
+            manifest = Manifest.read(self.output)
+        except (OSError, ValueError):
+            return False
+        from neuron_export.manifest import normalized_config
+
+        keys = {name: record.cache_key for name, record in manifest.components.items()}
+        return keys == {job.component: job.cache_key for job in self.jobs} and manifest.config == normalized_config(self.config)
 
     @property
     def data_parallel_mode(self) -> str:
@@ -79,14 +105,47 @@ def default_output(config: ExportConfig, height: int, width: int) -> Path:
     name = f"{config.family}-neuron-{height}x{width}-b{config.batch_size}"
     if config.num_images_per_prompt > 1:
         name += f"-n{config.num_images_per_prompt}"
-    return Path(name)
+    return (config.output_root or Path()) / name
 
 
 def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise UserError(f"--output {output} already exists; pass --force to replace it, or choose another --output.")
+    """An existing output is refused unless --force, or unless it already holds this very export
+    (that is decided once the plan exists: see Plan.up_to_date)."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file, not a directory; choose another --output.")
+    if output.exists() and not force and not (output / MANIFEST_NAME).is_file():
+        raise UserError(f"--output {output} already exists; pass --force to replace it, or choose another --output.")
+
+
+def refuse_existing_output(plan: Plan) -> None:
+    if plan.output.exists() and not plan.config.force and not plan.up_to_date:
+        raise UserError(
+            f"--output {plan.output} already exists and holds a different export; "
+            "pass --force to replace it, or choose another --output."
+        )
+
+
+def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
+              source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str], atol: float) -> str:
+    """Everything that decides a component artifact's bytes (and its recorded validation)."""
+    payload = {
+        "contract": CONTRACT_VERSION,
+        "tool": __version__,
+        "component": spec.name,
+        "weights": list(weight_hashes),
+        "config": json.loads((source_folder / "config.json").read_text()),
+        "kind": facts.kind,
+        "is_lcm": facts.is_lcm,
+        "inputs": [dataclasses.asdict(tensor) for tensor in spec.inputs],
+        "outputs": list(spec.outputs),
+        "output_hidden_states": spec.output_hidden_states,
+        "backend": backend,
+        "compiler_version": compiler_version,
+        "compiler_args": compiler_args if backend == "neuron" else [],
+        "inline_weights": config.inline_weights if backend == "neuron" else None,
+        "validation": None if config.disable_validation else atol,
+    }
+    return component_key(payload)
 
 
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
@@ -141,6 +200,10 @@ def make_plan(config: ExportConfig) -> Plan:
     if config.output is None:
         check_output(output, config.force)
 
+    cache_dir = config.cache_dir or default_cache_dir()
+    hashes = HashIndex(cache_dir)
+    cache = ComponentCache(cache_dir)
+    compiler_version = get_backend(backend).compiler_version()
     jobs = []
     for name in names:
         for weight_file in facts.weight_files[name]:
@@ -148,9 +211,30 @@ def make_plan(config: ExportConfig) -> Plan:
         spec = describe(name, facts, config.batch_size, config.num_images_per_prompt, height, width)
         args = neuron_compiler_args(name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target)
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
-        jobs.append(Job(spec=spec, source_folder=source.folder(name), weight_files=facts.weight_files[name],
-                        compiler_args=tuple(args), atol=atol))
-    key = (config.family, config.task)
-    return Plan(config=config, source=source, facts=facts, backend=backend, output=output, height=height,
-                width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[key],
-                optimum_pipeline=OPTIMUM_PIPELINES[key])
+        weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
+        key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args, atol)
+        weights = weight_stats(facts.weight_files[name], name)
+        batch = spec.static_shapes["batch_size"]
+        jobs.append(Job(
+            spec=spec, source_folder=source.folder(name), weight_files=facts.weight_files[name],
+            weight_hashes=weight_hashes, weights=weights, compiler_args=tuple(args), atol=atol, cache_key=key,
+            cached=cache.peek(key),
+            estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
+            estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
+        ))
+    hashes.save()
+    budget = config.max_memory or available_memory_bytes()
+    to_build = [job for job in jobs if not job.cached]
+    largest = max(to_build, key=lambda job: job.estimated_peak_bytes, default=None)
+    if largest is not None and largest.estimated_peak_bytes > budget:
+        raise MemoryBudgetError(
+            f"--max-memory {budget / 2**30:.1f} GiB is less than building {largest.component} needs "
+            f"(about {largest.estimated_peak_bytes / 2**30:.1f} GiB estimated); raise --max-memory, "
+            "free memory, or compile on a larger host."
+        )
+    pipeline_key = (config.family, config.task)
+    plan = Plan(config=config, source=source, facts=facts, backend=backend, output=output, height=height,
+                width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[pipeline_key],
+                optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget)
+    refuse_existing_output(plan)
+    return plan

@@ -59,7 +59,9 @@ class Reporter:
             self._rich_event(event)
             return
         prefix = f"[{event.index}/{event.total}] {event.component}"
-        if event.stage == "done" and event.record is not None:
+        if event.stage == "cached" and event.record is not None:
+            self.line(f"{prefix}: cached (built {event.record.built_at}, validation {validation_text(event.record)})")
+        elif event.stage == "done" and event.record is not None:
             r = event.record
             self.line(f"{prefix}: done in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
                       f"validation {validation_text(r)}")
@@ -79,8 +81,9 @@ class Reporter:
         if event.component not in self._tasks:
             self._tasks[event.component] = progress.add_task(label, total=1)
         task = self._tasks[event.component]
-        if event.stage == "done" and event.record is not None:
-            progress.update(task, description=f"{label}: {validation_text(event.record)}", completed=1)
+        if event.stage in ("done", "cached") and event.record is not None:
+            cached = "cached, " if event.stage == "cached" else ""
+            progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}", completed=1)
             progress.stop_task(task)
         else:
             progress.update(task, description=f"{label}: {event.stage}")
@@ -93,8 +96,7 @@ class Reporter:
     def summary(self, manifest: Manifest, output: Any) -> None:
         self.close()
         if self.json_mode:
-            print(json.dumps(result_object(manifest, output)), file=self.stream, flush=True)
-            return
+            return  # the caller prints one object for all exports
         from rich.console import Console
         from rich.table import Table
 
@@ -126,6 +128,53 @@ def result_object(manifest: Manifest, output: Any) -> dict[str, Any]:
             for name, record in manifest.components.items()
         },
     }
+
+
+def render_plans(plans: list[Plan], json_mode: bool) -> None:
+    """The jobs of each export: shapes, flags, cache hit or miss, estimated peak memory and time."""
+    from neuron_export.estimate import schedule_seconds
+
+    summaries = []
+    for plan in plans:
+        to_build = [job for job in plan.jobs if not job.cached]
+        wall = schedule_seconds([(job.estimated_seconds, job.estimated_peak_bytes) for job in to_build],
+                                plan.config.jobs, plan.memory_budget)
+        summaries.append({
+            "output": str(plan.output),
+            "backend": plan.backend,
+            "up_to_date": plan.up_to_date,
+            "jobs": plan.config.jobs,
+            "memory_budget_bytes": plan.memory_budget,
+            "estimated_wall_seconds": round(wall, 1),
+            "components": [{
+                "component": job.component,
+                "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
+                "compiler_args": list(job.compiler_args),
+                "cache": "hit" if job.cached else "miss",
+                "cache_key": job.cache_key,
+                "parameters": job.weights.parameters,
+                "estimated_peak_bytes": job.estimated_peak_bytes,
+                "estimated_seconds": round(job.estimated_seconds, 1),
+            } for job in plan.jobs],
+        })
+    if json_mode:
+        print(json.dumps(summaries[0] if len(summaries) == 1 else {"plans": summaries}), flush=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    for summary in summaries:
+        table = Table(title=f"{summary['output']} ({summary['backend']} backend)")
+        for column in ("component", "inputs", "compiler args", "cache", "est. peak", "est. time"):
+            table.add_column(column)
+        for job in summary["components"]:
+            table.add_row(job["component"], ", ".join(f"{t['name']}{tuple(t['shape'])}" for t in job["inputs"]),
+                          " ".join(job["compiler_args"]), job["cache"], human_bytes(job["estimated_peak_bytes"]),
+                          f"{job['estimated_seconds']:.0f} s")
+        console.print(table)
+        state = "up to date, nothing to build" if summary["up_to_date"] else f"about {summary['estimated_wall_seconds']:.0f} s"
+        console.print(f"with --jobs {summary['jobs']} within {human_bytes(summary['memory_budget_bytes'])}: {state}")
 
 
 def error(message: str, json_mode: bool, exit_code: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +12,16 @@ import pytest
 # Set before anything imports huggingface_hub, so no test can reach the network by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# Exports made by module-scoped fixtures share a session cache; each test gets its own (below).
+os.environ["NEURON_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="neuron-export-test-cache-")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A fresh component cache per test, so no test sees another's builds."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("NEURON_EXPORT_CACHE", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ BAD_FLAGS = {
     "auto-cast-type-with-none": (["--auto-cast", "none", "--auto-cast-type", "bf16"], ["auto_cast_type", "bf16", "--auto-cast"]),
     "unknown-task": (["--task", "text2img"], ["task", "text2img", "text-to-image"]),
     "unknown-component": (["--components", "vae"], ["components", "vae", "vae_decoder"]),
-    "height-not-a-number": (["--height", "big"], ["--height", "integer"]),
+    "height-not-a-number": (["--height", "big"], ["height", "big", "whole number"]),
     "unknown-flag": (["--heigth", "512"], ["--heigth"]),
 }
 

@@ -124,7 +124,10 @@ def test_export_has_the_optimum_neuron_layout(case, exported):
     assert folders == expected_components | processors
     assert "vae" not in folders
     assert sorted(p.name for p in output.iterdir() if p.is_file()) == ["manifest.json", "model_index.json"]
-    assert json.loads((output / "model_index.json").read_text()) == json.loads((source / "model_index.json").read_text())
+    index, source_index = (json.loads((d / "model_index.json").read_text()) for d in (output, source))
+    if case == "lcm-sdxl":  # the swapped-in LCM UNet needs the LCM scheduler
+        assert index.pop("scheduler") == ["diffusers", "LCMScheduler"] and source_index.pop("scheduler")[1] != "LCMScheduler"
+    assert index == source_index
     for name in expected_components:
         assert sorted(p.name for p in (output / name).iterdir()) == ["config.json", "model.neuron"]
     assert result["ok"] is True
@@ -219,6 +222,8 @@ def test_lcm_sdxl_unet_takes_timestep_cond_before_the_sdxl_extras(exported):
     assert [i["name"] for i in record["inputs"]] == [
         "sample", "timestep", "encoder_hidden_states", "timestep_cond", "text_embeds", "time_ids"]
     assert result["pipeline"]["is_lcm"] is True and result["pipeline"]["data_parallel_mode"] == "all"
+    scheduler = json.loads((output / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler"
 
 
 def test_refiner_has_five_time_ids_and_no_text_encoder(exported):

@@ -1,75 +1,48 @@
 """The Neuron backend's contract with torch_neuronx, checked through a recording test double.
 
-The double stands in for the real SDK (absent here): it records each `torch_neuronx.trace` call and then
-traces on the CPU, so everything around the compiler call runs for real.
+The double (tests/doubles/torch_neuronx) stands in for the real SDK, absent here: it records each
+`torch_neuronx.trace` call and then traces on the CPU, so everything around the compiler call runs for real,
+worker processes included.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
-import torch
 
 FAST = "--enable-fast-loading-neuron-binaries"
 
 
-class RecordingTorchNeuronx(types.ModuleType):
-    """Test double of the `torch_neuronx` module: records trace() calls instead of compiling."""
-
-    def __init__(self, fail_on: str | None = None) -> None:
-        super().__init__("torch_neuronx")
-        self.__spec__ = importlib.machinery.ModuleSpec("torch_neuronx", None)  # libraries probe find_spec
-        self.calls: list[dict] = []
-        self.fail_on = fail_on
-
-    def trace(self, func, example_inputs, *, compiler_args=None, inline_weights_to_neff=True, compiler_workdir=None):
-        component = Path(compiler_workdir).name
-        self.calls.append({
-            "component": component,
-            "compiler_args": list(compiler_args),
-            "inline_weights_to_neff": inline_weights_to_neff,
-            "compiler_workdir": compiler_workdir,
-            "input_shapes": [tuple(t.shape) for t in example_inputs],
-            "environment": {k: os.environ.get(k) for k in ("NEURON_FUSE_SOFTMAX", "NEURON_CUSTOM_SILU")},
-        })
-        if component == self.fail_on:
-            Path(compiler_workdir, "log-neuron-cc.txt").write_text("ERROR: out of memory\n")
-            raise RuntimeError("neuronx-cc failed with exit code -9")
-        return torch.jit.trace(func, tuple(example_inputs), strict=False, check_trace=False)
+DOUBLES = Path(__file__).parent / "doubles"
 
 
 @pytest.fixture
-def neuron_sdk(monkeypatch):
-    """Install the double (and a neuronx-cc version) as if the SDK were present."""
-    def install(**kwargs) -> RecordingTorchNeuronx:
-        double = RecordingTorchNeuronx(**kwargs)
-        compiler = types.ModuleType("neuronxcc")
-        compiler.__version__ = "2.99.0.test"
-        compiler.__spec__ = importlib.machinery.ModuleSpec("neuronxcc", None)
-        monkeypatch.setitem(sys.modules, "torch_neuronx", double)
-        monkeypatch.setitem(sys.modules, "neuronxcc", compiler)
-        monkeypatch.delenv("NEURON_FUSE_SOFTMAX", raising=False)
-        monkeypatch.delenv("NEURON_CUSTOM_SILU", raising=False)
-        return double
-    return install
+def neuron_sdk(monkeypatch, tmp_path):
+    """Put the recording test doubles of torch_neuronx / neuronxcc on the path, as if the SDK were
+    installed; worker processes inherit the path. Returns a function reading the recorded calls."""
+    monkeypatch.syspath_prepend(str(DOUBLES))
+    for name in ("torch_neuronx", "neuronxcc"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delenv("NEURON_FUSE_SOFTMAX", raising=False)
+    monkeypatch.delenv("NEURON_CUSTOM_SILU", raising=False)
+    yield lambda: [json.loads(line) for line in (tmp_path / "torch_neuronx_calls.jsonl").read_text().splitlines()]
+    for name in ("torch_neuronx", "neuronxcc"):
+        sys.modules.pop(name, None)
 
 
-def calls_by_component(double: RecordingTorchNeuronx) -> dict[str, dict]:
-    return {call["component"]: call for call in double.calls}
+def calls_by_component(calls: list[dict]) -> dict[str, dict]:
+    return {call["component"]: call for call in calls}
 
 
 def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli, tiny_model, tmp_path):
-    double = neuron_sdk()
     output = tmp_path / "sd_neuron"
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "neuron", "-o", output, "--json")
     assert result.exit_code == 0, result
-    calls = calls_by_component(double)
+    calls = calls_by_component(neuron_sdk())
     assert list(calls) == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     common = ["--auto-cast", "matmult", "--auto-cast-type", "bf16", "--optlevel", "2", "--target", "inf2"]
     assert calls["text_encoder"]["compiler_args"] == common + ["--model-type=transformer", FAST]
@@ -81,7 +54,7 @@ def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli,
         assert call["environment"] == {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1"}
         workdir = Path(call["compiler_workdir"])
         assert not workdir.is_relative_to(output) and not workdir.exists()  # beside the export, removed after success
-    assert calls["unet"]["input_shapes"] == [(1, 4, 8, 8), (1,), (1, 77, 32)]
+    assert calls["unet"]["input_shapes"] == [[1, 4, 8, 8], [1], [1, 77, 32]]
     assert "NEURON_FUSE_SOFTMAX" not in os.environ  # set only while compiling
 
     manifest = json.loads((output / "manifest.json").read_text())
@@ -97,23 +70,21 @@ def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli,
 
 
 def test_sdxl_unet_is_compiled_without_fast_loading(neuron_sdk, cli, tiny_model, tmp_path):
-    double = neuron_sdk()
     result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "auto", "-o", tmp_path / "xl")
     assert result.exit_code == 0, result
-    calls = calls_by_component(double)
+    calls = calls_by_component(neuron_sdk())
     assert list(calls) == ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
     assert FAST not in calls["unet"]["compiler_args"] and "--model-type=unet-inference" in calls["unet"]["compiler_args"]
     assert calls["text_encoder_2"]["compiler_args"][-2:] == ["--model-type=transformer", FAST]
-    assert [s for s in calls["unet"]["input_shapes"]] == [(1, 4, 8, 8), (1,), (1, 77, 64), (1, 32), (1, 6)]
+    assert calls["unet"]["input_shapes"] == [[1, 4, 8, 8], [1], [1, 77, 64], [1, 32], [1, 6]]
 
 
 def test_target_optlevel_auto_cast_and_inline_flags_reach_the_compiler(neuron_sdk, cli, tiny_model, tmp_path):
-    double = neuron_sdk()
     output = tmp_path / "trn"
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "neuron", "-o", output, "--target", "trn1", "-O", "3",
                  "--auto-cast", "none", "--no-inline-weights", "--components", "unet")
     assert result.exit_code == 0, result
-    (call,) = double.calls
+    (call,) = neuron_sdk()
     assert call["compiler_args"] == ["--auto-cast", "none", "--optlevel", "3", "--target", "trn1", FAST,
                                      "--model-type=unet-inference"]
     assert call["inline_weights_to_neff"] is False
@@ -122,7 +93,7 @@ def test_target_optlevel_auto_cast_and_inline_flags_reach_the_compiler(neuron_sd
 
 
 def test_a_failed_compile_keeps_the_work_dir_and_writes_no_export(neuron_sdk, cli, tiny_model, tmp_path):
-    neuron_sdk(fail_on="unet")
+    (tmp_path / "torch_neuronx_fail_on").write_text("unet")
     output = tmp_path / "sd_neuron"
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "neuron", "-o", output)
     assert result.exit_code == 1

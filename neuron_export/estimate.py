@@ -1,0 +1,105 @@
+"""Peak host memory and build time of a component, estimated before anything is loaded.
+
+Parameter counts and weight bytes come from the safetensors headers (exact, no weights read, no torch
+import). The factors below are backend-specific and were measured on a 2-core / 24 GiB host (cpu backend,
+full-size SD 1.5 at 512x512; `scripts/bench_cache_and_workers.py` prints estimate vs measured) or taken
+from public reports of neuronx-cc compiles (neuron backend; not measurable here, so deliberately generous).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Which tensors of a shared weight file belong to a component (the two VAE halves share vae/).
+TENSOR_PREFIXES = {"vae_encoder": ("encoder.", "quant_conv."), "vae_decoder": ("decoder.", "post_quant_conv.")}
+
+# bytes = BASE + WEIGHT_FACTOR * weight bytes + PIXEL_BYTES * batch * height * width
+BASE_BYTES = {"cpu": int(0.45 * GIB), "neuron": int(1.5 * GIB)}
+WEIGHT_FACTOR = {
+    "cpu": {"text_encoder": 1.05, "unet": 1.10, "vae_encoder": 1.10, "vae_decoder": 1.10},
+    # neuronx-cc holds several copies of the graph and weights while compiling (public reports:
+    # ~35 GB for an SD 1.5 CPU-only compile, 60-90 GB for SDXL).
+    "neuron": {"text_encoder": 6.0, "unet": 8.0, "vae_encoder": 8.0, "vae_decoder": 8.0},
+}
+PIXEL_BYTES = {
+    "cpu": {"text_encoder": 0, "unet": 0, "vae_encoder": 3200, "vae_decoder": 3600},
+    "neuron": {"text_encoder": 0, "unet": 2000, "vae_encoder": 16000, "vae_decoder": 24000},
+}
+# seconds = BASE_SECONDS + SECONDS_PER_PARAM * parameters + SECONDS_PER_PIXEL * batch * height * width
+BASE_SECONDS = {"cpu": 2.0, "neuron": 20.0}
+SECONDS_PER_PARAM = {"cpu": 7.5e-8, "neuron": 4.0e-7}  # neuron: SDXL UNet ~1026 s for 2.57B params (inf2.8xlarge)
+SECONDS_PER_PIXEL = {
+    "cpu": {"text_encoder": 0, "unet": 0, "vae_encoder": 1.2e-4, "vae_decoder": 1.3e-4},
+    "neuron": {"text_encoder": 0, "unet": 0, "vae_encoder": 3.5e-4, "vae_decoder": 6.6e-4},  # SDXL VAE at 1024x1024
+}
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    parameters: int
+    bytes: int
+
+
+def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
+    """Parameter count and bytes of the tensors a component uses, from the safetensors headers."""
+    prefixes = TENSOR_PREFIXES.get(component)
+    parameters = size = 0
+    for file in files:
+        with file.open("rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        for name, tensor in header.items():
+            if name == "__metadata__" or (prefixes and not name.startswith(prefixes)):
+                continue
+            count = 1
+            for dim in tensor["shape"]:
+                count *= dim
+            parameters += count
+            size += count * DTYPE_BYTES.get(tensor["dtype"], 4)
+    return WeightStats(parameters, size)
+
+
+def _kind(component: str) -> str:
+    return "text_encoder" if component.startswith("text_encoder") else component
+
+
+def estimate_peak_bytes(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> int:
+    kind = _kind(component)
+    pixels = batch * height * width
+    return int(BASE_BYTES[backend] + WEIGHT_FACTOR[backend][kind] * weights.bytes + PIXEL_BYTES[backend][kind] * pixels)
+
+
+def estimate_seconds(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> float:
+    kind = _kind(component)
+    pixels = batch * height * width
+    return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + SECONDS_PER_PIXEL[backend][kind] * pixels
+
+
+def schedule_seconds(jobs: list[tuple[float, int]], workers: int, budget: int) -> float:
+    """Wall time of running (seconds, peak bytes) jobs in order, at most `workers` at once within `budget`."""
+    clock = 0.0
+    running: list[tuple[float, int]] = []  # (finish time, bytes)
+    for seconds, peak in jobs:
+        while running and (len(running) >= workers or sum(b for _, b in running) + peak > budget):
+            running.sort()
+            clock, _ = running.pop(0)
+        running.append((clock + seconds, peak))
+    return max([finish for finish, _ in running], default=clock)
+
+
+def available_memory_bytes() -> int:
+    """What the host can give right now (MemAvailable), the default --max-memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -1,0 +1,168 @@
+"""Read an export's manifest and summarise it for people (rich) or machines (the manifest's own JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from neuron_export.errors import UserError
+
+if TYPE_CHECKING:
+    from neuron_export.manifest import ComponentRecord, Manifest
+
+MANIFEST_NAME = "manifest.json"  # same as neuron_export.manifest.MANIFEST_NAME, without importing pydantic early
+
+
+def load_manifest(directory: Path) -> Manifest:
+    """The export's manifest, or a one-sentence UserError naming the directory and what to do."""
+    from pydantic import ValidationError
+
+    from neuron_export.manifest import Manifest
+
+    if not directory.exists():
+        raise UserError(f"EXPORT_DIR {directory} does not exist; pass the directory a neuron-export export wrote.")
+    if not directory.is_dir():
+        raise UserError(f"EXPORT_DIR {directory} is a file, not a directory; pass the export's directory.")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(f"EXPORT_DIR {directory} has no {MANIFEST_NAME}, so it is not a neuron-export export; "
+                        "export it with `neuron-export sd|sd-xl|lcm`.")
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "(top level)"
+        raise UserError(f"{path} is not a valid neuron-export manifest ({where}: {first.get('msg')}); "
+                        "restore it or re-export.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read ({exc}); check its permissions or re-export.") from None
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{int(count)} B" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+def human_count(count: int) -> str:
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= limit:
+            return f"{count / limit:.3g}{suffix}"
+    return str(count)
+
+
+def shape_text(record: ComponentRecord) -> str:
+    return ", ".join(f"{t.name} {tuple(t.shape)} {t.dtype}" for t in record.inputs)
+
+
+def validation_text(record: ComponentRecord) -> str:
+    v = record.validation
+    if v.status == "passed" and v.max_abs_diff is not None and v.atol is not None:
+        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g})"
+    return f"{v.status}: {v.reason}" if v.reason else v.status
+
+
+def artifact_bytes(record: ComponentRecord) -> int:
+    return sum(f.size for f in record.files)
+
+
+def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
+    """The facts `inspect` shows, as plain data (also what tests look at)."""
+    p, s, c = manifest.pipeline, manifest.source, manifest.config
+    components = list(manifest.components.values())
+    backends = sorted({r.backend for r in components})
+    return {
+        "export": str(directory),
+        "pipeline": {
+            "kind": p.kind, "family": p.family, "task": p.task, "lcm": p.is_lcm,
+            "diffusers_pipeline": p.diffusers_pipeline, "optimum_pipeline": p.optimum_pipeline,
+            "size": f"{p.width}x{p.height}", "batch_size": p.batch_size,
+            "num_images_per_prompt": p.num_images_per_prompt, "data_parallel_mode": p.data_parallel_mode,
+        },
+        "source": {k: v for k, v in s.model_dump().items() if v is not None},
+        "build": {
+            "tool": f"{manifest.tool} {manifest.tool_version}", "created_at": manifest.created_at,
+            "backend": ", ".join(backends), "target": c.get("target"), "auto_cast": c.get("auto_cast"),
+            "auto_cast_type": c.get("auto_cast_type"), "optlevel": c.get("optlevel"),
+            "inline_weights": c.get("inline_weights"), "dynamic_batch_size": c.get("dynamic_batch_size"),
+        },
+        "components": [
+            {
+                "name": r.name, "model_type": r.model_type, "compiler": f"{r.compiler_type} {r.compiler_version}",
+                "inputs": [{"name": t.name, "shape": t.shape, "dtype": t.dtype} for t in r.inputs],
+                "outputs": r.outputs, "parameters": r.parameter_count, "artifact_bytes": artifact_bytes(r),
+                "build_seconds": r.build_seconds, "peak_rss_bytes": r.peak_rss_bytes,
+                "validation": validation_text(r),
+                "compiler_args": r.compiler_args, "neuron_compiler_args": r.neuron_compiler_args,
+            }
+            for r in components
+        ],
+        "environment": manifest.environment,
+        "totals": {
+            "files": len(manifest.all_files()) + 1,
+            "bytes": sum(f.size for f in manifest.all_files()),
+            "artifact_bytes": sum(artifact_bytes(r) for r in components),
+            "parameters": sum(r.parameter_count for r in components),
+            "build_seconds": sum(r.build_seconds for r in components),
+            "peak_rss_bytes": max((r.peak_rss_bytes for r in components), default=0),
+        },
+    }
+
+
+def manifest_json(manifest: Manifest) -> str:
+    return json.dumps(manifest.model_dump(mode="json"), indent=2)
+
+
+def render(manifest: Manifest, directory: Path, console: Any) -> None:
+    """The rich view: pipeline, source, build options, a component table, compiler flags, versions, totals."""
+    from rich.table import Table
+    from rich.text import Text
+
+    info = summary(manifest, directory)
+    p, b, t = info["pipeline"], info["build"], info["totals"]
+    console.print(Text(f"Export {directory}", style="bold"))
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    lcm = ", LCM" if p["lcm"] else ""
+    facts.add_row("pipeline", Text(f"{p['kind']} {p['task']}{lcm}: {p['optimum_pipeline']} (diffusers {p['diffusers_pipeline']})"))
+    facts.add_row("shapes", Text(f"{p['size']} pixels, batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
+                                 f"data-parallel mode {p['data_parallel_mode']}"))
+    facts.add_row("source", Text(", ".join(f"{k} {v}" for k, v in info["source"].items())))
+    facts.add_row("built", Text(f"{b['tool']} at {b['created_at']}, backend {b['backend']}, target {b['target']}, "
+                                f"auto-cast {b['auto_cast']}/{b['auto_cast_type']}, -O{b['optlevel']}, "
+                                f"inline weights {b['inline_weights']}, dynamic batch {b['dynamic_batch_size']}"))
+    facts.add_row("versions", Text(", ".join(f"{k} {v}" for k, v in info["environment"].items() if v is not None)
+                                   + _missing_versions(info["environment"])))
+    facts.add_row("totals", Text(f"{t['files']} files, {human_bytes(t['bytes'])} ({human_bytes(t['artifact_bytes'])} of artifacts), "
+                                 f"{human_count(t['parameters'])} parameters, built in {t['build_seconds']:.1f}s, "
+                                 f"peak RSS {human_bytes(t['peak_rss_bytes'])}"))
+    console.print(facts)
+
+    table = Table(title="Components", title_justify="left")
+    for column in ("component", "model type", "inputs (name shape dtype)", "params", "artifact", "seconds",
+                   "peak RSS", "validation"):
+        table.add_column(column)
+    for c in info["components"]:
+        inputs = "\n".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}" for i in c["inputs"])
+        table.add_row(Text(c["name"]), Text(c["model_type"]), Text(inputs), human_count(c["parameters"]),
+                      human_bytes(c["artifact_bytes"]), f"{c['build_seconds']:.1f}", human_bytes(c["peak_rss_bytes"]),
+                      Text(c["validation"]))
+    console.print(table)
+
+    console.print(Text("Compiler", style="bold"))
+    for c in info["components"]:
+        if c["compiler_args"]:
+            line = f"  {c['name']} ({c['compiler']}): {' '.join(c['compiler_args'])}"
+        else:
+            line = (f"  {c['name']} ({c['compiler']}): no compiler flags; a Neuron build of this component would pass "
+                    f"{' '.join(c['neuron_compiler_args'])}")
+        console.print(Text(line))
+
+
+def _missing_versions(environment: dict[str, str | None]) -> str:
+    missing = [k for k, v in environment.items() if v is None]
+    return f" (not recorded: {', '.join(missing)})" if missing else ""
