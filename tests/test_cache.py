@@ -1,0 +1,236 @@
+"""Never compile twice: the component cache, reruns, resume after a kill, plans, shape matrices."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def stages(stdout: str) -> dict[str, list[str]]:
+    """component -> the stages its plain progress lines went through."""
+    seen: dict[str, list[str]] = {}
+    for line in stdout.splitlines():
+        if line.startswith("[") and "] " in line and ": " in line:
+            component, stage = line.split("] ", 1)[1].split(": ", 1)
+            seen.setdefault(component, []).append(stage.split(" ")[0])
+    return seen
+
+
+def cache_entries(cache: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cache.glob("components/*/*/record.json"))]
+
+
+def test_unchanged_rerun_rebuilds_nothing_and_leaves_the_output_alone(cli, tiny_model, tmp_path, isolated_cache):
+    output = tmp_path / "out"
+    first = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output)
+    assert first.exit_code == 0, first
+    before = file_hashes(output)
+    inodes = {p: p.stat().st_ino for p in output.rglob("*")}
+    rerun = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output)
+    assert rerun.exit_code == 0, rerun
+    assert "up to date" in rerun.stdout and "loading" not in rerun.stdout
+    assert file_hashes(output) == before
+    assert {p: p.stat().st_ino for p in output.rglob("*")} == inodes  # not even rewritten
+
+
+def test_a_deleted_output_is_reassembled_byte_identical_from_the_cache(cli, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    assert cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output).exit_code == 0
+    before = file_hashes(output)
+    shutil.rmtree(output)
+    again = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output)
+    assert again.exit_code == 0, again
+    seen = stages(again.stdout)
+    assert len(seen) == 5 and all(v == ["cached"] for v in seen.values()), seen
+    assert file_hashes(output) == before
+
+
+def test_a_new_height_rebuilds_unet_and_vaes_but_not_the_text_encoders(cli, tiny_model, tmp_path):
+    model = tiny_model("sdxl")
+    assert cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "a").exit_code == 0
+    result = cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--height", "128")
+    assert result.exit_code == 0, result
+    seen = stages(result.stdout)
+    assert seen["text_encoder"] == ["cached"] and seen["text_encoder_2"] == ["cached"]
+    for name in ("unet", "vae_encoder", "vae_decoder"):
+        assert seen[name][0] == "loading" and seen[name][-1] == "done", (name, seen[name])
+    a, b = (json.loads((tmp_path / d / "manifest.json").read_text())["components"] for d in ("a", "b"))
+    assert a["text_encoder"]["cache_key"] == b["text_encoder"]["cache_key"]
+    assert a["unet"]["cache_key"] != b["unet"]["cache_key"]
+
+
+def test_flags_that_change_the_artifact_change_the_key(cli, tiny_model, tmp_path):
+    model = tiny_model("sd")
+    assert cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "a", "--components", "unet").exit_code == 0
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "unet", "--batch-size", "2")
+    assert stages(result.stdout)["unet"][0] == "loading"
+    # auto-cast does not change a CPU trace, so it must not force a rebuild there
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "c", "--components", "unet", "--auto-cast", "all")
+    assert stages(result.stdout)["unet"] == ["cached"]
+    assert json.loads((tmp_path / "c" / "unet" / "config.json").read_text())["neuron"]["auto_cast"] == "all"
+
+
+def test_the_same_component_in_two_models_is_built_once(cli, tiny_model, tmp_path):
+    copy = tmp_path / "copy-of-sd"
+    shutil.copytree(tiny_model("sd"), copy)
+    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "a").exit_code == 0
+    result = cli("sd", "-m", copy, "--backend", "cpu", "-o", tmp_path / "b")
+    assert result.exit_code == 0, result
+    assert all(v == ["cached"] for v in stages(result.stdout).values()), result.stdout
+
+
+def test_a_corrupted_cache_entry_is_discarded_and_rebuilt(cli, tiny_model, tmp_path, isolated_cache):
+    model = tiny_model("sd")
+    assert cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "a", "--components", "vae_decoder").exit_code == 0
+    shutil.rmtree(tmp_path / "a")
+    (artifact,) = isolated_cache.glob("components/*/*/model.neuron")
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    artifact.write_bytes(bytes(data))
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "vae_decoder")
+    assert result.exit_code == 0, result
+    assert stages(result.stdout)["vae_decoder"][0] == "loading"  # rebuilt, not reused
+    record = json.loads((tmp_path / "b" / "manifest.json").read_text())["components"]["vae_decoder"]
+    rebuilt = (tmp_path / "b" / "vae_decoder" / "model.neuron").read_bytes()
+    assert hashlib.sha256(rebuilt).hexdigest() == record["files"][0]["sha256"]
+    assert record["validation"]["status"] == "passed"
+
+
+def test_export_killed_with_sigkill_resumes_building_only_what_is_missing(tiny_model, tmp_path):
+    cache = tmp_path / "cache"
+    output = tmp_path / "out"
+    env = {**os.environ, "NEURON_EXPORT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "neuron_export", "sd-xl", "-m", str(tiny_model("sdxl")), "--backend", "cpu", "-o", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(cache.glob("components/*/*/record.json"))) < 2:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # the exporting process only; its workers must die with it
+    process.communicate(timeout=60)
+    finished_before = {r["name"] for r in cache_entries(cache)}
+    assert 2 <= len(finished_before) < 5, finished_before
+    assert not output.exists()
+    time.sleep(1)  # let orphaned workers notice their parent is gone
+    assert not subprocess.run(["pgrep", "-f", "neuron-export-"], capture_output=True).stdout, "workers outlived the kill"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    seen = stages(rerun.stdout)
+    assert {name for name, s in seen.items() if s == ["cached"]} == finished_before
+    assert {name for name, s in seen.items() if s[0] == "loading"} == {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"} - finished_before
+    manifest = json.loads((output / "manifest.json").read_text())
+    for record in manifest["components"].values():
+        assert hashlib.sha256((output / record["files"][0]["path"]).read_bytes()).hexdigest() == record["files"][0]["sha256"]
+        assert record["validation"]["status"] == "passed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # no partial directory left
+    assert not list((cache / "tmp").iterdir())  # the killed run's build directories were cleaned
+
+
+def test_shape_matrix_builds_the_text_encoders_once(cli, tiny_model, tmp_path, isolated_cache):
+    result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--height", "64,128", "-o", tmp_path / "matrix", "--json")
+    assert result.exit_code == 0, result
+    exports = json.loads(result.stdout)["exports"]
+    assert [Path(e["output"]).name for e in exports] == ["sd-xl-neuron-64x64-b1", "sd-xl-neuron-128x64-b1"]
+    names = [r["name"] for r in cache_entries(isolated_cache)]
+    assert names.count("text_encoder") == 1 and names.count("text_encoder_2") == 1
+    assert names.count("unet") == 2 and names.count("vae_decoder") == 2
+    for export in exports:
+        assert (Path(export["output"]) / "text_encoder" / "model.neuron").exists()
+
+
+def test_parallel_jobs_build_the_same_export(cli, tiny_model, tmp_path):
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--jobs", "2", "--json")
+    assert result.exit_code == 0, result
+    components = json.loads(result.stdout)["components"]
+    assert set(components) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    assert all(c["validation"]["status"] == "passed" for c in components.values())
+
+
+def test_plan_shows_misses_then_hits(cli, tiny_model, tmp_path):
+    args = ["-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out"]
+    before = cli("plan", "sd", *args, "--json")
+    assert before.exit_code == 0, before
+    plan = json.loads(before.stdout)
+    assert [c["cache"] for c in plan["components"]] == ["miss"] * 4
+    unet = next(c for c in plan["components"] if c["component"] == "unet")
+    assert unet["inputs"][0]["shape"] == [1, 4, 8, 8] and "--model-type=unet-inference" in unet["compiler_args"]
+    assert unet["estimated_peak_bytes"] > 0 and plan["estimated_wall_seconds"] > 0
+    assert not (tmp_path / "out").exists()  # planning builds nothing
+    assert cli("sd", *args).exit_code == 0
+    after = json.loads(cli("plan", "sd", *args, "--json").stdout)
+    assert [c["cache"] for c in after["components"]] == ["hit"] * 4 and after["up_to_date"] is True
+
+
+def test_plan_refuses_a_budget_smaller_than_the_largest_job_before_loading_anything(tiny_model, tmp_path):
+    code = (
+        "import sys\nfrom neuron_export.cli import main\n"
+        f"try:\n    main(['plan', 'sd', '-m', {str(tiny_model('sd'))!r}, '--backend', 'cpu', '--max-memory', '100MiB'])\n"
+        "except SystemExit as e:\n    print('EXIT', e.code)\n"
+        "print('LOADED', [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "NEURON_EXPORT_CACHE": str(tmp_path)})
+    assert "EXIT 6" in result.stdout and "LOADED []" in result.stdout, result
+    assert "--max-memory 0.1 GiB" in result.stderr and "estimated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_refuses_the_same_budget(cli, tiny_model, tmp_path):
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--max-memory", "0.1GiB")
+    assert result.exit_code == 6 and "--max-memory" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_commands(cli, tiny_model, tmp_path, isolated_cache):
+    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out").exit_code == 0
+    listing = cli("cache", "ls")
+    assert listing.exit_code == 0 and len(listing.stdout.strip().splitlines()) == 4 and "unet" in listing.stdout
+    usage = cli("cache", "du")
+    assert usage.exit_code == 0 and "total" in usage.stdout and "unet" in usage.stdout
+    assert cli("cache", "verify").exit_code == 0
+    (artifact,) = [p for p in isolated_cache.glob("components/*/*/model.neuron")
+                   if json.loads((p.parent / "record.json").read_text())["name"] == "unet"]
+    artifact.write_bytes(b"broken")
+    bad = cli("cache", "verify")
+    assert bad.exit_code == 3 and "unet" in bad.stdout and "3 of 4 entries intact" in bad.stdout
+    assert cli("cache", "prune", "--older-than", "30d").stdout.startswith("removed 0 entries")
+    assert cli("cache", "prune", "--older-than", "soon").exit_code == 2
+    assert cli("cache", "prune").stdout.startswith("removed 3 entries")
+    assert cli("cache", "ls").stdout.strip() == ""
+
+
+def test_weight_hashes_are_remembered_by_path_size_and_mtime(tiny_model, tmp_path):
+    from neuron_export.cache import HashIndex
+
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(next(tiny_model("sd").glob("unet/*.safetensors")), weights)
+    index = HashIndex(tmp_path / "cache")
+    digest = index.sha256(weights)
+    index.save()
+    assert digest == hashlib.sha256(weights.read_bytes()).hexdigest()
+    recorded = json.loads((tmp_path / "cache" / "weight-hashes.json").read_text())
+    assert recorded[str(weights.resolve())]["sha256"] == digest
+    recorded[str(weights.resolve())]["sha256"] = "remembered"
+    (tmp_path / "cache" / "weight-hashes.json").write_text(json.dumps(recorded))
+    assert HashIndex(tmp_path / "cache").sha256(weights) == "remembered"  # not re-read
+    os.utime(weights, ns=(0, 0))
+    assert HashIndex(tmp_path / "cache").sha256(weights) == digest  # changed mtime: hashed again
+
+
+@pytest.mark.parametrize("text,seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400)])
+def test_durations(text, seconds):
+    from neuron_export.cache_cli import parse_duration
+
+    assert parse_duration(text) == seconds
