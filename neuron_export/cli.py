@@ -1,6 +1,7 @@
 """The Typer commands: parse flags into an ExportConfig, call the pipeline, render. Nothing heavy at import."""
 
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -201,6 +202,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv), _known_long_options(command))
     json_mode = "--json" in args
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
     signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     from neuron_export.render import error
