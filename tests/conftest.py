@@ -72,3 +72,10 @@ def run_cli(*args: object) -> CliResult:
 @pytest.fixture(scope="session")
 def cli() -> Callable[..., CliResult]:
     return run_cli
+
+
+def export_tiny(model: pathlib.Path, out: pathlib.Path, family: str) -> pathlib.Path:
+    """A cpu export of a tiny pipeline; fails the test if the export fails."""
+    result = run_cli(family, "-m", model, "--backend", "cpu", "-o", out)
+    assert result.exit_code == 0, result
+    return out

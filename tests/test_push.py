@@ -9,31 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import export_tiny as export, run_cli
 
 from neuron_export import hub
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    from neuron_export.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def export(model: Path, out: Path, family: str) -> Path:
-    from neuron_export.cli import main
-
-    try:
-        main([family, "-m", str(model), "--backend", "cpu", "-o", str(out)])
-    except SystemExit as exc:
-        assert not exc.code, f"export failed with {exc.code}"
-    return out
+    """(exit code, stdout, stderr) of `neuron-export ARGS`, as the tests below read it."""
+    result = run_cli(*args)
+    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
