@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from neuron_export.manifest import ComponentRecord, sha256_file
 
@@ -35,7 +35,8 @@ def default_cache_dir() -> Path:
 
 
 class HashIndex:
-    """sha256 of weight files, computed once per (path, size, mtime) and remembered in the cache dir."""
+    """Facts about weight files (sha256, header checked, tensor statistics), computed once per
+    (path, size, mtime) and remembered in the cache dir, so an unchanged rerun opens no weight file."""
 
     def __init__(self, cache_dir: Path) -> None:
         self.path = cache_dir / "weight-hashes.json"
@@ -45,19 +46,19 @@ class HashIndex:
             self._known = {}
         self._dirty = False
 
-    def sha256(self, file: Path) -> str:
-        hub_hash = _hub_blob_sha256(file)
-        if hub_hash:
-            return hub_hash
+    def remember(self, file: Path, fact: str, compute: Callable[[], Any]) -> Any:
         stat = file.stat()
         key = str(file.resolve())
         known = self._known.get(key)
-        if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
-            return known["sha256"]
-        digest = sha256_file(file)
-        self._known[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-        self._dirty = True
-        return digest
+        if not known or known["size"] != stat.st_size or known["mtime_ns"] != stat.st_mtime_ns:
+            known = self._known[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if fact not in known:
+            known[fact] = compute()
+            self._dirty = True
+        return known[fact]
+
+    def sha256(self, file: Path) -> str:
+        return _hub_blob_sha256(file) or self.remember(file, "sha256", lambda: sha256_file(file))
 
     def save(self) -> None:
         if not self._dirty:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 GIB = 2**30
@@ -39,8 +39,7 @@ SECONDS_PER_PIXEL = {
 }
 
 
-@dataclass(frozen=True)
-class WeightStats:
+class WeightStats(NamedTuple):
     parameters: int
     bytes: int
 

@@ -207,13 +207,15 @@ def make_plan(config: ExportConfig) -> Plan:
     jobs = []
     for name in names:
         for weight_file in facts.weight_files[name]:
-            check_safetensors(weight_file)
+            hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)
         spec = describe(name, facts, config.batch_size, config.num_images_per_prompt, height, width)
         args = neuron_compiler_args(name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target)
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args, atol)
-        weights = weight_stats(facts.weight_files[name], name)
+        per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
+                    for f in facts.weight_files[name]]
+        weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
         batch = spec.static_shapes["batch_size"]
         jobs.append(Job(
             spec=spec, source_folder=source.folder(name), weight_files=facts.weight_files[name],
