@@ -97,7 +97,7 @@ def _run_export(layers: list[dict[str, Any]], json_mode: bool) -> None:
             finally:
                 reporter.close()
             reporter.summary(manifest, plan.output)
-        results.append(result_object(manifest, plan.output))
+        results.append({**result_object(manifest, plan.output), "up_to_date": plan.up_to_date})
     if json_mode:
         import json
 

@@ -43,6 +43,8 @@ def test_unchanged_rerun_rebuilds_nothing_and_leaves_the_output_alone(cli, tiny_
     rerun = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output)
     assert rerun.exit_code == 0, rerun
     assert "up to date" in rerun.stdout and "loading" not in rerun.stdout
+    as_json = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--json")
+    assert json.loads(as_json.stdout)["up_to_date"] is True
     assert file_hashes(output) == before
     assert {p: p.stat().st_ino for p in output.rglob("*")} == inodes  # not even rewritten
 
