@@ -32,7 +32,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir) -> None:
     """One line per cached component: key, component, shapes, backend, size, last use."""
     import time
 
-    from neuron_export.render import human_bytes
+    from neuron_export.inspection import human_bytes
 
     cache = _cache(cache_dir)
     for entry in cache.entries():
@@ -45,7 +45,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir) -> None:
 @cache_app.command("du")
 def du_command(cache_dir: Optional[Path] = CacheDir) -> None:
     """Total size of the cache, per component kind."""
-    from neuron_export.render import human_bytes
+    from neuron_export.inspection import human_bytes
 
     cache = _cache(cache_dir)
     totals: dict[str, int] = {}
@@ -62,7 +62,7 @@ def prune_command(
     cache_dir: Optional[Path] = CacheDir,
 ) -> None:
     """Remove cached components (all, or those not used recently)."""
-    from neuron_export.render import human_bytes
+    from neuron_export.inspection import human_bytes
 
     cache = _cache(cache_dir)
     seconds = parse_duration(older_than) if older_than else None

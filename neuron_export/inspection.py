@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.errors import UserError
+from neuron_export.manifest import MANIFEST_NAME
 
 if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord, Manifest
-
-MANIFEST_NAME = "manifest.json"  # same as neuron_export.manifest.MANIFEST_NAME, without importing pydantic early
 
 
 def load_manifest(directory: Path) -> Manifest:

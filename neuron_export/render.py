@@ -6,25 +6,13 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from neuron_export.inspection import human_bytes, validation_text
+from neuron_export.manifest import MANIFEST_NAME
+
 if TYPE_CHECKING:
     from neuron_export.build import BuildEvent
     from neuron_export.manifest import Manifest
     from neuron_export.plan import Plan
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} GiB"
-
-
-def validation_text(record: Any) -> str:
-    v = record.validation
-    if v.status == "passed":
-        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g})"
-    return v.reason or v.status
 
 
 class Reporter:
@@ -115,7 +103,7 @@ def result_object(manifest: Manifest, output: Any) -> dict[str, Any]:
     return {
         "ok": True,
         "output": str(output),
-        "manifest": str(output / "manifest.json"),
+        "manifest": str(output / MANIFEST_NAME),
         "backend": next(iter(manifest.components.values())).backend if manifest.components else None,
         "pipeline": manifest.pipeline.model_dump(),
         "components": {

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from neuron_export.errors import UserError
+from neuron_export.manifest import MANIFEST_NAME
 from neuron_export.targets import GIB, INSTANCES, Instance, by_size
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ INTEGRITY_EXIT = 3
 COMPATIBILITY_EXIT = 4
 FIT_EXIT = 5
 
-MANIFEST_NAME = "manifest.json"
 CPU_COMPILER = "torchscript-cpu"
 NEURON_COMPILER = "neuronx-cc"
 
