@@ -33,23 +33,22 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def process_tree(root: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def descendants(pid: int) -> list[int]:
+    """The process and all its descendants (the worker fork server and its workers included)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = [root], [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    return tree
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
 
 
 def tree_memory_bytes(root: int) -> int:
-    return sum(pss_bytes(pid) for pid in process_tree(root))
+    return sum(pss_bytes(pid) for pid in descendants(root))
 
 
 def run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess, int]:
