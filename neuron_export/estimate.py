@@ -49,6 +49,10 @@ def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
     prefixes = TENSOR_PREFIXES.get(component)
     parameters = size = 0
     for file in files:
+        if file.suffix != ".safetensors":  # a pickle has no header to read: assume fp32, the whole file
+            size += file.stat().st_size
+            parameters += file.stat().st_size // 4
+            continue
         with file.open("rb") as handle:
             (header_size,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(header_size))

@@ -207,7 +207,8 @@ def make_plan(config: ExportConfig) -> Plan:
     jobs = []
     for name in names:
         for weight_file in facts.weight_files[name]:
-            hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)
+            if weight_file.suffix == ".safetensors":
+                hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)
         spec = describe(name, facts, config.batch_size, config.num_images_per_prompt, height, width)
         args = neuron_compiler_args(name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target)
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]

@@ -25,8 +25,11 @@ SOURCE_FOLDER = {
 # Files copied unchanged into the export so the runtime can tokenize and schedule.
 PROCESSOR_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-# Full-precision weights and their shards; fp16 variants and pickled .bin files are never fetched.
+# Older checkpoints only have pickled weights; torch loads them with weights_only=True (no code runs).
+PICKLE_WEIGHT_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+# Full-precision weights and their shards; fp16 variants are never fetched, .bin only where no safetensors exist.
 HUB_WEIGHT_PATTERNS = (*WEIGHT_NAMES, "*.safetensors.index.json", "*-of-*.safetensors")
+HUB_PICKLE_PATTERNS = (*PICKLE_WEIGHT_NAMES, "*.bin.index.json", "*-of-*.bin")
 
 
 @dataclass(frozen=True)
@@ -101,19 +104,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def find_weight_files(folder: Path) -> tuple[Path, ...]:
-    """The component's safetensors file(s): the full-precision one, not a variant; shards via their index."""
-    for name in WEIGHT_NAMES:
+    """The component's weight file(s): safetensors preferred, the full-precision file, not a variant;
+    shards via their index."""
+    for name in (*WEIGHT_NAMES, *PICKLE_WEIGHT_NAMES):
         if (folder / name).is_file():
             return (folder / name,)
         index = folder / f"{name}.index.json"
         if index.is_file():
             shards = sorted(set(_read_json(index, index.name).get("weight_map", {}).values()))
             return tuple(folder / shard for shard in shards)
-    if any(folder.glob("*.bin")):
-        raise UserError(
-            f"{folder} has only .bin weights; neuron-export reads safetensors only (no pickle loading): "
-            "convert them or pick a revision with .safetensors files."
-        )
     raise UserError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
 
 
@@ -213,6 +212,10 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
         patterns = ["model_index.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
         path, commit = _hub_download(model, revision, patterns, token, cache_dir, offline)
+        pickled_only = [folder for folder in folders if not any((path / folder).glob("*.safetensors"))]
+        if pickled_only:  # an older checkpoint: fetch its .bin weights, for those folders only
+            patterns = [f"{folder}/{name}" for folder in pickled_only for name in HUB_PICKLE_PATTERNS]
+            path, commit = _hub_download(model, commit or revision, patterns, token, cache_dir, offline)
     else:
         path, commit = Path(model).expanduser(), None
         if not path.is_dir():

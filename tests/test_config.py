@@ -86,3 +86,17 @@ def test_config_errors_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "EXIT 2" in result.stdout and "HEAVY []" in result.stdout
     assert "multiple of 8" in result.stderr
+
+
+def test_lists_in_yaml_or_commas_on_the_command_line_make_a_shape_matrix(tmp_path):
+    from neuron_export.config import make_configs
+
+    path = tmp_path / "matrix.yaml"
+    path.write_text("family: sd\nheight: [512, 768]\nbatch_size: [1, 2]\n")
+    configs = make_configs(read_config_file(path), {"width": "512,640", "output": tmp_path / "exports"})
+    assert len(configs) == 8
+    assert {(c.height, c.width, c.batch_size) for c in configs} == {
+        (h, w, b) for h in (512, 768) for w in (512, 640) for b in (1, 2)}
+    assert all(c.output is None and c.output_root == tmp_path / "exports" for c in configs)
+    with pytest.raises(UserError, match="height = 513"):
+        make_configs({"family": "sd", "height": "512,513"})

@@ -64,13 +64,40 @@ def test_models_are_recognised_from_their_configs(tiny_model, kind, expected):
     assert facts.default_side == 64
 
 
-def test_bin_only_weights_are_refused(tiny_model, tmp_path):
+def test_an_older_checkpoint_with_only_bin_weights_exports(tiny_model, tmp_path, cli):
+    import torch
+    from safetensors.torch import load_file
+
     model = tmp_path / "bin"
     shutil.copytree(tiny_model("sd"), model)
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.rename(weights.with_suffix(".bin"))
-    with pytest.raises(UserError, match="safetensors only"):
-        read_facts(resolve_source(str(model), None, None, ("unet",)))
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet", "--json")
+    assert result.exit_code == 0, result
+    import json
+
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())["components"]["unet"]
+    assert [f["path"] for f in record["source_files"]] == ["unet/diffusion_pytorch_model.bin"]
+    assert record["validation"]["status"] == "passed"
+
+
+def test_hub_fetches_bin_weights_only_where_there_are_no_safetensors(monkeypatch, tiny_model, tmp_path):
+    snapshot = tmp_path / "snapshots" / ("b" * 40)
+    shutil.copytree(tiny_model("sd"), snapshot)
+    (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append(kwargs["allow_patterns"])
+        return str(snapshot)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    resolve_source("org/old-sd", None, None, ("unet", "vae_decoder"))
+    assert len(calls) == 2
+    assert calls[1] == [p for p in calls[1] if p.startswith("unet/")] and "unet/diffusion_pytorch_model.bin" in calls[1]
 
 
 def test_garbage_is_not_a_safetensors_file(tmp_path):

@@ -42,7 +42,7 @@ def load(folder: Path, spec: ComponentSpec) -> Any:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     model_class = CLIPTextModel if spec.name == "text_encoder" else CLIPTextModelWithProjection
-    return model_class.from_pretrained(folder, use_safetensors=True).eval()
+    return model_class.from_pretrained(folder).eval()
 
 
 def wrap(model: Any, spec: ComponentSpec) -> Any:

@@ -52,7 +52,7 @@ def describe(facts: ModelFacts, batch: int, height: int, width: int) -> Componen
 def load(folder: Path, spec: ComponentSpec) -> Any:
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+    return UNet2DConditionModel.from_pretrained(folder).eval()
 
 
 def _call(unet: Any, named: dict[str, Any]) -> Any:

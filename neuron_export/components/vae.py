@@ -34,7 +34,7 @@ def describe(name: str, facts: ModelFacts, batch: int, height: int, width: int) 
 def load(folder: Path, spec: ComponentSpec) -> Any:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+    vae = AutoencoderKL.from_pretrained(folder).eval()
     # Each export needs only its half; dropping the other halves the memory the trace holds.
     if spec.name == "vae_encoder":
         vae.decoder = None
