@@ -208,7 +208,8 @@ MATRIX_KEYS = ("height", "width", "batch_size")
 
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, str) and "," in value:
-        return [part.strip() for part in value.split(",") if part.strip()]
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        return [int(part) if part.isdigit() else part for part in parts]
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
