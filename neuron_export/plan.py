@@ -93,7 +93,11 @@ class Plan:
         from neuron_export.manifest import normalized_config
 
         keys = {name: record.cache_key for name, record in manifest.components.items()}
-        return keys == {job.component: job.cache_key for job in self.jobs} and manifest.config == normalized_config(self.config)
+        if keys != {job.component: job.cache_key for job in self.jobs} or manifest.config != normalized_config(self.config):
+            return False
+        # A stat per file, no hashing: a rerun stays instant; `neuron-export verify` hashes everything.
+        return all((self.output / f.path).is_file() and (self.output / f.path).stat().st_size == f.size
+                   for f in manifest.all_files())
 
     @property
     def data_parallel_mode(self) -> str:

@@ -236,3 +236,14 @@ def test_durations(text, seconds):
     from neuron_export.cache_cli import parse_duration
 
     assert parse_duration(text) == seconds
+
+
+def test_an_output_missing_a_file_is_not_up_to_date(cli, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet").exit_code == 0
+    (output / "unet" / "model.neuron").unlink()
+    rerun = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet")
+    assert rerun.exit_code == 2 and "--force" in rerun.stderr
+    repaired = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
+    assert repaired.exit_code == 0 and stages(repaired.stdout)["unet"] == ["cached"]
+    assert (output / "unet" / "model.neuron").is_file()
