@@ -234,19 +234,31 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
 
 
 class _Worker:
-    def __init__(self, process: Any, job: Job, build_dir: Path) -> None:
-        self.process, self.job, self.build_dir = process, job, build_dir
-        self.exited_at: float | None = None
+    """A running component build and the read end of its pipe (EOF there means the process is gone)."""
+
+    def __init__(self, process: Any, job: Job, build_dir: Path, reader: Any) -> None:
+        self.process, self.job, self.build_dir, self.reader = process, job, build_dir, reader
 
 
-def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path, queue: Any) -> _Worker:
+def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worker:
     from neuron_export.worker import context, worker_main
 
     build_dir = cache.new_build_dir(job.cache_key)
-    process = context().Process(target=worker_main, args=(plan, job, build_dir, workdir, queue), daemon=True,
+    # One pipe per worker, not a shared queue: no named semaphores to outlive an interrupted parent.
+    reader, writer = context().Pipe(duplex=False)
+    process = context().Process(target=worker_main, args=(plan, job, build_dir, workdir, writer), daemon=True,
                                 name=f"neuron-export-{job.component}")
-    process.start()
-    return _Worker(process, job, build_dir)
+    try:
+        process.start()
+    except BaseException:  # interrupted while starting: leave nothing behind
+        if process.pid is not None:
+            process.kill()
+            process.join()
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    finally:
+        writer.close()  # the worker holds the only write end now, so its exit shows as EOF here
+    return _Worker(process, job, build_dir, reader)
 
 
 def _worker_error(name: str, payload: tuple) -> Exception:
@@ -258,15 +270,21 @@ def _worker_error(name: str, payload: tuple) -> Exception:
     return BuildError(message)
 
 
+def _died(worker: _Worker) -> BuildError:
+    """A worker that closed its pipe without a result was killed (most often by the kernel, out of memory)."""
+    worker.process.join()
+    code = worker.process.exitcode or 0
+    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+    hint = " (SIGKILL: most likely out of memory; lower --jobs or --max-memory)" if code == -9 else ""
+    return BuildError(f"The worker building {worker.job.component} died with {how}{hint}; nothing was written.")
+
+
 def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: Path,
                   on_event: EventHandler) -> dict[str, CacheEntry]:
     """Build jobs in worker processes, at most --jobs at once and only while their estimated peaks fit
     the memory budget together; each finished component is stored in the cache at once."""
-    from queue import Empty
+    from multiprocessing.connection import wait
 
-    from neuron_export.worker import context
-
-    queue = context().Queue()
     pending = list(jobs)
     running: dict[str, _Worker] = {}
     built: dict[str, CacheEntry] = {}
@@ -280,53 +298,40 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                     break
                 if running and in_use + job.estimated_peak_bytes > plan.memory_budget:
                     continue  # wait for memory; a smaller job later in the list may still fit
-                running[job.component] = _start(job, plan, cache, workdir, queue)
+                running[job.component] = _start(job, plan, cache, workdir)
                 pending.remove(job)
-            try:
-                name, kind, payload = queue.get(timeout=0.2)
-            except Empty:
-                _check_workers(running)
-                continue
-            worker = running[name]
-            if kind == "stage":
-                on_event(BuildEvent(name, index[name], total, payload))
-                continue
-            worker.process.join()
-            del running[name]
-            if kind == "error":
-                shutil.rmtree(worker.build_dir, ignore_errors=True)
-                raise _worker_error(name, payload)
-            record = ComponentRecord.model_validate_json(payload)
-            if record.validation.status == "failed":
-                shutil.rmtree(worker.build_dir, ignore_errors=True)
+            for reader in wait([w.reader for w in running.values()]):
+                worker = next(w for w in running.values() if w.reader is reader)
+                name = worker.job.component
+                try:
+                    kind, payload = reader.recv()
+                except EOFError:
+                    raise _died(worker) from None
+                if kind == "stage":
+                    on_event(BuildEvent(name, index[name], total, payload))
+                    continue
+                worker.process.join()
+                del running[name]
+                if kind == "error":
+                    shutil.rmtree(worker.build_dir, ignore_errors=True)
+                    raise _worker_error(name, payload)
+                record = ComponentRecord.model_validate_json(payload)
+                if record.validation.status == "failed":
+                    shutil.rmtree(worker.build_dir, ignore_errors=True)
+                    on_event(BuildEvent(name, index[name], total, "done", record))
+                    raise BuildError(
+                        f"Validation of {name} failed: {record.validation.reason} on fresh inputs; "
+                        "nothing was written (raise --atol only if this difference is acceptable)."
+                    )
+                built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
                 on_event(BuildEvent(name, index[name], total, "done", record))
-                raise BuildError(
-                    f"Validation of {name} failed: {record.validation.reason} on fresh inputs; "
-                    "nothing was written (raise --atol only if this difference is acceptable)."
-                )
-            built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
-            on_event(BuildEvent(name, index[name], total, "done", record))
     finally:
         for worker in running.values():
             worker.process.kill()
             worker.process.join()
+            worker.reader.close()
             shutil.rmtree(worker.build_dir, ignore_errors=True)
     return built
-
-
-def _check_workers(running: dict[str, _Worker]) -> None:
-    """A worker that died without a word was killed (most often by the kernel, out of memory)."""
-    for name, worker in running.items():
-        code = worker.process.exitcode
-        if code is None:
-            continue
-        if code != 0:
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            hint = " (SIGKILL: most likely out of memory; lower --jobs or --max-memory)" if code == -9 else ""
-            raise BuildError(f"The worker building {name} died with {how}{hint}; nothing was written.")
-        worker.exited_at = worker.exited_at or time.monotonic()
-        if time.monotonic() - worker.exited_at > 30:
-            raise BuildError(f"The worker building {name} exited without reporting a result; nothing was written.")
 
 
 def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manifest:

@@ -2,7 +2,7 @@
 
 Workers are forked from a fork server that has torch and diffusers imported (a spawn per component would
 re-import them each time), inherit malloc settings that limit fragmentation, die with their parent, and
-report stages, the finished ComponentRecord, or a one-sentence error back over a queue.
+report stages, the finished ComponentRecord, or a one-sentence error back over a pipe of their own.
 """
 
 from __future__ import annotations
@@ -38,19 +38,28 @@ def _die_with_parent() -> None:
             pass
 
 
-def worker_main(plan: Any, job: Any, build_dir: Path, workdir: Path, queue: Any) -> None:
-    """Build one component into `build_dir`; always answer with exactly one 'done' or 'error' message."""
+def worker_main(plan: Any, job: Any, build_dir: Path, workdir: Path, pipe: Any) -> None:
+    """Build one component into `build_dir`; send stages, then exactly one 'done' or 'error' message."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
     from neuron_export.build import build_component
     from neuron_export.errors import UserError
 
     name = job.component
+
+    def send(message: tuple) -> None:
+        try:
+            pipe.send(message)
+        except OSError:  # the exporter is gone (interrupted or killed): nobody is left to build for
+            os._exit(1)
+
     try:
-        record = build_component(job, plan, build_dir, workdir, lambda stage: queue.put((name, "stage", stage)))
-        queue.put((name, "done", record.model_dump_json()))
+        record = build_component(job, plan, build_dir, workdir, lambda stage: send(("stage", stage)))
+        send(("done", record.model_dump_json()))
     except UserError as exc:
-        queue.put((name, "error", (type(exc).__name__, str(exc))))
+        send(("error", (type(exc).__name__, str(exc))))
     except BaseException as exc:  # a crash inside torch or the compiler: report it, the parent fails cleanly
         detail = traceback.format_exc(limit=-3)
-        queue.put((name, "error", ("crash", f"building {name} crashed: {type(exc).__name__}: {exc}".strip(), detail)))
+        send(("error", ("crash", f"building {name} crashed: {type(exc).__name__}: {exc}".strip(), detail)))
+    finally:
+        pipe.close()

@@ -40,11 +40,9 @@ BAD_FLAGS = {
 def test_bad_flags_fail_before_anything_loads(case, cli, tiny_model, tmp_path):
     flags, words = BAD_FLAGS[case]
     output = tmp_path / "out"
-    started = time.perf_counter()
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, *flags)
     assert_clean_failure(result, output, *words)
     assert result.exit_code == 2
-    assert time.perf_counter() - started < 5  # fails at parse time, not after a build (not a benchmark)
 
 
 def test_task_the_model_cannot_do(cli, tiny_model, tmp_path):
@@ -159,24 +157,26 @@ def test_failed_validation_fails_the_export_and_keeps_the_earlier_one(cli, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path):
-    """A real interrupt in the middle of a build: exit 130 and no directory, hidden or not."""
+def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path, isolated_cache):
+    """A real interrupt in the middle of a build: exit 130, no output directory (hidden or not), and no
+    half-built cache entry; the components finished before the interrupt stay cached, intact."""
     output = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "neuron_export", "sd-xl", "-m", str(tiny_model("sdxl")), "--backend", "cpu", "-o", str(output)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if list(tmp_path.glob(".out.partial-*/*/model.neuron")):  # at least one component written
-            break
-        time.sleep(0.02)
-    else:
-        process.kill()
-        pytest.fail("the export never started writing")
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(isolated_cache.glob("components/*/*/record.json")):
+        time.sleep(0.02)  # at least one component finished, others still building
+    assert process.poll() is None, "the export finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
+    assert not [p for p in (isolated_cache / "tmp").iterdir()]  # no half-built entry left
+    from neuron_export.cache import ComponentCache
+
+    cache = ComponentCache(isolated_cache)
+    assert cache.verify() == [] and len(list(cache.entries())) >= 1
