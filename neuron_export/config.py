@@ -129,7 +129,7 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in SIZE_UNITS:
-        raise ValueError("is not a memory size; write it like 16GiB or 24G")
+        raise ValueError("write a memory size like 16GiB or 24G")
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 

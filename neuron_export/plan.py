@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ class Plan:
     cache_dir: Path
     memory_budget: int
 
-    @property
+    @functools.cached_property  # decided once, before anything is built
     def up_to_date(self) -> bool:
         """The output already holds exactly this export (same component keys, same settings)."""
         try:

@@ -36,8 +36,9 @@ def cache_entries(cache: Path) -> list[dict]:
 
 def test_unchanged_rerun_rebuilds_nothing_and_leaves_the_output_alone(cli, tiny_model, tmp_path, isolated_cache):
     output = tmp_path / "out"
-    first = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output)
+    first = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--json")
     assert first.exit_code == 0, first
+    assert json.loads(first.stdout)["up_to_date"] is False
     before = file_hashes(output)
     inodes = {p: p.stat().st_ino for p in output.rglob("*")}
     rerun = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output)
