@@ -62,7 +62,7 @@ def _export_options(
 
 
 # On/off flags whose absence must not override a YAML file's `true`.
-_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "json_output"}
+_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline"}
 
 
 def _flag_values(values: dict[str, Any]) -> dict[str, Any]:
