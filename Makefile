@@ -1,4 +1,5 @@
 # Torch is installed first and pinned, so no dependency resolves it on its own (that pulls GBs of CUDA).
+# install also creates .venv-conformance (optimum-neuron 0.4.5, the conformance judge; <1 s when already complete).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
@@ -7,6 +8,7 @@ PIP := $(PYTHON) -m pip
 install:
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test]"
+	PYTHON=$(PYTHON) bash tests/conformance/setup_env.sh
 
 demo: install
 	bash scripts/demo.sh

@@ -18,17 +18,24 @@ from typing import Any, Callable
 
 from neuron_export import __version__
 from neuron_export.backends import get_backend
+from neuron_export.backends.neuron import device_present
+from neuron_export.backends.request import CompileRequest
 from neuron_export.components import family_module, flatten, make_inputs
 from neuron_export.cache import CacheEntry, ComponentCache, link_or_copy
-from neuron_export.errors import BuildError, UserError
-from neuron_export.layout import ARTIFACT_NAME, publish, staging_directory, write_layout
+from neuron_export.errors import BuildError, StorageError, UserError
+from neuron_export.layout import ARTIFACT_NAME, check_writable, publish, staging_directory, write_layout
 from neuron_export.manifest import (
     ComponentRecord, FileRecord, Manifest, PipelineRecord, SourceRecord, TensorRecord, ValidationRecord,
     environment, file_record, normalized_config,
 )
 from neuron_export.plan import Job, Plan
+from neuron_export.source import PROCESSOR_FOLDERS
+from neuron_export.storage import check_room, writing
 
 TRACE_SEED, VALIDATION_SEED = 0, 1
+# Where each component of an export came from in this run (the `origin` --json reports per component).
+BUILT, CACHED, DOWNLOADED = "built", "cached", "downloaded"  # downloaded: from a remote cache (not implemented yet)
+ORIGINS = (BUILT, CACHED, DOWNLOADED)
 
 
 @dataclass(frozen=True)
@@ -149,14 +156,23 @@ def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_sta
         on_stage("tracing")
         wrapper = family.wrap(model, spec)
         compiler_args = list(job.compiler_args) if plan.backend == "neuron" else []
+        request = CompileRequest(
+            component=spec.name, compiler_args=tuple(compiler_args), inline_weights=plan.config.inline_weights,
+            cpu_backend=plan.backend == "neuron" and not device_present(), after_trace=job.after_trace,
+            workdir=workdir / spec.name,
+        )
         try:
-            traced = backend.compile(wrapper, trace_inputs, compiler_args, plan.config.inline_weights, workdir / spec.name)
+            traced = backend.compile(wrapper, trace_inputs, request)
         except Exception as exc:
             kept = f"; compiler work dir and log kept in {workdir / spec.name}" if plan.backend == "neuron" else ""
             reason = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise BuildError(f"Compiling {spec.name} failed: {type(exc).__name__}: {reason}{kept}.") from exc
         artifact = directory / ARTIFACT_NAME
-        torch.jit.save(traced, str(artifact))
+        # torch aborts the whole process when the disk fills mid-save, so make sure the artifact fits first.
+        needed = artifact_bytes_estimate(traced, job)
+        check_room(f"{spec.name}'s artifact", directory, needed, "--cache-dir")
+        with writing(f"{spec.name}'s artifact", directory, needed, "--cache-dir"):
+            torch.jit.save(traced, str(artifact))
         del traced, wrapper, model, trace_inputs
         release_memory()
 
@@ -185,6 +201,8 @@ def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_sta
         compiler_args=compiler_args,
         neuron_compiler_args=list(job.compiler_args),
         inline_weights=plan.config.inline_weights,
+        cpu_backend=request.cpu_backend if plan.backend == "neuron" else None,
+        after_trace=list(job.after_trace),
         inputs=[TensorRecord(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in spec.inputs],
         outputs=list(spec.outputs),
         files=[FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size)],
@@ -197,6 +215,15 @@ def build_component(job: Job, plan: Plan, directory: Path, workdir: Path, on_sta
         estimated_peak_bytes=job.estimated_peak_bytes,
         validation=validation,
     )
+
+
+def artifact_bytes_estimate(traced: Any, job: Job) -> int:
+    """The saved module's size: its tensors (each storage once), or the weight files' size when the weights
+    are inside a compiled graph, plus room for the archive's code and headers."""
+    storages = {}
+    for tensor in traced.state_dict().values():
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return (sum(storages.values()) or job.weights.bytes) + 2**20
 
 
 def source_file_records(plan: Plan, job: Job) -> list[FileRecord]:
@@ -243,7 +270,8 @@ class _Worker:
 def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worker:
     from neuron_export.worker import context, worker_main
 
-    build_dir = cache.new_build_dir(job.cache_key)
+    with writing("the component cache", cache.root, job.weights.bytes, "--cache-dir"):
+        build_dir = cache.new_build_dir(job.cache_key)
     # One pipe per worker, not a shared queue: no named semaphores to outlive an interrupted parent.
     reader, writer = context().Pipe(duplex=False)
     process = context().Process(target=worker_main, args=(plan, job, build_dir, workdir, writer), daemon=True,
@@ -265,6 +293,8 @@ def _worker_error(name: str, payload: tuple) -> Exception:
     kind, message = payload[0], payload[1]
     if kind == "UserError":
         return UserError(message)
+    if kind == "StorageError":
+        return StorageError(message)
     if kind == "crash":
         return BuildError(f"{message[0].upper()}{message[1:]}; nothing was written.")
     return BuildError(message)
@@ -323,7 +353,8 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                         f"Validation of {name} failed: {record.validation.reason} on fresh inputs; "
                         "nothing was written (raise --atol only if this difference is acceptable)."
                     )
-                built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
+                with writing("the component cache", cache.root, len(payload), "--cache-dir"):  # its record.json
+                    built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
                 on_event(BuildEvent(name, index[name], total, "done", record))
     finally:
         for worker in running.values():
@@ -334,11 +365,13 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
     return built
 
 
-def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manifest:
+def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple[Manifest, dict[str, str]]:
     """Reuse every cached component, build the rest in workers, then assemble the export in a hidden
-    sibling directory and rename it into place only when all of it succeeded."""
+    sibling directory and rename it into place only when all of it succeeded. Returns the manifest and
+    where each component came from (one of ORIGINS)."""
     if plan.up_to_date:
-        return Manifest.read(plan.output)
+        return Manifest.read(plan.output), {job.component: CACHED for job in plan.jobs}
+    check_writable(plan.output, export_bytes(plan, sum(job.weights.bytes for job in plan.jobs)), "--output")
     cache = ComponentCache(plan.cache_dir)
     cache.remove_orphans()
     total = len(plan.jobs)
@@ -349,12 +382,14 @@ def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manif
             entries[job.component] = entry
             on_event(BuildEvent(job.component, index, total, "cached", entry.record))
     missing = [job for job in plan.jobs if job.component not in entries]
+    origins = {job.component: CACHED if job.component in entries else BUILT for job in plan.jobs}
     workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"
     if missing:
         entries.update(build_missing(plan, missing, cache, workdir, on_event))
     shutil.rmtree(workdir, ignore_errors=True)
 
-    with staging_directory(plan.output) as staging:
+    needed = export_bytes(plan, sum(f.size for entry in entries.values() for f in entry.record.files))
+    with writing("the export", plan.output, needed, "--output"), staging_directory(plan.output) as staging:
         records: dict[str, ComponentRecord] = {}
         for job in plan.jobs:
             entry = entries[job.component]
@@ -365,4 +400,11 @@ def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> Manif
         manifest = make_manifest(plan, staging, records, component_files)
         manifest.write(staging)
         publish(staging, plan.output, plan.config.force)
-    return manifest
+    return manifest, origins
+
+
+def export_bytes(plan: Plan, artifacts: int) -> int:
+    """The finished export's size when nothing can be hard-linked: artifacts, processors and configs."""
+    copied = sum(p.stat().st_size for name in PROCESSOR_FOLDERS if (plan.source.path / name).is_dir()
+                 for p in (plan.source.path / name).rglob("*") if p.is_file())
+    return artifacts + copied + 2**20  # configs, model_index.json and the manifest

@@ -8,6 +8,7 @@ entries with hard links.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ CACHE_ENV = "NEURON_EXPORT_CACHE"
 RECORD_NAME = "record.json"
 ARTIFACT_NAME = "model.neuron"
 # Bump when a wrapper, an input spec or the traced contract changes, so old entries stop matching.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -63,10 +64,14 @@ class HashIndex:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}")
-        temporary.write_text(json.dumps(self._known, indent=1, sort_keys=True))
-        temporary.replace(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(self._known, indent=1, sort_keys=True))
+            temporary.replace(self.path)
+        except OSError:  # a full or read-only cache only costs re-hashing next time; builds report it themselves
+            temporary.unlink(missing_ok=True)
+            return
         self._dirty = False
 
 
@@ -132,9 +137,13 @@ class ComponentCache:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def store(self, key: str, build_dir: Path, record: ComponentRecord) -> CacheEntry:
-        (build_dir / RECORD_NAME).write_text(record.model_dump_json(indent=2))
         final = self.entry_dir(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            (build_dir / RECORD_NAME).write_text(record.model_dump_json(indent=2))
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except BaseException:  # a full or read-only cache: no half-stored build is left in tmp/
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise
         try:
             build_dir.rename(final)
         except OSError:  # another run stored the same key first: theirs is as good as ours
@@ -154,7 +163,8 @@ class ComponentCache:
         if self._problem(entry) is not None:
             self.discard(directory)
             return None
-        os.utime(directory / RECORD_NAME)  # last use, for `cache prune --older-than`
+        with contextlib.suppress(OSError):  # a read-only cache still serves its entries
+            os.utime(directory / RECORD_NAME)  # last use, for `cache prune --older-than`
         return entry
 
     def _read(self, key: str, directory: Path) -> CacheEntry | None:
@@ -209,15 +219,17 @@ class ComponentCache:
                 bad.append((entry, problem))
         return bad
 
-    def prune(self, older_than_seconds: float | None) -> list[CacheEntry]:
+    def unused_for(self, older_than_seconds: float | None) -> list[CacheEntry]:
+        """Entries not used for that long (every entry for None): what `prune` would remove."""
         now = time.time()
-        removed = []
-        for entry in list(self.entries()):
-            if older_than_seconds is None or now - self.last_used(entry) > older_than_seconds:
-                self.discard(entry.directory)
-                removed.append(entry)
-        if older_than_seconds is None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        return [entry for entry in self.entries()
+                if older_than_seconds is None or now - self.last_used(entry) > older_than_seconds]
+
+    def prune(self, older_than_seconds: float | None) -> list[CacheEntry]:
+        removed = self.unused_for(older_than_seconds)
+        for entry in removed:
+            self.discard(entry.directory)
+        self.remove_orphans()  # not all of tmp/: a running export's builds are there
         return removed
 
 

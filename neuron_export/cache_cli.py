@@ -58,16 +58,25 @@ def du_command(cache_dir: Optional[Path] = CacheDir) -> None:
 
 @cache_app.command("prune")
 def prune_command(
-    older_than: Optional[str] = typer.Option(None, "--older-than", help="Only entries unused for this long, e.g. 30d [default: all]."),
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove entries unused for this long, e.g. 30d."),
+    remove_all: bool = typer.Option(False, "--all", help="Remove every entry."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; delete nothing."),
     cache_dir: Optional[Path] = CacheDir,
 ) -> None:
-    """Remove cached components (all, or those not used recently)."""
+    """Remove cached components: --all, or those unused --older-than a duration (--dry-run lists them first)."""
     from neuron_export.inspection import human_bytes
 
+    if remove_all == (older_than is not None):  # deleting every build is never a default
+        raise UserError("cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
+                        "to remove; add --dry-run to list it without deleting.")
     cache = _cache(cache_dir)
     seconds = parse_duration(older_than) if older_than else None
-    removed = cache.prune(seconds)
-    print(f"removed {len(removed)} entries ({human_bytes(sum(sum(f.size for f in e.record.files) for e in removed))})")
+    entries = cache.unused_for(seconds) if dry_run else cache.prune(seconds)
+    verb = "would remove" if dry_run else "removed"
+    for entry in entries:
+        print(f"{verb} {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
+    total = sum(sum(f.size for f in e.record.files) for e in entries)
+    print(f"{verb} {len(entries)} entries ({human_bytes(total)})" + ("; nothing was deleted" if dry_run else ""))
 
 
 @cache_app.command("verify")

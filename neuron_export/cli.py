@@ -74,6 +74,7 @@ def _flag_values(values: dict[str, Any]) -> dict[str, Any]:
 def _run_export(layers: list[dict[str, Any]], json_mode: bool) -> None:
     """Plan every export (a shape matrix makes several) before building any, then build them in turn;
     components they share come from the cache after the first build."""
+    from neuron_export.build import run_export
     from neuron_export.config import make_configs
     from neuron_export.plan import make_plan
     from neuron_export.render import Reporter, result_object
@@ -85,19 +86,15 @@ def _run_export(layers: list[dict[str, Any]], json_mode: bool) -> None:
     for plan in plans:
         reporter.plan(plan)
         if plan.up_to_date:
-            from neuron_export.manifest import Manifest
-
             reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
-            manifest = Manifest.read(plan.output)
+            manifest, origins = run_export(plan)  # reads the manifest back; every component counts as cached
         else:
-            from neuron_export.build import run_export
-
             try:
-                manifest = run_export(plan, reporter)
+                manifest, origins = run_export(plan, reporter)
             finally:
                 reporter.close()
             reporter.summary(manifest, plan.output)
-        results.append({**result_object(manifest, plan.output), "up_to_date": plan.up_to_date})
+        results.append({**result_object(manifest, plan.output, origins), "up_to_date": plan.up_to_date})
     if json_mode:
         import json
 

@@ -17,3 +17,9 @@ class MemoryBudgetError(UserError):
     """The largest job cannot fit the memory budget; refused before anything is loaded."""
 
     exit_code = 6
+
+
+class StorageError(UserError):
+    """A write failed (disk full, quota, read-only or not writable); nothing half-written was left behind."""
+
+    exit_code = 7

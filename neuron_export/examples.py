@@ -318,6 +318,21 @@ def _save_pipeline(pipeline, directory: pathlib.Path) -> None:
     for name in _TOKENIZER_FOLDERS:
         if getattr(pipeline, name, None) is not None:
             _write_tokenizer_files(directory / name)
+    if (directory / "text_encoder" / "model.safetensors").is_file():
+        _prefix_text_model_keys(directory / "text_encoder" / "model.safetensors")
+
+
+def _prefix_text_model_keys(weights: pathlib.Path) -> None:
+    """Save CLIPTextModel weights as hub checkpoints have them ("text_model." keys).
+
+    transformers 5 drops the prefix when saving, and transformers 4.x (optimum-neuron's stack) then loads
+    the encoder with random weights, silently; both lines load the prefixed layout.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    prefixed = {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in tensors.items()}
+    save_file(prefixed, str(weights), metadata={"format": "pt"})
 
 
 def _build_lcm_sdxl_unet(directory: pathlib.Path) -> None:

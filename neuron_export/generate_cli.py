@@ -21,7 +21,9 @@ from neuron_export.errors import UserError
 GENERATE_HELP = (
     "Generate images with an export (CPU TorchScript here; Neuron artifacts on an inf2/trn1 host) and write "
     "them to one PNG, a grid when there are several. Shapes are the compiled ones: --height, --width, "
-    "--num-images-per-prompt and the number of prompts must match the export."
+    "--num-images-per-prompt and the number of prompts must match the export. Steps, guidance and strength "
+    "default to the diffusers pipeline class's own (a turbo checkpoint: its model card's); the first line "
+    "printed says which values are used."
 )
 
 
@@ -94,6 +96,7 @@ def run_generate(
         steps=steps, guidance_scale=guidance_scale, seed=seed, num_images_per_prompt=num_images_per_prompt,
         batch_size=batch_size, height=height, width=width)
     check_output_path(output)
+    print(request.summary(), flush=True)
     for note in request.notes:
         print(note, flush=True)
     pipeline = manifest.pipeline
@@ -101,10 +104,7 @@ def run_generate(
     print(f"Loading {export_dir} ({pipeline.diffusers_pipeline}, {pipeline.task}, backend {backend})", flush=True)
     started = time.monotonic()
     pipe = runtime.load_pipeline(export_dir, manifest)
-    print(f"Loaded in {time.monotonic() - started:.1f}s; generating {request.image_count} image(s) at "
-          f"{request.width}x{request.height}: {request.steps} steps, guidance {request.guidance_scale:g}, "
-          f"seed {request.seed}" + (f", strength {request.strength:g}" if request.strength is not None else ""),
-          flush=True)
+    print(f"Loaded in {time.monotonic() - started:.1f}s; generating", flush=True)
     progress = StepProgress()
     started = time.monotonic()
     try:
@@ -131,9 +131,9 @@ def register(app: typer.Typer) -> None:
         negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (not for LCM)."),
         image: Optional[Path] = typer.Option(None, "--image", help="Initial image (image-to-image and inpainting exports)."),
         mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask, white = repaint (inpainting exports)."),
-        strength: Optional[float] = typer.Option(None, "--strength", help="How much to change --image, (0, 1] [default: 0.8; SDXL 0.3; inpainting 1.0]."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps [default: 30; LCM 4]."),
-        guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance [default: 7.5; LCM 8.0]."),
+        strength: Optional[float] = typer.Option(None, "--strength", help="How much to change --image, (0, 1] [default: the pipeline class's, e.g. 0.8; SDXL 0.3; turbo 0.5]."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps [default: the pipeline class's, e.g. 50; LCM 4; turbo 1]."),
+        guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance [default: the pipeline class's, e.g. 7.5; SDXL 5.0; LCM 8.5; turbo 0.0]."),
         seed: int = typer.Option(0, "--seed", help="Seed of the torch.Generator."),
         num_images_per_prompt: Optional[int] = typer.Option(None, "--num-images-per-prompt", help="Must equal the compiled value [default: it]."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Repeat a single --prompt this many times (must equal the compiled batch)."),

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from neuron_export.errors import UserError
+from neuron_export.manifest import is_export
 from neuron_export.source import PROCESSOR_FOLDERS
+from neuron_export.storage import storage_error
 
 if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 
 ARTIFACT_NAME = "model.neuron"
 COMPONENT_CONFIG = "config.json"
+# optimum-neuron 0.4.5 runs a UNet as LCM when its config's _name_or_path contains one of these.
+LCM_NAME_MARKERS = ("lcm", "latent-consistency")
 
 
 def _sibling(output: Path, tag: str) -> Path:
@@ -44,15 +48,39 @@ def staging_directory(output: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_writable(output: Path, needed: int, fix: str) -> None:
+    """Before anything is built: the output's parent must take a new directory (a read-only or foreign place
+    fails in the first second, not after the compile)."""
+    output = output.absolute()
+    parent = next(p for p in output.parents if p.exists())
+    probe = _sibling(parent / output.name, f"probe-{uuid.uuid4().hex[:8]}")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        error = storage_error(exc, "the export", output, needed, fix)
+        if error is None:
+            raise
+        raise error from None
+
+
 def publish(staging: Path, output: Path, force: bool) -> None:
-    """Rename the finished export into place; an existing one is replaced only with --force."""
+    """Rename the finished export into place; an existing one is replaced only with --force, and only when it
+    is still an earlier export or an empty directory (checked again here: it may have changed while building)."""
     output = output.absolute()
     if output.exists():
         if not force:
             raise UserError(f"--output {output} appeared while exporting; pass --force to replace it.")
+        if not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
+            raise UserError(f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
+                            "not replaced; choose another --output.")
         retired = _sibling(output, f"old-{uuid.uuid4().hex[:8]}")
         output.rename(retired)
-        staging.rename(output)
+        try:
+            staging.rename(output)
+        except BaseException:
+            retired.rename(output)  # the earlier export goes back where it was
+            raise
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(output)
@@ -76,7 +104,8 @@ def neuron_section(plan: Plan, record: ComponentRecord, spec: Any) -> dict[str, 
         "float_dtype": "fp32",
         "model_type": spec.model_type,
         "output_attentions": False,
-        "output_hidden_states": spec.output_hidden_states,
+        # The exporter's --output_hidden_states option in optimum-neuron; SDXL's need is the top-level key's.
+        "output_hidden_states": False,
         "task": spec.task,
     }
     return section
@@ -85,10 +114,15 @@ def neuron_section(plan: Plan, record: ComponentRecord, spec: Any) -> dict[str, 
 def component_config(plan: Plan, job: Any, record: ComponentRecord) -> dict[str, Any]:
     config = json.loads((job.source_folder / COMPONENT_CONFIG).read_text())
     config.setdefault("model_type", job.spec.model_type)  # diffusers configs have none; the loader falls back to it
-    if job.component == "unet" and plan.facts.is_lcm:
-        # optimum-neuron picks its LCM runtime from this name (saving drops it), so keep the marker explicit.
-        name = plan.config.unet or plan.config.model or ""
-        config["_name_or_path"] = name if "lcm" in name.lower() else f"lcm:{name}"
+    if job.spec.model_type.startswith("clip-text"):
+        # optimum-neuron names the text encoders' outputs from this top-level key, not the neuron block's.
+        config["output_hidden_states"] = job.spec.output_hidden_states
+    if job.component == "unet":
+        config.pop("_name_or_path", None)
+        if plan.facts.is_lcm:
+            # optimum-neuron places the pipeline on both cores only when this name says LCM (saving drops it).
+            name = plan.config.unet or plan.config.model or ""
+            config["_name_or_path"] = name if LCM_NAME_MARKERS[0] in name.lower() else f"lcm:{name}"
     config["neuron"] = neuron_section(plan, record, job.spec)
     return config
 

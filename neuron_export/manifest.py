@@ -47,6 +47,8 @@ class ComponentRecord(BaseModel):
     compiler_args: list[str]  # the flags passed to the compiler (empty for the cpu backend)
     neuron_compiler_args: list[str]  # the neuronx-cc flags of this component kind, recorded on every backend
     inline_weights: bool
+    cpu_backend: bool | None = None  # neuron backend: traced on a host without a NeuronCore
+    after_trace: list[str] = []  # torch_neuronx calls made on the traced module before saving
     inputs: list[TensorRecord]
     outputs: list[str]
     files: list[FileRecord]
@@ -107,6 +109,14 @@ class Manifest(BaseModel):
 
     def all_files(self) -> list[FileRecord]:
         return [f for record in self.components.values() for f in record.files] + list(self.files)
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds a neuron-export export: the only non-empty directory --force may replace."""
+    try:
+        return Manifest.read(directory).tool == "neuron-export"
+    except (OSError, ValueError):  # no manifest, unreadable, not JSON, or not ours (pydantic errors are ValueErrors)
+        return False
 
 
 def sha256_file(path: Path) -> str:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from neuron_export import __version__
 from neuron_export.backends import get_backend, resolve_backend
+from neuron_export.backends.neuron import after_trace_calls
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
 from neuron_export.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
 from neuron_export.components import ComponentSpec, describe
 from neuron_export.config import ExportConfig
 from neuron_export.errors import MemoryBudgetError, UserError
 from neuron_export.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
-from neuron_export.manifest import MANIFEST_NAME, Manifest
+from neuron_export.manifest import MANIFEST_NAME, Manifest, is_export
 from neuron_export.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
@@ -58,6 +60,7 @@ class Job:
     weight_hashes: tuple[str, ...]
     weights: WeightStats
     compiler_args: tuple[str, ...]  # the neuronx-cc flags of this component (passed only on the neuron backend)
+    after_trace: tuple[str, ...]  # torch_neuronx calls on the traced module (neuron backend only)
     atol: float
     cache_key: str
     cached: bool  # an entry exists (checked for integrity when it is used)
@@ -115,11 +118,52 @@ def default_output(config: ExportConfig, height: int, width: int) -> Path:
 
 def check_output(output: Path, force: bool) -> None:
     """An existing output is refused unless --force, or unless it already holds this very export
-    (that is decided once the plan exists: see Plan.up_to_date)."""
+    (that is decided once the plan exists: see Plan.up_to_date). --force replaces only an earlier
+    export or an empty directory: neuron-export never deletes what it did not make."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file, not a directory; choose another --output.")
-    if output.exists() and not force and not (output / MANIFEST_NAME).is_file():
-        raise UserError(f"--output {output} already exists; pass --force to replace it, or choose another --output.")
+    if not output.exists() or is_export(output):
+        return
+    if any(output.iterdir()):
+        raise UserError(
+            f"--output {output} already exists and is not a neuron-export export (it has no {MANIFEST_NAME} of ours), "
+            "so it is not replaced even with --force; choose another --output, or empty that directory yourself."
+        )
+    if not force:
+        raise UserError(f"--output {output} already exists (empty); pass --force to use it, or choose another --output.")
+
+
+def protected_directories(config: ExportConfig, source: ModelSource | None = None) -> list[tuple[str, Path]]:
+    """What an export reads from or keeps: the model (local ones are known before resolving it) and the caches."""
+    found = [("the component cache", config.cache_dir or default_cache_dir())]
+    if config.hub_cache_dir is not None:
+        found.append(("the hub cache", config.hub_cache_dir))
+    for what, value in (("the source model directory", config.model), ("the --unet directory", config.unet)):
+        if value and Path(value).expanduser().is_dir():
+            found.append((what, Path(value).expanduser()))
+    if source is not None:
+        found.append(("the source model directory", source.path))
+        if source.unet_path is not None:
+            found.append(("the --unet directory", source.unet_path))
+    return found
+
+
+def check_output_location(output: Path, protected: list[tuple[str, Path]]) -> None:
+    """An output that is, contains or sits inside the model or a cache is refused, with or without --force:
+    publishing it would replace (or write into) what the export reads from."""
+    where = Path(os.path.realpath(output))
+    for what, directory in protected:
+        base = Path(os.path.realpath(directory))
+        if where == base:
+            relation = "is"
+        elif base.is_relative_to(where):
+            relation = "contains"
+        elif where.is_relative_to(base):
+            relation = "is inside"
+        else:
+            continue
+        raise UserError(f"--output {output} {relation} {what} {directory}; neuron-export never writes over what it "
+                        "reads or keeps, so choose an --output outside it.")
 
 
 def refuse_existing_output(plan: Plan) -> None:
@@ -131,7 +175,8 @@ def refuse_existing_output(plan: Plan) -> None:
 
 
 def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
-              source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str], atol: float) -> str:
+              source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
+              after_trace: tuple[str, ...], atol: float) -> str:
     """Everything that decides a component artifact's bytes (and its recorded validation)."""
     payload = {
         "contract": CONTRACT_VERSION,
@@ -148,6 +193,7 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: 
         "compiler_version": compiler_version,
         "compiler_args": compiler_args if backend == "neuron" else [],
         "inline_weights": config.inline_weights if backend == "neuron" else None,
+        "after_trace": list(after_trace),
         "validation": None if config.disable_validation else atol,
     }
     return component_key(payload)
@@ -183,9 +229,22 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
         raise UserError(f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image.")
 
 
+def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[str]) -> None:
+    """Separate weights are refused where neuronx-cc cannot build them, rather than silently inlined."""
+    if config.inline_weights:
+        return
+    if config.dynamic_batch_size:
+        raise UserError("--no-inline-weights cannot be combined with --dynamic-batch-size (a dynamically batched "
+                        "module needs its weights inside the NEFF); drop one of the two.")
+    if facts.is_xl and "unet" in names:
+        raise UserError("--no-inline-weights: the SDXL UNet does not compile with separate weights (Neuron SDK 2.18 "
+                        "and later); drop --no-inline-weights, or export the other components with --components.")
+
+
 def make_plan(config: ExportConfig) -> Plan:
     """All checks that need the model's configs, then the jobs. Loads no weights."""
     if config.output is not None:
+        check_output_location(config.output, protected_directories(config))
         check_output(config.output, config.force)
     backend = resolve_backend(config.backend)
     wanted = config.components or ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
@@ -198,10 +257,12 @@ def make_plan(config: ExportConfig) -> Plan:
         if missing:
             raise UserError(f"--components {missing[0]}: {config.model} has no such component; it has {', '.join(facts.components)}.")
     names = [name for name in facts.components if config.components is None or name in config.components]
+    check_weight_placement(config, facts, names)
 
     height = config.height or facts.default_side
     width = config.width or facts.default_side
     output = config.output or default_output(config, height, width)
+    check_output_location(output, protected_directories(config, source))  # a hub model's path is known only now
     if config.output is None:
         check_output(output, config.force)
 
@@ -218,14 +279,16 @@ def make_plan(config: ExportConfig) -> Plan:
         args = neuron_compiler_args(name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target)
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
-        key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args, atol)
+        after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
+        key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args,
+                        after_trace, atol)
         per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
                     for f in facts.weight_files[name]]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
         batch = spec.static_shapes["batch_size"]
         jobs.append(Job(
             spec=spec, source_folder=source.folder(name), weight_files=facts.weight_files[name],
-            weight_hashes=weight_hashes, weights=weights, compiler_args=tuple(args), atol=atol, cache_key=key,
+            weight_hashes=weight_hashes, weights=weights, compiler_args=tuple(args), after_trace=after_trace, atol=atol, cache_key=key,
             cached=cache.peek(key),
             estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
             estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),

@@ -99,7 +99,8 @@ class Reporter:
         Console(file=self.stream, width=None if self.interactive else 160).print(table)
 
 
-def result_object(manifest: Manifest, output: Any) -> dict[str, Any]:
+def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> dict[str, Any]:
+    """The --json result; `origins` says per component whether it was built, cached or downloaded this run."""
     return {
         "ok": True,
         "output": str(output),
@@ -108,6 +109,7 @@ def result_object(manifest: Manifest, output: Any) -> dict[str, Any]:
         "pipeline": manifest.pipeline.model_dump(),
         "components": {
             name: {
+                "origin": origins[name],
                 "seconds": record.build_seconds,
                 "peak_rss_bytes": record.peak_rss_bytes,
                 "validation": record.validation.model_dump(),

@@ -38,19 +38,17 @@ PIPELINE_CLASSES = frozenset({
 })
 LCM_PIPELINE_CLASSES = frozenset({"LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"})
 
-DEFAULT_STEPS = 30
-DEFAULT_LCM_STEPS = 4
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_LCM_GUIDANCE = 8.0
 DEFAULT_SEED = 0
-# The diffusers pipelines' own defaults, keyed by (task, is SDXL); passed explicitly so checks can use them.
-DEFAULT_STRENGTH = {
-    ("image-to-image", False): 0.8,
-    ("image-to-image", True): 0.3,
-    ("inpainting", False): 1.0,
-    ("inpainting", True): 0.9999,
-}
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps
+# Checkpoints distilled to run without guidance in one or a few steps, by the hub id the manifest records.
+TURBO_CHECKPOINTS = frozenset({"stabilityai/sdxl-turbo", "stabilityai/sd-turbo"})
+# Their model cards' calls: text-to-image 1 step without guidance; from an init image, 2 steps at strength
+# 0.5 (steps x strength must reach 1).
+TURBO_DEFAULTS = {
+    "text-to-image": {"num_inference_steps": 1, "guidance_scale": 0.0},
+    "image-to-image": {"num_inference_steps": 2, "guidance_scale": 0.0, "strength": 0.5},
+    "inpainting": {"num_inference_steps": 2, "guidance_scale": 0.0, "strength": 0.5},
+}
 
 DATA_PARALLEL_MODES = ("none", "unet", "all")
 NEURON_DEVICE_IDS = (0, 1)  # the two NeuronCores of one Inferentia2 chip
@@ -115,6 +113,51 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# --- defaults: the pipeline class's own, or a turbo checkpoint's model card ----------------------------
+
+
+@dataclass(frozen=True)
+class CallDefaults:
+    steps: int
+    guidance_scale: float
+    strength: float | None  # None for text-to-image
+    source: str  # where they come from, for the first line `generate` prints
+
+
+def is_turbo(manifest: Manifest) -> bool:
+    """Made from a turbo checkpoint: the recorded source (or replacement UNet) is one of TURBO_CHECKPOINTS."""
+    ids = (manifest.source.model_id, manifest.source.unet_id)
+    return any(value is not None and value.strip().lower() in TURBO_CHECKPOINTS for value in ids)
+
+
+def call_defaults(manifest: Manifest) -> CallDefaults:
+    """What diffusers' own pipeline class uses when a caller passes nothing (turbo: what its model card passes)."""
+    pipeline = manifest.pipeline
+    uses_image = pipeline.task != "text-to-image"
+    if is_turbo(manifest):
+        card = TURBO_DEFAULTS[pipeline.task]
+        return CallDefaults(card["num_inference_steps"], card["guidance_scale"], card.get("strength") if uses_image else None,
+                            f"the {manifest.source.model_id} model card")
+    import diffusers
+
+    cls = getattr(diffusers, pipeline.diffusers_pipeline, None)
+    if cls is None:
+        raise UserError(f"diffusers {diffusers.__version__} has no {pipeline.diffusers_pipeline}, the pipeline this export "
+                        "runs in; upgrade diffusers.")
+    parameters = inspect.signature(cls.__call__).parameters
+    names = ("num_inference_steps", "guidance_scale") + (("strength",) if uses_image else ())
+    values = {}
+    for name in names:
+        default = parameters[name].default if name in parameters else inspect.Parameter.empty
+        if not isinstance(default, (int, float)) or isinstance(default, bool):
+            flag = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "strength": "--strength"}[name]
+            raise UserError(f"{flag} has no default here: diffusers {diffusers.__version__} {cls.__name__}.__call__ gives "
+                            f"{name} none; pass {flag}.")
+        values[name] = default
+    return CallDefaults(int(values["num_inference_steps"]), float(values["guidance_scale"]),
+                        float(values["strength"]) if uses_image else None, f"{cls.__name__}.__call__")
+
+
 # --- the request, checked against the compiled shapes ------------------------------------------------
 
 
@@ -134,10 +177,17 @@ class Request:
     height: int
     width: int
     notes: tuple[str, ...] = ()  # things the user should know (an init image resized to the compiled size)
+    defaults_from: str = ""  # where the values not given came from
 
     @property
     def image_count(self) -> int:
         return len(self.prompts) * self.num_images_per_prompt
+
+    def summary(self) -> str:
+        """The values this request runs with, as `generate` prints them first."""
+        strength = f" strength={self.strength}" if self.strength is not None else ""
+        return (f"generate: steps={self.steps} guidance={self.guidance_scale}{strength} seed={self.seed} "
+                f"size={self.width}x{self.height} images={self.image_count} (defaults: {self.defaults_from})")
 
 
 def _open_image(value: Any, flag: str, mode: str, size: tuple[int, int], notes: list[str]) -> Any:
@@ -191,7 +241,6 @@ def resolve_request(
     export_dir = Path(export_dir)
     pipeline = manifest.pipeline
     task = pipeline.task
-    is_xl = pipeline.kind in ("sdxl", "sdxl-refiner")
     dynamic = bool(manifest.config.get("dynamic_batch_size"))
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -237,15 +286,16 @@ def resolve_request(
         raise UserError("--negative-prompt has no effect on a latent consistency model (it runs without "
                         "classifier-free guidance); drop --negative-prompt.")
 
-    steps = steps if steps is not None else (DEFAULT_LCM_STEPS if pipeline.is_lcm else DEFAULT_STEPS)
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError(f"--steps {steps} is not a number of denoising steps; pass 1 or more.")
-    if guidance_scale is None:
-        guidance_scale = DEFAULT_LCM_GUIDANCE if pipeline.is_lcm else DEFAULT_GUIDANCE
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength {strength} is out of range; pass a value in (0, 1].")
+    # Read after the checks above: it imports the diffusers pipeline class, which takes seconds.
+    defaults = call_defaults(manifest)
+    steps = steps if steps is not None else defaults.steps
+    guidance_scale = guidance_scale if guidance_scale is not None else defaults.guidance_scale
     if task != "text-to-image":
-        strength = strength if strength is not None else DEFAULT_STRENGTH[(task, is_xl)]
-        if not 0.0 < strength <= 1.0:
-            raise UserError(f"--strength {strength} is out of range; pass a value in (0, 1].")
+        strength = strength if strength is not None else defaults.strength
     lcm_strength = pipeline.diffusers_pipeline in LCM_PIPELINE_CLASSES and strength is not None
     if pipeline.is_lcm:
         # LCMScheduler spaces the steps over original_inference_steps (times strength in the LCM img2img pipeline).
@@ -273,7 +323,7 @@ def resolve_request(
         prompts=tuple(prompts), negative_prompt=negative_prompt, image=image, mask=mask, strength=strength,
         steps=steps, guidance_scale=float(guidance_scale), seed=DEFAULT_SEED if seed is None else seed,
         num_images_per_prompt=pipeline.num_images_per_prompt, height=pipeline.height, width=pipeline.width,
-        notes=tuple(notes),
+        notes=tuple(notes), defaults_from=defaults.source,
     )
 
 

@@ -5,6 +5,9 @@ Only configs and safetensors headers are read here: no weights are loaded and no
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
 import os
 import struct
@@ -30,6 +33,18 @@ PICKLE_WEIGHT_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
 # Full-precision weights and their shards; fp16 variants are never fetched, .bin only where no safetensors exist.
 HUB_WEIGHT_PATTERNS = (*WEIGHT_NAMES, "*.safetensors.index.json", "*-of-*.safetensors")
 HUB_PICKLE_PATTERNS = (*PICKLE_WEIGHT_NAMES, "*.bin.index.json", "*-of-*.bin")
+# The classes model_index.json may name for each part we export or copy: the loaders use exactly these, and
+# the runtime loads the processors by name. Anything else is custom code, which neuron-export never runs.
+KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
+    "unet": ("diffusers", frozenset({"UNet2DConditionModel"})),
+    "vae": ("diffusers", frozenset({"AutoencoderKL"})),
+    "text_encoder": ("transformers", frozenset({"CLIPTextModel"})),
+    "text_encoder_2": ("transformers", frozenset({"CLIPTextModelWithProjection"})),
+    "tokenizer": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
+    "tokenizer_2": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
+    "feature_extractor": ("transformers", frozenset({"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPFeatureExtractor"})),
+    "scheduler": ("diffusers", None),  # None: any scheduler the installed diffusers has
+}
 
 
 @dataclass(frozen=True)
@@ -133,11 +148,45 @@ def check_safetensors(path: Path) -> None:
         raise UserError(f"{path} is truncated ({size} of {expected} bytes); re-download it.")
 
 
+@functools.cache
+def diffusers_names() -> frozenset[str]:
+    """The public names of the installed diffusers, read from its lazy-import table without importing it
+    (plans stay instant); empty when diffusers is laid out differently, which skips the name check."""
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    tree = ast.parse(Path(spec.origin).read_text())
+    return frozenset(node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+def check_component_classes(model_id: str, index: dict[str, Any]) -> None:
+    """Every part we export or copy must be diffusers' or transformers' own class, never a repository's code."""
+    for name, (library, classes) in KNOWN_CLASSES.items():
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue  # absent, or null like the refiner's text_encoder
+        given_library, class_name = entry
+        if given_library != library:
+            raise UserError(
+                f"--model {model_id}: model_index.json names {name} as {given_library}.{class_name}, which is not "
+                f"{library}' own class (custom code, which neuron-export never runs); export a pipeline whose "
+                f"{name} is {library}' {' or '.join(sorted(classes)) if classes else 'scheduler'}."
+            )
+        names = {n for n in diffusers_names() if n.endswith("Scheduler")} if classes is None else classes
+        if names and class_name not in names:
+            supported = " or ".join(sorted(classes)) if classes else "a scheduler diffusers has"
+            raise UserError(
+                f"--model {model_id}: model_index.json names {name} as {library}.{class_name}, a class neuron-export "
+                f"cannot export or load ({name} must be {supported}); fix model_index.json or export another pipeline."
+            )
+
+
 def read_facts(source: ModelSource) -> ModelFacts:
     """Recognise SD, SDXL base, SDXL refiner, LCM and inpainting models from model_index.json and configs."""
     if not source.path.is_dir():
         raise UserError(f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id.")
     index = _read_json(source.path / "model_index.json", "model_index.json")
+    check_component_classes(source.model_id, index)
     unet_folder = source.folder("unet")
     if not (unet_folder / "config.json").is_file():
         raise UserError(
@@ -145,6 +194,11 @@ def read_facts(source: ModelSource) -> ModelFacts:
             "neuron-export needs a full Stable Diffusion pipeline with a unet/ folder."
         )
     unet = _read_json(unet_folder / "config.json", "unet/config.json")
+    unet_class = unet.get("_class_name", "UNet2DConditionModel")
+    if unet_class not in KNOWN_CLASSES["unet"][1]:  # a --unet has no model_index.json: its config names the class
+        raise UserError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
+                        f"{unet_folder / 'config.json'} names the UNet class {unet_class}, which neuron-export cannot "
+                        "export (custom code is never run); use a diffusers UNet2DConditionModel.")
     vae = _read_json(source.path / "vae" / "config.json", "vae/config.json")
 
     def optional_config(name: str) -> dict[str, Any] | None:

@@ -30,7 +30,9 @@ def context() -> Any:
     return _context
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """The kernel kills this process when its parent dies, even by SIGKILL and even while it is stopped or busy.
+    Set in the fork server (the exporter's child, see _preload) and in each worker (the fork server's child)."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -40,7 +42,7 @@ def _die_with_parent() -> None:
 
 def worker_main(plan: Any, job: Any, build_dir: Path, workdir: Path, pipe: Any) -> None:
     """Build one component into `build_dir`; send stages, then exactly one 'done' or 'error' message."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
     from neuron_export.build import build_component
     from neuron_export.errors import UserError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,14 +21,24 @@ def file_hashes(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def stages(stdout: str) -> dict[str, list[str]]:
-    """component -> the stages its plain progress lines went through."""
-    seen: dict[str, list[str]] = {}
-    for line in stdout.splitlines():
-        if line.startswith("[") and "] " in line and ": " in line:
-            component, stage = line.split("] ", 1)[1].split(": ", 1)
-            seen.setdefault(component, []).append(stage.split(" ")[0])
-    return seen
+def origins(result) -> dict[str, str]:
+    """component -> where a --json export took it from: built, cached (or downloaded)."""
+    assert result.exit_code == 0, result
+    return {name: component["origin"] for name, component in json.loads(result.stdout)["components"].items()}
+
+
+def live_processes_in_session(session: int) -> dict[int, int]:
+    """pid -> parent pid of every process of a session that is still running (zombies are dead)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if len(fields) > 3 and int(fields[3]) == session and fields[0] != "Z":
+            found[int(entry.name)] = int(fields[1])
+    return found
 
 
 def cache_entries(cache: Path) -> list[dict]:
@@ -52,25 +63,22 @@ def test_unchanged_rerun_rebuilds_nothing_and_leaves_the_output_alone(cli, tiny_
 
 def test_a_deleted_output_is_reassembled_byte_identical_from_the_cache(cli, tiny_model, tmp_path):
     output = tmp_path / "out"
-    assert cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output).exit_code == 0
+    names = ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+    first = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output, "--json")
+    assert origins(first) == dict.fromkeys(names, "built")
     before = file_hashes(output)
     shutil.rmtree(output)
-    again = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output)
-    assert again.exit_code == 0, again
-    seen = stages(again.stdout)
-    assert len(seen) == 5 and all(v == ["cached"] for v in seen.values()), seen
+    again = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output, "--json")
+    assert origins(again) == dict.fromkeys(names, "cached")
     assert file_hashes(output) == before
 
 
 def test_a_new_height_rebuilds_unet_and_vaes_but_not_the_text_encoders(cli, tiny_model, tmp_path):
     model = tiny_model("sdxl")
     assert cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "a").exit_code == 0
-    result = cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--height", "128")
-    assert result.exit_code == 0, result
-    seen = stages(result.stdout)
-    assert seen["text_encoder"] == ["cached"] and seen["text_encoder_2"] == ["cached"]
-    for name in ("unet", "vae_encoder", "vae_decoder"):
-        assert seen[name][0] == "loading" and seen[name][-1] == "done", (name, seen[name])
+    result = cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--height", "128", "--json")
+    assert origins(result) == {"text_encoder": "cached", "text_encoder_2": "cached",
+                               "unet": "built", "vae_encoder": "built", "vae_decoder": "built"}
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text())["components"] for d in ("a", "b"))
     assert a["text_encoder"]["cache_key"] == b["text_encoder"]["cache_key"]
     assert a["unet"]["cache_key"] != b["unet"]["cache_key"]
@@ -79,11 +87,11 @@ def test_a_new_height_rebuilds_unet_and_vaes_but_not_the_text_encoders(cli, tiny
 def test_flags_that_change_the_artifact_change_the_key(cli, tiny_model, tmp_path):
     model = tiny_model("sd")
     assert cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "a", "--components", "unet").exit_code == 0
-    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "unet", "--batch-size", "2")
-    assert stages(result.stdout)["unet"][0] == "loading"
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "unet", "--batch-size", "2", "--json")
+    assert origins(result) == {"unet": "built"}
     # auto-cast does not change a CPU trace, so it must not force a rebuild there
-    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "c", "--components", "unet", "--auto-cast", "all")
-    assert stages(result.stdout)["unet"] == ["cached"]
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "c", "--components", "unet", "--auto-cast", "all", "--json")
+    assert origins(result) == {"unet": "cached"}
     assert json.loads((tmp_path / "c" / "unet" / "config.json").read_text())["neuron"]["auto_cast"] == "all"
 
 
@@ -91,9 +99,8 @@ def test_the_same_component_in_two_models_is_built_once(cli, tiny_model, tmp_pat
     copy = tmp_path / "copy-of-sd"
     shutil.copytree(tiny_model("sd"), copy)
     assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "a").exit_code == 0
-    result = cli("sd", "-m", copy, "--backend", "cpu", "-o", tmp_path / "b")
-    assert result.exit_code == 0, result
-    assert all(v == ["cached"] for v in stages(result.stdout).values()), result.stdout
+    result = cli("sd", "-m", copy, "--backend", "cpu", "-o", tmp_path / "b", "--json")
+    assert origins(result) == dict.fromkeys(["text_encoder", "unet", "vae_encoder", "vae_decoder"], "cached")
 
 
 def test_a_corrupted_cache_entry_is_discarded_and_rebuilt(cli, tiny_model, tmp_path, isolated_cache):
@@ -104,9 +111,8 @@ def test_a_corrupted_cache_entry_is_discarded_and_rebuilt(cli, tiny_model, tmp_p
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0xFF
     artifact.write_bytes(bytes(data))
-    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "vae_decoder")
-    assert result.exit_code == 0, result
-    assert stages(result.stdout)["vae_decoder"][0] == "loading"  # rebuilt, not reused
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "vae_decoder", "--json")
+    assert origins(result) == {"vae_decoder": "built"}  # rebuilt, not reused
     record = json.loads((tmp_path / "b" / "manifest.json").read_text())["components"]["vae_decoder"]
     rebuilt = (tmp_path / "b" / "vae_decoder" / "model.neuron").read_bytes()
     assert hashlib.sha256(rebuilt).hexdigest() == record["files"][0]["sha256"]
@@ -118,23 +124,38 @@ def test_export_killed_with_sigkill_resumes_building_only_what_is_missing(tiny_m
     output = tmp_path / "out"
     env = {**os.environ, "NEURON_EXPORT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "neuron_export", "sd-xl", "-m", str(tiny_model("sdxl")), "--backend", "cpu", "-o", str(output)]
+    # A session of its own: every process the exporter starts (fork server, workers) is findable by session id.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list(cache.glob("components/*/*/record.json"))) < 2:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)  # the exporting process only; its workers must die with it
-    process.communicate(timeout=60)
+    try:
+        deadline = time.time() + 180
+        workers: list[int] = []
+        while time.time() < deadline and not workers:
+            time.sleep(0.02)
+            if len(list(cache.glob("components/*/*/record.json"))) >= 2:  # workers are the exporter's grandchildren
+                workers = [pid for pid, parent in live_processes_in_session(process.pid).items() if parent != process.pid != pid]
+        assert workers, "no worker was running when the exporter was to be killed"
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)  # a stopped worker cannot exit by itself: only dying with its parent ends it
+        os.kill(process.pid, signal.SIGKILL)  # the exporting process only; its workers must die with it
+        process.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and live_processes_in_session(process.pid):
+            time.sleep(0.05)
+        survivors = live_processes_in_session(process.pid)
+        assert not survivors, f"processes of the killed exporter are still running: {survivors} (workers: {workers})"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # survivors of a failed check must not outlive the test
+        process.communicate(timeout=60)
     finished_before = {r["name"] for r in cache_entries(cache)}
     assert 2 <= len(finished_before) < 5, finished_before
     assert not output.exists()
-    time.sleep(1)  # let orphaned workers notice their parent is gone
-    assert not subprocess.run(["pgrep", "-f", "neuron-export-"], capture_output=True).stdout, "workers outlived the kill"
 
-    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    rerun = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    seen = stages(rerun.stdout)
-    assert {name for name, s in seen.items() if s == ["cached"]} == finished_before
-    assert {name for name, s in seen.items() if s[0] == "loading"} == {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"} - finished_before
+    seen = {name: c["origin"] for name, c in json.loads(rerun.stdout)["components"].items()}
+    assert {name for name, origin in seen.items() if origin == "cached"} == finished_before
+    assert {name for name, origin in seen.items() if origin == "built"} == {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"} - finished_before
     manifest = json.loads((output / "manifest.json").read_text())
     for record in manifest["components"].values():
         assert hashlib.sha256((output / record["files"][0]["path"]).read_bytes()).hexdigest() == record["files"][0]["sha256"]
@@ -210,8 +231,29 @@ def test_cache_commands(cli, tiny_model, tmp_path, isolated_cache):
     assert bad.exit_code == 3 and "unet" in bad.stdout and "3 of 4 entries intact" in bad.stdout
     assert cli("cache", "prune", "--older-than", "30d").stdout.startswith("removed 0 entries")
     assert cli("cache", "prune", "--older-than", "soon").exit_code == 2
-    assert cli("cache", "prune").stdout.startswith("removed 3 entries")
+    assert cli("cache", "prune", "--all").stdout.splitlines()[-1].startswith("removed 3 entries")
     assert cli("cache", "ls").stdout.strip() == ""
+
+
+def test_cache_prune_needs_to_be_told_what_to_remove_and_can_list_it_first(cli, tiny_model, tmp_path, isolated_cache):
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet,vae_decoder")
+    assert result.exit_code == 0, result
+    before = file_hashes(isolated_cache)
+    for flags in ([], ["--dry-run"], ["--all", "--older-than", "30d"]):
+        refused = cli("cache", "prune", *flags)
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.exit_code == 2 and len(lines) == 1 and "Traceback" not in refused.stderr, refused
+        assert "--all" in lines[0] and "--older-than" in lines[0]
+        assert file_hashes(isolated_cache) == before
+    dry = cli("cache", "prune", "--all", "--dry-run")
+    assert dry.exit_code == 0, dry
+    listed = dry.stdout.splitlines()
+    assert sorted(line.split()[3] for line in listed[:-1]) == ["unet", "vae_decoder"]
+    assert listed[-1].startswith("would remove 2 entries") and "nothing was deleted" in listed[-1]
+    assert file_hashes(isolated_cache) == before
+    assert cli("cache", "prune", "--older-than", "30d", "--dry-run").stdout.startswith("would remove 0 entries")
+    assert cli("cache", "prune", "--all").stdout.splitlines()[-1].startswith("removed 2 entries")
+    assert not list(isolated_cache.glob("components/*/*"))
 
 
 def test_weight_hashes_are_remembered_by_path_size_and_mtime(tiny_model, tmp_path):
@@ -245,6 +287,6 @@ def test_an_output_missing_a_file_is_not_up_to_date(cli, tiny_model, tmp_path):
     (output / "unet" / "model.neuron").unlink()
     rerun = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet")
     assert rerun.exit_code == 2 and "--force" in rerun.stderr
-    repaired = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
-    assert repaired.exit_code == 0 and stages(repaired.stdout)["unet"] == ["cached"]
+    repaired = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force", "--json")
+    assert origins(repaired) == {"unet": "cached"}
     assert (output / "unet" / "model.neuron").is_file()

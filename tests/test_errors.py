@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -180,3 +181,177 @@ def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path, isolated_cache
 
     cache = ComponentCache(isolated_cache)
     assert cache.verify() == [] and len(list(cache.entries())) >= 1
+
+
+def tree(directory: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and folder (None) under `directory`, by relative path."""
+    return {p.relative_to(directory).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(directory.rglob("*"))}
+
+
+def one_line(result) -> str:
+    assert "Traceback" not in result.stderr + result.stdout, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("contents", ["user files", "a manifest.json that is not ours"])
+def test_force_never_replaces_a_directory_that_is_not_an_export(contents, cli, tiny_model, tmp_path):
+    output = tmp_path / "photos"
+    (output / "2024").mkdir(parents=True)
+    (output / "2024" / "beach.jpg").write_bytes(bytes(range(256)))
+    if contents == "user files":
+        (output / "notes.txt").write_text("my notes")
+    else:
+        (output / "manifest.json").write_text('{"name": "my-web-app", "version": "1.0"}')
+    before = tree(output)
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--force")
+    assert result.exit_code == 2
+    line = one_line(result)
+    assert str(output) in line and "not a neuron-export export" in line
+    assert tree(output) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_force_uses_an_empty_directory(cli, tiny_model, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder", "--force")
+    assert result.exit_code == 0, result
+    assert (output / "vae_decoder" / "model.neuron").is_file()
+
+
+@pytest.mark.parametrize("protected", ["model", "cache"])
+@pytest.mark.parametrize("relation", ["is", "contains", "is inside"])
+def test_output_never_overlaps_the_model_or_the_cache(protected, relation, cli, tiny_model, tmp_path):
+    model = tmp_path / "models" / "my-sd"
+    shutil.copytree(tiny_model("sd"), model)  # the shared fixture must not be the one put at risk
+    cache = tmp_path / "caches" / "neuron"
+    (cache / "components" / "ab").mkdir(parents=True)
+    (cache / "components" / "ab" / "record.json").write_text('{"an": "entry"}')
+    directory = model if protected == "model" else cache
+    output = {"is": directory, "contains": directory.parent, "is inside": directory / "exports" / "out"}[relation]
+    before = tree(tmp_path)
+    result = cli("sd", "-m", model, "--backend", "cpu", "--cache-dir", cache, "-o", output, "--force")
+    assert result.exit_code == 2
+    line = one_line(result)
+    assert f"--output {output} {relation} the " in line and str(directory) in line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("component,entry,words", [
+    ("unet", ["my_pkg", "MyUNet"], ["unet", "my_pkg.MyUNet", "custom code"]),
+    ("unet", ["diffusers", "UNet2DConditionModelPlus"], ["unet", "diffusers.UNet2DConditionModelPlus", "UNet2DConditionModel"]),
+    ("text_encoder", ["transformers", "MyTextEncoder"], ["text_encoder", "transformers.MyTextEncoder", "CLIPTextModel"]),
+    ("scheduler", ["scheduler", "MyScheduler"], ["scheduler", "scheduler.MyScheduler", "custom code"]),
+    ("scheduler", ["diffusers", "NoSuchScheduler"], ["scheduler", "diffusers.NoSuchScheduler"]),
+])
+def test_a_class_that_is_not_the_library_own_is_refused(component, entry, words, cli, tiny_model, tmp_path):
+    model = tmp_path / "custom"
+    shutil.copytree(tiny_model("sd"), model)
+    index = json.loads((model / "model_index.json").read_text())
+    index[component] = entry
+    (model / "model_index.json").write_text(json.dumps(index))
+    output = tmp_path / "out"
+    result = cli("sd", "-m", model, "--backend", "cpu", "-o", output)
+    assert_clean_failure(result, output, *words)
+
+
+def test_a_replacement_unet_of_a_custom_class_is_refused(cli, tiny_model, tmp_path):
+    unet = tmp_path / "my-unet"
+    shutil.copytree(tiny_model("lcm-sdxl-unet"), unet)
+    (config_file,) = unet.rglob("config.json")
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = "MyUNet"
+    config_file.write_text(json.dumps(config))
+    output = tmp_path / "out"
+    result = cli("sd-xl", "-m", tiny_model("sdxl"), "--unet", unet, "--backend", "cpu", "-o", output)
+    assert_clean_failure(result, output, "--unet", "MyUNet", "UNet2DConditionModel")
+
+
+class TinyDisk:
+    """A real tmpfs of a few MiB, mounted in a private mount namespace and reached from here through
+    /proc/PID/root: real ENOSPC and EROFS, even as root (for whom chmod blocks nothing)."""
+
+    def __init__(self, holder: subprocess.Popen, mount_point: Path) -> None:
+        self.holder = holder
+        self.path = Path(f"/proc/{holder.pid}/root") / mount_point.relative_to("/")
+
+    def make_read_only(self) -> None:
+        self.holder.stdin.write("\n")
+        self.holder.stdin.flush()
+        assert self.holder.stdout.readline().strip() == "read-only"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """Factory: ``tiny_disk("1m")`` -> a TinyDisk of that size, unmounted when the test ends."""
+    holders = []
+
+    def make(size: str) -> TinyDisk:
+        mount_point = tmp_path / f"disk{len(holders)}"
+        mount_point.mkdir()
+        script = ('mount -t tmpfs -o size="$1" tmpfs "$2" && echo ready && read _ && mount -o remount,ro "$2" '
+                  '&& echo read-only && exec sleep 3600')
+        try:
+            holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
+                                       size, str(mount_point)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            pytest.skip("needs unshare(1) to mount a small filesystem")
+        holders.append(holder)
+        if holder.stdout.readline().strip() != "ready":
+            pytest.skip(f"cannot mount a tmpfs in a user namespace here: {holder.communicate()[1].strip()}")
+        return TinyDisk(holder, mount_point)
+
+    yield make
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_full_disk_fails_in_one_sentence_and_keeps_the_earlier_export(cli, tiny_model, tiny_disk):
+    disk = tiny_disk("1m")  # room for the VAE decoder's export (0.4 MiB), not for the UNet's (3.5 MiB)
+    output = disk.path / "out"
+    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code == 0
+    before = tree(output)
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
+    assert result.exit_code == 7
+    line = one_line(result)
+    assert str(output) in line and "no space" in line and "MiB needed" in line and "free space" in line
+    assert tree(output) == before
+    assert [p.name for p in disk.path.iterdir()] == ["out"]  # no staging sibling left
+
+
+def test_a_full_disk_leaves_no_output(cli, tiny_model, tiny_disk):
+    disk = tiny_disk("1m")
+    output = disk.path / "out"
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet")
+    assert result.exit_code == 7
+    assert_clean_failure(result, output, str(output), "no space", "MiB needed")
+    assert list(disk.path.iterdir()) == []
+
+
+def test_a_read_only_output_fails_before_building_and_keeps_the_earlier_export(cli, tiny_model, tiny_disk, isolated_cache):
+    disk = tiny_disk("8m")
+    output = disk.path / "out"
+    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code == 0
+    before = tree(output)
+    disk.make_read_only()
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
+    assert result.exit_code == 7
+    line = one_line(result)
+    assert str(output) in line and "read-only" in line and "pass a writable --output" in line
+    assert tree(output) == before
+    built = [json.loads(p.read_text())["name"] for p in isolated_cache.glob("components/*/*/record.json")]
+    assert built == ["vae_decoder"]  # refused before the UNet was built
+
+
+def test_a_full_cache_disk_fails_in_one_sentence(cli, tiny_model, tmp_path, tiny_disk):
+    disk = tiny_disk("1m")  # the UNet's artifact (3.5 MiB) cannot be saved into the cache
+    cache = disk.path / "cache"
+    output = tmp_path / "out"
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--cache-dir", cache)
+    assert result.exit_code == 7
+    assert_clean_failure(result, output, "unet", str(cache), "no space", "MiB needed")
+    assert list((cache / "tmp").iterdir()) == [] and not list(cache.glob("components/*/*"))

@@ -89,22 +89,45 @@ def fresh_inputs(manifest_inputs: list[dict], seed: int) -> list[torch.Tensor]:
     return tensors
 
 
-def eager_outputs(model, name: str, inputs: list[torch.Tensor], input_names: list[str]) -> list[torch.Tensor]:
+# The outputs optimum-neuron reads from each artifact; SDXL text encoders also return every hidden state.
+EXPECTED_OUTPUTS = {
+    "text_encoder": ["last_hidden_state", "pooler_output"],
+    "text_encoder_2": ["text_embeds", "last_hidden_state"],
+    "unet": ["sample"],
+    "vae_encoder": ["latent_parameters"],
+    "vae_decoder": ["sample"],
+}
+
+
+def eager_outputs(model, name: str, inputs: list[torch.Tensor], input_names: list[str]) -> dict[str, torch.Tensor]:
+    """Every output the eager model gives, by name (hidden states as hidden_states.0, .1, ...)."""
     named = dict(zip(input_names, inputs))
-    if name == "text_encoder":
+    if name.startswith("text_encoder"):
         out = model(named["input_ids"], output_hidden_states=True)
-        return [out.last_hidden_state, out.pooler_output, *out.hidden_states]
-    if name == "text_encoder_2":
-        out = model(named["input_ids"], output_hidden_states=True)
-        return [out.text_embeds, out.last_hidden_state, *out.hidden_states]
+        first = {"text_embeds": out.text_embeds} if name == "text_encoder_2" else {"pooler_output": out.pooler_output}
+        return {**first, "last_hidden_state": out.last_hidden_state,
+                **{f"hidden_states.{i}": t for i, t in enumerate(out.hidden_states)}}
     if name == "unet":
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
         out = model(named["sample"], named["timestep"], encoder_hidden_states=named["encoder_hidden_states"],
                     timestep_cond=named.get("timestep_cond"), added_cond_kwargs=added or None)
-        return [out.sample]
+        return {"sample": out.sample}
     if name == "vae_encoder":
-        return [model.encode(named["sample"]).latent_dist.parameters]
-    return [model.decode(named["latent_sample"]).sample]
+        return {"latent_parameters": model.encode(named["sample"]).latent_dist.parameters}
+    return {"sample": model.decode(named["latent_sample"]).sample}
+
+
+def artifact_outputs(outputs, names: list[str]) -> dict[str, torch.Tensor]:
+    """An artifact's outputs by name: a dict's keys, or a tuple in the manifest's order (no more, no fewer);
+    a nested tuple of hidden states becomes hidden_states.0, hidden_states.1, ..."""
+    pairs = outputs.items() if isinstance(outputs, dict) else zip(names, outputs, strict=True)
+    found = {}
+    for name, value in pairs:
+        if isinstance(value, (list, tuple)):
+            found.update({f"{name}.{i}": t for i, t in enumerate(value)})
+        else:
+            found[name] = value
+    return found
 
 
 def flat(outputs) -> list[torch.Tensor]:
@@ -160,7 +183,9 @@ def test_component_configs_carry_the_neuron_section(case, exported):
         if name == "vae_decoder":
             assert (neuron["static_height"], neuron["static_width"], neuron["static_num_channels"]) == (pipeline["height"] // 8, pipeline["width"] // 8, 4)
         if name.startswith("text_encoder"):
-            assert neuron["output_hidden_states"] is (pipeline["kind"] != "sd")
+            # optimum-neuron names the outputs from the top-level key; its neuron key is the exporter option.
+            assert config["output_hidden_states"] is (pipeline["kind"] != "sd")
+            assert neuron["output_hidden_states"] is False
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -174,13 +199,13 @@ def test_every_artifact_matches_eager_on_fresh_inputs(case, exported, tiny_model
         eager = eager_component(source, name, unet_dir)
         inputs = fresh_inputs(record["inputs"], seed=1234)
         with torch.no_grad():
-            got = flat(artifact(*inputs))
+            got = artifact_outputs(artifact(*inputs), record["outputs"])
             want = eager_outputs(eager, name, inputs, [i["name"] for i in record["inputs"]])
-        want = want[: len(got)]
-        assert len(got) == len(want), name
-        for g, w in zip(got, want):
-            assert g.shape == w.shape, name
-            assert torch.allclose(g, w, atol=1e-4, rtol=0), f"{name}: max diff {(g - w).abs().max()}"
+        hidden = [key for key in want if key.startswith("hidden_states.")] if manifest["pipeline"]["kind"] != "sd" else []
+        assert sorted(got) == sorted(EXPECTED_OUTPUTS[name] + hidden), name  # none dropped, none extra
+        for key, tensor in got.items():
+            assert tensor.shape == want[key].shape, (name, key)
+            assert torch.allclose(tensor, want[key], atol=1e-4, rtol=0), f"{name}.{key}: max diff {(tensor - want[key]).abs().max()}"
 
 
 @pytest.mark.parametrize("case", ["sd-text-to-image", "sdxl-refiner", "lcm-sdxl"])

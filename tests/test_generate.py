@@ -124,10 +124,9 @@ def call_arguments(case: Case) -> dict[str, Any]:
     return arguments
 
 
-def eager_images(case: Case, tiny_model, guidance_scale: float) -> np.ndarray:
-    """diffusers' own pipeline from the ORIGINAL tiny folder, same scheduler, steps and seed."""
+def eager_pipeline(case: Case, tiny_model) -> Any:
+    """diffusers' own pipeline from the ORIGINAL tiny folder, with the scheduler the export runs."""
     import diffusers
-    import torch
 
     extra: dict[str, Any] = {}
     if case.unet:
@@ -136,12 +135,20 @@ def eager_images(case: Case, tiny_model, guidance_scale: float) -> np.ndarray:
     if case.lcm_scheduler:
         pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def eager_images(case: Case, tiny_model) -> np.ndarray:
+    """The eager pipeline at the same steps and seed; guidance and strength left to its defaults, as ours are."""
+    import torch
+
+    pipe = eager_pipeline(case, tiny_model)
     arguments = call_arguments(case)
     if "mask" in arguments:
         arguments["mask_image"] = arguments.pop("mask")
     if case.task == "text-to-image" or case.task == "inpainting":
         arguments.update(height=64, width=64)
-    return pipe(list(case.prompts), num_inference_steps=STEPS, guidance_scale=guidance_scale,
+    return pipe(list(case.prompts), num_inference_steps=STEPS,
                 num_images_per_prompt=case.images_per_prompt, generator=torch.Generator("cpu").manual_seed(0),
                 output_type="np", **arguments).images
 
@@ -179,8 +186,7 @@ def test_cpu_export_matches_the_eager_pipeline(export, tiny_model, name):
     steps_seen: list[tuple[int, int]] = []
     ours = generate_images(export_dir, list(case.prompts), steps=STEPS, seed=0, output_type="np", pipeline=pipe,
                            on_step=lambda step, total: steps_seen.append((step, total)), **call_arguments(case))
-    guidance = 8.0 if (case.command == "lcm" or case.lcm_scheduler) else 7.5
-    reference = eager_images(case, tiny_model, guidance)
+    reference = eager_images(case, tiny_model)
 
     assert ours.shape == reference.shape == (len(case.prompts) * case.images_per_prompt, 64, 64, 3)
     difference = float(np.abs(ours - reference).max())
@@ -216,6 +222,83 @@ def test_adapters_expose_what_the_pipelines_read(export):
     assert out.hidden_states[-2].shape == (1, 77, 32)
     latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
     assert pipe.vae.decode(latents).sample.shape == (1, 3, 64, 64)
+
+
+# --- defaults: `generate` with no flags is diffusers' default call --------------------------------------------
+
+
+def written_pixels(path: pathlib.Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as written:
+        return np.asarray(written.convert("RGB")).astype(np.int16)
+
+
+def spy_on_defaults(pipe: Any) -> dict[str, Any]:
+    """Records the steps (and strength) diffusers actually uses when the caller passes none."""
+    used: dict[str, Any] = {}
+    set_timesteps = pipe.scheduler.set_timesteps
+
+    def record_steps(num_inference_steps: Any = None, *args: Any, **kwargs: Any) -> Any:
+        used.setdefault("steps", num_inference_steps)
+        return set_timesteps(num_inference_steps, *args, **kwargs)
+
+    pipe.scheduler.set_timesteps = record_steps
+    if hasattr(pipe, "get_timesteps"):
+        get_timesteps = pipe.get_timesteps
+
+        def record_strength(num_inference_steps: Any, strength: Any, *args: Any, **kwargs: Any) -> Any:
+            used.setdefault("strength", strength)
+            return get_timesteps(num_inference_steps, strength, *args, **kwargs)
+
+        pipe.get_timesteps = record_strength
+    return used
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "lcm", "sd-img2img"])
+def test_generate_without_flags_is_the_diffusers_default_call(export, tiny_model, tmp_path, capsys, name):
+    import torch
+
+    case = CASES[name]
+    out = tmp_path / "out.png"
+    args = ["generate", export(name), "--prompt", PROMPT, "-o", out]
+    capsys.readouterr()  # drop what building the export printed
+    extra: dict[str, Any] = {}
+    if case.task == "image-to-image":
+        init_image().save(tmp_path / "init.png")
+        args += ["--image", tmp_path / "init.png"]
+        extra["image"] = init_image()
+    assert run_cli(args) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+
+    pipe = eager_pipeline(case, tiny_model)
+    used = spy_on_defaults(pipe)
+    reference = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), **extra).images[0]
+    strength = f" strength={used['strength']}" if "strength" in used else ""
+    assert first_line == (f"generate: steps={used['steps']} guidance={float(pipe.guidance_scale)}{strength} seed=0 "
+                          f"size=64x64 images=1 (defaults: {case.pipeline}.__call__)")
+    ours, theirs = written_pixels(out), np.asarray(reference.convert("RGB")).astype(np.int16)
+    assert ours.shape == theirs.shape == (64, 64, 3)
+    assert np.abs(ours - theirs).max() <= 1  # float outputs agree to ~1e-6; 8-bit rounding can differ by one
+
+
+def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path, capsys):
+    import torch
+
+    turbo = tmp_path / "turbo"
+    shutil.copytree(export("sdxl"), turbo)
+    manifest = json.loads((turbo / "manifest.json").read_text())
+    manifest["source"]["model_id"] = "stabilityai/sdxl-turbo"  # what an export of the hub checkpoint records
+    (turbo / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out.png"
+    capsys.readouterr()  # drop what building the export printed
+    assert run_cli(["generate", turbo, "--prompt", PROMPT, "-o", out]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line == ("generate: steps=1 guidance=0.0 seed=0 size=64x64 images=1 "
+                          "(defaults: the stabilityai/sdxl-turbo model card)")
+    pipe = eager_pipeline(CASES["sdxl"], tiny_model)
+    card_call = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(0))
+    assert np.abs(written_pixels(out) - np.asarray(card_call.images[0]).astype(np.int16)).max() <= 1
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -442,7 +525,7 @@ def test_neuron_guidance_pipeline_puts_only_the_unet_on_both_cores(export, tiny_
     # the doubled guidance batch (2) is handed over whole and each core runs the compiled batch of 1
     assert {shapes[0] for _, shapes in unet_dp.core_calls} == {(1, 4, 8, 8)}
     assert [core for core, _ in unet_dp.core_calls[:2]] == [0, 1]
-    reference = eager_images(CASES["sd"], tiny_model, 7.5)
+    reference = eager_images(CASES["sd"], tiny_model)
     assert float(np.abs(ours - reference).max()) < ATOL
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conformance.calls import read_trace_calls  # tests/conformance/calls.py: the double's record, merged
+
 FAST = "--enable-fast-loading-neuron-binaries"
 
 
@@ -25,13 +27,18 @@ def neuron_sdk(monkeypatch, tmp_path):
     """Put the recording test doubles of torch_neuronx / neuronxcc on the path, as if the SDK were
     installed; worker processes inherit the path. Returns a function reading the recorded calls."""
     monkeypatch.syspath_prepend(str(DOUBLES))
-    for name in ("torch_neuronx", "neuronxcc"):
+    for name in double_modules():
         monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.delenv("NEURON_FUSE_SOFTMAX", raising=False)
-    monkeypatch.delenv("NEURON_CUSTOM_SILU", raising=False)
-    yield lambda: [json.loads(line) for line in (tmp_path / "torch_neuronx_calls.jsonl").read_text().splitlines()]
-    for name in ("torch_neuronx", "neuronxcc"):
+    for key in ("NEURON_FUSE_SOFTMAX", "NEURON_CUSTOM_SILU", "TORCHDYNAMO_DISABLE", "TORCH_NEURONX_RECORD",
+                "TORCH_NEURONX_FAIL_ON"):
+        monkeypatch.delenv(key, raising=False)
+    yield lambda: read_trace_calls(tmp_path / "torch_neuronx_calls.jsonl")
+    for name in double_modules():
         sys.modules.pop(name, None)
+
+
+def double_modules() -> list[str]:
+    return [name for name in sys.modules if name.split(".")[0] in ("torch_neuronx", "neuronxcc")]
 
 
 def calls_by_component(calls: list[dict]) -> dict[str, dict]:
@@ -51,21 +58,27 @@ def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli,
     assert calls["vae_decoder"]["compiler_args"] == common + [FAST, "--model-type=unet-inference"]
     for call in calls.values():
         assert call["inline_weights_to_neff"] is True
-        assert call["environment"] == {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1"}
+        assert call["environment"] == {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1",
+                                       "TORCHDYNAMO_DISABLE": "1"}
+        assert call["cpu_backend"] is True  # no Neuron device here: torch-neuronx compiles on the CPU
         workdir = Path(call["compiler_workdir"])
         assert not workdir.is_relative_to(output) and not workdir.exists()  # beside the export, removed after success
     assert calls["unet"]["input_shapes"] == [[1, 4, 8, 8], [1], [1, 77, 32]]
+    assert calls["unet"]["input_dtypes"] == ["float32", "float32", "float32"]
+    assert {name: call["after_trace"] for name, call in calls.items()} == {
+        "text_encoder": ["async_load"], "unet": ["async_load", "lazy_load"], "vae_encoder": ["async_load"],
+        "vae_decoder": ["async_load"]}
     assert "NEURON_FUSE_SOFTMAX" not in os.environ  # set only while compiling
 
     manifest = json.loads((output / "manifest.json").read_text())
     for name, record in manifest["components"].items():
         assert record["backend"] == "neuron" and record["compiler_type"] == "neuronx-cc"
-        assert record["compiler_version"] == "2.99.0.test"
+        assert record["compiler_version"] == "2.99.0+test.double"
         assert record["compiler_args"] == calls[name]["compiler_args"]
         assert record["validation"] == {"status": "skipped", "reason": "skipped: no Neuron device",
                                         "max_abs_diff": None, "atol": record["validation"]["atol"]}
         neuron = json.loads((output / name / "config.json").read_text())["neuron"]
-        assert neuron["compiler_type"] == "neuronx-cc" and neuron["compiler_version"] == "2.99.0.test"
+        assert neuron["compiler_type"] == "neuronx-cc" and neuron["compiler_version"] == "2.99.0+test.double"
     assert not list(tmp_path.glob(".sd_neuron.*"))
 
 
@@ -111,3 +124,48 @@ def test_cpu_backend_records_no_compiler_flags_but_the_neuron_ones_for_reference
     record = json.loads((output / "manifest.json").read_text())["components"]["unet"]
     assert record["compiler_args"] == [] and record["compiler_type"] == "torchscript-cpu"
     assert "--model-type=unet-inference" in record["neuron_compiler_args"]
+
+
+def test_the_manifest_records_how_each_component_was_traced(neuron_sdk, cli, tiny_model, tmp_path):
+    output = tmp_path / "sd_neuron"
+    assert cli("sd", "-m", tiny_model("sd"), "--backend", "neuron", "-o", output, "--dynamic-batch-size").exit_code == 0
+    calls = calls_by_component(neuron_sdk())
+    manifest = json.loads((output / "manifest.json").read_text())
+    for name, record in manifest["components"].items():
+        assert record["cpu_backend"] is calls[name]["cpu_backend"] is True
+        assert record["after_trace"] == calls[name]["after_trace"]
+    assert manifest["components"]["unet"]["after_trace"] == ["dynamic_batch", "async_load", "lazy_load"]
+
+
+def test_cpu_backend_is_passed_exactly_when_no_neuron_device_is_present(neuron_sdk, monkeypatch, tmp_path):
+    import torch
+
+    from neuron_export.backends import neuron
+    from neuron_export.backends.request import CompileRequest
+
+    devices = tmp_path / "devices"
+    monkeypatch.setattr(neuron, "DEVICES_FILE", devices)
+    devices.write_text("Character devices:\n  1 mem\n 10 misc\n")
+    assert not neuron.device_present() and neuron.validation_skip_reason() == "skipped: no Neuron device"
+    devices.write_text("Character devices:\n  1 mem\n245 neuron\n")
+    assert neuron.device_present() and neuron.validation_skip_reason() is None
+
+    request = CompileRequest(component="vae_decoder", compiler_args=("--optlevel", "2"), inline_weights=True,
+                             cpu_backend=not neuron.device_present(), after_trace=("async_load",),
+                             workdir=tmp_path / "work" / "vae_decoder")
+    neuron.compile(torch.nn.Identity(), [torch.zeros(1, 4)], request)
+    (call,) = neuron_sdk()
+    assert call["cpu_backend"] is False and call["after_trace"] == ["async_load"]
+
+
+@pytest.mark.parametrize("family, kind, extra", [
+    ("sd-xl", "sdxl", []),
+    ("sd", "sd", ["--dynamic-batch-size"]),
+])
+def test_separate_weights_are_refused_where_neuronx_cc_cannot_build_them(cli, tiny_model, tmp_path, family, kind, extra):
+    """optimum-neuron silently inlines them; we say so before anything is loaded."""
+    output = tmp_path / "out"
+    result = cli(family, "-m", tiny_model(kind), "--backend", "cpu", "--no-inline-weights", *extra, "-o", output)
+    assert result.exit_code == 2, result
+    assert "--no-inline-weights" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not output.exists()

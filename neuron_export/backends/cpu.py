@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from neuron_export.backends.request import CompileRequest
+
 NAME = "cpu"
 COMPILER_TYPE = "torchscript-cpu"  # an honest marker: these files run on CPU, not on a NeuronCore
 
@@ -15,8 +17,7 @@ def compiler_version() -> str:
     return version("torch")  # read without importing torch, so plans stay instant
 
 
-def compile(wrapper: Any, example_inputs: list[Any], compiler_args: list[str], inline_weights: bool,
-            workdir: Path) -> Any:
+def compile(wrapper: Any, example_inputs: list[Any], request: CompileRequest) -> Any:
     import torch
 
     # strict=False lets the VAE halves return the dicts the runtime expects.

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from neuron_export.backends.request import CompileRequest
+
 NAME = "neuron"
 COMPILER_TYPE = "neuronx-cc"
 
@@ -29,8 +31,11 @@ MODEL_FLAGS: dict[tuple[str, bool], tuple[str, ...]] = {
     ("vae_decoder", True): (FAST_LOADING, "--model-type=unet-inference"),
 }
 AUTO_CAST_FLAG = {"none": "none", "matmul": "matmult", "all": "all"}  # neuronx-cc spells it "matmult"
-# Set while tracing diffusion models: fused softmax in attention and the custom SiLU kernel.
-COMPILE_ENVIRONMENT = {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1"}
+# Set while tracing diffusion models: fused softmax in attention, the custom SiLU kernel, and no torchdynamo
+# (it does not work with torch_neuronx tracing).
+COMPILE_ENVIRONMENT = {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1", "TORCHDYNAMO_DISABLE": "1"}
+# The Neuron driver registers a character-device major of this name once a device is present.
+DEVICES_FILE = Path("/proc/devices")
 
 
 def compiler_args(component: str, is_xl: bool, auto_cast: str, auto_cast_type: str | None,
@@ -65,19 +70,47 @@ def compile_environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def compile(wrapper: Any, example_inputs: list[Any], compiler_args: list[str], inline_weights: bool,
-            workdir: Path) -> Any:
+def device_present() -> bool:
+    """A NeuronCore is attached: the driver lists a `neuron` major in /proc/devices."""
+    try:
+        return any(line.split()[-1:] == ["neuron"] for line in DEVICES_FILE.read_text().splitlines())
+    except OSError:
+        return False
+
+
+def after_trace_calls(component: str, dynamic_batch: bool) -> list[str]:
+    """The torch_neuronx calls made on a traced module before it is saved, in order.
+
+    dynamic_batch lets the runtime split larger batches; async_load overlaps loading of every component,
+    and lazy_load defers the UNet's weights until first use so loading streams them to the device.
+    """
+    calls = ["dynamic_batch"] if dynamic_batch else []
+    calls.append("async_load")
+    if component == "unet":
+        calls.append("lazy_load")
+    return calls
+
+
+def compile(wrapper: Any, example_inputs: list[Any], request: CompileRequest) -> Any:
     import torch_neuronx
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    request.workdir.mkdir(parents=True, exist_ok=True)
     with compile_environment():
-        return torch_neuronx.trace(
+        traced = torch_neuronx.trace(
             wrapper,
             tuple(example_inputs),
-            compiler_args=compiler_args,
-            inline_weights_to_neff=inline_weights,
-            compiler_workdir=str(workdir),
+            compiler_args=list(request.compiler_args),
+            input_output_aliases={},
+            inline_weights_to_neff=request.inline_weights,
+            cpu_backend=request.cpu_backend,
+            compiler_workdir=str(request.workdir),
         )
+    for call in request.after_trace:
+        # dynamic_batch returns a new module; async_load and lazy_load mark the module in place.
+        result = getattr(torch_neuronx, call)(traced)
+        if call == "dynamic_batch":
+            traced = result
+    return traced
 
 
 def load(path: Path) -> Any:
@@ -89,6 +122,4 @@ def load(path: Path) -> Any:
 
 def validation_skip_reason() -> str | None:
     """Running a compiled NEFF needs a NeuronCore; compiling does not."""
-    if not any(Path("/dev").glob("neuron*")):
-        return "skipped: no Neuron device"
-    return None
+    return None if device_present() else "skipped: no Neuron device"

@@ -1,3 +1,7 @@
-"""TEST DOUBLE of the `neuronxcc` compiler package: only its version, for the manifest."""
+"""TEST DOUBLE of the `neuronxcc` compiler package (written by us): only its version.
 
-__version__ = "2.99.0.test"
+Our manifest records it; optimum-neuron 0.4.5 parses it with packaging.version (its exporter refuses a
+neuronx-cc older than 2.6), so it must be a valid PEP 440 version.
+"""
+
+__version__ = "2.99.0+test.double"

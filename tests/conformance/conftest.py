@@ -1,0 +1,137 @@
+"""Fixtures of the conformance suite: tiny sources, our exports of them, and optimum-neuron's verdicts.
+
+Every expensive step runs once per session and serves many tests: our exports are made in this process,
+optimum-neuron's runs happen in one process of the conformance virtualenv per subcommand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conformance import calls, venv
+from conftest import run_cli
+
+DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
+DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def conformance_venv() -> None:
+    """The suite needs optimum-neuron's own code; a missing venv is a failure, never a silent skip."""
+    reason = venv.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"the conformance virtualenv is missing: {reason}", pytrace=False)
+
+
+@contextlib.contextmanager
+def neuron_sdk_doubles() -> Iterator[None]:
+    """Our exporter sees the torch_neuronx / neuronxcc test doubles as the installed SDK (workers too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(DOUBLES))
+        for name in DOUBLE_MODULES:
+            patch.delitem(sys.modules, name, raising=False)
+        try:
+            yield
+        finally:
+            for name in DOUBLE_MODULES:
+                sys.modules.pop(name, None)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One export, made by us and (for call conformance) by optimum-neuron, with the same options."""
+
+    name: str
+    source: str  # a tiny example kind
+    family: str  # our command
+    task: str = "text-to-image"
+    batch_size: int = 1
+    num_images_per_prompt: int = 1
+    height: int | None = None
+    width: int | None = None
+    dynamic_batch_size: bool = False
+    unet: str | None = None  # a tiny example kind used as the replacement UNet
+    source_folder: str | None = None  # the source copied under this folder name first
+    pipeline: str = ""  # optimum-neuron's class that loads it
+    call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
+
+    def our_args(self, sources: "Sources") -> list[str]:
+        args = [self.family, "-m", sources.path(self), "--task", self.task, "--batch-size", str(self.batch_size),
+                "--num-images-per-prompt", str(self.num_images_per_prompt), "--disable-validation"]
+        if self.height:
+            args += ["--height", str(self.height), "--width", str(self.width)]
+        if self.dynamic_batch_size:
+            args.append("--dynamic-batch-size")
+        if self.unet:
+            args += ["--unet", sources.get(self.unet)]
+        return [str(arg) for arg in args]
+
+    def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
+        request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": self.task,
+                                   "batch_size": self.batch_size, "num_images_per_prompt": self.num_images_per_prompt,
+                                   "height": self.height or 64, "width": self.width or 64,
+                                   "dynamic_batch_size": self.dynamic_batch_size}
+        if self.unet:
+            request["unet"] = sources.get(self.unet)
+        return request
+
+
+class Sources:
+    """Tiny example pipelines, built once per session (read-only for tests)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.built: dict[str, Path] = {}
+
+    def get(self, kind: str) -> Path:
+        from neuron_export.examples import build_example
+
+        if kind not in self.built:
+            self.built[kind] = build_example(kind, self.root / kind)
+        return self.built[kind]
+
+    def path(self, case: Case) -> Path:
+        source = self.get(case.source)
+        if case.source_folder is None:
+            return source
+        renamed = self.root / "renamed" / case.source_folder
+        if not renamed.exists():
+            shutil.copytree(source, renamed)
+            # Some published checkpoints keep the name they were saved under in the UNet config.
+            unet_config = renamed / "unet" / "config.json"
+            unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "_name_or_path": str(renamed)}))
+        return renamed
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
+    return Sources(tmp_path_factory.mktemp("conformance-sources"))
+
+
+def export_ours(case: Case, sources: Sources, output: Path, backend: str) -> Path:
+    """Exported with a cache of its own: every component is compiled, none is taken from another case."""
+    cache = output.parent / f"{output.name}.cache"
+    result = run_cli(*case.our_args(sources), "--backend", backend, "-o", output, "--cache-dir", cache)
+    assert result.exit_code == 0, result
+    return output
+
+
+def manifest(export: Path) -> dict[str, Any]:
+    return json.loads((export / "manifest.json").read_text())
+
+
+def component_configs(export: Path) -> dict[str, dict[str, Any]]:
+    return {path.parent.name: json.loads(path.read_text()) for path in sorted(export.glob("*/config.json"))}
+
+
+def our_trace_calls(export: Path) -> dict[str, dict[str, Any]]:
+    """The double records our workers' calls two levels above their compiler work dir: the export's parent."""
+    return calls.by_component(calls.read_trace_calls(export.parent / "torch_neuronx_calls.jsonl"))

@@ -1,0 +1,111 @@
+"""Loader conformance: optimum-neuron 0.4.5's own pipeline classes load our CPU exports unchanged, and
+generate the same pixels as diffusers' eager pipeline on the source at the same seed, scheduler and guidance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conformance import venv
+from conformance.conftest import Case, Sources, export_ours, manifest
+
+PROMPT = "a lighthouse on a cliff at dusk"
+MAX_PIXEL_DIFF = 1e-4  # pixels are in [0, 1]; TorchScript on the CPU repeats eager arithmetic (~1e-6 seen)
+
+CASES = [
+    Case("sd", "sd", "sd", pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 3, "guidance_scale": 7.5}),
+    Case("sd-image-to-image", "sd", "sd", task="image-to-image", pipeline="NeuronStableDiffusionImg2ImgPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.75, "image": "init"}),
+    Case("sd-inpainting", "sd-inpaint", "sd", task="inpainting", pipeline="NeuronStableDiffusionInpaintPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 3, "image": "init", "mask_image": "mask"}),
+    Case("sdxl", "sdxl", "sd-xl", pipeline="NeuronStableDiffusionXLPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 3, "guidance_scale": 5.0}),
+    Case("sdxl-image-to-image", "sdxl", "sd-xl", task="image-to-image",
+         pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"}),
+    # A turbo checkpoint is an SDXL pipeline run without guidance in one step (its model card's call).
+    Case("turbo", "sdxl", "sd-xl", pipeline="NeuronStableDiffusionXLPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 1, "guidance_scale": 0.0}),
+    Case("lcm", "lcm", "lcm", pipeline="NeuronLatentConsistencyModelPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.5}),
+    # optimum-neuron decides LCM from the UNet config's name: a folder name must not decide it either way.
+    Case("lcm-plain-folder", "lcm", "lcm", source_folder="dreamshaper-v7", pipeline="NeuronLatentConsistencyModelPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.5}),
+    Case("sd-in-lcm-named-folder", "sd", "sd", source_folder="lcm-experiments", pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 7.5}),
+    Case("lcm-sdxl", "sdxl", "sd-xl", unet="lcm-sdxl-unet", pipeline="NeuronStableDiffusionXLPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.0}),
+    Case("batch-2", "sd", "sd", batch_size=2, pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2}),
+    Case("2-images-per-prompt", "sd", "sd", num_images_per_prompt=2, pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
+    Case("non-square", "sd", "sd", height=64, width=96, pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2}),
+    Case("dynamic-batch", "sd", "sd", dynamic_batch_size=True, pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2}),
+    Case("sdxl-non-square-2-images", "sdxl", "sd-xl", height=96, width=64, num_images_per_prompt=2,
+         pipeline="NeuronStableDiffusionXLPipeline",
+         call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
+]
+REFINER = Case("sdxl-refiner", "sdxl-refiner", "sd-xl", task="image-to-image",
+               pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
+               call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"})
+
+
+def generate_request(case: Case, sources: Sources, export: Path, images: dict[str, Path]) -> dict[str, Any]:
+    kwargs = {key: str(images[value]) if key.endswith("image") else value for key, value in case.call.items()}
+    compiled = {name: [tensor["shape"] for tensor in record["inputs"]]
+                for name, record in manifest(export)["components"].items()}
+    request = {"name": case.name, "export_dir": export, "pipeline": case.pipeline, "source_dir": sources.path(case),
+               "kwargs": kwargs, "seed": 0, "compiled_inputs": compiled, "dynamic_batch": case.dynamic_batch_size}
+    if case.unet:
+        request["source_unet"] = sources.get(case.unet)
+    return request
+
+
+@pytest.fixture(scope="module")
+def loaded(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Each case exported by us (cpu backend), then loaded and run by optimum-neuron: {name: its result}."""
+    root = tmp_path_factory.mktemp("loader")
+    images = {"init": venv.write_test_image(root / "init.png", 64, 64),
+              "mask": venv.write_test_image(root / "mask.png", 64, 64, mask=True)}
+    requests, exports = [], {}
+    for case in [*CASES, REFINER]:
+        exports[case.name] = export_ours(case, sources, root / case.name, backend="cpu")
+        requests.append(generate_request(case, sources, exports[case.name], images))
+    results = venv.generate(requests)["results"]
+    return {result["name"]: {**result, "manifest": manifest(exports[result["name"]])} for result in results}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_optimum_neuron_loads_our_export_and_matches_diffusers(case: Case, loaded: dict[str, dict[str, Any]]):
+    result = loaded[case.name]
+    assert result["ok"], result.get("error")
+    assert result["shape_errors"] == []  # every component was called at the shapes it was compiled for
+    assert result["optimum_shape"] == result["reference_shape"]
+    assert result["max_abs_diff"] <= MAX_PIXEL_DIFF, result
+    # The core placement optimum-neuron chose is the one our manifest states.
+    assert result["data_parallel_mode"] == result["manifest"]["pipeline"]["data_parallel_mode"]
+
+
+def test_lcm_runs_on_both_cores_whatever_its_folder_is_called(loaded: dict[str, dict[str, Any]]):
+    for name in ("lcm", "lcm-plain-folder", "lcm-sdxl"):
+        assert (loaded[name]["data_parallel_mode"], loaded[name]["is_lcm"]) == ("all", True), name
+        assert loaded[name]["scheduler"] == "LCMScheduler", name
+    assert (loaded["sd-in-lcm-named-folder"]["data_parallel_mode"], loaded["sd-in-lcm-named-folder"]["is_lcm"]) == ("unet", False)
+
+
+def test_guidance_pipelines_split_the_doubled_batch_over_the_two_cores(loaded: dict[str, dict[str, Any]]):
+    placement = loaded["sd"]["placement"]["unet"]
+    assert placement["data_parallel"] and placement["device_ids"] == [0, 1]
+    assert {call["core"] for call in placement["core_calls"]} == {0, 1}
+
+
+def test_the_refiner_fails_in_optimum_neuron_as_documented(loaded: dict[str, dict[str, Any]]):
+    """optimum-neuron 0.4.5 cannot load a pipeline without text_encoder; our own runtime can (test_generate)."""
+    error = loaded["sdxl-refiner"]["error"]
+    assert (error["stage"], error["type"], error["message"]) == ("load", "KeyError", "'text_encoder'")
