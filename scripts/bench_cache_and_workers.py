@@ -271,7 +271,7 @@ class SizeResult:
 
 def measure(name: str, model: Path, work: Path, use_strace: bool) -> SizeResult:
     print(f"\n=== {name}: {model} ===", flush=True)
-    base = work / name
+    base = work / f"{name}-runs"  # beside the model: an output inside the source is refused
     cache_a, out_a = base / "cache-serial", base / "export-serial"
     env_a = environment(cache_a)
 
