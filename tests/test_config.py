@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,15 @@ def test_help_does_not_import_torch():
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out and "sd-xl" in out
+
+
+def test_shell_completion_is_enabled():
+    shown = subprocess.run([sys.executable, "-m", "neuron_export", "--show-completion", "bash"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "_NEURON_EXPORT_COMPLETE" in shown
+    completing = {**os.environ, "_NEURON_EXPORT_COMPLETE": "complete_bash", "COMP_WORDS": "neuron-export sd --hei", "COMP_CWORD": "2"}
+    completed = subprocess.run([sys.executable, "-m", "neuron_export"], env=completing, capture_output=True, text=True).stdout
+    assert completed.split() == ["--height"]
 
 
 def test_config_errors_do_not_import_torch():

@@ -72,7 +72,8 @@ class _Worker:
         self.process, self.job, self.build_dir, self.reader = process, job, build_dir, reader
 
 
-def _work_order(job: Job, plan: Plan) -> WorkOrder:
+def work_order(job: Job, plan: Plan) -> WorkOrder:
+    """What the worker building `job` receives: the job and four settings, not the plan (whose config holds the token)."""
     source = plan.source
     root = source.unet_path if job.component == "unet" and source.unet_path else source.path
     return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
@@ -84,7 +85,7 @@ def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worke
         build_dir = cache.new_build_dir(job.cache_key)
     # One pipe per worker, not a shared queue: no named semaphores to outlive an interrupted parent.
     reader, writer = context().Pipe(duplex=False)
-    process = context().Process(target=worker_main, args=(_work_order(job, plan), build_dir, workdir, writer), daemon=True,
+    process = context().Process(target=worker_main, args=(work_order(job, plan), build_dir, workdir, writer), daemon=True,
                                 name=f"neuron-export-{job.component}")
     try:
         process.start()

@@ -8,14 +8,14 @@ report stages, the finished ComponentRecord, or a one-sentence error back over a
 from __future__ import annotations
 
 import ctypes
+import gc
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
-import traceback
-import gc
-import shutil
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +26,7 @@ from neuron_export.backends.select import get_backend
 from neuron_export.components.registry import family_module
 from neuron_export.components.spec import flatten, make_inputs
 from neuron_export.errors import BuildError, ExportError
+from neuron_export.exporter.lifetime import die_with_parent
 from neuron_export.exporter.plan import Job
 from neuron_export.exporter.storage import check_room, writing
 from neuron_export.files import ARTIFACT_NAME
@@ -43,16 +44,6 @@ def context() -> Any:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(["neuron_export.exporter._preload"])
     return _context
-
-
-def die_with_parent() -> None:
-    """The kernel kills this process when its parent dies, even by SIGKILL and even while it is stopped or busy.
-    Set in the fork server (the exporter's child, see _preload) and in each worker (the fork server's child)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 TRACE_SEED, VALIDATION_SEED = 0, 1
