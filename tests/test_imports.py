@@ -108,3 +108,9 @@ def test_finished_exports_are_read_without_the_exporter(room):
 def test_importing_the_api_does_not_import_torch():
     code = "import neuron_export, sys; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_module_is_longer_than_400_lines():
+    long = {str(path.relative_to(PACKAGE)): lines for path in PACKAGE.rglob("*.py")
+            if (lines := len(path.read_text().splitlines())) > 400}
+    assert not long
