@@ -31,7 +31,7 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def run_export(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+def export_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
     """Plan every export (a shape matrix makes several) before building any, then build them in turn;
     components they share come from the cache after the first build."""
     import neuron_export
@@ -58,7 +58,7 @@ def run_export(family_or_config: Any, overrides: list[str], options: dict[str, A
         print(json.dumps(results[0] if len(results) == 1 else {"ok": True, "exports": results}), flush=True)
 
 
-def run_plan(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+def plan_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
     import neuron_export
     from neuron_export.cli.render import render_plans
 
@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
     )
     app.add_typer(plan_app, name="plan")
     for family in FAMILY_HELP:
-        app.command(family, help=FAMILY_HELP[family])(family_command(family, run_export))
-        plan_app.command(family, help=f"Plan: {FAMILY_HELP[family]}")(family_command(family, run_plan))
-    app.command("build", help=BUILD_HELP)(build_command(run_export))
-    plan_app.command("build", help="Plan an export from a YAML config file.")(build_command(run_plan))
+        app.command(family, help=FAMILY_HELP[family])(family_command(family, export_and_render))
+        plan_app.command(family, help=f"Plan: {FAMILY_HELP[family]}")(family_command(family, plan_and_render))
+    app.command("build", help=BUILD_HELP)(build_command(export_and_render))
+    plan_app.command("build", help="Plan an export from a YAML config file.")(build_command(plan_and_render))

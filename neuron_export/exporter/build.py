@@ -1,8 +1,5 @@
-"""Runs a Plan: one component at a time is loaded, traced, saved, freed, then reloaded and checked.
-
-Memory stays near one component's weights: the eager model's reference outputs on fresh inputs are
-computed before tracing, the model is freed after saving, and only then is the artifact loaded back.
-"""
+"""Runs a Plan, the parent's side: cache lookups, the missing components built in worker processes
+(worker.py) within the memory budget, then the export assembled beside its output and renamed into place."""
 
 from __future__ import annotations
 

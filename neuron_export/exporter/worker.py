@@ -2,7 +2,10 @@
 
 Workers are forked from a fork server that has torch and diffusers imported (a spawn per component would
 re-import them each time), inherit malloc settings that limit fragmentation, die with their parent, and
-report stages, the finished ComponentRecord, or a one-sentence error back over a pipe of their own.
+report stages, the finished ComponentRecord, or the error (with its traceback) back over a pipe of their own.
+
+Memory stays near one component's weights: the eager model's reference outputs on fresh inputs are
+computed before tracing, the model is freed after saving, and only then is the artifact loaded back.
 """
 
 from __future__ import annotations
