@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from neuron_export.version import __version__
 from neuron_export.exporter.cache import CacheEntry, ComponentCache, link_or_copy
@@ -77,6 +79,21 @@ def work_order(job: Job, plan: Plan) -> WorkOrder:
                      disable_validation=plan.config.disable_validation, source_root=root)
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM waits until the fork server has a worker's whole request (cut short, the fork server
+    dies printing a traceback); the KeyboardInterrupt is raised as soon as the request is sent."""
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()  # started before blocking: the fork server and its workers must not inherit the mask
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+
+
 def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worker:
     with writing("the component cache", cache.root, job.weights.bytes, "--cache-dir"):
         build_dir = cache.new_build_dir(job.cache_key)
@@ -85,7 +102,8 @@ def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worke
     process = context().Process(target=worker_main, args=(work_order(job, plan), build_dir, workdir, writer), daemon=True,
                                 name=f"neuron-export-{job.component}")
     try:
-        process.start()
+        with _interrupts_deferred():
+            process.start()
     except BaseException:  # interrupted while starting: leave nothing behind
         if process.pid is not None:
             process.kill()
