@@ -1,3 +1,58 @@
-"""neuron-export: compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium."""
+"""neuron-export: compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium.
 
-__version__ = "0.1.0"
+The Python API, the one the `neuron-export` commands call:
+
+    import neuron_export
+
+    plan = neuron_export.plan("sd", model="stable-diffusion-v1-5/stable-diffusion-v1-5", height=512, width=512)
+    result = neuron_export.export("sd", model="stable-diffusion-v1-5/stable-diffusion-v1-5", output="sd_neuron")
+    result.output, result.manifest, result.up_to_date, result.origins
+    pipe = neuron_export.load(result.output)  # a ready diffusers pipeline
+
+Options are the export commands' flags with underscores (`batch_size=2`, `auto_cast="matmul"`); a YAML config
+path may stand for the family, with `overrides=["height=768"]` as `--set` does. Bad input raises
+`ExportError` with the CLI's one-sentence message. Importing this package imports neither torch nor diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+from neuron_export.errors import ExportError
+from neuron_export.version import __version__
+
+if TYPE_CHECKING:
+    from neuron_export.exporter.build import EventHandler
+    from neuron_export.exporter.plan import Plan
+    from neuron_export.exporter.run import ExportResult
+
+__all__ = ["ExportError", "__version__", "export", "load", "plan"]
+
+
+def plan(family_or_config: Union[str, Path], *, overrides: Sequence[str] = (), **options: Any) -> Union[Plan, list[Plan]]:
+    """What an export would build (jobs, shapes, flags, cache hits, memory and time estimates); loads no model.
+    One Plan, or a list when height, width or batch_size name several values (a shape matrix)."""
+    from neuron_export.exporter.run import plan_exports
+
+    plans = plan_exports(family_or_config, overrides, **options)
+    return plans[0] if len(plans) == 1 else plans
+
+
+def export(family_or_config: Union[str, Path, Plan], *, overrides: Sequence[str] = (),
+           on_event: Optional[EventHandler] = None, **options: Any) -> Union[ExportResult, list[ExportResult]]:
+    """Export (or find up to date) and return the result: output path, manifest, up_to_date, per-component origin.
+    Takes a family name ("sd", "sd-xl", "lcm"), a YAML config path, or a Plan from `plan()`."""
+    from neuron_export.exporter.plan import Plan
+    from neuron_export.exporter.run import plan_exports, run_plan
+
+    plans = [family_or_config] if isinstance(family_or_config, Plan) else plan_exports(family_or_config, overrides, **options)
+    results = [run_plan(one, on_event) for one in plans]
+    return results[0] if len(results) == 1 else results
+
+
+def load(export_dir: Union[str, Path]) -> Any:
+    """The export behind the matching diffusers pipeline, ready to call (what `neuron-export generate` runs)."""
+    from neuron_export.runtime.loading import load_pipeline
+
+    return load_pipeline(Path(export_dir))

@@ -1,25 +1,59 @@
-"""The one exception type that reaches the user as a single sentence instead of a traceback."""
+"""The exit-code table and the exceptions that reach the user as one sentence instead of a traceback.
+
+Each exception class carries its exit code; `neuron_export.cli.main` is the one place that turns an
+exception into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
 
 
-class UserError(Exception):
+class ExitCode(IntEnum):
+    """Every exit code the CLI uses, and only these."""
+
+    OK = 0
+    BUILD_FAILED = 1  # a component failed to build or validate, or the Hub refused a push
+    USAGE = 2  # bad input: a flag, a config key, a path, a model the tool cannot export
+    INTEGRITY = 3  # an export's (or a cache entry's) files do not match their record
+    COMPATIBILITY = 4  # this host's software cannot run the export
+    DOES_NOT_FIT = 5  # the export does not fit the instance given to `verify --target`
+    MEMORY_BUDGET = 6  # the largest build cannot fit --max-memory
+    STORAGE = 7  # disk full, quota, read-only or unwritable
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM, as shells report SIGINT
+
+
+class ExportError(Exception):
     """Bad input or an environment problem the user can fix; the message names field, value and fix."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
-class BuildError(UserError):
+class BuildError(ExportError):
     """A component failed to build or validate; the export was not written."""
 
-    exit_code = 1
+    exit_code = ExitCode.BUILD_FAILED
 
 
-class MemoryBudgetError(UserError):
+class MemoryBudgetError(ExportError):
     """The largest job cannot fit the memory budget; refused before anything is loaded."""
 
-    exit_code = 6
+    exit_code = ExitCode.MEMORY_BUDGET
 
 
-class StorageError(UserError):
+class StorageError(ExportError):
     """A write failed (disk full, quota, read-only or not writable); nothing half-written was left behind."""
 
-    exit_code = 7
+    exit_code = ExitCode.STORAGE
+
+
+class IntegrityError(ExportError):
+    """An export whose files do not match its manifest (push refuses it)."""
+
+    exit_code = ExitCode.INTEGRITY
+
+
+class PushError(ExportError):
+    """The Hub refused or could not be reached; nothing about the export is wrong."""
+
+    exit_code = ExitCode.BUILD_FAILED

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
+from neuron_export.example_tokenizer import BOS, EOS, TOKENIZER_MAX_LENGTH, make_tokenizer, tokenizer_vocab, write_tokenizer_files
+
 EXAMPLE_KINDS = ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
 
 # --- shared dimensions of the tiny examples -------------------------------------------------------
 
-TOKENIZER_MAX_LENGTH = 77
 TINY_TEXT_HIDDEN = 32  # hidden size of every tiny CLIP text encoder
 TINY_TEXT_PROJECTION = 32  # projection_dim of the tiny SDXL text_encoder_2 (pooled embeds)
 TINY_ADDITION_TIME_EMBED_DIM = 8  # SDXL "text_time" embedding width per time id
@@ -23,84 +23,6 @@ TINY_TIME_COND_PROJ_DIM = 32  # LCM guidance-embedding width (UNet time_cond_pro
 TINY_UNET_SAMPLE_SIZE = 8  # latent side; with the vae scale factor of 8 the default image is 64x64
 
 # BPE merges of the tiny tokenizer: a handful, just so that merging is exercised.
-_MERGES = (
-    ("t", "h"),
-    ("th", "e</w>"),
-    ("a", "n"),
-    ("i", "n"),
-    ("o", "n</w>"),
-    ("e", "r"),
-    ("a", "t</w>"),
-    ("c", "at</w>"),
-    ("d", "o"),
-    ("do", "g</w>"),
-    ("t", "o</w>"),
-    ("p", "h"),
-    ("ph", "o"),
-    ("pho", "to</w>"),
-)
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_MERGES_HEADER = "#version: 0.2"
-
-
-# --- tokenizer ------------------------------------------------------------------------------------
-
-
-def _byte_alphabet() -> list[str]:
-    """One printable unicode character per byte value, as byte-level BPE (GPT-2/CLIP) uses.
-
-    Bytes that are already visible, non-space latin-1 characters stand for themselves; every
-    other byte (controls, space, soft hyphen, ...) is shifted to code points 256, 257, ...
-    """
-    visible = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    alphabet = []
-    shifted = 0
-    for byte in range(256):
-        if byte in visible:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(256 + shifted))
-            shifted += 1
-    return alphabet
-
-
-def tokenizer_vocab() -> dict[str, int]:
-    """The tiny tokenizer's vocabulary: bytes, bytes ending a word, merged pairs, then specials."""
-    alphabet = _byte_alphabet()
-    tokens = alphabet + [char + "</w>" for char in alphabet] + [a + b for a, b in _MERGES]
-    tokens += [_BOS, _EOS]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def _make_tokenizer():
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer(
-        vocab=tokenizer_vocab(),
-        merges=list(_MERGES),
-        unk_token=_EOS,
-        bos_token=_BOS,
-        eos_token=_EOS,
-        pad_token=_EOS,
-        model_max_length=TOKENIZER_MAX_LENGTH,
-    )
-
-
-def _write_tokenizer_files(folder: pathlib.Path) -> None:
-    """Add the files a slow CLIPTokenizer needs (transformers 5 only writes tokenizer.json).
-
-    vocab.json + merges.txt are what `CLIPTokenizer` of transformers 4.x reads; special_tokens_map.json
-    is kept for the same older readers.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(tokenizer_vocab(), ensure_ascii=False), encoding="utf-8")
-    merges = "\n".join([_MERGES_HEADER] + [f"{a} {b}" for a, b in _MERGES]) + "\n"
-    (folder / "merges.txt").write_text(merges, encoding="utf-8")
-    special = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": _EOS, "unk_token": _EOS}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-
-
 # --- model factories ------------------------------------------------------------------------------
 
 
@@ -128,9 +50,9 @@ def _clip_text_config(
         hidden_act=hidden_act,
         layer_norm_eps=1e-5,
         # Pooling takes the hidden state at the eos token, so the ids must match the tokenizer.
-        bos_token_id=vocab[_BOS],
-        eos_token_id=vocab[_EOS],
-        pad_token_id=vocab[_EOS],
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS],
     )
 
 
@@ -241,7 +163,7 @@ def _sd_like(pipeline_cls, unet, scheduler):
     return pipeline_cls(
         vae=_tiny_vae(),
         text_encoder=_tiny_text_encoder(),
-        tokenizer=_make_tokenizer(),
+        tokenizer=make_tokenizer(),
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
@@ -277,8 +199,8 @@ def _build_sdxl():
         vae=_tiny_vae(scaling_factor=0.13025),
         text_encoder=_tiny_text_encoder(),
         text_encoder_2=_tiny_text_encoder_2(),
-        tokenizer=_make_tokenizer(),
-        tokenizer_2=_make_tokenizer(),
+        tokenizer=make_tokenizer(),
+        tokenizer_2=make_tokenizer(),
         unet=_tiny_sdxl_unet(),
         scheduler=_euler_scheduler(),
         add_watermarker=False,
@@ -293,7 +215,7 @@ def _build_sdxl_refiner():
         text_encoder=None,
         text_encoder_2=_tiny_text_encoder_2(),
         tokenizer=None,
-        tokenizer_2=_make_tokenizer(),
+        tokenizer_2=make_tokenizer(),
         unet=_tiny_sdxl_unet(refiner=True),
         scheduler=_euler_scheduler(),
         requires_aesthetics_score=True,
@@ -317,7 +239,7 @@ def _save_pipeline(pipeline, directory: pathlib.Path) -> None:
     pipeline.save_pretrained(directory, safe_serialization=True)
     for name in _TOKENIZER_FOLDERS:
         if getattr(pipeline, name, None) is not None:
-            _write_tokenizer_files(directory / name)
+            write_tokenizer_files(directory / name)
     if (directory / "text_encoder" / "model.safetensors").is_file():
         _prefix_text_model_keys(directory / "text_encoder" / "model.safetensors")
 
@@ -395,9 +317,9 @@ def _build_sd15_full(directory: pathlib.Path) -> None:
     del unet
     gc.collect()
 
-    tokenizer = _make_tokenizer()
+    tokenizer = make_tokenizer()
     tokenizer.save_pretrained(directory / "tokenizer")
-    _write_tokenizer_files(directory / "tokenizer")
+    write_tokenizer_files(directory / "tokenizer")
     scheduler = _euler_scheduler()
     scheduler.save_pretrained(directory / "scheduler")
 

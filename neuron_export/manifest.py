@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-MANIFEST_NAME = "manifest.json"
+from neuron_export.errors import ExportError
+from neuron_export.files import MANIFEST_NAME
+
 MANIFEST_FORMAT = 1
 HASH_CHUNK = 8 * 2**20
 
@@ -103,19 +105,40 @@ class Manifest(BaseModel):
         path.write_text(self.model_dump_json(indent=2) + "\n")
         return path
 
-    @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        return cls.model_validate_json((directory / MANIFEST_NAME).read_text())
-
     def all_files(self) -> list[FileRecord]:
         return [f for record in self.components.values() for f in record.files] + list(self.files)
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """The export's manifest, or a one-sentence ExportError naming the directory and what to do.
+    The one reader: export (up to date?), inspect, verify, generate and push all read through it."""
+    from pydantic import ValidationError
+
+    directory = Path(directory)
+    if not directory.exists():
+        raise ExportError(f"EXPORT_DIR {directory} does not exist; pass the directory a neuron-export export wrote.")
+    if not directory.is_dir():
+        raise ExportError(f"EXPORT_DIR {directory} is a file, not a directory; pass the export's directory.")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ExportError(f"EXPORT_DIR {directory} has no {MANIFEST_NAME}, so it is not a neuron-export export; "
+                        "export it with `neuron-export sd|sd-xl|lcm`.")
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "(top level)"
+        raise ExportError(f"{path} is not a valid neuron-export manifest ({where}: {first.get('msg')}); "
+                        "restore it or re-export.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} cannot be read ({exc}); check its permissions or re-export.") from None
 
 
 def is_export(directory: Path) -> bool:
     """Whether `directory` holds a neuron-export export: the only non-empty directory --force may replace."""
     try:
-        return Manifest.read(directory).tool == "neuron-export"
-    except (OSError, ValueError):  # no manifest, unreadable, not JSON, or not ours (pydantic errors are ValueErrors)
+        return read_manifest(directory).tool == "neuron-export"
+    except ExportError:  # no manifest, unreadable, not JSON, or not ours
         return False
 
 

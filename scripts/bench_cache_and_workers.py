@@ -52,7 +52,7 @@ def hook(event, args):
         sys.stderr.write(f"AUDIT-OPEN {args[0]} | {where}\n")
 from pathlib import Path
 sys.addaudithook(hook)
-from neuron_export.cli import main
+from neuron_export.cli.main import main
 sys.argv = ["neuron-export", *sys.argv[1:]]
 main()
 """

@@ -57,7 +57,7 @@ def run_cli(*args: object) -> CliResult:
     import contextlib
     import io
 
-    from neuron_export.cli import main
+    from neuron_export.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     code = 0

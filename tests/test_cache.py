@@ -201,7 +201,7 @@ def test_plan_shows_misses_then_hits(cli, tiny_model, tmp_path):
 
 def test_plan_refuses_a_budget_smaller_than_the_largest_job_before_loading_anything(tiny_model, tmp_path):
     code = (
-        "import sys\nfrom neuron_export.cli import main\n"
+        "import sys\nfrom neuron_export.cli.main import main\n"
         f"try:\n    main(['plan', 'sd', '-m', {str(tiny_model('sd'))!r}, '--backend', 'cpu', '--max-memory', '100MiB'])\n"
         "except SystemExit as e:\n    print('EXIT', e.code)\n"
         "print('LOADED', [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
@@ -257,7 +257,7 @@ def test_cache_prune_needs_to_be_told_what_to_remove_and_can_list_it_first(cli, 
 
 
 def test_weight_hashes_are_remembered_by_path_size_and_mtime(tiny_model, tmp_path):
-    from neuron_export.cache import HashIndex
+    from neuron_export.exporter.cache import HashIndex
 
     weights = tmp_path / "w.safetensors"
     shutil.copy(next(tiny_model("sd").glob("unet/*.safetensors")), weights)
@@ -276,7 +276,7 @@ def test_weight_hashes_are_remembered_by_path_size_and_mtime(tiny_model, tmp_pat
 
 @pytest.mark.parametrize("text,seconds", [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400)])
 def test_durations(text, seconds):
-    from neuron_export.cache_cli import parse_duration
+    from neuron_export.cli.cache import parse_duration
 
     assert parse_duration(text) == seconds
 

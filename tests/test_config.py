@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from neuron_export.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
-from neuron_export.errors import UserError
+from neuron_export.exporter.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
+from neuron_export.errors import ExportError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -60,28 +61,37 @@ def test_build_command_runs_a_yaml_config(cli, tiny_model, tmp_path):
 def test_bad_yaml_files_are_one_sentence(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ExportError) as error:
         make_config(read_config_file(path))
     for word in words:
         assert word in str(error.value)
 
 
 def test_set_option_needs_key_and_value():
-    with pytest.raises(UserError, match="key=value"):
+    with pytest.raises(ExportError, match="key=value"):
         parse_set_options(["height"])
 
 
 def test_help_does_not_import_torch():
     """`neuron-export --help` stays instant: nothing heavy is imported on that path."""
-    code = ("import sys\nfrom neuron_export.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom neuron_export.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out and "sd-xl" in out
 
 
+def test_shell_completion_is_enabled():
+    shown = subprocess.run([sys.executable, "-m", "neuron_export", "--show-completion", "bash"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "_NEURON_EXPORT_COMPLETE" in shown
+    completing = {**os.environ, "_NEURON_EXPORT_COMPLETE": "complete_bash", "COMP_WORDS": "neuron-export sd --hei", "COMP_CWORD": "2"}
+    completed = subprocess.run([sys.executable, "-m", "neuron_export"], env=completing, capture_output=True, text=True).stdout
+    assert completed.split() == ["--height"]
+
+
 def test_config_errors_do_not_import_torch():
-    code = ("import sys\nfrom neuron_export.cli import main\ntry:\n    main(['sd', '--height', '513'])\nexcept SystemExit as e:\n"
+    code = ("import sys\nfrom neuron_export.cli.main import main\ntry:\n    main(['sd', '--height', '513'])\nexcept SystemExit as e:\n"
             "    print('EXIT', e.code)\nprint('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "EXIT 2" in result.stdout and "HEAVY []" in result.stdout
@@ -89,7 +99,7 @@ def test_config_errors_do_not_import_torch():
 
 
 def test_lists_in_yaml_or_commas_on_the_command_line_make_a_shape_matrix(tmp_path):
-    from neuron_export.config import make_configs
+    from neuron_export.exporter.config import make_configs
 
     path = tmp_path / "matrix.yaml"
     path.write_text("family: sd\nheight: [512, 768]\nbatch_size: [1, 2]\n")
@@ -98,5 +108,5 @@ def test_lists_in_yaml_or_commas_on_the_command_line_make_a_shape_matrix(tmp_pat
     assert {(c.height, c.width, c.batch_size) for c in configs} == {
         (h, w, b) for h in (512, 768) for w in (512, 640) for b in (1, 2)}
     assert all(c.output is None and c.output_root == tmp_path / "exports" for c in configs)
-    with pytest.raises(UserError, match="height = 513"):
+    with pytest.raises(ExportError, match="height = 513"):
         make_configs({"family": "sd", "height": "512,513"})

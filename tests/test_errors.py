@@ -177,7 +177,7 @@ def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path, isolated_cache
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
     assert not [p for p in (isolated_cache / "tmp").iterdir()]  # no half-built entry left
-    from neuron_export.cache import ComponentCache
+    from neuron_export.exporter.cache import ComponentCache
 
     cache = ComponentCache(isolated_cache)
     assert cache.verify() == [] and len(list(cache.entries())) >= 1
@@ -355,3 +355,37 @@ def test_a_full_cache_disk_fails_in_one_sentence(cli, tiny_model, tmp_path, tiny
     assert result.exit_code == 7
     assert_clean_failure(result, output, "unet", str(cache), "no space", "MiB needed")
     assert list((cache / "tmp").iterdir()) == [] and not list(cache.glob("components/*/*"))
+
+
+def _model_whose_vae_cannot_load(source: Path, tmp_path: Path) -> Path:
+    """A pipeline whose VAE config asks for wider layers than its weights hold: plans fine, crashes in the worker."""
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    config_path = model / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [width * 2 for width in config["block_out_channels"]]
+    config_path.write_text(json.dumps(config))
+    return model
+
+
+def test_a_worker_crash_is_one_sentence_and_debug_shows_both_tracebacks(cli, tiny_model, tmp_path, monkeypatch):
+    model = _model_whose_vae_cannot_load(tiny_model("sd"), tmp_path)
+    args = ("sd", "-m", model, "--backend", "cpu", "--components", "vae_decoder", "-o", tmp_path / "out")
+    result = cli(*args)
+    assert_clean_failure(result, tmp_path / "out", "Building vae_decoder crashed", "nothing was written")
+    assert result.exit_code == 1
+
+    monkeypatch.setenv("NEURON_EXPORT_DEBUG", "1")
+    result = cli(*args)
+    assert result.exit_code == 1
+    ours, _, worker = result.stderr.partition("The worker's traceback:")
+    assert "Traceback" in ours and "run_export" in ours  # the exporter's side
+    assert "Traceback" in worker and "build_component" in worker  # the worker's side, where it crashed
+    assert result.stderr.rstrip().splitlines()[-1].startswith("neuron-export: error: Building vae_decoder crashed")
+
+
+def test_debug_shows_the_traceback_of_a_user_error(cli, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURON_EXPORT_DEBUG", "1")
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--height", "513")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "ExportError" in result.stderr

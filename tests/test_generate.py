@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from neuron_export.cli import main
-from neuron_export.errors import UserError
-from neuron_export.manifest import Manifest
+from neuron_export.cli.main import main
+from neuron_export.errors import ExportError
+from neuron_export.manifest import read_manifest
 
 PROMPT = "a photo of the dog"
 STEPS = 3
@@ -155,7 +155,7 @@ def eager_images(case: Case, tiny_model) -> np.ndarray:
 
 def assert_only_compiled_shapes(pipe: Any, export_dir: pathlib.Path) -> None:
     """Every artifact call the adapters made used exactly the shapes the manifest records."""
-    manifest = Manifest.read(export_dir)
+    manifest = read_manifest(export_dir)
     runners = {"unet": pipe.unet.runner, "vae_decoder": pipe.vae.decoder_runner}
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
@@ -175,7 +175,8 @@ def assert_only_compiled_shapes(pipe: Any, export_dir: pathlib.Path) -> None:
 def test_cpu_export_matches_the_eager_pipeline(export, tiny_model, name):
     import diffusers
 
-    from neuron_export.runtime import generate_images, load_pipeline
+    from neuron_export.runtime.generation import generate_images
+    from neuron_export.runtime.loading import load_pipeline
 
     case = CASES[name]
     export_dir = export(name)
@@ -197,7 +198,7 @@ def test_cpu_export_matches_the_eager_pipeline(export, tiny_model, name):
 
 
 def test_the_refiner_pipeline_has_no_text_encoder(export):
-    from neuron_export.runtime import load_pipeline
+    from neuron_export.runtime.loading import load_pipeline
 
     pipe = load_pipeline(export("sdxl-refiner"))
     assert pipe.text_encoder is None and pipe.tokenizer is None
@@ -207,7 +208,7 @@ def test_the_refiner_pipeline_has_no_text_encoder(export):
 def test_adapters_expose_what_the_pipelines_read(export):
     import torch
 
-    from neuron_export.runtime import load_pipeline
+    from neuron_export.runtime.loading import load_pipeline
 
     pipe = load_pipeline(export("sdxl"))
     assert pipe.unet.add_embedding.linear_1.in_features == 80
@@ -395,7 +396,7 @@ REFUSALS = [
 @pytest.mark.parametrize(("name", "arguments", "words"), REFUSALS)
 def test_requests_that_do_not_fit_are_refused_before_loading(export, tmp_path, no_artifact_loads, name, arguments,
                                                               words):
-    from neuron_export.runtime import generate_images
+    from neuron_export.runtime.generation import generate_images
 
     init = tmp_path / "init.png"
     init_image().save(init)
@@ -404,7 +405,7 @@ def test_requests_that_do_not_fit_are_refused_before_loading(export, tmp_path, n
     files = {"init": init, "mask": mask}
     arguments = {key: files.get(value, value) if isinstance(value, str) else value for key, value in arguments.items()}
     prompt = arguments.pop("prompt", PROMPT)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ExportError) as error:
         generate_images(export(name), prompt, **arguments)
     message = str(error.value)
     for word in words:
@@ -414,9 +415,9 @@ def test_requests_that_do_not_fit_are_refused_before_loading(export, tmp_path, n
 
 
 def test_a_directory_without_manifest_is_refused(tmp_path):
-    from neuron_export.runtime import generate_images
+    from neuron_export.runtime.generation import generate_images
 
-    with pytest.raises(UserError, match="has no manifest.json"):
+    with pytest.raises(ExportError, match="has no manifest.json"):
         generate_images(tmp_path, PROMPT)
 
 
@@ -507,7 +508,8 @@ def fake_neuron_sdk(monkeypatch):
 
 
 def test_neuron_guidance_pipeline_puts_only_the_unet_on_both_cores(export, tiny_model, tmp_path, fake_neuron_sdk):
-    from neuron_export.runtime import generate_images, load_pipeline
+    from neuron_export.runtime.generation import generate_images
+    from neuron_export.runtime.loading import load_pipeline
 
     export_dir = as_neuron_export(export("sd"), tmp_path / "sd-neuron")
     pipe = load_pipeline(export_dir)
@@ -530,10 +532,10 @@ def test_neuron_guidance_pipeline_puts_only_the_unet_on_both_cores(export, tiny_
 
 
 def test_neuron_lcm_pipeline_puts_every_component_on_both_cores(export, tmp_path, fake_neuron_sdk):
-    from neuron_export.runtime import load_pipeline
+    from neuron_export.runtime.loading import load_pipeline
 
     export_dir = as_neuron_export(export("lcm-img2img"), tmp_path / "lcm-neuron")
-    assert Manifest.read(export_dir).pipeline.data_parallel_mode == "all"
+    assert read_manifest(export_dir).pipeline.data_parallel_mode == "all"
     pipe = load_pipeline(export_dir)
     wrapped = {id(dp.module) for dp in fake_neuron_sdk.data_parallel}
     assert len(fake_neuron_sdk.data_parallel) == 4  # text_encoder, unet, vae_encoder, vae_decoder
@@ -544,7 +546,7 @@ def test_neuron_lcm_pipeline_puts_every_component_on_both_cores(export, tmp_path
 
 
 def test_neuron_non_inlined_weights_are_moved_to_the_first_core(export, tmp_path, fake_neuron_sdk):
-    from neuron_export.runtime import load_pipeline
+    from neuron_export.runtime.loading import load_pipeline
 
     export_dir = as_neuron_export(export("sd"), tmp_path / "sd-separate", inline_weights=False)
     pipe = load_pipeline(export_dir, device_ids=(2, 3))
@@ -557,7 +559,7 @@ def test_neuron_non_inlined_weights_are_moved_to_the_first_core(export, tmp_path
 def test_neuron_export_loads_through_optimum_neuron_when_it_imports(export, tmp_path, monkeypatch):
     import diffusers
 
-    from neuron_export.runtime import load_pipeline
+    from neuron_export.runtime.loading import load_pipeline
 
     calls: list[tuple[tuple, dict]] = []
 
@@ -584,7 +586,7 @@ def test_neuron_export_loads_through_optimum_neuron_when_it_imports(export, tmp_
 def test_neuron_refiner_skips_optimum_neuron_which_cannot_load_it(export, tmp_path, monkeypatch, fake_neuron_sdk):
     import diffusers
 
-    from neuron_export.runtime import load_pipeline
+    from neuron_export.runtime.loading import load_pipeline
 
     calls: list[Any] = []
 
@@ -627,7 +629,7 @@ def test_neuron_export_without_the_sdk_is_refused_in_one_sentence(export, tmp_pa
 def test_static_runner_chunks_and_pads_to_the_compiled_batch():
     import torch
 
-    from neuron_export.runtime import StaticRunner
+    from neuron_export.runtime.adapters import StaticRunner
 
     seen: list[tuple[int, ...]] = []
 
@@ -645,19 +647,19 @@ def test_static_runner_chunks_and_pads_to_the_compiled_batch():
 
 
 def test_data_parallel_modes():
-    from neuron_export.runtime import data_parallel_components
+    from neuron_export.runtime.loading import data_parallel_components
 
     names = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     assert data_parallel_components("unet", names) == ("unet",)
     assert data_parallel_components("all", names) == tuple(names)
     assert data_parallel_components("none", names) == ()
-    with pytest.raises(UserError):
+    with pytest.raises(ExportError):
         data_parallel_components("transformer", names)
 
 
 def test_help_stays_light():
     import subprocess
 
-    code = "import sys, neuron_export.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, neuron_export.cli.main; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

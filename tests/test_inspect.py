@@ -65,9 +65,10 @@ def test_json_is_the_manifest_as_one_object(sd_export, capsys):
 
 
 def test_summary_data_has_totals(sd_export):
-    from neuron_export.inspection import load_manifest, summary
+    from neuron_export.deploy.inspection import summary
+    from neuron_export.manifest import read_manifest
 
-    manifest = load_manifest(sd_export)
+    manifest = read_manifest(sd_export)
     info = summary(manifest, sd_export)
     assert [c["name"] for c in info["components"]] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     assert info["totals"]["artifact_bytes"] == sum(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import export_tiny as export, run_cli
 
-from neuron_export import hub
+from neuron_export.deploy import hub
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
@@ -187,9 +187,9 @@ def test_bad_repo_ids_are_user_errors(sd_export, capsys, monkeypatch, repo_id):
 
 
 def test_card_for_a_hub_source_names_the_base_model(sd_export):
-    from neuron_export.inspection import load_manifest
+    from neuron_export.manifest import read_manifest
 
-    manifest = load_manifest(sd_export)
+    manifest = read_manifest(sd_export)
     manifest.source.model_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     manifest.source.commit = "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
     card = hub.model_card(manifest, "acme/sd15-neuron")
@@ -198,9 +198,9 @@ def test_card_for_a_hub_source_names_the_base_model(sd_export):
 
 
 def test_card_loading_code_follows_the_task_and_components(sd_export):
-    from neuron_export.inspection import load_manifest
+    from neuron_export.manifest import read_manifest
 
-    manifest = load_manifest(sd_export)
+    manifest = read_manifest(sd_export)
     manifest.pipeline.task = "inpainting"
     manifest.pipeline.optimum_pipeline = "NeuronStableDiffusionInpaintPipeline"
     manifest.pipeline.data_parallel_mode = "all"

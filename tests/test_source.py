@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from neuron_export.errors import UserError
-from neuron_export.source import check_safetensors, read_facts, resolve_source
+from neuron_export.errors import ExportError
+from neuron_export.exporter.source import check_safetensors, read_facts, resolve_source
 
 
 def test_hub_id_downloads_only_what_the_components_need(monkeypatch, tiny_model, tmp_path):
@@ -103,5 +103,5 @@ def test_hub_fetches_bin_weights_only_where_there_are_no_safetensors(monkeypatch
 def test_garbage_is_not_a_safetensors_file(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(b"\xff" * 100)
-    with pytest.raises(UserError, match="not a valid safetensors"):
+    with pytest.raises(ExportError, match="not a valid safetensors"):
         check_safetensors(path)

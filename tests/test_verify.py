@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import export_tiny as export, run_cli
 
-from neuron_export import verify
-from neuron_export.targets import BY_NAME, GIB, INSTANCES
-from neuron_export.verify import ComponentFootprint, RuntimeEnv, estimate, fits, smallest_fit, together
+from neuron_export.deploy import verify
+from neuron_export.deploy.targets import BY_NAME, GIB, INSTANCES
+from neuron_export.errors import ExitCode
+from neuron_export.deploy import compatibility, footprint
+from neuron_export.deploy.compatibility import RuntimeEnv
+from neuron_export.deploy.footprint import ComponentFootprint, estimate, fits, smallest_fit, together
 
 REAL_PROBE = verify.probe_environment
 NO_SDK = RuntimeEnv(torch="2.13.0+cpu", diffusers="0.42.1", sdk_problem="ModuleNotFoundError: No module named 'torch_neuronx'",
@@ -77,7 +80,7 @@ def test_one_flipped_byte_fails_integrity_and_names_the_file(sd_export, copy, ca
     artifact.write_bytes(bytes(data))
 
     code, out, err = cli(capsys, "verify", broken)
-    assert code == verify.INTEGRITY_EXIT == 3
+    assert code == ExitCode.INTEGRITY == 3
     assert "unet/model.neuron" in out and "sha256" in out
     assert "text_encoder/model.neuron" not in out.split("exit code")[0].split("integrity")[1].split("compatibility")[0]
 
@@ -159,7 +162,7 @@ def as_neuron_export(data: dict, compiler: str = "2.21.18209.0", torch_neuronx: 
 
 def test_cpu_export_cannot_run_on_a_neuroncore(sd_export, capsys):
     code, out, _ = cli(capsys, "verify", sd_export, "--target", "inf2.xlarge", "--json")
-    assert code == verify.COMPATIBILITY_EXIT == 4
+    assert code == ExitCode.COMPATIBILITY == 4
     compat = json.loads(out)["checks"]["compatibility"]
     assert compat["verdict"] == "failed"
     assert compat["problems"][0].startswith("cpu-artifact-on-neuroncore: text_encoder, unet, vae_encoder, vae_decoder")
@@ -184,28 +187,28 @@ def test_rules_on_a_neuron_host(sd_export):
     data = json.loads((sd_export / "manifest.json").read_text())
     as_neuron_export(data)
     manifest = Manifest.model_validate(data)
-    assert verify.check_compatibility(manifest, WITH_SDK).verdict == "ok"
+    assert compatibility.check_compatibility(manifest, WITH_SDK).verdict == "ok"
 
     other_cc = RuntimeEnv(**{**WITH_SDK.__dict__, "neuronx_cc": "2.22.1.0"})
-    result = verify.check_compatibility(manifest, other_cc)
+    result = compatibility.check_compatibility(manifest, other_cc)
     assert result.verdict == "failed" and result.problems[0].startswith("neuronx-cc-release: text_encoder (neuronx-cc 2.21")
 
     other_tnx = RuntimeEnv(**{**WITH_SDK.__dict__, "torch_neuronx": "2.9.0.2.11.0"})
-    assert [p.split(":")[0] for p in verify.check_compatibility(manifest, other_tnx).problems] == ["torch-neuronx-release"]
+    assert [p.split(":")[0] for p in compatibility.check_compatibility(manifest, other_tnx).problems] == ["torch-neuronx-release"]
 
     old_torch = RuntimeEnv(**{**WITH_SDK.__dict__, "torch": "2.7.1"})
-    problems = verify.check_compatibility(manifest, old_torch).problems
+    problems = compatibility.check_compatibility(manifest, old_torch).problems
     assert [p.split(":")[0] for p in problems] == ["torchscript-newer-torch"] and "torch 2.8.0, newer than" in problems[0]
 
     old_diffusers = RuntimeEnv(**{**WITH_SDK.__dict__, "diffusers": "0.29.0"})
-    assert [p.split(":")[0] for p in verify.check_compatibility(manifest, old_diffusers).problems] == ["diffusers-pipeline-class"]
+    assert [p.split(":")[0] for p in compatibility.check_compatibility(manifest, old_diffusers).problems] == ["diffusers-pipeline-class"]
     no_class = RuntimeEnv(**{**WITH_SDK.__dict__, "diffusers_pipelines": frozenset({"StableDiffusionXLPipeline"})})
-    assert "has no StableDiffusionPipeline" in verify.check_compatibility(manifest, no_class).problems[0]
+    assert "has no StableDiffusionPipeline" in compatibility.check_compatibility(manifest, no_class).problems[0]
 
 
 def test_every_rule_has_a_one_line_reason():
-    assert len({rule.id for rule in verify.RULES}) == len(verify.RULES) >= 5
-    assert all(rule.reason and "\n" not in rule.reason for rule in verify.RULES)
+    assert len({rule.id for rule in compatibility.RULES}) == len(compatibility.RULES) >= 5
+    assert all(rule.reason and "\n" not in rule.reason for rule in compatibility.RULES)
 
 
 def test_probe_environment_here_reports_the_missing_sdk():
@@ -328,7 +331,7 @@ def test_sdxl_base_plus_refiner_does_not_fit_inf2_xlarge_host_ram():
     assert fits(base, BY_NAME["inf2.xlarge"]).fits and fits(refiner, BY_NAME["inf2.xlarge"]).fits  # each alone
     verdict = fits(both, BY_NAME["inf2.xlarge"])
     assert not verdict.fits and len(verdict.reasons) == 1 and verdict.reasons[0].startswith("host RAM: loading needs about 27")
-    assert both.host_bytes == base.host_bytes + refiner.host_bytes - verify.HOST_BASE_BYTES  # one process
+    assert both.host_bytes == base.host_bytes + refiner.host_bytes - footprint.HOST_BASE_BYTES  # one process
 
 
 def test_a_tight_fit_exits_0_and_names_the_estimate_the_resource_and_the_assumption(sdxl_export, copy, capsys):
@@ -349,13 +352,13 @@ def test_a_component_on_both_cores_is_held_once_on_the_host():
     assert {c.name: c.copies for c in two_cores.components}["unet"] == 2
     assert two_cores.host_bytes == one_core.host_bytes
     assert two_cores.core_bytes[0] == one_core.core_bytes[0]  # core 1 holds only the second UNet replica
-    assert two_cores.core_bytes[1] == verify.CORE_RESERVE_BYTES + {c.name: c for c in two_cores.components}["unet"].device_bytes
+    assert two_cores.core_bytes[1] == footprint.CORE_RESERVE_BYTES + {c.name: c for c in two_cores.components}["unet"].device_bytes
 
 
 def test_models_on_one_core_share_the_largest_activation_scratchpad():
     sdxl = estimate(full_size(SDXL, 1024), "unet")
     on_core_0 = [c for c in sdxl.components if 0 in c.cores]
-    assert sdxl.core_bytes[0] == (verify.CORE_RESERVE_BYTES + sum(c.device_weight_bytes for c in on_core_0)
+    assert sdxl.core_bytes[0] == (footprint.CORE_RESERVE_BYTES + sum(c.device_weight_bytes for c in on_core_0)
                                   + max(c.activation_bytes for c in on_core_0))
     assert len({c.activation_bytes for c in on_core_0}) > 1  # the VAEs need more scratch than the encoders
 
@@ -365,7 +368,7 @@ def test_an_export_that_does_not_fit_exits_5_and_names_the_resource(sdxl_export,
     rewrite_manifest(directory, real_counts(SDXL, 1024, 1024, batch=2, auto_cast="none"))
     code, out, _ = cli(capsys, "verify", directory, "--target", "inf2.xlarge", "--json")
     fit = json.loads(out)["checks"]["fit"]
-    assert code == verify.FIT_EXIT == 5 and fit["verdict"] == "failed", fit["summary"]
+    assert code == ExitCode.DOES_NOT_FIT == 5 and fit["verdict"] == "failed", fit["summary"]
     assert fit["problems"] == [fit["problems"][0]] and fit["problems"][0].startswith("device memory: NeuronCore 0 needs about 17")
     assert "smallest instance that fits: none in the table" in fit["summary"]
     code, out, _ = cli(capsys, "verify", directory, "--target", "inf2.xlarge")
@@ -375,7 +378,7 @@ def test_an_export_that_does_not_fit_exits_5_and_names_the_resource(sdxl_export,
 def test_artifact_bytes_count_when_larger_than_the_weights():
     small = estimate(full_size(SD15, 512), "unet").host_bytes
     padded = estimate(full_size(SD15, 512, artifact_bytes=5 * GIB), "unet").host_bytes
-    assert padded == verify.HOST_BASE_BYTES + 5 * GIB * 4  # 4 components, each held once
+    assert padded == footprint.HOST_BASE_BYTES + 5 * GIB * 4  # 4 components, each held once
     assert padded > small
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.components import ComponentSpec, TensorSpec
+from neuron_export.components.spec import ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
-    from neuron_export.source import ModelFacts
+    from neuron_export.exporter.source import ModelFacts
 
 
 def describe(name: str, facts: ModelFacts, batch: int, height: int, width: int) -> ComponentSpec:

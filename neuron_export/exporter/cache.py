@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from neuron_export.files import ARTIFACT_NAME
 from neuron_export.manifest import ComponentRecord, sha256_file
 
 CACHE_ENV = "NEURON_EXPORT_CACHE"
 RECORD_NAME = "record.json"
-ARTIFACT_NAME = "model.neuron"
 # Bump when a wrapper, an input spec or the traced contract changes, so old entries stop matching.
 CONTRACT_VERSION = 2
 

@@ -9,17 +9,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuron_export import __version__
-from neuron_export.backends import get_backend, resolve_backend
+from neuron_export.version import __version__
+from neuron_export.backends.select import get_backend, resolve_backend
 from neuron_export.backends.neuron import after_trace_calls
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
-from neuron_export.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
-from neuron_export.components import ComponentSpec, describe
-from neuron_export.config import ExportConfig
-from neuron_export.errors import MemoryBudgetError, UserError
-from neuron_export.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
-from neuron_export.manifest import MANIFEST_NAME, Manifest, is_export
-from neuron_export.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
+from neuron_export.exporter.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
+from neuron_export.components.registry import describe
+from neuron_export.components.spec import ComponentSpec
+from neuron_export.exporter.config import ExportConfig
+from neuron_export.errors import MemoryBudgetError, ExportError
+from neuron_export.exporter.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
+from neuron_export.files import MANIFEST_NAME
+from neuron_export.manifest import is_export, read_manifest
+from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
 # is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
@@ -91,8 +93,8 @@ class Plan:
     def up_to_date(self) -> bool:
         """The output already holds exactly this export (same component keys, same settings)."""
         try:
-            manifest = Manifest.read(self.output)
-        except (OSError, ValueError):
+            manifest = read_manifest(self.output)
+        except ExportError:
             return False
         from neuron_export.manifest import normalized_config
 
@@ -121,16 +123,16 @@ def check_output(output: Path, force: bool) -> None:
     (that is decided once the plan exists: see Plan.up_to_date). --force replaces only an earlier
     export or an empty directory: neuron-export never deletes what it did not make."""
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file, not a directory; choose another --output.")
+        raise ExportError(f"--output {output} is a file, not a directory; choose another --output.")
     if not output.exists() or is_export(output):
         return
     if any(output.iterdir()):
-        raise UserError(
+        raise ExportError(
             f"--output {output} already exists and is not a neuron-export export (it has no {MANIFEST_NAME} of ours), "
             "so it is not replaced even with --force; choose another --output, or empty that directory yourself."
         )
     if not force:
-        raise UserError(f"--output {output} already exists (empty); pass --force to use it, or choose another --output.")
+        raise ExportError(f"--output {output} already exists (empty); pass --force to use it, or choose another --output.")
 
 
 def protected_directories(config: ExportConfig, source: ModelSource | None = None) -> list[tuple[str, Path]]:
@@ -162,13 +164,13 @@ def check_output_location(output: Path, protected: list[tuple[str, Path]]) -> No
             relation = "is inside"
         else:
             continue
-        raise UserError(f"--output {output} {relation} {what} {directory}; neuron-export never writes over what it "
+        raise ExportError(f"--output {output} {relation} {what} {directory}; neuron-export never writes over what it "
                         "reads or keeps, so choose an --output outside it.")
 
 
 def refuse_existing_output(plan: Plan) -> None:
     if plan.output.exists() and not plan.config.force and not plan.up_to_date:
-        raise UserError(
+        raise ExportError(
             f"--output {plan.output} already exists and holds a different export; "
             "pass --force to replace it, or choose another --output."
         )
@@ -203,30 +205,30 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     """A command that does not fit the model says so, naming the command that does."""
     model = config.model
     if config.family in ("sd", "lcm") and facts.is_xl:
-        raise UserError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
+        raise ExportError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
     if config.family == "sd-xl" and not facts.is_xl:
         command = "lcm" if facts.is_lcm else "sd"
-        raise UserError(f"--model {model} is not an SDXL pipeline (no text_encoder_2 / text_time UNet); export it with `neuron-export {command}`.")
+        raise ExportError(f"--model {model} is not an SDXL pipeline (no text_encoder_2 / text_time UNet); export it with `neuron-export {command}`.")
     if config.family == "sd" and facts.is_lcm:
-        raise UserError(f"--model {model} has an LCM UNet (time_cond_proj_dim is set); export it with `neuron-export lcm`.")
+        raise ExportError(f"--model {model} has an LCM UNet (time_cond_proj_dim is set); export it with `neuron-export lcm`.")
     if config.family == "lcm" and not facts.is_lcm:
-        raise UserError(
+        raise ExportError(
             f"--model {model} is not a latent consistency model (its UNet has no time_cond_proj_dim); "
             "export it with `neuron-export sd`, or pass an LCM checkpoint."
         )
     channels = facts.unet_in_channels
     if config.task == "inpainting":
         if config.family == "lcm":
-            raise UserError("--task inpainting is not available for `neuron-export lcm`; use --task text-to-image or image-to-image.")
+            raise ExportError("--task inpainting is not available for `neuron-export lcm`; use --task text-to-image or image-to-image.")
         if config.family == "sd" and channels != 9:
-            raise UserError(
+            raise ExportError(
                 f"--task inpainting needs an inpainting UNet with 9 input channels, but {model} has {channels}; "
                 "pass an inpainting checkpoint such as stable-diffusion-v1-5/stable-diffusion-inpainting."
             )
     elif channels == 9:
-        raise UserError(f"--task {config.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting.")
+        raise ExportError(f"--task {config.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting.")
     if facts.kind == "sdxl-refiner" and config.task == "text-to-image":
-        raise UserError(f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image.")
+        raise ExportError(f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image.")
 
 
 def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[str]) -> None:
@@ -234,10 +236,10 @@ def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[
     if config.inline_weights:
         return
     if config.dynamic_batch_size:
-        raise UserError("--no-inline-weights cannot be combined with --dynamic-batch-size (a dynamically batched "
+        raise ExportError("--no-inline-weights cannot be combined with --dynamic-batch-size (a dynamically batched "
                         "module needs its weights inside the NEFF); drop one of the two.")
     if facts.is_xl and "unet" in names:
-        raise UserError("--no-inline-weights: the SDXL UNet does not compile with separate weights (Neuron SDK 2.18 "
+        raise ExportError("--no-inline-weights: the SDXL UNet does not compile with separate weights (Neuron SDK 2.18 "
                         "and later); drop --no-inline-weights, or export the other components with --components.")
 
 
@@ -255,7 +257,7 @@ def make_plan(config: ExportConfig) -> Plan:
     if config.components is not None:
         missing = [name for name in config.components if name not in facts.components]
         if missing:
-            raise UserError(f"--components {missing[0]}: {config.model} has no such component; it has {', '.join(facts.components)}.")
+            raise ExportError(f"--components {missing[0]}: {config.model} has no such component; it has {', '.join(facts.components)}.")
     names = [name for name in facts.components if config.components is None or name in config.components]
     check_weight_placement(config, facts, names)
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from neuron_export.errors import UserError
+from neuron_export.errors import ExitCode, ExportError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -17,12 +17,12 @@ def parse_duration(text: str) -> float:
     """'30d', '12h', '90m' -> seconds."""
     number, unit = text[:-1], text[-1:].lower()
     if unit not in DURATION_UNITS or not number.replace(".", "", 1).isdigit():
-        raise UserError(f"--older-than {text!r} is not a duration; write it like 30d, 12h or 90m.")
+        raise ExportError(f"--older-than {text!r} is not a duration; write it like 30d, 12h or 90m.")
     return float(number) * DURATION_UNITS[unit]
 
 
 def _cache(cache_dir: Optional[Path]):  # noqa: ANN202
-    from neuron_export.cache import ComponentCache, default_cache_dir
+    from neuron_export.exporter.cache import ComponentCache, default_cache_dir
 
     return ComponentCache(cache_dir or default_cache_dir())
 
@@ -32,7 +32,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir) -> None:
     """One line per cached component: key, component, shapes, backend, size, last use."""
     import time
 
-    from neuron_export.inspection import human_bytes
+    from neuron_export.format import human_bytes
 
     cache = _cache(cache_dir)
     for entry in cache.entries():
@@ -45,7 +45,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir) -> None:
 @cache_app.command("du")
 def du_command(cache_dir: Optional[Path] = CacheDir) -> None:
     """Total size of the cache, per component kind."""
-    from neuron_export.inspection import human_bytes
+    from neuron_export.format import human_bytes
 
     cache = _cache(cache_dir)
     totals: dict[str, int] = {}
@@ -64,10 +64,10 @@ def prune_command(
     cache_dir: Optional[Path] = CacheDir,
 ) -> None:
     """Remove cached components: --all, or those unused --older-than a duration (--dry-run lists them first)."""
-    from neuron_export.inspection import human_bytes
+    from neuron_export.format import human_bytes
 
     if remove_all == (older_than is not None):  # deleting every build is never a default
-        raise UserError("cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
+        raise ExportError("cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
                         "to remove; add --dry-run to list it without deleting.")
     cache = _cache(cache_dir)
     seconds = parse_duration(older_than) if older_than else None
@@ -89,7 +89,7 @@ def verify_command(cache_dir: Optional[Path] = CacheDir) -> None:
         print(f"removed {entry.key[:12]} ({entry.record.name}): {problem}")
     print(f"{count - len(bad)} of {count} entries intact")
     if bad:
-        raise typer.Exit(3)
+        raise typer.Exit(ExitCode.INTEGRITY)
 
 
 def register(app: typer.Typer) -> None:

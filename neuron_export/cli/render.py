@@ -6,13 +6,14 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.inspection import human_bytes, validation_text
-from neuron_export.manifest import MANIFEST_NAME
+from neuron_export.deploy.inspection import validation_text
+from neuron_export.format import human_bytes
+from neuron_export.files import MANIFEST_NAME
 
 if TYPE_CHECKING:
-    from neuron_export.build import BuildEvent
+    from neuron_export.exporter.build import BuildEvent
     from neuron_export.manifest import Manifest
-    from neuron_export.plan import Plan
+    from neuron_export.exporter.plan import Plan
 
 
 class Reporter:
@@ -122,7 +123,7 @@ def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> d
 
 def render_plans(plans: list[Plan], json_mode: bool) -> None:
     """The jobs of each export: shapes, flags, cache hit or miss, estimated peak memory and time."""
-    from neuron_export.estimate import schedule_seconds
+    from neuron_export.exporter.estimate import schedule_seconds
 
     summaries = []
     for plan in plans:

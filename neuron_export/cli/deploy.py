@@ -47,9 +47,10 @@ def inspect_command(
 ) -> None:
     """Summarise an export: pipeline, source, component shapes and dtypes, compiler flags, versions, sizes,
     validation, build times and peak RSS."""
-    from neuron_export import inspection
+    from neuron_export.deploy import inspection
+    from neuron_export.manifest import read_manifest
 
-    manifest = inspection.load_manifest(export_dir)
+    manifest = read_manifest(export_dir)
     if json_output:
         print(inspection.manifest_json(manifest), flush=True)
         return
@@ -63,8 +64,8 @@ def verify_command(
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
 ) -> None:
-    from neuron_export import verify
-    from neuron_export.targets import get_instance
+    from neuron_export.deploy import verify
+    from neuron_export.deploy.targets import get_instance
 
     instance = get_instance(target) if target else None
     report = verify.verify(export_dir, instance, strict=strict)
@@ -90,7 +91,7 @@ def push_command(
     manifest.json lists, and manifest.json itself, are uploaded; the card is uploaded separately, so the
     export directory is not modified.
     """
-    from neuron_export import hub
+    from neuron_export.deploy import hub
 
     result = hub.push_export(export_dir, repo_id, private=private, revision=revision, token=token)
     if json_output:

@@ -6,51 +6,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.errors import UserError
-from neuron_export.manifest import MANIFEST_NAME
+from neuron_export.format import human_bytes, human_count
 
 if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord, Manifest
-
-
-def load_manifest(directory: Path) -> Manifest:
-    """The export's manifest, or a one-sentence UserError naming the directory and what to do."""
-    from pydantic import ValidationError
-
-    from neuron_export.manifest import Manifest
-
-    if not directory.exists():
-        raise UserError(f"EXPORT_DIR {directory} does not exist; pass the directory a neuron-export export wrote.")
-    if not directory.is_dir():
-        raise UserError(f"EXPORT_DIR {directory} is a file, not a directory; pass the export's directory.")
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(f"EXPORT_DIR {directory} has no {MANIFEST_NAME}, so it is not a neuron-export export; "
-                        "export it with `neuron-export sd|sd-xl|lcm`.")
-    try:
-        return Manifest.model_validate_json(path.read_bytes())
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "(top level)"
-        raise UserError(f"{path} is not a valid neuron-export manifest ({where}: {first.get('msg')}); "
-                        "restore it or re-export.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} cannot be read ({exc}); check its permissions or re-export.") from None
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{int(count)} B" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"
-
-
-def human_count(count: int) -> str:
-    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if count >= limit:
-            return f"{count / limit:.3g}{suffix}"
-    return str(count)
 
 
 def shape_text(record: ComponentRecord) -> str:

@@ -61,11 +61,11 @@ def instance_names() -> list[str]:
 
 
 def get_instance(name: str) -> Instance:
-    from neuron_export.errors import UserError
+    from neuron_export.errors import ExportError
 
     instance = BY_NAME.get(name.strip().lower())
     if instance is None:
-        raise UserError(f"--target {name} is not an instance type neuron-export knows; use one of {', '.join(instance_names())}.")
+        raise ExportError(f"--target {name} is not an instance type neuron-export knows; use one of {', '.join(instance_names())}.")
     return instance
 
 

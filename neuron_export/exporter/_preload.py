@@ -1,13 +1,17 @@
 """Imported once by the worker fork server, so each component's worker starts with torch already loaded."""
 
-from neuron_export.worker import die_with_parent
+import os
+
+from neuron_export.exporter.lifetime import die_with_parent
 
 # First: workers hold the fork server's "exporter alive" pipe open, so without this it outlives a killed exporter.
 die_with_parent()
+# Each worker too, from its first instruction: a worker stopped or killed before worker_main runs must not survive.
+os.register_at_fork(after_in_child=die_with_parent)
 
 import torch  # noqa: F401,E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401,E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401,E402
 
-import neuron_export.build  # noqa: F401,E402
+import neuron_export.exporter.worker  # noqa: F401,E402
 from neuron_export.components import text_encoder, unet, vae  # noqa: F401,E402

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from neuron_export.errors import StorageError
-from neuron_export.inspection import human_bytes
+from neuron_export.format import human_bytes
 
 # The OSErrors a user fixes by freeing space or choosing another place; any other OSError is a bug to report.
 REASONS = {

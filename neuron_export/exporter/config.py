@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from neuron_export.errors import UserError
+from neuron_export.errors import ExportError
 
 Family = Literal["sd", "sd-xl", "lcm"]
 Task = Literal["text-to-image", "image-to-image", "inpainting"]
@@ -168,7 +168,7 @@ def _normalize_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in ExportConfig.model_fields:
-            raise UserError(unknown_key_message(str(key), where))
+            raise ExportError(unknown_key_message(str(key), where))
         normalized[name] = value
     return normalized
 
@@ -178,15 +178,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise UserError(f"Config file {path} does not exist; pass a path to a YAML file such as configs/sd15-512.yaml.")
+        raise ExportError(f"Config file {path} does not exist; pass a path to a YAML file such as configs/sd15-512.yaml.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"Config file {path} is not valid YAML{where}; fix its syntax.") from None
+        raise ExportError(f"Config file {path} is not valid YAML{where}; fix its syntax.") from None
     if not isinstance(data, dict):
-        raise UserError(f"Config file {path} must hold a mapping of option: value, not {type(data).__name__}.")
+        raise ExportError(f"Config file {path} must hold a mapping of option: value, not {type(data).__name__}.")
     return _normalize_keys(data, str(path))
 
 
@@ -198,7 +198,7 @@ def parse_set_options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"--set {pair!r} is not key=value; write it like --set height=768.")
+            raise ExportError(f"--set {pair!r} is not key=value; write it like --set height=768.")
         result[key.strip()] = yaml.safe_load(raw) if raw else None
     return _normalize_keys(result, "--set")
 
@@ -220,7 +220,7 @@ def _merge(layers: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     if isinstance(merged.get("components"), str):
         merged["components"] = [name.strip() for name in merged["components"].split(",") if name.strip()]
     if "family" not in merged:
-        raise UserError(f"No model family given; set family to one of {', '.join(FAMILIES)} in the config file.")
+        raise ExportError(f"No model family given; set family to one of {', '.join(FAMILIES)} in the config file.")
     return merged
 
 
@@ -228,7 +228,7 @@ def _validate(values: dict[str, Any]) -> ExportConfig:
     try:
         return ExportConfig(**values)
     except ValidationError as exc:
-        raise UserError(explain_validation_error(exc)) from None
+        raise ExportError(explain_validation_error(exc)) from None
 
 
 def make_configs(*layers: dict[str, Any]) -> list[ExportConfig]:
@@ -247,5 +247,5 @@ def make_config(*layers: dict[str, Any]) -> ExportConfig:
     """One config; a shape matrix is refused here (callers that accept one use make_configs)."""
     configs = make_configs(*layers)
     if len(configs) > 1:
-        raise UserError("This command takes one shape; pass single values for height, width and batch_size.")
+        raise ExportError("This command takes one shape; pass single values for height, width and batch_size.")
     return configs[0]

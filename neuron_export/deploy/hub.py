@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.errors import UserError
+from neuron_export.errors import ExportError, PushError
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
@@ -36,15 +36,9 @@ GENERATE_ARGS = {
 }
 
 
-class PushError(UserError):
-    """The Hub refused or could not be reached; nothing about the export is wrong."""
-
-    exit_code = 1
-
-
 def check_repo_id(repo_id: str) -> str:
     if not REPO_ID.match(repo_id or "") or ".." in repo_id or len(repo_id) > 96:
-        raise UserError(f"--repo-id {repo_id!r} is not a Hub repository id; pass it as org/name (letters, digits, '-', '_', '.').")
+        raise ExportError(f"--repo-id {repo_id!r} is not a Hub repository id; pass it as org/name (letters, digits, '-', '_', '.').")
     return repo_id
 
 
@@ -64,8 +58,10 @@ def _table(rows: list[list[str]]) -> str:
 
 def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) -> str:
     """Markdown with Hub metadata: what was exported, from what, at which shapes and flags, and how to load it."""
-    from neuron_export.inspection import human_bytes, human_count, validation_text
-    from neuron_export.verify import CPU_COMPILER, footprint_of, smallest_fit
+    from neuron_export.deploy.inspection import validation_text
+    from neuron_export.format import human_bytes, human_count
+    from neuron_export.deploy.checks import CPU_COMPILER
+    from neuron_export.deploy.footprint import footprint_of, smallest_fit
 
     p, s, c, env = manifest.pipeline, manifest.source, manifest.config, manifest.environment
     records = list(manifest.components.values())
@@ -149,7 +145,7 @@ def _default_api(token: str | None) -> Any:
 def _call(step: str, function: Any, **kwargs: Any) -> Any:
     try:
         return function(**kwargs)
-    except UserError:
+    except ExportError:
         raise
     except Exception as exc:  # the Hub's HTTP errors, offline mode, connection errors: one sentence each
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -160,11 +156,12 @@ def _call(step: str, function: Any, **kwargs: Any) -> Any:
 def push_export(directory: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 token: str | None = None, api: Any = None) -> dict[str, Any]:
     """Verify integrity, then create_repo (exist_ok), upload the listed files, upload the card. Returns what was done."""
-    from neuron_export.inspection import load_manifest
-    from neuron_export.verify import MANIFEST_NAME, require_integrity
+    from neuron_export.manifest import read_manifest
+    from neuron_export.deploy.verify import require_integrity
+    from neuron_export.files import MANIFEST_NAME
 
     check_repo_id(repo_id)
-    manifest = load_manifest(directory)
+    manifest = read_manifest(directory)
     require_integrity(directory, manifest)
     card = model_card(manifest, repo_id, revision)
     files = sorted({f.path for f in manifest.all_files()} | {MANIFEST_NAME})

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from neuron_export.errors import UserError
+from neuron_export.errors import ExportError
 
 GENERATE_HELP = (
     "Generate images with an export (CPU TorchScript here; Neuron artifacts on an inf2/trn1 host) and write "
@@ -62,11 +62,11 @@ def check_output_path(output: Path) -> None:
 
     Image.init()
     if output.suffix.lower() not in Image.registered_extensions():
-        raise UserError(f"--output {output} has no image extension PIL can write; end it with .png.")
+        raise ExportError(f"--output {output} has no image extension PIL can write; end it with .png.")
     if output.is_dir():
-        raise UserError(f"--output {output} is a directory; pass a file name such as {output / 'image.png'}.")
+        raise ExportError(f"--output {output} is a directory; pass a file name such as {output / 'image.png'}.")
     if not output.parent.is_dir():
-        raise UserError(f"--output {output}: directory {output.parent} does not exist; create it or choose another path.")
+        raise ExportError(f"--output {output}: directory {output.parent} does not exist; create it or choose another path.")
 
 
 def write_image(image: Any, output: Path) -> None:
@@ -88,10 +88,13 @@ def run_generate(
     num_images_per_prompt: Optional[int] = None, batch_size: Optional[int] = None,
     height: Optional[int] = None, width: Optional[int] = None,
 ) -> Path:
-    from neuron_export import runtime
+    from neuron_export.runtime.generation import grid_shape, image_grid, run_request
+    from neuron_export.runtime.loading import load_pipeline
+    from neuron_export.runtime.reading import export_backend, read_export
+    from neuron_export.runtime.requests import resolve_request
 
-    manifest = runtime.read_export(export_dir)
-    request = runtime.resolve_request(
+    manifest = read_export(export_dir)
+    request = resolve_request(
         export_dir, manifest, prompts, negative_prompt=negative_prompt, image=image, mask=mask, strength=strength,
         steps=steps, guidance_scale=guidance_scale, seed=seed, num_images_per_prompt=num_images_per_prompt,
         batch_size=batch_size, height=height, width=width)
@@ -100,19 +103,19 @@ def run_generate(
     for note in request.notes:
         print(note, flush=True)
     pipeline = manifest.pipeline
-    backend = runtime.export_backend(export_dir, manifest)
+    backend = export_backend(export_dir, manifest)
     print(f"Loading {export_dir} ({pipeline.diffusers_pipeline}, {pipeline.task}, backend {backend})", flush=True)
     started = time.monotonic()
-    pipe = runtime.load_pipeline(export_dir, manifest)
+    pipe = load_pipeline(export_dir, manifest)
     print(f"Loaded in {time.monotonic() - started:.1f}s; generating", flush=True)
     progress = StepProgress()
     started = time.monotonic()
     try:
-        images = runtime.run_request(pipe, request, output_type="pil", on_step=progress)
+        images = run_request(pipe, request, output_type="pil", on_step=progress)
     finally:
         progress.close()
-    rows, columns = runtime.grid_shape(len(images), request.num_images_per_prompt)
-    picture = runtime.image_grid(images, columns)
+    rows, columns = grid_shape(len(images), request.num_images_per_prompt)
+    picture = image_grid(images, columns)
     write_image(picture, output)
     layout = f" as a {rows}x{columns} grid" if len(images) > 1 else ""
     print(f"Wrote {len(images)} image(s){layout} ({picture.size[0]}x{picture.size[1]}) to {output} "

@@ -13,17 +13,16 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from neuron_export.errors import UserError
+from neuron_export.errors import ExportError
+from neuron_export.files import COMPONENT_CONFIG
 from neuron_export.manifest import is_export
-from neuron_export.source import PROCESSOR_FOLDERS
-from neuron_export.storage import storage_error
+from neuron_export.exporter.source import PROCESSOR_FOLDERS
+from neuron_export.exporter.storage import storage_error
 
 if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord
-    from neuron_export.plan import Plan
+    from neuron_export.exporter.plan import Plan
 
-ARTIFACT_NAME = "model.neuron"
-COMPONENT_CONFIG = "config.json"
 # optimum-neuron 0.4.5 runs a UNet as LCM when its config's _name_or_path contains one of these.
 LCM_NAME_MARKERS = ("lcm", "latent-consistency")
 
@@ -70,9 +69,9 @@ def publish(staging: Path, output: Path, force: bool) -> None:
     output = output.absolute()
     if output.exists():
         if not force:
-            raise UserError(f"--output {output} appeared while exporting; pass --force to replace it.")
+            raise ExportError(f"--output {output} appeared while exporting; pass --force to replace it.")
         if not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
-            raise UserError(f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
+            raise ExportError(f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
                             "not replaced; choose another --output.")
         retired = _sibling(output, f"old-{uuid.uuid4().hex[:8]}")
         output.rename(retired)

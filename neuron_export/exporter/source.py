@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neuron_export.errors import UserError
+from neuron_export.errors import ExportError
 
 # Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
 SOURCE_FOLDER = {
@@ -110,11 +110,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{what} is missing: {path} does not exist; point --model at a complete diffusers pipeline.") from None
+        raise ExportError(f"{what} is missing: {path} does not exist; point --model at a complete diffusers pipeline.") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{what} at {path} is not valid JSON (line {exc.lineno}); re-download the model.") from None
+        raise ExportError(f"{what} at {path} is not valid JSON (line {exc.lineno}); re-download the model.") from None
     if not isinstance(data, dict):
-        raise UserError(f"{what} at {path} is not a JSON object; re-download the model.")
+        raise ExportError(f"{what} at {path} is not a JSON object; re-download the model.")
     return data
 
 
@@ -128,7 +128,7 @@ def find_weight_files(folder: Path) -> tuple[Path, ...]:
         if index.is_file():
             shards = sorted(set(_read_json(index, index.name).get("weight_map", {}).values()))
             return tuple(folder / shard for shard in shards)
-    raise UserError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
+    raise ExportError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
 
 
 def check_safetensors(path: Path) -> None:
@@ -141,11 +141,11 @@ def check_safetensors(path: Path) -> None:
                 raise ValueError("header size out of range")
             header = json.loads(handle.read(header_size))
     except (struct.error, ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a valid safetensors file (its header cannot be read); re-download it.") from None
+        raise ExportError(f"{path} is not a valid safetensors file (its header cannot be read); re-download it.") from None
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     expected = 8 + header_size + data_end
     if size < expected:
-        raise UserError(f"{path} is truncated ({size} of {expected} bytes); re-download it.")
+        raise ExportError(f"{path} is truncated ({size} of {expected} bytes); re-download it.")
 
 
 @functools.cache
@@ -167,7 +167,7 @@ def check_component_classes(model_id: str, index: dict[str, Any]) -> None:
             continue  # absent, or null like the refiner's text_encoder
         given_library, class_name = entry
         if given_library != library:
-            raise UserError(
+            raise ExportError(
                 f"--model {model_id}: model_index.json names {name} as {given_library}.{class_name}, which is not "
                 f"{library}' own class (custom code, which neuron-export never runs); export a pipeline whose "
                 f"{name} is {library}' {' or '.join(sorted(classes)) if classes else 'scheduler'}."
@@ -175,7 +175,7 @@ def check_component_classes(model_id: str, index: dict[str, Any]) -> None:
         names = {n for n in diffusers_names() if n.endswith("Scheduler")} if classes is None else classes
         if names and class_name not in names:
             supported = " or ".join(sorted(classes)) if classes else "a scheduler diffusers has"
-            raise UserError(
+            raise ExportError(
                 f"--model {model_id}: model_index.json names {name} as {library}.{class_name}, a class neuron-export "
                 f"cannot export or load ({name} must be {supported}); fix model_index.json or export another pipeline."
             )
@@ -184,19 +184,19 @@ def check_component_classes(model_id: str, index: dict[str, Any]) -> None:
 def read_facts(source: ModelSource) -> ModelFacts:
     """Recognise SD, SDXL base, SDXL refiner, LCM and inpainting models from model_index.json and configs."""
     if not source.path.is_dir():
-        raise UserError(f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id.")
+        raise ExportError(f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id.")
     index = _read_json(source.path / "model_index.json", "model_index.json")
     check_component_classes(source.model_id, index)
     unet_folder = source.folder("unet")
     if not (unet_folder / "config.json").is_file():
-        raise UserError(
+        raise ExportError(
             f"--model {source.model_id} has no UNet ({unet_folder / 'config.json'} is missing); "
             "neuron-export needs a full Stable Diffusion pipeline with a unet/ folder."
         )
     unet = _read_json(unet_folder / "config.json", "unet/config.json")
     unet_class = unet.get("_class_name", "UNet2DConditionModel")
     if unet_class not in KNOWN_CLASSES["unet"][1]:  # a --unet has no model_index.json: its config names the class
-        raise UserError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
+        raise ExportError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
                         f"{unet_folder / 'config.json'} names the UNet class {unet_class}, which neuron-export cannot "
                         "export (custom code is never run); use a diffusers UNet2DConditionModel.")
     vae = _read_json(source.path / "vae" / "config.json", "vae/config.json")
@@ -214,7 +214,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
     else:
         kind = "sd"
     if kind == "sd" and text_encoder is None:
-        raise UserError(f"--model {source.model_id} has no text_encoder; it is not a Stable Diffusion pipeline neuron-export can export.")
+        raise ExportError(f"--model {source.model_id} has no text_encoder; it is not a Stable Diffusion pipeline neuron-export can export.")
     facts = ModelFacts(
         pipeline_class=str(index.get("_class_name", "")),
         kind=kind,
@@ -239,16 +239,16 @@ def _hub_download(repo_id: str, revision: str | None, patterns: list[str], token
             cache_dir=cache_dir, local_files_only=offline,
         )
     except RepositoryNotFoundError:
-        raise UserError(f"--model {repo_id}: no such model on the hub (or it is private: pass --token); check the id.") from None
+        raise ExportError(f"--model {repo_id}: no such model on the hub (or it is private: pass --token); check the id.") from None
     except RevisionNotFoundError:
-        raise UserError(f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit.") from None
+        raise ExportError(f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit.") from None
     except LocalEntryNotFoundError:
-        raise UserError(
+        raise ExportError(
             f"--model {repo_id} is not in the local hub cache and offline mode is on (or the hub cannot be reached); "
             "download it first or pass a local directory."
         ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise UserError(f"--model {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory.") from None
+        raise ExportError(f"--model {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory.") from None
     commit = Path(path).name if len(Path(path).name) == 40 else None
     return Path(path), commit
 
@@ -273,7 +273,7 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     else:
         path, commit = Path(model).expanduser(), None
         if not path.is_dir():
-            raise UserError(f"--model {model}: directory does not exist; pass a diffusers pipeline directory or a hub id like org/name.")
+            raise ExportError(f"--model {model}: directory does not exist; pass a diffusers pipeline directory or a hub id like org/name.")
     unet_path = unet_commit = None
     if unet is not None:
         if looks_like_hub_id(unet):
@@ -284,7 +284,7 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
         else:
             unet_root = Path(unet).expanduser()
             if not unet_root.is_dir():
-                raise UserError(f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl.")
+                raise ExportError(f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl.")
         unet_path = unet_root / "unet" if (unet_root / "unet" / "config.json").is_file() else unet_root
     return ModelSource(model_id=model, path=path, revision=revision, commit=commit,
                        unet_id=unet, unet_path=unet_path, unet_commit=unet_commit)

@@ -1,0 +1,120 @@
+"""The export commands (`sd`, `sd-xl`, `lcm`, `build`) and their `plan` twins: parse, call the API, render."""
+
+from typing import Any, Callable
+
+import typer
+
+from neuron_export.cli.options import (
+    Atol, AutoCast, AutoCastType, Backend, BatchSize, CacheDir, Components, ConfigFile, DisableValidation,
+    DynamicBatchSize, Force, Height, HubCacheDir, ImagesPerPrompt, InlineWeights, Jobs, Json, MaxMemory, Model,
+    Offline, Optlevel, Output, OutputArgument, Revision, SetOptions, Target, Task, Token, Unet, Width,
+)
+
+FAMILY_HELP = {
+    "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
+    "sd-xl": "SDXL base, turbo and refiner (the refiner is recognised from the model); LCM-SDXL with --unet.",
+    "lcm": "Latent consistency models distilled from Stable Diffusion (e.g. SimianLuo/LCM_Dreamshaper_v7).",
+}
+BUILD_HELP = "Export from a YAML config file: defaults < file < --set < flags."
+
+# On/off flags whose absence must not override a YAML file's `true`.
+_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline"}
+
+
+def given_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user actually gave on the command line."""
+    return {key: value for key, value in values.items()
+            if value is not None and not (key in _PLAIN_FLAGS and value is False)}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def export_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+    """Plan every export (a shape matrix makes several) before building any, then build them in turn;
+    components they share come from the cache after the first build."""
+    import neuron_export
+    from neuron_export.cli.render import Reporter, result_object
+
+    plans = _as_list(neuron_export.plan(family_or_config, overrides=overrides, **options))
+    reporter = Reporter(json_mode=json_mode)
+    results = []
+    for plan in plans:
+        reporter.plan(plan)
+        if plan.up_to_date:
+            reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
+            result = neuron_export.export(plan)  # reads the manifest back; every component counts as cached
+        else:
+            try:
+                result = neuron_export.export(plan, on_event=reporter)
+            finally:
+                reporter.close()
+            reporter.summary(result.manifest, plan.output)
+        results.append({**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date})
+    if json_mode:
+        import json
+
+        print(json.dumps(results[0] if len(results) == 1 else {"ok": True, "exports": results}), flush=True)
+
+
+def plan_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+    import neuron_export
+    from neuron_export.cli.render import render_plans
+
+    render_plans(_as_list(neuron_export.plan(family_or_config, overrides=overrides, **options)), json_mode)
+
+
+Runner = Callable[[Any, list[str], dict[str, Any], bool], None]
+
+
+def family_command(family: str, run: Runner) -> Callable[..., None]:
+    def command(
+        output_dir: OutputArgument = None, model: Model = None, task: Task = None, revision: Revision = None,
+        unet: Unet = None, output: Output = None, batch_size: BatchSize = None, height: Height = None,
+        width: Width = None, num_images_per_prompt: ImagesPerPrompt = None, auto_cast: AutoCast = None,
+        auto_cast_type: AutoCastType = None, optlevel: Optlevel = None, inline_weights: InlineWeights = None,
+        dynamic_batch_size: DynamicBatchSize = False, target: Target = None, backend: Backend = None,
+        disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
+        force: Force = False, json_output: Json = False, token: Token = None, hub_cache_dir: HubCacheDir = None,
+        offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
+    ) -> None:
+        options = dict(locals())
+        for name in ("output_dir", "json_output", "family", "run"):
+            options.pop(name, None)
+        options = given_options(options)
+        if output_dir is not None:
+            options.setdefault("output", output_dir)
+        run(family, [], options, json_output)
+
+    command.__doc__ = FAMILY_HELP[family]
+    return command
+
+
+def build_command(run: Runner) -> Callable[..., None]:
+    def command(
+        config_file: ConfigFile, set_options: SetOptions = None, output: Output = None, backend: Backend = None,
+        disable_validation: DisableValidation = False, jobs: Jobs = None, max_memory: MaxMemory = None,
+        cache_dir: CacheDir = None, force: Force = False, json_output: Json = False,
+    ) -> None:
+        options = given_options({"output": output, "backend": backend, "disable_validation": disable_validation,
+                                 "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force})
+        run(config_file, list(set_options or []), options, json_output)
+
+    command.__doc__ = BUILD_HELP
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    """The export commands on `app`, and the same flags under `plan`."""
+    plan_app = typer.Typer(
+        help="Show what an export would build, from cache or not, with memory and time estimates; exits 6 when "
+             "the largest job cannot fit --max-memory. Takes the export commands' flags.",
+        no_args_is_help=True,
+    )
+    app.add_typer(plan_app, name="plan")
+    for family in FAMILY_HELP:
+        app.command(family, help=FAMILY_HELP[family])(family_command(family, export_and_render))
+        plan_app.command(family, help=f"Plan: {FAMILY_HELP[family]}")(family_command(family, plan_and_render))
+    app.command("build", help=BUILD_HELP)(build_command(export_and_render))
+    plan_app.command("build", help="Plan an export from a YAML config file.")(build_command(plan_and_render))

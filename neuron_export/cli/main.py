@@ -1,0 +1,112 @@
+"""The `neuron-export` entry point: every command group registered in one place, and the one place where an
+exception becomes a message and an exit code. Nothing heavy is imported here."""
+
+import os
+import signal
+import sys
+import traceback
+from typing import Any, Optional
+
+import typer
+
+try:  # typer vendors click since 0.2x and does not re-export this one
+    from typer._click.exceptions import NoArgsIsHelpError
+except ImportError:
+    from click.exceptions import NoArgsIsHelpError
+
+from neuron_export.cli import cache, deploy, export, generate
+from neuron_export.errors import ExitCode, ExportError
+
+DEBUG_VARIABLE = "NEURON_EXPORT_DEBUG"
+
+app = typer.Typer(
+    name="neuron-export",
+    help="Compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium into optimum-neuron's layout, with a manifest.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+export.register(app)
+cache.register(app)
+deploy.register(app)
+generate.register(app)
+
+
+def _known_long_options(command: Any) -> set[str]:
+    names: set[str] = set()
+    for param in command.params:
+        names.update(opt for opt in [*param.opts, *param.secondary_opts] if opt.startswith("--"))
+    for sub in getattr(command, "commands", {}).values():
+        names |= _known_long_options(sub)
+    return names
+
+
+def normalize_argv(argv: list[str], known: set[str]) -> list[str]:
+    """optimum-cli's underscore spellings (--batch_size, --auto_cast_type) map to our kebab-case flags."""
+    result = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg:
+            name, sep, value = arg.partition("=")
+            kebab = name.replace("_", "-")
+            if kebab in known:
+                arg = kebab + sep + value
+        result.append(arg)
+    return result
+
+
+def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
+    """An exception's exit code and the one sentence to show (None: nothing more to say). Unknown ones are bugs."""
+    if isinstance(exc, ExportError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED, "interrupted; nothing was written (the output directory is untouched)."
+    if isinstance(exc, typer.Abort):
+        return ExitCode.INTERRUPTED, "interrupted; nothing was written."
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code, None
+    if isinstance(exc, NoArgsIsHelpError):  # a bare group: its help, as a success
+        print(exc.format_message())
+        return ExitCode.OK, None
+    if isinstance(exc, typer.TyperException):  # usage errors from the command-line parser
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        return getattr(exc, "exit_code", ExitCode.USAGE), message.rstrip(".") + ". See --help."
+    raise exc
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: one sentence and a non-zero exit for every user error, never a traceback
+    (unless NEURON_EXPORT_DEBUG=1, which prints the full traceback, the worker's too)."""
+    command = typer.main.get_command(app)
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv), _known_long_options(command))
+    json_mode = "--json" in args
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
+    signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
+    try:
+        returned = command.main(args=args, prog_name="neuron-export", standalone_mode=False)
+        if returned == ExitCode.INTERRUPTED:  # the parser turns KeyboardInterrupt into this code after cleanup ran
+            raise KeyboardInterrupt
+        code, message = (returned if isinstance(returned, int) else 0), None
+    except (Exception, KeyboardInterrupt) as exc:
+        code, message = exit_status(exc)
+        if os.environ.get(DEBUG_VARIABLE) == "1" and message is not None:
+            _print_traceback(exc)
+    if message is not None:
+        from neuron_export.cli.render import error
+
+        error(message, json_mode, code)
+    if code:
+        sys.exit(code)
+
+
+def _print_traceback(exc: BaseException) -> None:
+    traceback.print_exception(exc, file=sys.stderr)
+    worker_traceback = getattr(exc, "worker_traceback", None)
+    if worker_traceback:
+        print(f"The worker's traceback:\n{worker_traceback}", file=sys.stderr, flush=True)

@@ -1,0 +1,39 @@
+"""Options the commands share, each declared once as a `typing.Annotated` alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+OutputArgument = Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="Output directory (same as --output; as optimum-cli takes it).")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local pipeline directory [default: the family's canonical checkpoint].")]
+Task = Annotated[Optional[str], typer.Option("--task", help="text-to-image | image-to-image | inpainting [default: text-to-image].")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
+Unet = Annotated[Optional[str], typer.Option("--unet", help="Replacement UNet (hub id or directory), e.g. latent-consistency/lcm-sdxl.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory [default: derived from family and shapes].")]
+BatchSize = Annotated[Optional[str], typer.Option("--batch-size", metavar="N[,N...]", help="Prompts per call; a comma list builds one export per value [default: 1].")]
+Height = Annotated[Optional[str], typer.Option("--height", metavar="PX[,PX...]", help="Image height in pixels, a multiple of 8; a comma list builds one export per value [default: the model's].")]
+Width = Annotated[Optional[str], typer.Option("--width", metavar="PX[,PX...]", help="Image width in pixels, a multiple of 8; a comma list builds one export per value [default: the model's].")]
+ImagesPerPrompt = Annotated[Optional[int], typer.Option("--num-images-per-prompt", help="Images per prompt [default: 1].")]
+AutoCast = Annotated[Optional[str], typer.Option("--auto-cast", help="none | matmul | all [default: matmul].")]
+AutoCastType = Annotated[Optional[str], typer.Option("--auto-cast-type", help="bf16 | fp16 | tf32 [default: bf16 when auto-casting].")]
+Optlevel = Annotated[Optional[int], typer.Option("--optlevel", "-O", help="neuronx-cc optimization level 1 | 2 | 3 [default: 2].")]
+InlineWeights = Annotated[Optional[bool], typer.Option("--inline-weights/--no-inline-weights", help="Inline weights into the NEFF [default: inline].")]
+DynamicBatchSize = Annotated[bool, typer.Option("--dynamic-batch-size", help="Allow batches that are multiples of the compiled one.")]
+Target = Annotated[Optional[str], typer.Option("--target", help="inf2 | trn1 | trn2 [default: inf2].")]
+Backend = Annotated[Optional[str], typer.Option("--backend", help="auto | neuron | cpu [default: auto: neuron when the SDK imports].")]
+DisableValidation = Annotated[bool, typer.Option("--disable-validation", help="Skip comparing each artifact with the eager model.")]
+Atol = Annotated[Optional[float], typer.Option("--atol", help="Largest allowed difference from the eager model [default: per backend and auto-cast].")]
+Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable result object and nothing else.")]
+Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", show_envvar=False, help="Hugging Face token for private models.")]
+HubCacheDir = Annotated[Optional[Path], typer.Option("--hub-cache-dir", help="Where hub downloads are cached [default: huggingface_hub's].")]
+Offline = Annotated[bool, typer.Option("--offline", help="Use only the local hub cache.")]
+Jobs = Annotated[Optional[int], typer.Option("--jobs", "-j", help="Components built at once, each in its own process [default: 1].")]
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Host memory the builds may use together, e.g. 20GiB [default: what is available].")]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")]
+ConfigFile = Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="A YAML config, e.g. configs/sdxl-base-1024.yaml.")]
+SetOptions = Annotated[Optional[list[str]], typer.Option("--set", help="Override one key: --set height=768 (repeatable).")]

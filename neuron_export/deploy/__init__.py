@@ -1,0 +1,1 @@
+"""Reading a finished export: verify, inspect, push and the instance table; never builds (never imports exporter/)."""

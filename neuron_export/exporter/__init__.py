@@ -1,0 +1,1 @@
+"""Turning a diffusers pipeline into an export: config -> source -> plan -> build (workers) -> layout."""

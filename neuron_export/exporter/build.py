@@ -1,0 +1,232 @@
+"""Runs a Plan, the parent's side: cache lookups, the missing components built in worker processes
+(worker.py) within the memory budget, then the export assembled beside its output and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from neuron_export.version import __version__
+from neuron_export.exporter.cache import CacheEntry, ComponentCache, link_or_copy
+from neuron_export.errors import BuildError, ExportError
+from neuron_export.files import ARTIFACT_NAME
+from neuron_export.exporter.layout import check_writable, publish, staging_directory, write_layout
+from neuron_export.manifest import (
+    ComponentRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
+    environment, file_record, normalized_config,
+)
+from neuron_export.exporter.plan import Job, Plan
+from neuron_export.exporter.source import PROCESSOR_FOLDERS
+from neuron_export.exporter.storage import writing
+from neuron_export.exporter.worker import WorkOrder, context, worker_main
+
+# Where each component of an export came from in this run (the `origin` --json reports per component).
+BUILT, CACHED, DOWNLOADED = "built", "cached", "downloaded"  # downloaded: from a remote cache (not implemented yet)
+ORIGINS = (BUILT, CACHED, DOWNLOADED)
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress for the renderer: a component starts a stage, or finishes with its record."""
+
+    component: str
+    index: int
+    total: int
+    stage: str  # "cached", "loading", "tracing", "validating", "done"
+    record: ComponentRecord | None = None
+
+
+EventHandler = Callable[[BuildEvent], None]
+
+
+def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecord], component_files: set[str]) -> Manifest:
+    config = plan.config
+    other_files = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in component_files)
+    return Manifest(
+        tool_version=__version__,
+        created_at=max((record.built_at for record in records.values()), default=""),
+        config=normalized_config(config),
+        pipeline=PipelineRecord(
+            family=config.family, task=config.task, kind=plan.facts.kind, is_lcm=plan.facts.is_lcm,
+            diffusers_pipeline=plan.diffusers_pipeline, optimum_pipeline=plan.optimum_pipeline,
+            data_parallel_mode=plan.data_parallel_mode, height=plan.height, width=plan.width,
+            batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
+        ),
+        source=SourceRecord(model_id=plan.source.model_id, revision=plan.source.revision, commit=plan.source.commit,
+                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit),
+        environment=environment(plan.backend),
+        components=records,
+        files=[file_record(p, directory) for p in other_files],
+    )
+
+
+class _Worker:
+    """A running component build and the read end of its pipe (EOF there means the process is gone)."""
+
+    def __init__(self, process: Any, job: Job, build_dir: Path, reader: Any) -> None:
+        self.process, self.job, self.build_dir, self.reader = process, job, build_dir, reader
+
+
+def work_order(job: Job, plan: Plan) -> WorkOrder:
+    """What the worker building `job` receives: the job and four settings, not the plan (whose config holds the token)."""
+    source = plan.source
+    root = source.unet_path if job.component == "unet" and source.unet_path else source.path
+    return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
+                     disable_validation=plan.config.disable_validation, source_root=root)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM waits until the fork server has a worker's whole request (cut short, the fork server
+    dies printing a traceback); the KeyboardInterrupt is raised as soon as the request is sent."""
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()  # started before blocking: the fork server and its workers must not inherit the mask
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
+
+
+def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worker:
+    with writing("the component cache", cache.root, job.weights.bytes, "--cache-dir"):
+        build_dir = cache.new_build_dir(job.cache_key)
+    # One pipe per worker, not a shared queue: no named semaphores to outlive an interrupted parent.
+    reader, writer = context().Pipe(duplex=False)
+    process = context().Process(target=worker_main, args=(work_order(job, plan), build_dir, workdir, writer), daemon=True,
+                                name=f"neuron-export-{job.component}")
+    try:
+        with _interrupts_deferred():
+            process.start()
+    except BaseException:  # interrupted while starting: leave nothing behind
+        if process.pid is not None:
+            process.kill()
+            process.join()
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    finally:
+        writer.close()  # the worker holds the only write end now, so its exit shows as EOF here
+    return _Worker(process, job, build_dir, reader)
+
+
+def _worker_error(payload: tuple) -> ExportError:
+    """The worker's exception, carrying the worker's traceback for NEURON_EXPORT_DEBUG=1."""
+    error, worker_traceback = payload
+    error.worker_traceback = worker_traceback
+    return error
+
+
+def _died(worker: _Worker) -> BuildError:
+    """A worker that closed its pipe without a result was killed (most often by the kernel, out of memory)."""
+    worker.process.join()
+    code = worker.process.exitcode or 0
+    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+    hint = " (SIGKILL: most likely out of memory; lower --jobs or --max-memory)" if code == -9 else ""
+    return BuildError(f"The worker building {worker.job.component} died with {how}{hint}; nothing was written.")
+
+
+def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: Path,
+                  on_event: EventHandler) -> dict[str, CacheEntry]:
+    """Build jobs in worker processes, at most --jobs at once and only while their estimated peaks fit
+    the memory budget together; each finished component is stored in the cache at once."""
+    from multiprocessing.connection import wait
+
+    pending = list(jobs)
+    running: dict[str, _Worker] = {}
+    built: dict[str, CacheEntry] = {}
+    index = {job.component: plan.jobs.index(job) + 1 for job in jobs}
+    total = len(plan.jobs)
+    try:
+        while pending or running:
+            for job in list(pending):
+                in_use = sum(w.job.estimated_peak_bytes for w in running.values())
+                if len(running) >= plan.config.jobs:
+                    break
+                if running and in_use + job.estimated_peak_bytes > plan.memory_budget:
+                    continue  # wait for memory; a smaller job later in the list may still fit
+                running[job.component] = _start(job, plan, cache, workdir)
+                pending.remove(job)
+            for reader in wait([w.reader for w in running.values()]):
+                worker = next(w for w in running.values() if w.reader is reader)
+                name = worker.job.component
+                try:
+                    kind, payload = reader.recv()
+                except EOFError:
+                    raise _died(worker) from None
+                if kind == "stage":
+                    on_event(BuildEvent(name, index[name], total, payload))
+                    continue
+                worker.process.join()
+                del running[name]
+                if kind == "error":
+                    shutil.rmtree(worker.build_dir, ignore_errors=True)
+                    raise _worker_error(payload)
+                record = ComponentRecord.model_validate_json(payload)
+                if record.validation.status == "failed":
+                    shutil.rmtree(worker.build_dir, ignore_errors=True)
+                    on_event(BuildEvent(name, index[name], total, "done", record))
+                    raise BuildError(
+                        f"Validation of {name} failed: {record.validation.reason} on fresh inputs; "
+                        "nothing was written (raise --atol only if this difference is acceptable)."
+                    )
+                with writing("the component cache", cache.root, len(payload), "--cache-dir"):  # its record.json
+                    built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
+                on_event(BuildEvent(name, index[name], total, "done", record))
+    finally:
+        for worker in running.values():
+            worker.process.kill()
+            worker.process.join()
+            worker.reader.close()
+            shutil.rmtree(worker.build_dir, ignore_errors=True)
+    return built
+
+
+def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple[Manifest, dict[str, str]]:
+    """Reuse every cached component, build the rest in workers, then assemble the export in a hidden
+    sibling directory and rename it into place only when all of it succeeded. Returns the manifest and
+    where each component came from (one of ORIGINS)."""
+    if plan.up_to_date:
+        return read_manifest(plan.output), {job.component: CACHED for job in plan.jobs}
+    check_writable(plan.output, export_bytes(plan, sum(job.weights.bytes for job in plan.jobs)), "--output")
+    cache = ComponentCache(plan.cache_dir)
+    cache.remove_orphans()
+    total = len(plan.jobs)
+    entries: dict[str, CacheEntry] = {}
+    for index, job in enumerate(plan.jobs, start=1):
+        entry = cache.lookup(job.cache_key)  # hash-checked; a bad entry is discarded and rebuilt
+        if entry is not None:
+            entries[job.component] = entry
+            on_event(BuildEvent(job.component, index, total, "cached", entry.record))
+    missing = [job for job in plan.jobs if job.component not in entries]
+    origins = {job.component: CACHED if job.component in entries else BUILT for job in plan.jobs}
+    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"
+    if missing:
+        entries.update(build_missing(plan, missing, cache, workdir, on_event))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    needed = export_bytes(plan, sum(f.size for entry in entries.values() for f in entry.record.files))
+    with writing("the export", plan.output, needed, "--output"), staging_directory(plan.output) as staging:
+        records: dict[str, ComponentRecord] = {}
+        for job in plan.jobs:
+            entry = entries[job.component]
+            link_or_copy(entry.artifact, staging / job.component / ARTIFACT_NAME)
+            records[job.component] = entry.record
+        write_layout(plan, staging, records)
+        component_files = {f.path for record in records.values() for f in record.files}
+        manifest = make_manifest(plan, staging, records, component_files)
+        manifest.write(staging)
+        publish(staging, plan.output, plan.config.force)
+    return manifest, origins
+
+
+def export_bytes(plan: Plan, artifacts: int) -> int:
+    """The finished export's size when nothing can be hard-linked: artifacts, processors and configs."""
+    copied = sum(p.stat().st_size for name in PROCESSOR_FOLDERS if (plan.source.path / name).is_dir()
+                 for p in (plan.source.path / name).rglob("*") if p.is_file())
+    return artifacts + copied + 2**20  # configs, model_index.json and the manifest

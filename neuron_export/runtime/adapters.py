@@ -1,0 +1,223 @@
+"""What the diffusers pipelines see: each traced component behind a small torch.nn.Module that looks
+enough like the diffusers / transformers model (config, dtype, device, output objects), calling the artifact
+only at its compiled batch (a larger batch is split into chunks, a smaller one padded).
+
+Imports torch at the top: only loading.py imports this module, inside the function that assembles a pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+
+try:
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+except ImportError:  # diffusers < 0.27
+    from diffusers.models.vae import DecoderOutput, DiagonalGaussianDistribution
+try:
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+except ImportError:
+    from diffusers.models.autoencoder_kl import AutoencoderKLOutput
+try:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+except ImportError:
+    from diffusers.models.unet_2d_condition import UNet2DConditionOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+
+
+
+def _merge(parts: list[Any], count: int) -> Any:
+    """Outputs of several chunk calls (tensors, tuples, dicts, nested) -> one output of `count` rows."""
+    import torch
+
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=0)[:count] if len(parts) > 1 or first.shape[0] != count else first
+    if isinstance(first, dict):
+        return {key: _merge([part[key] for part in parts], count) for key in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(_merge([part[index] for part in parts], count) for index in range(len(first)))
+    return first
+
+
+def _pad_rows(tensor: Any, rows: int) -> Any:
+    """`tensor` with its last row repeated until it has `rows` rows."""
+    import torch
+
+    missing = rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])], dim=0)
+
+
+class StaticRunner:
+    """Calls one compiled artifact only at its compiled shape, whatever batch the pipeline hands over.
+
+    Single-device artifacts run chunk by chunk (what DataParallel over two NeuronCores does on a device);
+    a data-parallel artifact gets the whole batch, padded to a multiple of the compiled batch, at once.
+    """
+
+    def __init__(self, name: str, module: Any, input_names: Sequence[str], input_shapes: Sequence[Sequence[int]],
+                 data_parallel: bool = False) -> None:
+        self.name = name
+        self.module = module
+        self.input_names = tuple(input_names)
+        self.batch = int(input_shapes[0][0])
+        self.sample_shapes = tuple(tuple(int(size) for size in shape[1:]) for shape in input_shapes)
+        self.data_parallel = data_parallel
+        self.calls: list[tuple[tuple[int, ...], ...]] = []  # input shapes of every artifact call, for tests and logs
+
+    def __call__(self, *inputs: Any) -> Any:
+        count = int(inputs[0].shape[0])
+        for name, tensor, expected in zip(self.input_names, inputs, self.sample_shapes):
+            if tensor.shape[0] != count:
+                raise ValueError(f"{self.name}: input {name} has batch {tensor.shape[0]}, the other inputs {count}.")
+            if tuple(tensor.shape[1:]) != expected:
+                raise ValueError(f"{self.name}: input {name} has per-sample shape {tuple(tensor.shape[1:])}; "
+                                 f"the artifact was compiled for {expected}.")
+        if self.data_parallel:
+            rows = math.ceil(count / self.batch) * self.batch
+            padded = [_pad_rows(tensor, rows) for tensor in inputs]
+            self.calls.append(tuple(tuple(tensor.shape) for tensor in padded))
+            return _merge([self.module(*padded)], count)
+        parts = []
+        for start in range(0, count, self.batch):
+            chunk = [_pad_rows(tensor[start:start + self.batch], self.batch) for tensor in inputs]
+            self.calls.append(tuple(tuple(tensor.shape) for tensor in chunk))
+            parts.append(self.module(*chunk))
+        return _merge(parts, count)
+
+
+# --- adapters: what the diffusers pipelines see -------------------------------------------------------
+
+_TORCH_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class CompiledComponent(torch.nn.Module):
+    """Common ground: a config read from the component's config.json, a fixed dtype and device."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        # Kept where ConfigMixin keeps it, so pipelines that patch `_internal_dict` see their change.
+        self._internal_dict = FrozenDict(config)
+        neuron = config.get("neuron") or {}
+        self._dtype = getattr(torch, _TORCH_DTYPES.get(str(neuron.get("float_dtype", "fp32")), "float32"))
+
+    @property
+    def config(self) -> Any:
+        return self._internal_dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # Neuron artifacts take host tensors too
+
+    def to(self, *args: Any, **kwargs: Any) -> CompiledComponent:
+        return self  # compiled artifacts have a fixed dtype and placement
+
+    def _float(self, tensor: Any) -> Any:
+        return tensor.to(self._dtype) if tensor.is_floating_point() else tensor
+
+class CompiledTextEncoder(CompiledComponent):
+    """CLIPTextModel / CLIPTextModelWithProjection: returns the transformers output object."""
+
+    def __init__(self, name: str, runner: StaticRunner, config: dict[str, Any], outputs: Sequence[str]) -> None:
+        super().__init__(config)
+        self.component_name = name
+        self.runner = runner
+        self.output_names = tuple(outputs)
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = True, **kwargs: Any) -> Any:
+        if output_hidden_states and "hidden_states" not in self.output_names:
+            raise ValueError(f"{self.component_name} was compiled without hidden states; this pipeline option "
+                             "(e.g. clip_skip) needs an export that returns them.")
+        values = dict(zip(self.output_names, self.runner(input_ids.to(torch.long))))
+        hidden = values.get("hidden_states")
+        hidden = tuple(hidden) if hidden is not None else None
+        if "text_embeds" in self.output_names:
+            out = CLIPTextModelOutput(text_embeds=values["text_embeds"],
+                                      last_hidden_state=values["last_hidden_state"], hidden_states=hidden)
+        else:
+            out = BaseModelOutputWithPooling(last_hidden_state=values["last_hidden_state"],
+                                             pooler_output=values.get("pooler_output"), hidden_states=hidden)
+        return out if return_dict is not False else out.to_tuple()
+
+class CompiledUNet(CompiledComponent):
+    """UNet2DConditionModel: positional inputs in the compiled order, a [B] float32 timestep."""
+
+    def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.runner = runner
+        if config.get("addition_embed_type") == "text_time":
+            # SDXL pipelines read the added-embedding width to check the time ids they build.
+            width = int(config["projection_class_embeddings_input_dim"])
+            self.add_embedding = _Namespace(linear_1=_Namespace(in_features=width))
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any = None, class_labels: Any = None,
+                timestep_cond: Any = None, attention_mask: Any = None, cross_attention_kwargs: Any = None,
+                added_cond_kwargs: dict[str, Any] | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
+        added = dict(added_cond_kwargs or {})
+        if "image_embeds" in added:
+            raise ValueError("unet: IP-Adapter image embeddings are not part of this export.")
+        count = sample.shape[0]
+        steps = torch.as_tensor(timestep).to(torch.float32)
+        if steps.ndim == 0 or steps.numel() == 1:
+            steps = steps.reshape(1).expand(count)
+        named = {"sample": sample, "timestep": steps, "encoder_hidden_states": encoder_hidden_states,
+                 "timestep_cond": timestep_cond, **added}
+        given = {key for key, value in named.items() if value is not None}
+        unexpected = given - set(self.runner.input_names)
+        if unexpected:
+            raise ValueError(f"unet: the pipeline passes {', '.join(sorted(unexpected))}, which the compiled UNet "
+                             "does not take; re-export with the pipeline that uses it.")
+        inputs = []
+        for name in self.runner.input_names:
+            if named.get(name) is None:
+                raise ValueError(f"unet: the pipeline passed no {name}, which the compiled UNet takes.")
+            inputs.append(self._float(named[name]) if name != "timestep" else named[name])
+        noise = self.runner(*inputs)[0]
+        return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
+class CompiledVae(CompiledComponent):
+    """AutoencoderKL from the two halves: `encode(x).latent_dist` and `decode(z).sample`."""
+
+    def __init__(self, encoder: StaticRunner | None, decoder: StaticRunner | None, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.encoder_runner = encoder
+        self.decoder_runner = decoder
+
+    def encode(self, x: Any, return_dict: bool = True) -> Any:
+        if self.encoder_runner is None:
+            raise ValueError("vae: this export has no vae_encoder; re-export it with image-to-image or inpainting.")
+        parameters = self.encoder_runner(self._float(x))["latent_parameters"]
+        distribution = DiagonalGaussianDistribution(parameters)
+        return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
+
+    def decode(self, z: Any, return_dict: bool = True, generator: Any = None) -> Any:
+        if self.decoder_runner is None:
+            raise ValueError("vae: this export has no vae_decoder; re-export without --components.")
+        image = self.decoder_runner(self._float(z))["sample"]
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+    def forward(self, sample: Any, sample_posterior: bool = False, return_dict: bool = True,
+                generator: Any = None) -> Any:
+        distribution = self.encode(sample).latent_dist
+        latents = distribution.sample(generator) if sample_posterior else distribution.mode()
+        return self.decode(latents, return_dict=return_dict)
+
+
+class _Namespace:
+    """Attribute bag (e.g. `unet.add_embedding.linear_1.in_features`)."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
