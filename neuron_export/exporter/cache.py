@@ -24,8 +24,9 @@ from neuron_export.manifest import ComponentRecord, sha256_file
 
 CACHE_ENV = "NEURON_EXPORT_CACHE"
 RECORD_NAME = "record.json"
-# Bump when a wrapper, an input spec or the traced contract changes, so old entries stop matching.
-CONTRACT_VERSION = 2
+# Bump when a wrapper, an input spec, the traced contract or the saved bytes change, so old entries stop matching.
+# 3: artifacts are saved without torch's host-specific debug records (backends/archive.py).
+CONTRACT_VERSION = 3
 
 
 def default_cache_dir() -> Path:

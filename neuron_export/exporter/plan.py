@@ -178,7 +178,7 @@ def refuse_existing_output(plan: Plan) -> None:
 
 def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
               source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
-              after_trace: tuple[str, ...], atol: float) -> str:
+              after_trace: tuple[str, ...], atol: float, libraries: dict[str, str | None]) -> str:
     """Everything that decides a component artifact's bytes (and its recorded validation)."""
     payload = {
         "contract": CONTRACT_VERSION,
@@ -193,12 +193,30 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: 
         "output_hidden_states": spec.output_hidden_states,
         "backend": backend,
         "compiler_version": compiler_version,
+        "libraries": libraries,
         "compiler_args": compiler_args if backend == "neuron" else [],
         "inline_weights": config.inline_weights if backend == "neuron" else None,
         "after_trace": list(after_trace),
         "validation": None if config.disable_validation else atol,
     }
     return component_key(payload)
+
+
+# The libraries whose code is traced into an artifact: another version may trace a different graph.
+TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
+                    "neuron": ("torch", "torch-neuronx", "diffusers", "transformers")}
+
+
+def traced_library_versions(backend: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in TRACED_LIBRARIES[backend]:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
@@ -272,6 +290,7 @@ def make_plan(config: ExportConfig) -> Plan:
     hashes = HashIndex(cache_dir)
     cache = ComponentCache(cache_dir)
     compiler_version = get_backend(backend).compiler_version()
+    libraries = traced_library_versions(backend)
     jobs = []
     for name in names:
         for weight_file in facts.weight_files[name]:
@@ -283,7 +302,7 @@ def make_plan(config: ExportConfig) -> Plan:
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
         key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args,
-                        after_trace, atol)
+                        after_trace, atol, libraries)
         per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
                     for f in facts.weight_files[name]]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from neuron_export.backends import archive
 from neuron_export.backends.neuron import device_present
 from neuron_export.backends.request import CompileRequest
 from neuron_export.backends.select import get_backend
@@ -205,11 +206,12 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
             reason = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise BuildError(f"Compiling {spec.name} failed: {type(exc).__name__}: {reason}{kept}.") from exc
         artifact = directory / ARTIFACT_NAME
-        # torch aborts the whole process when the disk fills mid-save, so make sure the artifact fits first.
-        needed = artifact_bytes_estimate(traced, job)
+        # torch aborts the whole process when the disk fills mid-save, so make sure the artifact fits first
+        # (twice: torch's archive, then its host-independent rewrite, see backends/archive.py).
+        needed = 2 * artifact_bytes_estimate(traced, job)
         check_room(f"{spec.name}'s artifact", directory, needed, "--cache-dir")
         with writing(f"{spec.name}'s artifact", directory, needed, "--cache-dir"):
-            torch.jit.save(traced, str(artifact))
+            archive.save(traced, artifact)
         del traced, wrapper, model, trace_inputs
         release_memory()
 

@@ -1,0 +1,66 @@
+"""The same cache key builds the same bytes anywhere: two installs of neuron-export in different places,
+each with its own cache, export the same model; the keys and every artifact byte agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import neuron_export
+
+PACKAGE = Path(neuron_export.__file__).parent
+
+
+def install_copy(root: Path) -> dict[str, str]:
+    """The package copied under `root`, and the environment that runs that copy (and no other)."""
+    shutil.copytree(PACKAGE, root / "neuron_export", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(root), "NEURON_EXPORT_CACHE": str(root / "cache")}
+    where = subprocess.run([sys.executable, "-c", "import neuron_export; print(neuron_export.__file__)"],
+                           env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).is_relative_to(root)
+    return env
+
+
+def test_two_install_locations_build_byte_identical_artifacts(tiny_model, tmp_path):
+    model = tiny_model("sd")
+    manifests, installs = [], [tmp_path / "a", tmp_path / "an-install-with-a-longer-path"]
+    for root in installs:
+        env = install_copy(root)
+        result = subprocess.run([sys.executable, "-m", "neuron_export", "sd", "-m", str(model), "--backend", "cpu",
+                                 "-o", str(root / "out"), "--json"], env=env, cwd=root, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert {c["origin"] for c in json.loads(result.stdout)["components"].values()} == {"built"}
+        manifests.append(json.loads((root / "out" / "manifest.json").read_text()))
+
+    first, second = (m["components"] for m in manifests)
+    assert {n: c["cache_key"] for n, c in first.items()} == {n: c["cache_key"] for n, c in second.items()}
+    assert len(first) == 4
+    for name in first:
+        a, b = (root / "out" / name / "model.neuron" for root in installs)
+        assert a.read_bytes() == b.read_bytes(), f"{name}: same key, different bytes"
+        assert first[name]["files"] == second[name]["files"]
+        # No record names where anything was installed: neither our package nor the libraries it traced.
+        with zipfile.ZipFile(a) as archive:
+            for record in archive.namelist():
+                data = archive.read(record)
+                for place in (str(installs[0]), sysconfig.get_paths()["purelib"]):
+                    assert place.encode() not in data, f"{name}: {record} records {place}"
+
+
+def test_another_version_of_a_traced_library_gets_other_keys(tiny_model, monkeypatch):
+    """diffusers' code is what gets traced: a host with another diffusers must not share our entries."""
+    import importlib.metadata
+
+    keys = lambda: [job.cache_key for job in neuron_export.plan("sd", model=str(tiny_model("sd")), backend="cpu").jobs]
+    before = keys()
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0.1" if name == "diffusers" else real_version(name))
+    after = keys()
+    assert len(before) == 4 and all(a != b for a, b in zip(before, after))
