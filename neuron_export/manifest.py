@@ -184,7 +184,8 @@ def environment(backend: str) -> dict[str, str | None]:
 
 
 # How a build ran rather than what it built: left out so an unchanged export is byte-identical.
-NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root"}
+NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root",
+                "remote_cache", "remote_cache_required"}
 
 
 def normalized_config(config: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ rebuilt. The marker is written under a temporary name and moved into place, so i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -28,17 +29,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel
 
-from neuron_export.errors import RemoteCacheError
+from neuron_export.errors import ExportError, RemoteCacheError
 from neuron_export.exporter.cache import CacheEntry, ComponentCache
+from neuron_export.exporter.storage import writing
 from neuron_export.manifest import HASH_CHUNK, ComponentRecord, sha256_file
 
-REMOTE_ENV = "NEURON_EXPORT_REMOTE_CACHE"
 MARKER_NAME = "record.json"
 MARKER_FORMAT = 1
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
 ORPHAN_SECONDS = 24 * 3600  # an upload without a marker this old was killed; younger ones may still be running
 LOCAL_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
-BUILT, DOWNLOADED = "built", "downloaded"  # ComponentRecord.origin: where a cache entry's bytes came from
 
 
 class RemoteMarker(BaseModel):
@@ -78,6 +78,14 @@ def _warn_on_stderr(message: str) -> None:
 def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text[:200]
+
+
+def _local(error: OSError, root: Path) -> bool:
+    """Whether an OSError is the local disk's: no space or read-only, or naming a path in the local cache."""
+    if error.errno in LOCAL_WRITE_ERRORS:
+        return True
+    names = [Path(os.path.abspath(n)) for n in (error.filename, error.filename2) if isinstance(n, (str, Path))]
+    return any(name.is_relative_to(os.path.abspath(root)) for name in names)
 
 
 class _Bad(Exception):
@@ -124,14 +132,22 @@ class RemoteCache:
                       "building locally without it.")
         self.available = False
 
+    @contextlib.contextmanager
+    def guarded(self, doing: str) -> Iterator[None]:
+        """Any failure of the remote inside becomes `_unreachable` (an error when required, else one warning)."""
+        try:
+            yield
+        except (ExportError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001  (any failure of any filesystem means: not usable)
+            self._unreachable(error, doing)
+
     def check(self) -> bool:
         """Whether the remote answers (one listing); an error when required and it does not."""
         if not self.available:
             return False
-        try:
+        with self.guarded("connecting"):
             self.fs.exists(self._path(MARKER_NAME))
-        except Exception as error:  # noqa: BLE001  (any failure of any filesystem means: not usable)
-            self._unreachable(error, "connecting")
         return self.available
 
     # -- reading --------------------------------------------------------------------------------------
@@ -156,18 +172,18 @@ class RemoteCache:
         """Whether a completed entry exists (its files are not checked: for plans, which must stay quick)."""
         if not self.available:
             return False
-        try:
+        with self.guarded(f"looking up {key[:12]}"):
             return self.fs.exists(self._path(key, MARKER_NAME))
-        except Exception as error:  # noqa: BLE001
-            self._unreachable(error, f"looking up {key[:12]}")
-            return False
+        return False
 
     def record(self, key: str) -> ComponentRecord | None:
         """The entry's component record (files not checked), None when absent or bad."""
-        try:
-            marker = self._marker(key)
-        except _Bad:
-            return None
+        marker = None
+        with self.guarded(f"reading {key[:12]}"):
+            try:
+                marker = self._marker(key)
+            except _Bad:
+                pass
         return marker.record if marker else None
 
     def download(self, key: str, cache: ComponentCache) -> CacheEntry | None:
@@ -190,19 +206,18 @@ class RemoteCache:
                     raise _Bad(f"{name} is missing") from None
                 if target.stat().st_size != file.size or sha256_file(target) != file.sha256:
                     raise _Bad(f"{name} does not match its recorded sha256")
-            record = marker.record.model_copy(update={"origin": DOWNLOADED, "remote": self.url, "cache_key": key})
+            record = marker.record.model_copy(update={"origin": "downloaded", "remote": self.url, "cache_key": key})
             entry = cache.store(key, build_dir, record)
             build_dir = None
             return entry
         except _Bad as bad:
             self._reject(key, str(bad))
             return None
-        except OSError as error:
-            if error.errno in LOCAL_WRITE_ERRORS:
-                raise  # the local cache is full or read-only: the caller's storage handling names the path
-            self._unreachable(error, f"downloading {key[:12]}")
-            return None
+        except (ExportError, KeyboardInterrupt):
+            raise
         except Exception as error:  # noqa: BLE001
+            if isinstance(error, OSError) and _local(error, cache.root):
+                raise  # the local cache is full or not writable: the caller's storage handling names the path
             self._unreachable(error, f"downloading {key[:12]}")
             return None
         finally:
@@ -225,7 +240,7 @@ class RemoteCache:
         upload = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
         record = entry.record.model_copy(update={"origin": None, "remote": None, "cache_key": key})
         marker = RemoteMarker(upload=upload, uploaded_from=socket.gethostname(), record=record)
-        try:
+        with self.guarded(f"uploading {key[:12]}"):
             self.fs.makedirs(self._path(key, upload), exist_ok=True)  # local and NFS; nothing on object stores
             for file in entry.record.files:
                 name = Path(file.path).name
@@ -233,8 +248,6 @@ class RemoteCache:
             temporary = self._path(key, f".{MARKER_NAME}.{upload}")
             self.fs.pipe_file(temporary, marker.model_dump_json(indent=2).encode())
             self.fs.mv(temporary, self._path(key, MARKER_NAME))
-        except Exception as error:  # noqa: BLE001
-            self._unreachable(error, f"uploading {key[:12]}")
 
     def delete(self, key: str) -> None:
         """The marker first (readers stop accepting the entry at once), then its files."""
@@ -253,10 +266,9 @@ class RemoteCache:
 
     def keys(self) -> list[str]:
         """Every key with a completed entry (a marker)."""
-        try:
+        found: list[str] = []
+        with self.guarded("listing"):
             found = self.fs.glob(self._path("*", MARKER_NAME))
-        except FileNotFoundError:
-            return []
         return sorted(key for key in (p.rstrip("/").split("/")[-2] for p in found) if KEY_PATTERN.fullmatch(key))
 
     def size(self, key: str) -> int:
@@ -265,8 +277,10 @@ class RemoteCache:
         return sum(f.size for f in record.files) if record else 0
 
     def uploaded_at(self, key: str) -> float:
-        """When the entry was completed (its marker's time), in seconds since the epoch."""
-        return self.fs.modified(self._path(key, MARKER_NAME)).timestamp()
+        """When the entry was completed (its marker's time), in seconds since the epoch (0 when unknown)."""
+        with self.guarded(f"reading {key[:12]}"):
+            return self.fs.modified(self._path(key, MARKER_NAME)).timestamp()
+        return 0.0
 
     def _problem(self, key: str) -> str | None:
         try:
@@ -293,10 +307,11 @@ class RemoteCache:
         """Every entry hash-checked (read, not downloaded to disk); bad ones are removed and returned with the reason."""
         bad = []
         for key in self.keys():
-            problem = self._problem(key)
-            if problem is not None:
-                self.delete(key)
-                bad.append((key, problem))
+            with self.guarded(f"checking {key[:12]}"):
+                problem = self._problem(key)
+                if problem is not None:
+                    self.delete(key)
+                    bad.append((key, problem))
         return bad
 
     def unused_for(self, older_than_seconds: float | None) -> list[str]:
@@ -328,10 +343,11 @@ class RemoteCache:
 
     def prune(self, older_than_seconds: float | None) -> list[str]:
         removed = self.unused_for(older_than_seconds)
-        for key in removed:
-            self.delete(key)
-        for folder in list(self.orphans()):
-            self.fs.rm(folder, recursive=True)
+        with self.guarded("removing"):
+            for key in removed:
+                self.delete(key)
+            for folder in list(self.orphans()):
+                self.fs.rm(folder, recursive=True)
         return removed
 
 
@@ -354,7 +370,8 @@ def pull(cache: ComponentCache, remote: RemoteCache) -> list[CacheEntry]:
     for key in remote.keys():
         if cache.peek(key):
             continue
-        entry = remote.download(key, cache)
+        with writing("the component cache", cache.root, remote.size(key), "--cache-dir"):
+            entry = remote.download(key, cache)
         if entry is not None:
             pulled.append(entry)
     return pulled
