@@ -37,3 +37,5 @@ MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Host mem
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")]
 ConfigFile = Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="A YAML config, e.g. configs/sdxl-base-1024.yaml.")]
 SetOptions = Annotated[Optional[list[str]], typer.Option("--set", help="Override one key: --set height=768 (repeatable).")]
+RemoteCacheUrl = Annotated[Optional[str], typer.Option("--remote-cache", metavar="URL", help="Shared cache hosts read and write: s3://bucket/prefix, file:///shared/path, hf://datasets/org/name [default: $NEURON_EXPORT_REMOTE_CACHE].")]
+RemoteCacheRequired = Annotated[bool, typer.Option("--remote-cache-required", help="Fail when the remote cache cannot be used, instead of building locally.")]
