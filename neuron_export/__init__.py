@@ -30,23 +30,32 @@ if TYPE_CHECKING:
 __all__ = ["ExportError", "__version__", "export", "load", "plan"]
 
 
-def plan(family_or_config: Union[str, Path], *, overrides: Sequence[str] = (), **options: Any) -> Union[Plan, list[Plan]]:
+def plan(family_or_config: Union[str, Path, Sequence[Union[str, Path]]], *, overrides: Sequence[str] = (),
+         **options: Any) -> Union[Plan, list[Plan]]:
     """What an export would build (jobs, shapes, flags, cache hits, memory and time estimates); loads no model.
-    One Plan, or a list when height, width or batch_size name several values (a shape matrix)."""
+    One Plan, or a list when height, width or batch_size name several values (a shape matrix) or when a list
+    of YAML configs is given."""
     from neuron_export.exporter.run import plan_exports
 
     plans = plan_exports(family_or_config, overrides, **options)
     return plans[0] if len(plans) == 1 else plans
 
 
-def export(family_or_config: Union[str, Path, Plan], *, overrides: Sequence[str] = (),
+def export(family_or_config: Union[str, Path, Plan, Sequence[Union[str, Path, Plan]]], *, overrides: Sequence[str] = (),
            on_event: Optional[EventHandler] = None, **options: Any) -> Union[ExportResult, list[ExportResult]]:
     """Export (or find up to date) and return the result: output path, manifest, up_to_date, per-component origin.
-    Takes a family name ("sd", "sd-xl", "lcm"), a YAML config path, or a Plan from `plan()`."""
+    Takes a family name ("sd", "sd-xl", "lcm"), a YAML config path, a Plan from `plan()`, or a list of either
+    (with executor="ray" their missing components are built on the cluster together, each once)."""
     from neuron_export.exporter.plan import Plan
-    from neuron_export.exporter.run import plan_exports, run_plan
+    from neuron_export.exporter.run import fan_out, plan_exports, run_plan
 
-    plans = [family_or_config] if isinstance(family_or_config, Plan) else plan_exports(family_or_config, overrides, **options)
+    if isinstance(family_or_config, Plan):
+        plans = [family_or_config]
+    elif isinstance(family_or_config, (list, tuple)) and all(isinstance(one, Plan) for one in family_or_config):
+        plans = list(family_or_config)
+    else:
+        plans = plan_exports(family_or_config, overrides, **options)
+    fan_out(plans, on_event)
     results = [run_plan(one, on_event) for one in plans]
     return results[0] if len(results) == 1 else results
 

@@ -185,7 +185,7 @@ def environment(backend: str) -> dict[str, str | None]:
 
 # How a build ran rather than what it built: left out so an unchanged export is byte-identical.
 NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root",
-                "remote_cache", "remote_cache_required"}
+                "remote_cache", "remote_cache_required", "executor", "ray_address"}
 
 
 def normalized_config(config: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from typing import Any, Callable
 import typer
 
 from neuron_export.cli.options import (
-    Atol, AutoCast, AutoCastType, Backend, BatchSize, CacheDir, Components, ConfigFile, DisableValidation,
+    Atol, AutoCast, AutoCastType, Backend, BatchSize, CacheDir, Components, ConfigFiles, DisableValidation, Executor, RayAddress,
     DynamicBatchSize, Force, Height, HubCacheDir, ImagesPerPrompt, InlineWeights, Jobs, Json, MaxMemory, Model,
     Offline, Optlevel, Output, OutputArgument, RemoteCacheRequired, RemoteCacheUrl, Revision, SetOptions, Target, Task,
     Token, Unet, Width,
@@ -16,7 +16,7 @@ FAMILY_HELP = {
     "sd-xl": "SDXL base, turbo and refiner (the refiner is recognised from the model); LCM-SDXL with --unet.",
     "lcm": "Latent consistency models distilled from Stable Diffusion (e.g. SimianLuo/LCM_Dreamshaper_v7).",
 }
-BUILD_HELP = "Export from a YAML config file: defaults < file < --set < flags."
+BUILD_HELP = "Export from YAML config files (several: one set of jobs, shared components built once): defaults < file < --set < flags."
 
 # On/off flags whose absence must not override a YAML file's `true`.
 _PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "remote_cache_required"}
@@ -33,22 +33,28 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def export_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
-    """Plan every export (a shape matrix makes several) before building any, then build them in turn;
-    components they share come from the cache after the first build."""
+    """Plan every export (a shape matrix or several configs make several) before building any, then build them
+    in turn (components they share come from the cache after the first build), or, with --executor ray, build
+    what they all miss on the cluster first and assemble each from the remote cache."""
     import neuron_export
     from neuron_export.cli.render import Reporter, result_object
+    from neuron_export.exporter.run import fan_out, run_plan
 
     plans = _as_list(neuron_export.plan(family_or_config, overrides=overrides, **options))
     reporter = Reporter(json_mode=json_mode)
+    try:
+        fan_out(plans, on_event=reporter)
+    finally:
+        reporter.close()
     results = []
     for plan in plans:
         reporter.plan(plan)
         if plan.up_to_date:
             reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
-            result = neuron_export.export(plan)  # reads the manifest back; every component counts as cached
+            result = run_plan(plan)  # reads the manifest back; every component counts as cached
         else:
             try:
-                result = neuron_export.export(plan, on_event=reporter)
+                result = run_plan(plan, on_event=reporter)
             finally:
                 reporter.close()
             reporter.summary(result.manifest, plan.output)
@@ -80,6 +86,7 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         force: Force = False, json_output: Json = False, token: Token = None, hub_cache_dir: HubCacheDir = None,
         offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
         remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
+        executor: Executor = None, ray_address: RayAddress = None,
     ) -> None:
         options = dict(locals())
         for name in ("output_dir", "json_output", "family", "run"):
@@ -95,15 +102,17 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
 
 def build_command(run: Runner) -> Callable[..., None]:
     def command(
-        config_file: ConfigFile, set_options: SetOptions = None, output: Output = None, backend: Backend = None,
+        config_files: ConfigFiles, set_options: SetOptions = None, output: Output = None, backend: Backend = None,
         disable_validation: DisableValidation = False, jobs: Jobs = None, max_memory: MaxMemory = None,
         cache_dir: CacheDir = None, force: Force = False, json_output: Json = False,
         remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
+        executor: Executor = None, ray_address: RayAddress = None,
     ) -> None:
         options = given_options({"output": output, "backend": backend, "disable_validation": disable_validation,
                                  "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force,
-                                 "remote_cache": remote_cache, "remote_cache_required": remote_cache_required})
-        run(config_file, list(set_options or []), options, json_output)
+                                 "remote_cache": remote_cache, "remote_cache_required": remote_cache_required,
+                                 "executor": executor, "ray_address": ray_address})
+        run(config_files if len(config_files) > 1 else config_files[0], list(set_options or []), options, json_output)
 
     command.__doc__ = BUILD_HELP
     return command
@@ -121,4 +130,4 @@ def register(app: typer.Typer) -> None:
         app.command(family, help=FAMILY_HELP[family])(family_command(family, export_and_render))
         plan_app.command(family, help=f"Plan: {FAMILY_HELP[family]}")(family_command(family, plan_and_render))
     app.command("build", help=BUILD_HELP)(build_command(export_and_render))
-    plan_app.command("build", help="Plan an export from a YAML config file.")(build_command(plan_and_render))
+    plan_app.command("build", help="Plan exports from YAML config files.")(build_command(plan_and_render))

@@ -56,17 +56,18 @@ class Reporter:
             self._rich_event(event)
             return
         prefix = f"[{event.index}/{event.total}] {event.component}"
+        node = f" on {event.node}" if event.node else ""  # a Ray task's node (--executor ray)
         if event.stage in ("cached", "downloaded") and event.record is not None:
             where = f"downloaded from {event.remote}" if event.stage == "downloaded" else "cached"
-            self.line(f"{prefix}: {where} (built {event.record.built_at}, validation {validation_text(event.record)})")
+            self.line(f"{prefix}: {where}{node} (built {event.record.built_at}, validation {validation_text(event.record)})")
         elif event.stage in STAGE_TEXT:
-            self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}")
+            self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}{node}")
         elif event.stage == "done" and event.record is not None:
             r = event.record
-            self.line(f"{prefix}: done in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
+            self.line(f"{prefix}: done{node} in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
                       f"validation {validation_text(r)}")
         else:
-            self.line(f"{prefix}: {event.stage}")
+            self.line(f"{prefix}: {event.stage}{node}")
 
     def _rich_event(self, event: BuildEvent) -> None:
         from rich.console import Console
@@ -81,18 +82,20 @@ class Reporter:
         if event.component not in self._tasks:
             self._tasks[event.component] = progress.add_task(label, total=1)
         task = self._tasks[event.component]
+        node = f" on {event.node}" if event.node else ""
         if event.stage in ("done", "cached", "downloaded") and event.record is not None:
             cached = f"{event.stage}, " if event.stage != "done" else ""
-            progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}", completed=1)
+            progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}{node}", completed=1)
             progress.stop_task(task)
         else:
             text = STAGE_TEXT.get(event.stage, event.stage).format(remote=event.remote)
-            progress.update(task, description=f"{label}: {text}")
+            progress.update(task, description=f"{label}: {text}{node}")
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        self._tasks.clear()  # their ids belonged to the stopped display
 
     def summary(self, manifest: Manifest, output: Any) -> None:
         self.close()
@@ -165,7 +168,8 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
             } for job in plan.jobs],
         })
     if json_mode:
-        print(json.dumps(summaries[0] if len(summaries) == 1 else {"plans": summaries}), flush=True)
+        builds = {"builds": build_list(plans)}  # one per cache key: what a CI matrix fans out
+        print(json.dumps({**summaries[0], **builds} if len(summaries) == 1 else {"plans": summaries, **builds}), flush=True)
         return
     from rich.console import Console
     from rich.table import Table
@@ -185,6 +189,15 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
                  "every component is cached; assembling only" if not misses else
                  f"{misses} to build, about {summary['estimated_wall_seconds']:.0f} s")
         console.print(f"with --jobs {summary['jobs']} within {human_bytes(summary['memory_budget_bytes'])}: {state}")
+
+
+def build_list(plans: list[Plan]) -> list[dict[str, Any]]:
+    """Each cache key the plans need, once, with whether a cache (the remote one too, when given) has it."""
+    from neuron_export.exporter.fleet import ci_jobs
+    from neuron_export.exporter.remote import RemoteCache
+
+    url = plans[0].config.remote_cache if plans else None
+    return ci_jobs(plans, RemoteCache(url) if url else None)
 
 
 def error(message: str, json_mode: bool, exit_code: int) -> None:

@@ -38,6 +38,7 @@ class BuildEvent:
     stage: str  # "cached", "waiting", "downloading", "downloaded", "loading", "tracing", "validating", "done", "uploading"
     record: ComponentRecord | None = None
     remote: str | None = None  # the remote cache's URL, for "downloading", "downloaded" and "uploading"
+    node: str | None = None  # the Ray cluster node a task runs on (--executor ray)
 
 
 EventHandler = Callable[[BuildEvent], None]
@@ -94,12 +95,13 @@ def _interrupts_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, deferred)
 
 
-def _start(job: Job, plan: Plan, cache: ComponentCache, workdir: Path) -> _Worker:
+def _start(order: WorkOrder, cache: ComponentCache, workdir: Path) -> _Worker:
+    job = order.job
     with writing("the component cache", cache.root, job.weights.bytes, "--cache-dir"):
         build_dir = cache.new_build_dir(job.cache_key)
     # One pipe per worker, not a shared queue: no named semaphores to outlive an interrupted parent.
     reader, writer = context().Pipe(duplex=False)
-    process = context().Process(target=worker_main, args=(work_order(job, plan), build_dir, workdir, writer), daemon=True,
+    process = context().Process(target=worker_main, args=(order, build_dir, workdir, writer), daemon=True,
                                 name=f"neuron-export-{job.component}")
     try:
         with _interrupts_deferred():
@@ -150,7 +152,7 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                     break
                 if running and in_use + job.estimated_peak_bytes > plan.memory_budget:
                     continue  # wait for memory; a smaller job later in the list may still fit
-                running[job.component] = _start(job, plan, cache, workdir)
+                running[job.component] = _start(work_order(job, plan), cache, workdir)
                 pending.remove(job)
             for reader in wait([w.reader for w in running.values()]):
                 worker = next(w for w in running.values() if w.reader is reader)
@@ -164,27 +166,61 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                     continue
                 worker.process.join()
                 del running[name]
-                if kind == "error":
-                    shutil.rmtree(worker.build_dir, ignore_errors=True)
-                    raise _worker_error(payload)
-                record = ComponentRecord.model_validate_json(payload)
-                if record.validation.status == "failed":
-                    shutil.rmtree(worker.build_dir, ignore_errors=True)
-                    on_event(BuildEvent(name, index[name], total, "done", record))
-                    raise BuildError(
-                        f"Validation of {name} failed: {record.validation.reason} on fresh inputs; "
-                        "nothing was written (raise --atol only if this difference is acceptable)."
-                    )
-                with writing("the component cache", cache.root, len(payload), "--cache-dir"):  # its record.json
-                    built[name] = cache.store(worker.job.cache_key, worker.build_dir, record)
-                on_event(BuildEvent(name, index[name], total, "done", record))
+                built[name] = _finish(worker, kind, payload, cache,
+                                      lambda record: on_event(BuildEvent(name, index[name], total, "done", record)))
     finally:
         for worker in running.values():
-            worker.process.kill()
-            worker.process.join()
-            worker.reader.close()
-            shutil.rmtree(worker.build_dir, ignore_errors=True)
+            _stop(worker)
     return built
+
+
+def _finish(worker: _Worker, kind: str, payload: Any, cache: ComponentCache,
+            done: Callable[[ComponentRecord], None]) -> CacheEntry:
+    """A worker's final message: its build stored in the cache, or its error raised (nothing kept)."""
+    if kind == "error":
+        shutil.rmtree(worker.build_dir, ignore_errors=True)
+        raise _worker_error(payload)
+    record = ComponentRecord.model_validate_json(payload)
+    if record.validation.status == "failed":
+        shutil.rmtree(worker.build_dir, ignore_errors=True)
+        done(record)
+        raise BuildError(
+            f"Validation of {record.name} failed: {record.validation.reason} on fresh inputs; "
+            "nothing was written (raise --atol only if this difference is acceptable)."
+        )
+    with writing("the component cache", cache.root, len(payload), "--cache-dir"):  # its record.json
+        entry = cache.store(worker.job.cache_key, worker.build_dir, record)
+    done(record)
+    return entry
+
+
+def _stop(worker: _Worker) -> None:
+    worker.process.kill()
+    worker.process.join()
+    worker.reader.close()
+    shutil.rmtree(worker.build_dir, ignore_errors=True)
+
+
+def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]) -> CacheEntry:
+    """One component built in a worker process, as build_missing does, and stored in `cache`: what a cluster
+    node runs for a Ray task (exporter/ray_executor.py)."""
+    worker = _start(order, cache, workdir)
+    try:
+        while True:
+            try:
+                kind, payload = worker.reader.recv()
+            except EOFError:
+                raise _died(worker) from None
+            if kind == "stage":
+                on_stage(payload)
+                continue
+            worker.process.join()
+            entry = _finish(worker, kind, payload, cache, lambda record: on_stage("done"))
+            worker.reader.close()
+            return entry
+    except BaseException:
+        _stop(worker)  # harmless when it has exited: its build dir is gone or renamed into the cache
+        raise
 
 
 def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple[Manifest, dict[str, str]]:

@@ -38,6 +38,8 @@ CANONICAL_MODELS = {
 
 MIN_SIDE, MAX_SIDE = 64, 4096
 REMOTE_ENV = "NEURON_EXPORT_REMOTE_CACHE"
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+RAY_INSTALL = "pip install 'neuron-export[ray]'"
 
 
 class ExportConfig(BaseModel):
@@ -76,6 +78,8 @@ class ExportConfig(BaseModel):
     output_root: Path | None = None  # a shape matrix writes one export per combination below this
     remote_cache: str | None = None  # an fsspec URL shared by hosts; default $NEURON_EXPORT_REMOTE_CACHE
     remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
+    executor: Literal["local", "ray"] = "local"  # where missing components build: here, or as tasks on a Ray cluster
+    ray_address: str | None = None  # the cluster for executor ray; default $RAY_ADDRESS
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -130,7 +134,30 @@ class ExportConfig(BaseModel):
         elif self.remote_cache_required:
             raise ValueError(f"remote_cache_required is set but no remote cache is given; pass --remote-cache URL "
                              f"(or set {REMOTE_ENV}), or drop --remote-cache-required")
+        if self.executor == "ray":
+            check_ray_executor(self)
         return self
+
+
+def check_ray_executor(config: ExportConfig) -> None:
+    """--executor ray: Ray installed (looked up, not imported: that takes seconds), a cluster, a remote cache."""
+    import importlib.util
+
+    try:
+        installed = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        raise ValueError(f"executor 'ray' needs Ray, which is not installed; run {RAY_INSTALL}, "
+                         "or use --executor local")
+    if not config.ray_address and os.environ.get(RAY_ADDRESS_ENV):
+        object.__setattr__(config, "ray_address", os.environ[RAY_ADDRESS_ENV])
+    if not config.ray_address:
+        raise ValueError(f"executor 'ray' needs a cluster; pass --ray-address HOST:PORT (or 'auto' for the one "
+                         f"started on this host), or set {RAY_ADDRESS_ENV}")
+    if not config.remote_cache:
+        raise ValueError("executor 'ray' needs --remote-cache URL (or "
+                         f"{REMOTE_ENV}): cluster nodes hand their builds back through it")
 
 
 def check_remote_url(url: str, where: str) -> None:

@@ -38,6 +38,10 @@ SECONDS_PER_PIXEL = {
     "neuron": {"text_encoder": 0, "unet": 0, "vae_encoder": 3.5e-4, "vae_decoder": 6.6e-4},  # SDXL VAE at 1024x1024
 }
 
+# CPUs a build keeps busy, what a Ray task requests. torch's CPU trace runs one component's graph on one
+# worker; neuronx-cc runs its passes in parallel processes (a guess, not measurable without the SDK).
+BUILD_CPUS = {"cpu": 1, "neuron": 4}
+
 
 class WeightStats(NamedTuple):
     parameters: int
@@ -81,6 +85,10 @@ def estimate_seconds(backend: str, component: str, weights: WeightStats, batch: 
     kind = _kind(component)
     pixels = batch * height * width
     return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + SECONDS_PER_PIXEL[backend][kind] * pixels
+
+
+def estimate_cpus(backend: str, component: str) -> int:
+    return BUILD_CPUS[backend]
 
 
 def schedule_seconds(jobs: list[tuple[float, int]], workers: int, budget: int) -> float:

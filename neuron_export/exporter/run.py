@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 from neuron_export.exporter.build import BuildEvent, EventHandler, run_export
 from neuron_export.exporter.config import FAMILIES, make_configs, parse_set_options, read_config_file
+from neuron_export.errors import ExportError
 from neuron_export.exporter.plan import Plan, make_plan
 from neuron_export.manifest import Manifest
 
@@ -31,9 +32,32 @@ def option_layers(family_or_config: str | Path, overrides: Sequence[str], option
     return [base, parse_set_options(list(overrides)), options]
 
 
-def plan_exports(family_or_config: str | Path, overrides: Sequence[str] = (), **options: Any) -> list[Plan]:
-    """Every export the options name (a shape matrix names several), all checked before any is built."""
-    return [make_plan(config) for config in make_configs(*option_layers(family_or_config, overrides, options))]
+def plan_exports(family_or_config: str | Path | Sequence[str | Path], overrides: Sequence[str] = (),
+                 **options: Any) -> list[Plan]:
+    """Every export the options name (a shape matrix, or several configs, name several), all checked before any
+    is built; two that would write the same output are refused."""
+    sources = [family_or_config] if isinstance(family_or_config, (str, Path)) else list(family_or_config)
+    plans = [make_plan(config) for source in sources
+             for config in make_configs(*option_layers(source, overrides, options))]
+    seen: dict[Path, Plan] = {}
+    for plan in plans:
+        where = plan.output.absolute()
+        if where in seen:
+            raise ExportError(f"Two exports would both write --output {plan.output} ({seen[where].source.model_id} at "
+                              f"{seen[where].height}x{seen[where].width} and {plan.source.model_id} at "
+                              f"{plan.height}x{plan.width}); give each config its own output.")
+        seen[where] = plan
+    return plans
+
+
+def fan_out(plans: list[Plan], on_event: Optional[EventHandler] = None) -> None:
+    """With --executor ray, build every component the plans miss on the cluster first, each cache key once;
+    run_plan then assembles each export from the remote cache. The local executor builds in run_plan."""
+    on_cluster = [plan for plan in plans if plan.config.executor == "ray" and not plan.up_to_date]
+    if on_cluster:
+        from neuron_export.exporter.ray_executor import build_on_cluster
+
+        build_on_cluster(on_cluster, on_event or _ignore)
 
 
 def run_plan(plan: Plan, on_event: Optional[EventHandler] = None) -> ExportResult:

@@ -228,7 +228,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
     return ModelFacts(**{**facts.__dict__, "weight_files": weights})
 
 
-def _hub_download(repo_id: str, revision: str | None, patterns: list[str], token: str | None,
+def hub_download(repo_id: str, revision: str | None, patterns: list[str], token: str | None,
                   cache_dir: Path | None, offline: bool) -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -265,11 +265,11 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
         folders = sorted({SOURCE_FOLDER[name] for name in components} - ({"unet"} if unet else set()))
         patterns = ["model_index.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
-        path, commit = _hub_download(model, revision, patterns, token, cache_dir, offline)
+        path, commit = hub_download(model, revision, patterns, token, cache_dir, offline)
         pickled_only = [folder for folder in folders if not any((path / folder).glob("*.safetensors"))]
         if pickled_only:  # an older checkpoint: fetch its .bin weights, for those folders only
             patterns = [f"{folder}/{name}" for folder in pickled_only for name in HUB_PICKLE_PATTERNS]
-            path, commit = _hub_download(model, commit or revision, patterns, token, cache_dir, offline)
+            path, commit = hub_download(model, commit or revision, patterns, token, cache_dir, offline)
     else:
         path, commit = Path(model).expanduser(), None
         if not path.is_dir():
@@ -277,7 +277,7 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     unet_path = unet_commit = None
     if unet is not None:
         if looks_like_hub_id(unet):
-            unet_root, unet_commit = _hub_download(
+            unet_root, unet_commit = hub_download(
                 unet, None, ["config.json", *HUB_WEIGHT_PATTERNS, *(f"unet/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))],
                 token, cache_dir, offline,
             )
