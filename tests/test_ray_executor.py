@@ -1,0 +1,87 @@
+"""--executor ray on a real two-node Ray cluster on 127.0.0.1, started and stopped by the module's fixture:
+a shape matrix fans out as one set of tasks, each cache key built once, results through a file:// remote
+cache; a lost node's task runs again on the other node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_cluster import LOCAL_ONLY, two_node_cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    with two_node_cluster(tmp_path_factory.mktemp("node-caches")) as cluster:
+        yield cluster
+
+
+def entries(cache: Path) -> list[str]:
+    return sorted(p.parent.name for p in cache.glob("components/*/*/record.json"))
+
+
+def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli, tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("sd")
+    matrix = ("-m", model, "--backend", "cpu", "--height", "64,128", "--width", "64,128",
+              "--components", "text_encoder,vae_decoder")
+    remote = tmp_path / "remote"
+    ray_options = ("--executor", "ray", "--ray-address", ray_cluster.address, "--remote-cache", f"file://{remote}")
+    builds = json.loads(cli("plan", "sd", *matrix, *ray_options, "--json").stdout)["builds"]
+    assert len(builds) == 5  # one text encoder for all four shapes, four VAE decoders
+
+    result = cli("sd", *matrix, *ray_options, "-o", tmp_path / "exports")
+    assert result.exit_code == 0, result
+    keys = {b["cache_key"] for b in builds}
+    # each key built once, on one node or the other, and handed over through the remote cache
+    on_nodes = entries(ray_cluster.caches["head"]) + entries(ray_cluster.caches["worker"])
+    assert sorted(on_nodes) == sorted(keys)
+    assert {p.parent.name for p in remote.glob("*/record.json")} == keys
+    # progress names the node of every task, and both nodes took some
+    done = [line for line in result.stdout.splitlines() if ": done on " in line]
+    assert len(done) == 5
+    for node in (ray_cluster.head, ray_cluster.worker):
+        assert any(ray_cluster.node_label(node) in line for line in done), result.stdout
+    exports = sorted((tmp_path / "exports").glob("*/manifest.json"))
+    assert len(exports) == 4
+    for manifest in map(json.loads, (p.read_text() for p in exports)):
+        assert {c["origin"] for c in manifest["components"].values()} == {"downloaded"}
+
+    # the bytes a cluster node built are the bytes a local build makes
+    local = cli("sd", "-m", model, "--backend", "cpu", "--height", "64", "--width", "64", "--components", "vae_decoder",
+                "-o", tmp_path / "local")
+    assert local.exit_code == 0, local
+    assert ((tmp_path / "local" / "vae_decoder" / "model.neuron").read_bytes()
+            == (tmp_path / "exports" / "sd-neuron-64x64-b1" / "vae_decoder" / "model.neuron").read_bytes())
+
+
+def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_model, tmp_path):
+    worker_label = ray_cluster.node_label(ray_cluster.worker)
+    command = [sys.executable, "-m", "neuron_export", "sd", "-m", str(tiny_model("sd")), "--backend", "cpu",
+               "--height", "64,128", "--components", "unet,vae_encoder", "--executor", "ray",
+               "--ray-address", ray_cluster.address, "--remote-cache", f"file://{tmp_path / 'remote'}",
+               "-o", str(tmp_path / "exports")]
+    env = {**os.environ, **LOCAL_ONLY, "PYTHONUNBUFFERED": "1", "NEURON_EXPORT_CACHE": str(tmp_path / "cache")}
+    exporter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, lost = [], None
+    try:
+        for line in exporter.stdout:
+            lines.append(line)
+            if lost is None and f"started on {worker_label}" in line:
+                lost = line.split("]")[1].split(":")[0].strip() + "]"  # the task's label, e.g. "unet 64x64 b1 [..."
+                ray_cluster.cluster.remove_node(ray_cluster.worker, allow_graceful=False)
+        assert exporter.wait(timeout=300) == 0, "".join(lines)
+    finally:
+        if exporter.poll() is None:
+            exporter.kill()
+            exporter.wait()
+    output = "".join(lines)
+    assert lost is not None, output
+    head_label = ray_cluster.node_label(ray_cluster.head)
+    assert f"{lost}: started again (attempt 2: a node was lost) on {head_label}" in output
+    assert f"{lost}: done on {head_label}" in output
+    assert len(list((tmp_path / "exports").glob("*/manifest.json"))) == 2
