@@ -203,12 +203,10 @@ def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple
     def notify(job: Job, stage: str, record: ComponentRecord | None) -> None:
         on_event(BuildEvent(job.component, number[job.component], len(plan.jobs), stage, record, url))
 
-    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"
-    try:
-        entries, origins = supply(list(plan.jobs), cache, remote, notify,
-                                  lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"  # kept when a compile fails
+    entries, origins = supply(list(plan.jobs), cache, remote, notify,
+                              lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
+    shutil.rmtree(workdir, ignore_errors=True)
 
     needed = export_bytes(plan, sum(f.size for entry in entries.values() for f in entry.record.files))
     with writing("the export", plan.output, needed, "--output"), staging_directory(plan.output) as staging:
