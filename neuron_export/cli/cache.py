@@ -11,7 +11,7 @@ from neuron_export.errors import ExitCode, ExportError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
-cache_app = typer.Typer(help="Inspect and clean the component cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, clean and share the component cache (--remote: the shared remote cache).", no_args_is_help=True)
 CacheDir = typer.Option(None, "--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")
 Remote = typer.Option(False, "--remote", help="Act on the remote cache (--remote-cache URL or $NEURON_EXPORT_REMOTE_CACHE), not the local one.")
 
