@@ -82,7 +82,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remo
 
 @cache_app.command("du")
 def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
-    """Total size of the cache, per component kind."""
+    """Total size of the cache, per component role."""
     from neuron_export.format import human_bytes
 
     totals: dict[str, int] = {}
