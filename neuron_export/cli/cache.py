@@ -11,7 +11,7 @@ from neuron_export.errors import ExitCode, ExportError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
-cache_app = typer.Typer(help="Inspect and clean the component cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, clean and share the component cache (--remote: the shared remote cache).", no_args_is_help=True)
 CacheDir = typer.Option(None, "--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")
 Remote = typer.Option(False, "--remote", help="Act on the remote cache (--remote-cache URL or $NEURON_EXPORT_REMOTE_CACHE), not the local one.")
 
@@ -82,7 +82,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remo
 
 @cache_app.command("du")
 def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
-    """Total size of the cache, per component kind."""
+    """Total size of the cache, per component role."""
     from neuron_export.format import human_bytes
 
     totals: dict[str, int] = {}

@@ -52,7 +52,7 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
         created_at=max((record.built_at for record in records.values()), default=""),
         config=normalized_config(config),
         pipeline=PipelineRecord(
-            family=config.family, task=config.task, kind=plan.facts.kind, is_lcm=plan.facts.is_lcm,
+            family=config.family, task=config.task, architecture=plan.facts.architecture, is_lcm=plan.facts.is_lcm,
             diffusers_pipeline=plan.diffusers_pipeline, optimum_pipeline=plan.optimum_pipeline,
             data_parallel_mode=plan.data_parallel_mode, height=plan.height, width=plan.width,
             batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
@@ -158,15 +158,15 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                 worker = next(w for w in running.values() if w.reader is reader)
                 name = worker.job.component
                 try:
-                    kind, payload = reader.recv()
+                    tag, payload = reader.recv()
                 except EOFError:
                     raise _died(worker) from None
-                if kind == "stage":
+                if tag == "stage":
                     on_event(BuildEvent(name, index[name], total, payload))
                     continue
                 worker.process.join()
                 del running[name]
-                built[name] = _finish(worker, kind, payload, cache,
+                built[name] = _finish(worker, tag, payload, cache,
                                       lambda record: on_event(BuildEvent(name, index[name], total, "done", record)))
     finally:
         for worker in running.values():
@@ -174,10 +174,10 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
     return built
 
 
-def _finish(worker: _Worker, kind: str, payload: Any, cache: ComponentCache,
+def _finish(worker: _Worker, tag: str, payload: Any, cache: ComponentCache,
             done: Callable[[ComponentRecord], None]) -> CacheEntry:
     """A worker's final message: its build stored in the cache, or its error raised (nothing kept)."""
-    if kind == "error":
+    if tag == "error":
         shutil.rmtree(worker.build_dir, ignore_errors=True)
         raise _worker_error(payload)
     record = ComponentRecord.model_validate_json(payload)
@@ -208,14 +208,14 @@ def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: 
     try:
         while True:
             try:
-                kind, payload = worker.reader.recv()
+                tag, payload = worker.reader.recv()
             except EOFError:
                 raise _died(worker) from None
-            if kind == "stage":
+            if tag == "stage":
                 on_stage(payload)
                 continue
             worker.process.join()
-            entry = _finish(worker, kind, payload, cache, lambda record: on_stage("done"))
+            entry = _finish(worker, tag, payload, cache, lambda record: on_stage("done"))
             worker.reader.close()
             return entry
     except BaseException:
@@ -239,12 +239,10 @@ def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple
     def notify(job: Job, stage: str, record: ComponentRecord | None) -> None:
         on_event(BuildEvent(job.component, number[job.component], len(plan.jobs), stage, record, url))
 
-    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"
-    try:
-        entries, origins = supply(list(plan.jobs), cache, remote, notify,
-                                  lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"  # kept when a compile fails
+    entries, origins = supply(list(plan.jobs), cache, remote, notify,
+                              lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
+    shutil.rmtree(workdir, ignore_errors=True)
 
     needed = export_bytes(plan, sum(f.size for entry in entries.values() for f in entry.record.files))
     with writing("the export", plan.output, needed, "--output"), staging_directory(plan.output) as staging:

@@ -96,6 +96,8 @@ class RemoteCache:
     """Read-through and write-back to a shared cache. Unreachable: one warning, then every call answers
     'absent' (the export builds locally), unless `required`, when a RemoteCacheError is raised instead."""
 
+    warned: set[str] = set()  # URLs already reported unreachable by this process
+
     def __init__(self, url: str, required: bool = False) -> None:
         self.url = display_url(url)
         self.required = required
@@ -109,17 +111,18 @@ class RemoteCache:
 
     @property
     def fs(self) -> Any:
+        """The fsspec filesystem, made on first use (making one may already fail: inside `guarded` then)."""
         if self._fs is None:
             import fsspec
 
             protocol = fsspec.core.split_protocol(self._raw_url)[0] or "file"
-            self._fs, self._root = fsspec.core.url_to_fs(self._raw_url, **storage_options(protocol))
-            self._root = self._root.rstrip("/")
+            self._fs, root = fsspec.core.url_to_fs(self._raw_url, **storage_options(protocol))
+            self._root = root.rstrip("/")
         return self._fs
 
     def _path(self, *parts: str) -> str:
-        self.fs  # noqa: B018  (resolves the root)
-        return "/".join([self._root, *parts])
+        """A path under the URL, as the filesystem spells it."""
+        return "/".join([self._root if self.fs is not None else "", *parts])
 
     def _unreachable(self, error: BaseException, doing: str) -> None:
         """The one place a failing remote is handled: an error when required, else one warning and off."""
@@ -127,7 +130,8 @@ class RemoteCache:
             raise RemoteCacheError(
                 f"The remote cache {self.url} cannot be used ({doing}: {_short(error)}); check the URL, the network "
                 "and the credentials, or drop --remote-cache-required to build locally.") from None
-        if self.available:
+        if self.available and self.url not in RemoteCache.warned:  # once per process: a shape matrix warns once
+            RemoteCache.warned.add(self.url)
             self.warn(f"the remote cache {self.url} cannot be used ({doing}: {_short(error)}); "
                       "building locally without it.")
         self.available = False
