@@ -83,3 +83,24 @@ def test_executor_ray_needs_a_cluster_and_a_remote_cache(cli, tiny_model, tmp_pa
     no_remote = cli(*base, "--ray-address", "127.0.0.1:1")
     assert no_remote.exit_code == 2 and "executor 'ray' needs --remote-cache URL" in no_remote.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_several_configs_plan_as_one_set_of_builds(cli, tiny_model, tmp_path):
+    model = tiny_model("sd")
+    configs = []
+    for side in (64, 128):
+        config = tmp_path / f"sd-{side}.yaml"
+        config.write_text(f"family: sd\nmodel: {model}\nbackend: cpu\nheight: {side}\nwidth: {side}\n"
+                          f"components: [text_encoder, unet]\noutput: {tmp_path / f'out-{side}'}\n")
+        configs.append(config)
+    planned = cli("plan", "build", *configs, "--json")
+    assert planned.exit_code == 0, planned
+    builds = json.loads(planned.stdout)["builds"]
+    assert [(b["component"], len(b["outputs"])) for b in builds] == [("text_encoder", 2), ("unet", 1), ("unet", 1)]
+
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(configs[1].read_text().replace("width: 128", "width: 64"))  # another export, same output
+    refused = cli("build", configs[1], clash)
+    assert refused.exit_code == 2
+    assert f"Two exports would both write --output {tmp_path / 'out-128'}" in refused.stderr
+    assert not (tmp_path / "out-128").exists()
