@@ -96,7 +96,7 @@ class Sources:
 
         if name not in self.built:
             self.built[name] = build_example(name, self.root / name)
-        return self.built[kind]
+        return self.built[name]
 
     def path(self, case: Case) -> Path:
         source = self.get(case.source)
