@@ -82,6 +82,6 @@ def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_mod
     output = "".join(lines)
     assert lost is not None, output
     head_label = ray_cluster.node_label(ray_cluster.head)
-    assert f"{lost}: started again (attempt 2: a node was lost) on {head_label}" in output
+    assert f"{lost}: started again (attempt 2: its node or worker was lost) on {head_label}" in output
     assert f"{lost}: done on {head_label}" in output
     assert len(list((tmp_path / "exports").glob("*/manifest.json"))) == 2

@@ -23,7 +23,7 @@ from neuron_export.exporter.cache import ComponentCache, default_cache_dir
 from neuron_export.exporter.fleet import FleetJob, unique_jobs
 from neuron_export.exporter.plan import Plan, traced_library_versions
 from neuron_export.exporter.remote import RemoteCache, display_url
-from neuron_export.exporter.supply import CACHED, supply
+from neuron_export.exporter.supply import BUILT, supply
 from neuron_export.exporter.worker import WorkOrder
 from neuron_export.manifest import ComponentRecord
 from neuron_export.version import __version__
@@ -148,10 +148,13 @@ def _run(ray: Any, todo: list[FleetJob], url: str, on_event: EventHandler) -> di
 
     def show_progress() -> None:
         for key, stage, node in ray.get(board.take.remote()):
+            if key in supplied:  # a report that arrived after the task's result: its story is told
+                continue
             index, fleet_job = by_key[key]
             if stage == "started":
                 attempts[key] = attempts.get(key, 0) + 1
-                stage = "started" if attempts[key] == 1 else f"started again (attempt {attempts[key]}: a node was lost)"
+                if attempts[key] > 1:
+                    stage = f"started again (attempt {attempts[key]}: its node or worker was lost)"
             if stage != "done":  # the result's own event says done, with the record
                 on_event(BuildEvent(fleet_job.label, index, total, stage, remote=shown, node=node))
 
@@ -164,7 +167,7 @@ def _run(ray: Any, todo: list[FleetJob], url: str, on_event: EventHandler) -> di
                 result = _result(ray, ref, fleet_job)
                 record = ComponentRecord.model_validate_json(result["record"])
                 supplied[fleet_job.key] = result["node"]
-                stage = "cached" if result["origin"] == CACHED else "done"
+                stage = "done" if result["origin"] == BUILT else "cached"  # built now, or found on the node
                 on_event(BuildEvent(fleet_job.label, index, total, stage, record, remote=shown, node=result["node"]))
     except BaseException:
         for ref in pending:
