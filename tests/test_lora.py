@@ -46,7 +46,7 @@ def unet_inputs(seed: int):
 
 def test_two_loras_from_optimum_cli_spellings_equal_diffusers_fused(cli, tiny_model, loras, tmp_path):
     out = tmp_path / "export"
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", out, "--json",
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", out, "--json", "--components", "text_encoder,unet",
                  "--lora_model_ids", loras / "both", loras / "unet-only", "--lora_adapter_names", "style", "detail",
                  "--lora_scales", "0.7", "-0.5")
     assert result.exit_code == 0, result
@@ -92,12 +92,13 @@ def test_changing_only_a_lora_scale_rebuilds_only_what_it_touches(cli, tiny_mode
     out = tmp_path / "export"
 
     def origins(*flags):
-        result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", out, "--force", "--json", *flags)
+        result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", out, "--force", "--json",
+                     "--components", "text_encoder,unet,vae_decoder", *flags)
         assert result.exit_code == 0, result
         return {name: c["origin"] for name, c in json.loads(result.stdout)["components"].items()}
 
     assert set(origins().values()) == {"built"}
-    touched = {"text_encoder": "cached", "unet": "built", "vae_encoder": "cached", "vae_decoder": "cached"}
+    touched = {"text_encoder": "cached", "unet": "built", "vae_decoder": "cached"}
     assert origins("--lora", loras / "unet-only") == touched
     assert origins("--lora", loras / "unet-only", "--lora-scale", "0.5") == touched
     assert set(origins("--lora", loras / "unet-only", "--lora-scale", "0.5", "--lora-adapter-name", "x").values()) == {"cached"}
@@ -112,15 +113,16 @@ def test_replacement_vae_never_reads_the_source_vae(cli, tiny_model, tmp_path):
     from neuron_export.examples import build_example
 
     build_example("sd", replacement, seed=1)
-    first = cli("sd", "-m", source, "--backend", "cpu", "-o", tmp_path / "plain", "--json")
+    first = cli("sd", "-m", source, "--backend", "cpu", "-o", tmp_path / "plain", "--components", "unet,vae_decoder")
     assert first.exit_code == 0, first
     (source / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
 
     out = tmp_path / "export"
-    result = cli("sd", "-m", source, "--backend", "cpu", "-o", out, "--json", "--vae", replacement / "vae")
+    result = cli("sd", "-m", source, "--backend", "cpu", "-o", out, "--json", "--vae", replacement / "vae",
+                 "--components", "unet,vae_decoder")
     assert result.exit_code == 0, result
     origins = {name: c["origin"] for name, c in json.loads(result.stdout)["components"].items()}
-    assert origins == {"text_encoder": "cached", "unet": "cached", "vae_encoder": "built", "vae_decoder": "built"}
+    assert origins == {"unet": "cached", "vae_decoder": "built"}  # the key follows the replacement's weights
     vae = AutoencoderKL.from_pretrained(replacement / "vae").eval()
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
