@@ -50,7 +50,7 @@ class Case:
     """One export, made by us and (for call conformance) by optimum-neuron, with the same options."""
 
     name: str
-    source: str  # a tiny example kind
+    source: str  # a tiny example name
     family: str  # our command
     task: str = "text-to-image"
     batch_size: int = 1
@@ -58,7 +58,7 @@ class Case:
     height: int | None = None
     width: int | None = None
     dynamic_batch_size: bool = False
-    unet: str | None = None  # a tiny example kind used as the replacement UNet
+    unet: str | None = None  # a tiny example name used as the replacement UNet
     source_folder: str | None = None  # the source copied under this folder name first
     pipeline: str = ""  # optimum-neuron's class that loads it
     call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
@@ -91,11 +91,11 @@ class Sources:
         self.root = root
         self.built: dict[str, Path] = {}
 
-    def get(self, kind: str) -> Path:
+    def get(self, name: str) -> Path:
         from neuron_export.examples import build_example
 
-        if kind not in self.built:
-            self.built[kind] = build_example(kind, self.root / kind)
+        if name not in self.built:
+            self.built[name] = build_example(name, self.root / name)
         return self.built[kind]
 
     def path(self, case: Case) -> Path:
