@@ -173,3 +173,16 @@ def test_bad_lora_and_vae_input_is_one_sentence_and_no_output(cli, tiny_model, l
     assert result.exit_code == 2, result
     assert words in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert not out.exists()
+
+
+def test_the_shipped_sdxl_lora_config_plans_with_local_stand_ins(cli, tiny_model, loras, tmp_path):
+    """configs/sdxl-lora-1024.yaml with its hub ids swapped for tiny local ones: the LoRA lists go through YAML,
+    the adapter is checked against the model and planned into the components it touches."""
+    config = Path(__file__).parent.parent / "configs" / "sdxl-lora-1024.yaml"
+    result = cli("plan", "build", config, "--set", f"model={tiny_model('sdxl')}", "--set", f"lora=[{loras / 'xl'}]",
+                 "--set", "lora_weight_name=[pytorch_lora_weights.safetensors]", "--set", "height=64",
+                 "--set", "width=64", "--backend", "cpu", "--json")
+    assert result.exit_code == 0, result
+    fused = {job["component"]: job["loras"] for job in json.loads(result.stdout)["components"]}
+    assert fused == {"text_encoder": ["cereal"], "text_encoder_2": ["cereal"], "unet": ["cereal"],
+                     "vae_encoder": [], "vae_decoder": []}

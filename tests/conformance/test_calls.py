@@ -177,5 +177,7 @@ def test_lora_fused_components_compute_what_optimum_neurons_compute(name: str, p
         with torch.no_grad():
             ours = torch.jit.load(pair["ours"] / component / "model.neuron")(*inputs)
             theirs = torch.jit.load(pair["optimum"] / component / "model.neuron")(*inputs)
-        first = [value[0] if isinstance(value, (tuple, list)) else value for value in (ours, theirs)]
+            plain = torch.jit.load(pairs["sd"]["ours"] / component / "model.neuron")(*inputs)
+        first = [value[0] if isinstance(value, (tuple, list)) else value for value in (ours, theirs, plain)]
         assert (first[0] - first[1]).abs().max() < 1e-5, component
+        assert (first[0] - first[2]).abs().max() > 1e-3, component  # the adapters did change it
