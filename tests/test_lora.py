@@ -186,3 +186,55 @@ def test_the_shipped_sdxl_lora_config_plans_with_local_stand_ins(cli, tiny_model
     fused = {job["component"]: job["loras"] for job in json.loads(result.stdout)["components"]}
     assert fused == {"text_encoder": ["cereal"], "text_encoder_2": ["cereal"], "unet": ["cereal"],
                      "vae_encoder": [], "vae_decoder": []}
+
+
+def _kohya_sgm(module: str) -> str:
+    """diffusers' name of a tiny SDXL UNet attention layer (1 layer per block) -> kohya's sgm spelling."""
+    parts = module.split(".")
+    if parts[0] == "down_blocks":
+        return "_".join(["input_blocks", str(1 + int(parts[1]) * 2 + int(parts[3])), "1", *parts[4:]])
+    if parts[0] == "up_blocks":
+        return "_".join(["output_blocks", str(int(parts[1]) * 2 + int(parts[3])), "1", *parts[4:]])
+    return "_".join(["middle_block", "1", *parts[3:]])
+
+
+def test_kohya_lora_with_sgm_block_names_equals_diffusers_fused(cli, tiny_model, loras, tmp_path):
+    """kohya's SDXL LoRAs name layers after the original UNet (input_blocks_4_1_...): checked and fused as diffusers does."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(loras / "xl-unet" / "pytorch_lora_weights.safetensors")
+    kohya = {}
+    for key, value in tensors.items():
+        module, part = key.removeprefix("unet.").rsplit(".lora_", 1)
+        name = "lora_unet_" + _kohya_sgm(module).replace(".", "_")
+        kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(float(value.shape[0] if part.startswith("A") else value.shape[1]) / 2)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+
+    out = tmp_path / "export"
+    result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", out, "--components", "unet",
+                 "--lora", tmp_path / "kohya.safetensors", "--lora-scale", "0.8")
+    assert result.exit_code == 0, result
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"))
+    pipe.load_lora_weights(str(tmp_path), weight_name="kohya.safetensors", adapter_name="k")
+    pipe.set_adapters(["k"], adapter_weights=[0.8])
+    pipe.fuse_lora()
+    generator = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([300.0]),
+              torch.randn(1, 77, 64, generator=generator), torch.randn(1, 32, generator=generator),
+              torch.tensor([[64.0, 64, 0, 0, 64, 64]])]
+    with torch.no_grad():
+        expected = pipe.unet(*inputs[:3], added_cond_kwargs={"text_embeds": inputs[3], "time_ids": inputs[4]}).sample
+        got = torch.jit.load(out / "unet" / "model.neuron")(*inputs)[0]
+        plain = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl")).unet(
+            *inputs[:3], added_cond_kwargs={"text_embeds": inputs[3], "time_ids": inputs[4]}).sample
+    assert (got - expected).abs().max() < 1e-5
+    assert (plain - expected).abs().max() > 1e-3  # diffusers did map and apply the sgm-named layers
+
+    first = next(key for key in kohya if key.endswith("lora_down.weight"))
+    kohya[first] = torch.zeros(kohya[first].shape[0], kohya[first].shape[1] + 1)  # a layer one input too wide
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    refused = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", tmp_path / "bad", "--components", "unet",
+                  "--lora", tmp_path / "kohya.safetensors")
+    assert refused.exit_code == 2 and "layer unet." in refused.stderr and "input width" in refused.stderr, refused
