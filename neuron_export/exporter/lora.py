@@ -307,8 +307,8 @@ def plan_loras(config: Any, facts: Any, hashes: Any) -> tuple[LoraAdapter, ...]:
         return ()
     bases = {name: base_layers(facts.weight_files[name]) for name in ("text_encoder", "text_encoder_2", "unet")
              if name in facts.components}
-    layers_per_block = int(facts.unet.get("layers_per_block", 2) if not isinstance(facts.unet.get("layers_per_block"), list)
-                           else facts.unet["layers_per_block"][0])
+    layers_per_block = facts.unet.get("layers_per_block", 2)  # kohya's sgm names count blocks with it
+    layers_per_block = int(layers_per_block[0] if isinstance(layers_per_block, list) else layers_per_block)
     adapters = resolve_loras(config, config.model, bases, layers_per_block)
     return tuple(LoraAdapter(**{**a.__dict__, "sha256": hashes.sha256(a.path)}) for a in adapters)
 
