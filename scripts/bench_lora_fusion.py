@@ -3,8 +3,9 @@
 Builds (once) a random-weight SD 1.5 pipeline with the real architecture and a random rank-R LoRA for its UNet's
 attention layers, then, in a fresh process: imports torch and diffusers, notes the resident memory, loads the
 UNet from safetensors and fuses the LoRA with neuron-export's worker code (neuron_export.components.lora.fuse).
-The peak (the kernel's VmHWM) above that baseline is printed against the UNet's weight bytes.
-Target: at most 1.3x. Exits 1 when it is not.
+The peak (the kernel's VmHWM) above that baseline is printed against the UNet's weight bytes, after fusing and
+again after reading every weight once more (as tracing does next; safetensors maps the file, so fusing alone
+pages in only the layers it changes). Target: the second figure at most 1.3x. Exits 1 when it is not.
 
     python scripts/bench_lora_fusion.py [--model-dir DIR] [--rank 64] [--keep]
 """
@@ -52,8 +53,12 @@ def child(model_dir: Path, lora_file: Path) -> None:
                         key_prefixes=key_prefixes("unet"), unet_config_mapping=False)
     lora.fuse(model, "unet", (fusion,))
     changed = bool((next(m for name, m in model.named_modules() if name.endswith("attn1.to_q")).weight - before).abs().max() > 0)
-    print(json.dumps({"baseline": baseline, "after_load": loaded - baseline, "peak": status_bytes("VmHWM") - baseline,
-                      "fused": changed}))
+    fused = status_bytes("VmHWM")
+    # Weights are mmapped: fusing pages in only the layers it changes. Reading every weight, as the trace does
+    # next, pages in the rest: that peak shows whether a second copy of the UNet was made anywhere.
+    checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+    print(json.dumps({"baseline": baseline, "after_load": loaded - baseline, "fusion": fused - baseline,
+                      "peak": status_bytes("VmHWM") - baseline, "fused": changed, "checksum": checksum}))
 
 
 def main() -> int:
@@ -87,8 +92,10 @@ def main() -> int:
     print(f"UNet weights {weights / 2**30:.2f} GiB; LoRA rank {args.rank}: {lora_file.stat().st_size / 2**20:.0f} MiB")
     print(f"after loading the UNet: {result['after_load'] / 2**30:.2f} GiB above the baseline "
           f"({result['baseline'] / 2**30:.2f} GiB with torch and diffusers imported)")
-    print(f"peak while loading and fusing: {result['peak'] / 2**30:.2f} GiB = {ratio:.2f}x the UNet's weights "
-          f"(target {TARGET_RATIO}x); weights changed by the fusion: {result['fused']}")
+    print(f"peak while loading and fusing: {result['fusion'] / 2**30:.2f} GiB = {result['fusion'] / weights:.2f}x "
+          f"the UNet's weights (mmapped: only the fused layers are paged in); weights changed: {result['fused']}")
+    print(f"peak once every weight is read too (as the trace does): {result['peak'] / 2**30:.2f} GiB = {ratio:.2f}x "
+          f"the UNet's weights (target {TARGET_RATIO}x)")
     if not args.keep:
         import shutil
 

@@ -3,6 +3,7 @@ backend, compared with diffusers' own eager pipeline after it loads and fuses th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -46,10 +47,13 @@ def unet_inputs(seed: int):
 
 def test_two_loras_from_optimum_cli_spellings_equal_diffusers_fused(cli, tiny_model, loras, tmp_path):
     out = tmp_path / "export"
+    weights = tiny_model("sd") / "unet" / "diffusion_pytorch_model.safetensors"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", out, "--json", "--components", "text_encoder,unet",
                  "--lora_model_ids", loras / "both", loras / "unet-only", "--lora_adapter_names", "style", "detail",
                  "--lora_scales", "0.7", "-0.5")
     assert result.exit_code == 0, result
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before  # fused in memory, never into the mapped file
     pipe = eager_fused(tiny_model("sd"), [(loras / "both", "style", 0.7), (loras / "unet-only", "detail", -0.5)])
     plain = eager_fused(tiny_model("sd"), [(loras / "both", "style", 0.0)])
 
