@@ -27,7 +27,6 @@ from neuron_export.exporter.supply import CACHED, supply
 from neuron_export.exporter.worker import WorkOrder, context, worker_main
 
 
-
 @dataclass(frozen=True)
 class BuildEvent:
     """Progress for the renderer: a component starts a stage, or finishes with its record."""
