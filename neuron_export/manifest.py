@@ -62,6 +62,10 @@ class ComponentRecord(BaseModel):
     peak_rss_bytes: int  # measured: the build's high-water mark, compiler subprocesses included
     estimated_peak_bytes: int = 0  # what the plan predicted, so estimates can be checked
     validation: ValidationRecord
+    # Where the cached bytes came from: "built" on this host or "downloaded" from the remote cache `remote`
+    # (None in manifests written before remote caches existed).
+    origin: Literal["built", "downloaded"] | None = None
+    remote: str | None = None
 
 
 class LoraRecord(BaseModel):
@@ -195,7 +199,8 @@ def environment(backend: str) -> dict[str, str | None]:
 
 
 # How a build ran rather than what it built: left out so an unchanged export is byte-identical.
-NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root"}
+NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root",
+                "remote_cache", "remote_cache_required"}
 
 
 def normalized_config(config: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -81,3 +81,14 @@ def export_tiny(model: pathlib.Path, out: pathlib.Path, family: str) -> pathlib.
     result = run_cli(family, "-m", model, "--backend", "cpu", "-o", out)
     assert result.exit_code == 0, result
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server (moto's) on 127.0.0.1 for the session; the AWS environment points at it only."""
+    from s3_server import aws_environment, moto_server
+
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as patch:
+        for name, value in aws_environment(endpoint).items():
+            patch.setenv(name, value)
+        yield endpoint

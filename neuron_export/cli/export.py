@@ -7,7 +7,8 @@ import typer
 from neuron_export.cli.options import (
     Atol, AutoCast, AutoCastType, Backend, BatchSize, CacheDir, Components, ConfigFile, DisableValidation,
     DynamicBatchSize, Force, Height, HubCacheDir, ImagesPerPrompt, InlineWeights, Jobs, Json, MaxMemory, Model,
-    Offline, Optlevel, Output, OutputArgument, Revision, SetOptions, Target, Task, Token, Unet, Width,
+    Offline, Optlevel, Output, OutputArgument, RemoteCacheRequired, RemoteCacheUrl, Revision, SetOptions, Target, Task,
+    Token, Unet, Width,
 )
 from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
 
@@ -19,7 +20,7 @@ FAMILY_HELP = {
 BUILD_HELP = "Export from a YAML config file: defaults < file < --set < flags."
 
 # On/off flags whose absence must not override a YAML file's `true`.
-_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline"}
+_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "remote_cache_required"}
 
 
 def given_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +82,7 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
         vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
         lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
+        remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
     ) -> None:
         options = dict(locals())
         for name in ("output_dir", "json_output", "family", "run"):
@@ -99,9 +101,11 @@ def build_command(run: Runner) -> Callable[..., None]:
         config_file: ConfigFile, set_options: SetOptions = None, output: Output = None, backend: Backend = None,
         disable_validation: DisableValidation = False, jobs: Jobs = None, max_memory: MaxMemory = None,
         cache_dir: CacheDir = None, force: Force = False, json_output: Json = False,
+        remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
     ) -> None:
         options = given_options({"output": output, "backend": backend, "disable_validation": disable_validation,
-                                 "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force})
+                                 "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force,
+                                 "remote_cache": remote_cache, "remote_cache_required": remote_cache_required})
         run(config_file, list(set_options or []), options, json_output)
 
     command.__doc__ = BUILD_HELP

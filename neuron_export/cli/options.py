@@ -44,3 +44,5 @@ Lora = Annotated[Optional[list[str]], typer.Option("--lora", metavar="PATH_OR_ID
 LoraWeightName = Annotated[Optional[list[str]], typer.Option("--lora-weight-name", metavar="NAME", help="The LoRA's .safetensors file in its directory or repo (once per --lora).")]
 LoraAdapterName = Annotated[Optional[list[str]], typer.Option("--lora-adapter-name", metavar="NAME", help="Adapter name (once per --lora) [default: default_0, default_1, ...].")]
 LoraScale = Annotated[Optional[list[float]], typer.Option("--lora-scale", metavar="F", help="Scale of the LoRA, from -10 to 10 (once per --lora) [default: 1.0].")]
+RemoteCacheUrl = Annotated[Optional[str], typer.Option("--remote-cache", metavar="URL", help="Shared cache hosts read and write: s3://bucket/prefix, file:///shared/path, hf://datasets/org/name [default: $NEURON_EXPORT_REMOTE_CACHE].")]
+RemoteCacheRequired = Annotated[bool, typer.Option("--remote-cache-required", help="Fail when the remote cache cannot be used, instead of building locally.")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ CANONICAL_MODELS = {
 MIN_SIDE, MAX_SIDE = 64, 4096
 # LoRA scales people use run from about -2 (negative "slider" LoRAs) to 2; beyond 10 the fused weights are noise.
 MAX_LORA_SCALE = 10.0
+REMOTE_ENV = "NEURON_EXPORT_REMOTE_CACHE"
 
 
 class ExportConfig(BaseModel):
@@ -81,6 +83,8 @@ class ExportConfig(BaseModel):
     max_memory: int | None = None  # bytes; None = what the host has available
     cache_dir: Path | None = None
     output_root: Path | None = None  # a shape matrix writes one export per combination below this
+    remote_cache: str | None = None  # an fsspec URL shared by hosts; default $NEURON_EXPORT_REMOTE_CACHE
+    remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -145,6 +149,15 @@ class ExportConfig(BaseModel):
             object.__setattr__(self, "auto_cast_type", "bf16")
         if self.model is None:
             object.__setattr__(self, "model", CANONICAL_MODELS[self.family])
+        remote, where = self.remote_cache, "remote_cache"
+        if not remote and os.environ.get(REMOTE_ENV):
+            remote, where = os.environ[REMOTE_ENV], REMOTE_ENV
+            object.__setattr__(self, "remote_cache", remote)
+        if remote:
+            check_remote_url(remote, where)
+        elif self.remote_cache_required:
+            raise ValueError(f"remote_cache_required is set but no remote cache is given; pass --remote-cache URL "
+                             f"(or set {REMOTE_ENV}), or drop --remote-cache-required")
         return self
 
 
@@ -163,6 +176,24 @@ def check_lora_lists(config: ExportConfig) -> None:
     if any(not name.strip() or not name.replace("_", "").replace("-", "").isalnum() for name in names):
         bad = next(name for name in names if not name.strip() or not name.replace("_", "").replace("-", "").isalnum())
         raise ValueError(f"--lora-adapter-name {bad!r} is not a valid adapter name; use letters, digits, - and _")
+
+
+def check_remote_url(url: str, where: str) -> None:
+    """A remote cache URL fsspec can open: a known scheme whose filesystem package is installed (no network)."""
+    import fsspec
+
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol is None:
+        raise ValueError(f"{where} {url!r} has no scheme; write it as s3://bucket/prefix, file:///shared/path "
+                         "or hf://datasets/org/name")
+    if protocol not in fsspec.available_protocols():
+        raise ValueError(f"{where} {url!r} has an unknown scheme {protocol!r}; use s3://bucket/prefix, "
+                         "file:///shared/path or hf://datasets/org/name")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        extra = "pip install 'neuron-export[s3]'" if protocol in ("s3", "s3a") else f"install fsspec's {protocol} filesystem"
+        raise ValueError(f"{where} {url!r} needs the {protocol} filesystem, which is not installed; {extra}") from None
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,

@@ -257,6 +257,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         peak_rss_bytes=max(peak_rss_bytes(), children_peak_rss_bytes()),
         estimated_peak_bytes=job.estimated_peak_bytes,
         validation=validation,
+        origin="built",
     )
 
 
