@@ -68,12 +68,27 @@ class ComponentRecord(BaseModel):
     remote: str | None = None
 
 
+class LoraRecord(BaseModel):
+    """One LoRA adapter fused into the export before tracing."""
+
+    source: str  # the hub id, directory or file given to --lora
+    weight_name: str
+    adapter_name: str
+    scale: float
+    sha256: str
+    commit: str | None = None
+    components: list[str]  # the components it changed
+
+
 class SourceRecord(BaseModel):
     model_id: str
     revision: str | None = None
     commit: str | None = None
     unet_id: str | None = None
     unet_commit: str | None = None
+    vae_id: str | None = None
+    vae_commit: str | None = None
+    loras: list[LoraRecord] = []
 
 
 class PipelineRecord(BaseModel):

@@ -12,6 +12,8 @@ import pytest
 # Set before anything imports huggingface_hub, so no test can reach the network by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# accelerate (peft's dependency) takes the import-only torch_xla test double for an XLA device unless told not to.
+os.environ["USE_TORCH_XLA"] = "0"
 # Exports made by module-scoped fixtures share a session cache; each test gets its own (below).
 os.environ["NEURON_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="neuron-export-test-cache-")
 

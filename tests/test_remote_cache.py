@@ -168,3 +168,20 @@ def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, ti
     pruned = cli("cache", "prune", "--all", "--remote-cache", url)
     assert pruned.stdout.splitlines()[-1].startswith("removed 4 entries"), pruned
     assert cli("cache", "ls", "--remote-cache", url).stdout == ""
+
+
+def test_a_bad_remote_cache_url_is_refused_in_one_sentence(cli, tiny_model, tmp_path, monkeypatch):
+    args = ["sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out"]
+    cases = {
+        ("--remote-cache", "ftp2://host/x"): "remote_cache 'ftp2://host/x' has an unknown scheme 'ftp2'; use s3://bucket/prefix,",
+        ("--remote-cache", "/mnt/shared"): "remote_cache '/mnt/shared' has no scheme; write it as s3://bucket/prefix,",
+        ("--remote-cache-required",): "remote_cache_required is set but no remote cache is given; pass --remote-cache URL",
+    }
+    for flags, sentence in cases.items():
+        result = cli(*args, *flags)
+        assert result.exit_code == 2 and result.stderr.startswith(f"neuron-export: error: {sentence}"), result
+        assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+    monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE", "nowhere")
+    result = cli(*args)
+    assert result.exit_code == 2 and "NEURON_EXPORT_REMOTE_CACHE 'nowhere' has no scheme" in result.stderr, result
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ from neuron_export.cli.options import (
     Offline, Optlevel, Output, OutputArgument, RemoteCacheRequired, RemoteCacheUrl, Revision, SetOptions, Target, Task,
     Token, Unet, Width,
 )
+from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
 
 FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
@@ -23,9 +24,9 @@ _PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", 
 
 
 def given_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options the user actually gave on the command line."""
+    """The options the user actually gave on the command line (a repeatable option never given is an empty list)."""
     return {key: value for key, value in values.items()
-            if value is not None and not (key in _PLAIN_FLAGS and value is False)}
+            if value is not None and value != [] and not (key in _PLAIN_FLAGS and value is False)}
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -85,6 +86,8 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
         force: Force = False, json_output: Json = False, token: Token = None, hub_cache_dir: HubCacheDir = None,
         offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
+        vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
+        lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
         remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
         executor: Executor = None, ray_address: RayAddress = None,
     ) -> None:

@@ -162,6 +162,7 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
                 "compiler_args": list(job.compiler_args),
                 "cache": "hit" if job.cached else "miss",
                 "cache_key": job.cache_key,
+                "loras": [lora.adapter_name for lora in job.loras],  # fused into this component, in order
                 "parameters": job.weights.parameters,
                 "estimated_peak_bytes": job.estimated_peak_bytes,
                 "estimated_seconds": round(job.estimated_seconds, 1),

@@ -16,7 +16,7 @@ from neuron_export.errors import BuildError, ExportError
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, publish, staging_directory, write_layout
 from neuron_export.manifest import (
-    ComponentRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
+    ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
     environment, file_record, normalized_config,
 )
 from neuron_export.exporter.plan import Job, Plan
@@ -25,7 +25,6 @@ from neuron_export.exporter.remote import RemoteCache
 from neuron_export.exporter.storage import writing
 from neuron_export.exporter.supply import CACHED, supply
 from neuron_export.exporter.worker import WorkOrder, context, worker_main
-
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,12 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
             batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
         ),
         source=SourceRecord(model_id=plan.source.model_id, revision=plan.source.revision, commit=plan.source.commit,
-                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit),
+                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit,
+                            vae_id=plan.source.vae_id, vae_commit=plan.source.vae_commit,
+                            loras=[LoraRecord(source=a.source, weight_name=a.weight_name, adapter_name=a.adapter_name,
+                                              scale=a.scale, sha256=a.sha256, commit=a.commit,
+                                              components=[c for c in a.components if c in records])
+                                   for a in plan.loras]),
         environment=environment(plan.backend),
         components=records,
         files=[file_record(p, directory) for p in other_files],
@@ -76,6 +80,8 @@ def work_order(job: Job, plan: Plan) -> WorkOrder:
     """What the worker building `job` receives: the job and four settings, not the plan (whose config holds the token)."""
     source = plan.source
     root = source.unet_path if job.component == "unet" and source.unet_path else source.path
+    if job.component in ("vae_encoder", "vae_decoder") and source.vae_path:
+        root = source.vae_path
     return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
                      disable_validation=plan.config.disable_validation, source_root=root)
 

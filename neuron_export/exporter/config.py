@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,8 @@ CANONICAL_MODELS = {
 }
 
 MIN_SIDE, MAX_SIDE = 64, 4096
+# LoRA scales people use run from about -2 (negative "slider" LoRAs) to 2; beyond 10 the fused weights are noise.
+MAX_LORA_SCALE = 10.0
 REMOTE_ENV = "NEURON_EXPORT_REMOTE_CACHE"
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_INSTALL = "pip install 'neuron-export[ray]'"
@@ -52,6 +55,12 @@ class ExportConfig(BaseModel):
     model: str | None = None
     revision: str | None = None
     unet: str | None = None
+    # --- replacement VAE and LoRA adapters (fused before tracing) ---
+    vae: str | None = None
+    lora: tuple[str, ...] = ()
+    lora_weight_name: tuple[str, ...] = ()
+    lora_adapter_name: tuple[str, ...] = ()
+    lora_scale: tuple[float, ...] = ()
     output: Path | None = None
     batch_size: int = 1
     height: int | None = None
@@ -114,6 +123,25 @@ class ExportConfig(BaseModel):
             raise ValueError("is empty; name at least one component or leave it out")
         return value
 
+    @field_validator("lora", "lora_weight_name", "lora_adapter_name", "lora_scale", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, (str, int, float)) else value
+
+    @field_validator("lora_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        for scale in value:
+            if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+                raise ValueError(f"{scale} is out of range; each scale must be finite, from -{MAX_LORA_SCALE:g} to "
+                                 f"{MAX_LORA_SCALE:g} (1.0 applies the LoRA as trained)")
+        return value
+
+    @model_validator(mode="after")
+    def _lora_lists(self) -> ExportConfig:
+        check_lora_lists(self)
+        return self
+
     @model_validator(mode="after")
     def _auto_cast_pair(self) -> ExportConfig:
         if self.auto_cast == "none" and self.auto_cast_type is not None:
@@ -158,6 +186,23 @@ def check_ray_executor(config: ExportConfig) -> None:
     if not config.remote_cache:
         raise ValueError("executor 'ray' needs --remote-cache URL (or "
                          f"{REMOTE_ENV}): cluster nodes hand their builds back through it")
+
+
+def check_lora_lists(config: ExportConfig) -> None:
+    """--lora-weight-name, --lora-adapter-name and --lora-scale each come once per --lora (or not at all)."""
+    count = len(config.lora)
+    for flag, values in (("--lora-weight-name", config.lora_weight_name), ("--lora-adapter-name", config.lora_adapter_name),
+                         ("--lora-scale", config.lora_scale)):
+        if values and len(values) != count:
+            raise ValueError(f"{flag} is given {len(values)} time(s) for {count} --lora; give it once per --lora, "
+                             "in the same order, or leave it out")
+    names = config.lora_adapter_name
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--lora-adapter-name {repeated[0]} is given twice; name each adapter differently")
+    if any(not name.strip() or not name.replace("_", "").replace("-", "").isalnum() for name in names):
+        bad = next(name for name in names if not name.strip() or not name.replace("_", "").replace("-", "").isalnum())
+        raise ValueError(f"--lora-adapter-name {bad!r} is not a valid adapter name; use letters, digits, - and _")
 
 
 def check_remote_url(url: str, where: str) -> None:

@@ -234,6 +234,10 @@ def on_this_node(order: WorkOrder, hub: HubOrigin | None, node: str) -> WorkOrde
     """The order with paths this node can read: as planned when it sees them (shared disk, same host), else
     the same files downloaded from the hub snapshot they came from (the node's own Hub credentials)."""
     job = order.job
+    unread = [fusion.path for fusion in job.loras if not fusion.path.is_file()]
+    if unread:
+        raise ExportError(f"Cluster node {node} cannot read the LoRA {unread[0]}; put it where every node mounts it at "
+                          "the same path.")
     needed = (job.source_folder / "config.json", *job.weight_files)
     if all(path.is_file() for path in needed):
         return order

@@ -78,7 +78,8 @@ def supply(jobs: list[Job], cache: ComponentCache, remote: RemoteCache | None, n
             if not held:  # everything left is being built by others: wait for one, holding nothing
                 job = waiting[0]
                 lock = key_lock(cache, job.cache_key)
-                lock.acquire()
+                if lock is not None:
+                    lock.acquire()
                 held[job.component] = lock
             mine = [job for job in missing if job.component in held]
             to_build = []

@@ -18,6 +18,7 @@ import pytest
 
 from conformance import calls, venv
 from conftest import run_cli
+from neuron_export.example_lora import LORA_WEIGHT_NAME
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
 DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
@@ -62,6 +63,7 @@ class Case:
     source_folder: str | None = None  # the source copied under this folder name first
     pipeline: str = ""  # optimum-neuron's class that loads it
     call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
+    loras: tuple[tuple[str, str, float], ...] = ()  # (LORA_EXAMPLES name, adapter name, scale), fused in order
 
     def our_args(self, sources: "Sources") -> list[str]:
         args = [self.family, "-m", sources.path(self), "--task", self.task, "--batch-size", str(self.batch_size),
@@ -72,7 +74,23 @@ class Case:
             args.append("--dynamic-batch-size")
         if self.unet:
             args += ["--unet", sources.get(self.unet)]
+        for lora, adapter_name, scale in self.loras:
+            args += ["--lora", sources.lora(lora), "--lora-adapter-name", adapter_name, "--lora-scale", scale]
         return [str(arg) for arg in args]
+
+    def lora_arguments(self, sources: "Sources") -> list[str]:
+        """optimum-cli's LoRA options for the same adapters (its list spellings, one flag per list)."""
+        if not self.loras:
+            return []
+        return ["--lora_model_ids", *(str(sources.lora(name)) for name, _, _ in self.loras),
+                "--lora_weight_names", *(LORA_WEIGHT_NAME for _ in self.loras),
+                "--lora_adapter_names", *(adapter for _, adapter, _ in self.loras),
+                "--lora_scales", *(str(scale) for _, _, scale in self.loras)]
+
+    def reference_loras(self, sources: "Sources") -> list[dict[str, Any]]:
+        """What diffusers' reference pipeline loads and fuses before it generates."""
+        return [{"path": sources.lora(name), "weight_name": LORA_WEIGHT_NAME, "adapter_name": adapter, "scale": scale}
+                for name, adapter, scale in self.loras]
 
     def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
         request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": self.task,
@@ -81,7 +99,16 @@ class Case:
                                    "dynamic_batch_size": self.dynamic_batch_size}
         if self.unet:
             request["unet"] = sources.get(self.unet)
+        if self.loras:
+            request["extra_args"] = self.lora_arguments(sources)
         return request
+
+
+# Tiny LoRA adapters: name -> (base example, components, seed, layers per component or None for the default).
+LORA_EXAMPLES = {
+    "sd-style": ("sd", ("unet", "text_encoder"), 0, None),
+    "sd-detail": ("sd", ("unet",), 1, {"unet": ("to_k", "to_v", "ff.net.2", "proj_out")}),
+}
 
 
 class Sources:
@@ -96,6 +123,15 @@ class Sources:
 
         if name not in self.built:
             self.built[name] = build_example(name, self.root / name)
+        return self.built[name]
+
+    def lora(self, name: str) -> Path:
+        from neuron_export.example_lora import build_lora
+
+        if name not in self.built:
+            base, components, seed, targets = LORA_EXAMPLES[name]
+            build_lora(self.get(base), self.root / "loras" / name, components=components, seed=seed, targets=targets)
+            self.built[name] = self.root / "loras" / name
         return self.built[name]
 
     def path(self, case: Case) -> Path:
