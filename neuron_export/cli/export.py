@@ -9,6 +9,7 @@ from neuron_export.cli.options import (
     DynamicBatchSize, Force, Height, HubCacheDir, ImagesPerPrompt, InlineWeights, Jobs, Json, MaxMemory, Model,
     Offline, Optlevel, Output, OutputArgument, Revision, SetOptions, Target, Task, Token, Unet, Width,
 )
+from neuron_export.cli.options import ControlNet, IpAdapter, IpAdapterScale, IpAdapterSubfolder, IpAdapterWeightName
 
 FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
@@ -78,6 +79,8 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
         force: Force = False, json_output: Json = False, token: Token = None, hub_cache_dir: HubCacheDir = None,
         offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
+        controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
+        ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
     ) -> None:
         options = dict(locals())
         for name in ("output_dir", "json_output", "family", "run"):

@@ -9,7 +9,7 @@ import typer
 
 OutputArgument = Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="Output directory (same as --output; as optimum-cli takes it).")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local pipeline directory [default: the family's canonical checkpoint].")]
-Task = Annotated[Optional[str], typer.Option("--task", help="text-to-image | image-to-image | inpainting [default: text-to-image].")]
+Task = Annotated[Optional[str], typer.Option("--task", help="text-to-image | image-to-image | inpainting | instruct-pix2pix [default: text-to-image].")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
 Unet = Annotated[Optional[str], typer.Option("--unet", help="Replacement UNet (hub id or directory), e.g. latent-consistency/lcm-sdxl.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory [default: derived from family and shapes].")]
@@ -37,3 +37,10 @@ MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", help="Host mem
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")]
 ConfigFile = Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="A YAML config, e.g. configs/sdxl-base-1024.yaml.")]
 SetOptions = Annotated[Optional[list[str]], typer.Option("--set", help="Override one key: --set height=768 (repeatable).")]
+
+# --- ControlNet and IP-Adapter (optimum-cli's --controlnet_ids / --ip_adapter_* spellings: cli/spellings.py) ---
+ControlNet = Annotated[Optional[list[str]], typer.Option("--controlnet", help="ControlNet (hub id or directory); repeat for several, in the order their control images are given.")]
+IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapter repository (hub id or directory), e.g. h94/IP-Adapter (SD only).")]
+IpAdapterSubfolder = Annotated[Optional[str], typer.Option("--ip-adapter-subfolder", help="Folder of the adapter's weights in that repository, e.g. models.")]
+IpAdapterWeightName = Annotated[Optional[str], typer.Option("--ip-adapter-weight-name", help="The adapter's weight file, e.g. ip-adapter-full-face_sd15.safetensors.")]
+IpAdapterScale = Annotated[Optional[float], typer.Option("--ip-adapter-scale", help="Weight of the image prompt, 0 to 1 [default: 1.0].")]

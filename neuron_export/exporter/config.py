@@ -17,15 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from neuron_export.errors import ExportError
 
 Family = Literal["sd", "sd-xl", "lcm"]
-Task = Literal["text-to-image", "image-to-image", "inpainting"]
+Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
 AutoCast = Literal["none", "matmul", "all"]
 AutoCastType = Literal["bf16", "fp16", "tf32"]
 Target = Literal["inf2", "trn1", "trn2"]
 Backend = Literal["auto", "neuron", "cpu"]
-ComponentName = Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+ComponentName = str  # one of COMPONENT_NAMES, image_encoder or controlnet_N: checked in _known_components
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm")
-TASKS: tuple[str, ...] = ("text-to-image", "image-to-image", "inpainting")
+TASKS: tuple[str, ...] = ("text-to-image", "image-to-image", "inpainting", "instruct-pix2pix")
 COMPONENT_NAMES: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 # The checkpoint each command exports when --model is not given.
@@ -72,6 +72,32 @@ class ExportConfig(BaseModel):
     max_memory: int | None = None  # bytes; None = what the host has available
     cache_dir: Path | None = None
     output_root: Path | None = None  # a shape matrix writes one export per combination below this
+    # --- ControlNet and IP-Adapter (checked in conditioning_checks; built by components/controlnet.py and
+    # components/image_encoder.py) ---
+    controlnet: tuple[str, ...] = ()  # hub ids or directories, in the order their control images are given
+    ip_adapter: str | None = None
+    ip_adapter_subfolder: str | None = None
+    ip_adapter_weight_name: str | None = None
+    ip_adapter_scale: float | None = None  # 1.0 when an IP-Adapter is given
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("components")
+    @classmethod
+    def _known_components(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in value or ():
+            if name not in COMPONENT_NAMES and name != "image_encoder" and not re.fullmatch(r"controlnet_\d+", name):
+                raise ValueError(f"names {name!r}, which is not a component; use {', '.join(COMPONENT_NAMES)}, "
+                                 "image_encoder or controlnet_N")
+        return value
+
+    @model_validator(mode="after")
+    def _conditioning(self) -> ExportConfig:
+        conditioning_checks(self)
+        return self
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -118,6 +144,48 @@ class ExportConfig(BaseModel):
         if self.model is None:
             object.__setattr__(self, "model", CANONICAL_MODELS[self.family])
         return self
+
+
+IP_ADAPTER_SCALE_RANGE = (0.0, 1.0)  # 0 ignores the image prompt, 1 weighs it like the text
+
+
+def conditioning_checks(config: ExportConfig) -> None:
+    """ControlNet, IP-Adapter and InstructPix2Pix options that cannot go together, found before any file is read."""
+    if config.ip_adapter is None:
+        given = [name for name in ("ip_adapter_subfolder", "ip_adapter_weight_name") if getattr(config, name) is not None]
+        if given or config.ip_adapter_scale is not None:
+            name = (given or ["ip_adapter_scale"])[0]
+            raise ValueError(f"{name} is set but ip_adapter is not; pass --ip-adapter ID_OR_DIR too, or drop --{name.replace('_', '-')}")
+    else:
+        if config.ip_adapter_scale is None:
+            object.__setattr__(config, "ip_adapter_scale", 1.0)
+        if config.ip_adapter_weight_name is None:
+            raise ValueError(f"ip_adapter = '{config.ip_adapter}' needs ip_adapter_weight_name, the adapter's weight file "
+                             "(e.g. ip-adapter-full-face_sd15.safetensors); add --ip-adapter-weight-name")
+        low, high = IP_ADAPTER_SCALE_RANGE
+        if not low <= config.ip_adapter_scale <= high:
+            raise ValueError(f"ip_adapter_scale = {config.ip_adapter_scale} is out of range; pass a value from {low:g} "
+                             f"(image prompt ignored) to {high:g} (as strong as the text)")
+        if config.family != "sd":
+            raise ValueError(f"ip_adapter is not available for `neuron-export {config.family}`: optimum-neuron 0.4.5's "
+                             "SDXL and LCM pipelines cannot feed image embeds to a compiled UNet; export with "
+                             "`neuron-export sd`, or drop --ip-adapter")
+    if config.ip_adapter is not None and config.controlnet:
+        raise ValueError("ip_adapter and controlnet cannot be combined: optimum-neuron's ControlNet pipelines ignore "
+                         "IP-Adapter images; drop one of the two")
+    if config.controlnet and (config.family == "lcm" or config.task != "text-to-image"):
+        what = "`neuron-export lcm`" if config.family == "lcm" else f"--task {config.task}"
+        raise ValueError(f"controlnet is not available with {what}: optimum-neuron has ControlNet pipelines for SD and "
+                         "SDXL text-to-image only; use `neuron-export sd` or `sd-xl` with --task text-to-image")
+    if (config.ip_adapter is not None) and config.task != "text-to-image":
+        raise ValueError(f"ip_adapter is not available with --task {config.task}; use --task text-to-image")
+    if config.task == "instruct-pix2pix":
+        if config.family != "sd":
+            raise ValueError(f"--task instruct-pix2pix is not available for `neuron-export {config.family}`; "
+                             "use `neuron-export sd`")
+        if not config.dynamic_batch_size:
+            raise ValueError("--task instruct-pix2pix needs --dynamic-batch-size: with guidance its UNet runs three "
+                             "times the prompt batch, split over two NeuronCores; add --dynamic-batch-size")
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,

@@ -229,7 +229,9 @@ def export_argv(case: dict[str, Any]) -> list[str]:
     """The `optimum-cli export neuron` arguments for a case (without the program name)."""
     if case.get("argv") is not None:
         return [str(arg) for arg in case["argv"]]
-    argv = ["--model", str(case["model"]), "--task", case.get("task", "text-to-image")]
+    # extra_args first: optimum's list options (nargs="*", e.g. --controlnet_ids) would swallow the output.
+    argv = [str(arg) for arg in case.get("extra_args", [])]
+    argv += ["--model", str(case["model"]), "--task", case.get("task", "text-to-image")]
     defaults = {"batch_size": 1, "auto_cast": "matmul", "auto_cast_type": "bf16", "instance_type": "inf2"}
     for key in ("batch_size", "height", "width", "num_images_per_prompt", "sequence_length", "auto_cast",
                 "auto_cast_type", "instance_type", "unet", "compiler_workdir", "torch_dtype", "atol"):
@@ -246,7 +248,6 @@ def export_argv(case: dict[str, Any]) -> list[str]:
             argv.append(flag)
     if case.get("optlevel") is not None:
         argv.append(f"-O{case['optlevel']}")
-    argv += [str(arg) for arg in case.get("extra_args", [])]
     argv.append(str(case["output"]))
     return argv
 
