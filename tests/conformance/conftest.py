@@ -21,6 +21,7 @@ from conftest import run_cli
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
 DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
+IP_ADAPTER_SCALE = 0.6
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,6 +63,25 @@ class Case:
     source_folder: str | None = None  # the source copied under this folder name first
     pipeline: str = ""  # optimum-neuron's class that loads it
     call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
+    controlnets: tuple[str, ...] = ()  # tiny ControlNet kinds ("kind" or "kind@seed"), in --controlnet order
+    ip_adapter: bool = False  # the tiny IP-Adapter (example kind sd-ip-adapter) at IP_ADAPTER_SCALE
+
+    def ip_adapter_options(self, sources: "Sources") -> dict[str, Any]:
+        from neuron_export.example_adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
+
+        return {"id": sources.get("sd-ip-adapter"), "subfolder": IP_ADAPTER_SUBFOLDER,
+                "weight_name": IP_ADAPTER_WEIGHT_NAME, "scale": IP_ADAPTER_SCALE}
+
+    def add_on_args(self, sources: "Sources", reference: bool) -> list[str]:
+        """The ControlNet / IP-Adapter options: ours, or optimum-cli's spellings (reference=True)."""
+        args: list[Any] = []
+        if self.controlnets:
+            paths = [sources.get(kind) for kind in self.controlnets]
+            args += ["--controlnet_ids", *paths] if reference else [a for p in paths for a in ("--controlnet", p)]
+        if self.ip_adapter:
+            for key, value in self.ip_adapter_options(sources).items():
+                args += [f"--ip_adapter_{key}" if reference else f"--ip-adapter{'' if key == 'id' else '-' + key.replace('_', '-')}", value]
+        return [str(arg) for arg in args]
 
     def our_args(self, sources: "Sources") -> list[str]:
         args = [self.family, "-m", sources.path(self), "--task", self.task, "--batch-size", str(self.batch_size),
@@ -72,7 +92,7 @@ class Case:
             args.append("--dynamic-batch-size")
         if self.unet:
             args += ["--unet", sources.get(self.unet)]
-        return [str(arg) for arg in args]
+        return [str(arg) for arg in args] + self.add_on_args(sources, reference=False)
 
     def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
         request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": self.task,
@@ -81,6 +101,8 @@ class Case:
                                    "dynamic_batch_size": self.dynamic_batch_size}
         if self.unet:
             request["unet"] = sources.get(self.unet)
+        if self.controlnets or self.ip_adapter:
+            request["extra_args"] = self.add_on_args(sources, reference=True)
         return request
 
 
@@ -92,10 +114,12 @@ class Sources:
         self.built: dict[str, Path] = {}
 
     def get(self, kind: str) -> Path:
+        """`kind` or `kind@seed` (another random draw of the same example, e.g. a second ControlNet)."""
         from neuron_export.examples import build_example
 
         if kind not in self.built:
-            self.built[kind] = build_example(kind, self.root / kind)
+            name, _, seed = kind.partition("@")
+            self.built[kind] = build_example(name, self.root / kind, seed=int(seed or 0))
         return self.built[kind]
 
     def path(self, case: Case) -> Path:
