@@ -95,7 +95,9 @@ class Case:
         return [str(arg) for arg in args] + self.add_on_args(sources, reference=False)
 
     def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
-        request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": self.task,
+        # optimum-cli has no instruct-pix2pix task: it exports such a model as text-to-image (its class decides at load).
+        task = "text-to-image" if self.task == "instruct-pix2pix" else self.task
+        request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": task,
                                    "batch_size": self.batch_size, "num_images_per_prompt": self.num_images_per_prompt,
                                    "height": self.height or 64, "width": self.width or 64,
                                    "dynamic_batch_size": self.dynamic_batch_size}
