@@ -64,12 +64,22 @@ class ComponentRecord(BaseModel):
     validation: ValidationRecord
 
 
+class AddOnRecord(BaseModel):
+    """A model added to the pipeline (a ControlNet, an IP-Adapter); its weight hashes are in its component's source_files."""
+
+    model_id: str
+    commit: str | None = None
+    file: str | None = None  # the IP-Adapter's weight file, relative to its repository
+
+
 class SourceRecord(BaseModel):
     model_id: str
     revision: str | None = None
     commit: str | None = None
     unet_id: str | None = None
     unet_commit: str | None = None
+    controlnets: list[AddOnRecord] = []  # controlnet_0, controlnet_1, ... in this order
+    ip_adapter: AddOnRecord | None = None
 
 
 class PipelineRecord(BaseModel):

@@ -16,7 +16,7 @@ from neuron_export.errors import BuildError, ExportError
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, publish, staging_directory, write_layout
 from neuron_export.manifest import (
-    ComponentRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
+    AddOnRecord, ComponentRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
     environment, file_record, normalized_config,
 )
 from neuron_export.exporter.plan import Job, Plan
@@ -57,11 +57,22 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
             batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
         ),
         source=SourceRecord(model_id=plan.source.model_id, revision=plan.source.revision, commit=plan.source.commit,
-                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit),
+                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit, **add_on_records(plan)),
         environment=environment(plan.backend),
         components=records,
         files=[file_record(p, directory) for p in other_files],
     )
+
+
+def add_on_records(plan: Plan) -> dict[str, Any]:
+    """The ControlNets and IP-Adapter an export was built with, where they came from."""
+    source, config = plan.source, plan.config
+    adapter = None
+    if source.ip_adapter is not None:
+        file = "/".join(part for part in (config.ip_adapter_subfolder, config.ip_adapter_weight_name) if part)
+        adapter = AddOnRecord(model_id=source.ip_adapter.model_id, commit=source.ip_adapter.commit, file=file)
+    return {"controlnets": [AddOnRecord(model_id=item.model_id, commit=item.commit) for item in source.controlnets],
+            "ip_adapter": adapter}
 
 
 class _Worker:

@@ -42,6 +42,8 @@ def pairs(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     """{case: {"ours": export, "optimum": export, "our_calls", "optimum_calls"}} for every case."""
     root = tmp_path_factory.mktemp("calls")
     requests, pairs = [], {}
+    for case in CASES:  # built before the doubles are importable: diffusers must not import against them
+        case.our_args(sources)
     with neuron_sdk_doubles():
         for case in CASES:
             ours = export_ours(case, sources, root / case.name / "ours" / "export", backend="neuron")
