@@ -17,7 +17,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad input: a flag, a config key, a path, a model the tool cannot export
     INTEGRITY = 3  # an export's (or a cache entry's) files do not match their record
     COMPATIBILITY = 4  # this host's software cannot run the export
-    DOES_NOT_FIT = 5  # the export does not fit the instance given to `verify --target`
+    DOES_NOT_FIT = 5  # the export does not fit the instance given to `verify --instance`
     MEMORY_BUDGET = 6  # the largest build cannot fit --max-memory
     STORAGE = 7  # disk full, quota, read-only or unwritable
     INTERRUPTED = 130  # Ctrl-C or SIGTERM, as shells report SIGINT

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from neuron_export.example_adapters import save_controlnet, save_ip_adapter
 from neuron_export.example_tokenizer import BOS, EOS, TOKENIZER_MAX_LENGTH, make_tokenizer, tokenizer_vocab, write_tokenizer_files
 
-EXAMPLE_KINDS = ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd-controlnet",
+EXAMPLE_NAMES = ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd-controlnet",
                  "sdxl-controlnet", "sd-ip-adapter", "sd15-full")
 
 # --- shared dimensions of the tiny examples -------------------------------------------------------
@@ -299,18 +299,9 @@ def _build_sd15_full(directory: pathlib.Path) -> None:
     del text_encoder
     gc.collect()
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
     vae.save_pretrained(directory / "vae", safe_serialization=True)
     del vae
     gc.collect()
@@ -360,14 +351,14 @@ def _quiet_transformers_saving():
 # --- public API -----------------------------------------------------------------------------------
 
 
-def build_example(kind: str, directory: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Build the example pipeline `kind` with random weights (seeded) and save it to `directory`.
+def build_example(name: str, directory: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build the example pipeline `name` with random weights (seeded) and save it to `directory`.
 
-    Weights are float32 safetensors; the same kind and seed always give byte-identical files.
+    Weights are float32 safetensors; the same name and seed always give byte-identical files.
     Returns the directory as a `pathlib.Path`.
     """
-    if kind not in EXAMPLE_KINDS:
-        raise ValueError(f"unknown example kind {kind!r}; valid kinds: {', '.join(EXAMPLE_KINDS)}")
+    if name not in EXAMPLE_NAMES:
+        raise ValueError(f"unknown example {name!r}; valid names: {', '.join(EXAMPLE_NAMES)}")
 
     import torch
 
@@ -376,15 +367,15 @@ def build_example(kind: str, directory: str | os.PathLike, seed: int = 0) -> pat
     # fork_rng: seed our own draws without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]), _quiet_transformers_saving():
         torch.manual_seed(seed)
-        if kind == "lcm-sdxl-unet":
+        if name == "lcm-sdxl-unet":
             _build_lcm_sdxl_unet(directory)
-        elif kind == "sd15-full":
+        elif name == "sd15-full":
             _build_sd15_full(directory)
-        elif kind in _ADD_ON_BUILDERS:  # bare add-ons shaped after the tiny UNets; a seed gives another one
-            save, make_unet = _ADD_ON_BUILDERS[kind]
+        elif name in _ADD_ON_BUILDERS:  # bare add-ons shaped after the tiny UNets; a seed gives another one
+            save, make_unet = _ADD_ON_BUILDERS[name]
             save(make_unet(), directory)
         else:
-            _save_pipeline(_PIPELINE_BUILDERS[kind](), directory)
+            _save_pipeline(_PIPELINE_BUILDERS[name](), directory)
     return directory
 
 
@@ -393,11 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m neuron_export.examples",
         description="Build a random-weight example Stable Diffusion pipeline (no network needed).",
     )
-    parser.add_argument("kind", choices=EXAMPLE_KINDS, help="which example to build")
+    parser.add_argument("name", choices=EXAMPLE_NAMES, help="which example to build")
     parser.add_argument("directory", help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed for the random weights (default 0)")
     args = parser.parse_args(argv)
-    print(build_example(args.kind, args.directory, seed=args.seed))
+    print(build_example(args.name, args.directory, seed=args.seed))
     return 0
 
 

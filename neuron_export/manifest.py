@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from neuron_export.errors import ExportError
 from neuron_export.files import MANIFEST_NAME
@@ -47,7 +47,7 @@ class ComponentRecord(BaseModel):
     compiler_type: str
     compiler_version: str
     compiler_args: list[str]  # the flags passed to the compiler (empty for the cpu backend)
-    neuron_compiler_args: list[str]  # the neuronx-cc flags of this component kind, recorded on every backend
+    neuron_compiler_args: list[str]  # the neuronx-cc flags of this component role, recorded on every backend
     inline_weights: bool
     cpu_backend: bool | None = None  # neuron backend: traced on a host without a NeuronCore
     after_trace: list[str] = []  # torch_neuronx calls made on the traced module before saving
@@ -85,7 +85,7 @@ class SourceRecord(BaseModel):
 class PipelineRecord(BaseModel):
     family: str
     task: str
-    kind: str  # sd, sdxl, sdxl-refiner
+    architecture: str = Field(validation_alias=AliasChoices("architecture", "kind"))  # sd, sdxl, sdxl-refiner; older manifests say kind
     is_lcm: bool
     diffusers_pipeline: str
     optimum_pipeline: str

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if python3 -c "import torch_neuronx" >/dev/null 2>&1; then
     export_dir=exports/sd15-512
     neuron-export build configs/sd15-512.yaml -o "$export_dir"
-    neuron-export verify "$export_dir" --target inf2.xlarge
+    neuron-export verify "$export_dir" --instance inf2.xlarge
 else
     echo "No Neuron SDK on this host: exporting the bundled tiny example pipeline with --backend cpu."
     export_dir=demo-output/tiny-sd-neuron

@@ -28,16 +28,16 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], pathlib.Path]:
     """Factory: ``tiny_model("sdxl")`` returns the folder of that example, built once per session.
 
-    Treat the folder as read-only; it is shared by every test that asks for the same kind.
+    Treat the folder as read-only; it is shared by every test that asks for the same name.
     """
     from neuron_export.examples import build_example
 
     built: dict[str, pathlib.Path] = {}
 
-    def get(kind: str) -> pathlib.Path:
-        if kind not in built:
-            built[kind] = build_example(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
-        return built[kind]
+    def get(name: str) -> pathlib.Path:
+        if name not in built:
+            built[name] = build_example(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return built[name]
 
     return get
 

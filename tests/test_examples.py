@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from neuron_export.examples import EXAMPLE_KINDS, build_example
+from neuron_export.examples import EXAMPLE_NAMES, build_example
 
-TINY_KINDS = tuple(kind for kind in EXAMPLE_KINDS if kind != "sd15-full")  # sd15-full is ~4 GiB: not tested here
+TINY_NAMES = tuple(name for name in EXAMPLE_NAMES if name != "sd15-full")  # sd15-full is ~4 GiB: not tested here
 PROMPT = "a photo of the dog"
 
 SD_WEIGHTS = {
@@ -67,32 +67,32 @@ def generator():
 # --- what gets written -------------------------------------------------------------------------------
 
 
-def test_all_kinds_are_listed():
-    assert EXAMPLE_KINDS == ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
+def test_all_names_are_listed():
+    assert EXAMPLE_NAMES == ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
 
 
-def test_unknown_kind_is_rejected_with_the_valid_kinds(tmp_path):
+def test_unknown_example_is_rejected_with_the_valid_names(tmp_path):
     with pytest.raises(ValueError, match="sdxl-refiner") as error:
         build_example("sd3", tmp_path / "out")
     assert "'sd3'" in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", TINY_KINDS)
-def test_each_tiny_kind_is_saved_as_float32_safetensors_only(tiny_model, kind):
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_each_tiny_example_is_saved_as_float32_safetensors_only(tiny_model, name):
     from safetensors import safe_open
 
-    folder = tiny_model(kind)
+    folder = tiny_model(name)
     index = {"lcm-sdxl-unet": "config.json", "sd-controlnet": "config.json", "sdxl-controlnet": "config.json",
-             "sd-ip-adapter": "models/image_encoder/config.json"}.get(kind, "model_index.json")
+             "sd-ip-adapter": "models/image_encoder/config.json"}.get(name, "model_index.json")
     assert (folder / index).is_file()
-    assert weight_files(folder) == EXPECTED_WEIGHTS[kind]
+    assert weight_files(folder) == EXPECTED_WEIGHTS[name]
     pickled = [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
     assert pickled == []
-    for name in EXPECTED_WEIGHTS[kind]:
-        with safe_open(folder / name, framework="pt") as weights:
+    for file in EXPECTED_WEIGHTS[name]:
+        with safe_open(folder / file, framework="pt") as weights:
             dtypes = {weights.get_slice(key).get_dtype() for key in weights.keys()}
-        assert dtypes == {"F32"}, name
+        assert dtypes == {"F32"}, file
 
 
 def test_lcm_sdxl_unet_is_a_bare_unet_like_the_hub_repo(tiny_model):
@@ -137,13 +137,13 @@ def test_command_line_builds_one_example(tmp_path, capsys):
 # --- tokenizers ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", sorted(TOKENIZER_FOLDERS))
-def test_tokenizer_folders_have_vocab_and_merges_for_older_transformers(tiny_model, kind):
-    folder = tiny_model(kind)
-    for name in TOKENIZER_FOLDERS[kind]:
-        tokenizer_dir = folder / name
+@pytest.mark.parametrize("name", sorted(TOKENIZER_FOLDERS))
+def test_tokenizer_folders_have_vocab_and_merges_for_older_transformers(tiny_model, name):
+    folder = tiny_model(name)
+    for subfolder in TOKENIZER_FOLDERS[name]:
+        tokenizer_dir = folder / subfolder
         for file in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-            assert (tokenizer_dir / file).is_file(), f"{name}/{file}"
+            assert (tokenizer_dir / file).is_file(), f"{subfolder}/{file}"
         # transformers 4.x's CLIPTokenizer skips the first line of merges.txt as a header.
         assert (tokenizer_dir / "merges.txt").read_text().startswith("#version")
 

@@ -184,7 +184,7 @@ def test_component_configs_carry_the_neuron_section(case, exported):
             assert (neuron["static_height"], neuron["static_width"], neuron["static_num_channels"]) == (pipeline["height"] // 8, pipeline["width"] // 8, 4)
         if name.startswith("text_encoder"):
             # optimum-neuron names the outputs from the top-level key; its neuron key is the exporter option.
-            assert config["output_hidden_states"] is (pipeline["kind"] != "sd")
+            assert config["output_hidden_states"] is (pipeline["architecture"] != "sd")
             assert neuron["output_hidden_states"] is False
 
 
@@ -201,7 +201,7 @@ def test_every_artifact_matches_eager_on_fresh_inputs(case, exported, tiny_model
         with torch.no_grad():
             got = artifact_outputs(artifact(*inputs), record["outputs"])
             want = eager_outputs(eager, name, inputs, [i["name"] for i in record["inputs"]])
-        hidden = [key for key in want if key.startswith("hidden_states.")] if manifest["pipeline"]["kind"] != "sd" else []
+        hidden = [key for key in want if key.startswith("hidden_states.")] if manifest["pipeline"]["architecture"] != "sd" else []
         assert sorted(got) == sorted(EXPECTED_OUTPUTS[name] + hidden), name  # none dropped, none extra
         for key, tensor in got.items():
             assert tensor.shape == want[key].shape, (name, key)
@@ -257,7 +257,7 @@ def test_refiner_has_five_time_ids_and_no_text_encoder(exported):
     shapes = {i["name"]: i["shape"] for i in record["inputs"]}
     assert shapes["time_ids"] == [1, 5]
     assert not (output / "text_encoder").exists()
-    assert result["pipeline"]["kind"] == "sdxl-refiner"
+    assert result["pipeline"]["architecture"] == "sdxl-refiner"
 
 
 def test_inpainting_unet_takes_nine_channels(exported):

@@ -111,7 +111,7 @@ def test_card_names_shapes_flags_validation_and_loading_code(sd_export):
     assert "passed for every component" in card and "passed (max diff" in card
     assert "from optimum.neuron import NeuronStableDiffusionPipeline" in card
     assert 'NeuronStableDiffusionPipeline.from_pretrained("acme/tiny-sd-neuron", data_parallel_mode="unet")' in card
-    assert 'neuron-export generate ./tiny-sd-neuron --prompt "a photo of an astronaut riding a horse on mars" --output image.png' in card and "neuron-export verify ./tiny-sd-neuron --target" in card
+    assert 'neuron-export generate ./tiny-sd-neuron --prompt "a photo of an astronaut riding a horse on mars" --output image.png' in card and "neuron-export verify ./tiny-sd-neuron --instance" in card
     assert "Not for NeuronCores" in card  # a --backend cpu export says so loudly
 
 

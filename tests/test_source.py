@@ -50,7 +50,7 @@ def test_offline_mode_is_passed_to_the_hub_client(monkeypatch, tiny_model):
 def test_replacement_unet_from_a_directory(tiny_model):
     source = resolve_source(str(tiny_model("sdxl")), None, str(tiny_model("lcm-sdxl-unet")), ("unet",))
     facts = read_facts(source)
-    assert facts.is_lcm and facts.kind == "sdxl"
+    assert facts.is_lcm and facts.architecture == "sdxl"
     assert source.folder("unet") == tiny_model("lcm-sdxl-unet")
 
 
@@ -60,7 +60,7 @@ def test_replacement_unet_from_a_directory(tiny_model):
 ])
 def test_models_are_recognised_from_their_configs(tiny_model, kind, expected):
     facts = read_facts(resolve_source(str(tiny_model(kind)), None, None, ("unet",)))
-    assert (facts.kind, facts.is_lcm, facts.unet_in_channels) == expected
+    assert (facts.architecture, facts.is_lcm, facts.unet_in_channels) == expected
     assert facts.default_side == 64
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import export_tiny as export, run_cli
 
 from neuron_export.deploy import verify
-from neuron_export.deploy.targets import BY_NAME, GIB, INSTANCES
+from neuron_export.deploy.instances import BY_NAME, GIB, INSTANCES
 from neuron_export.errors import ExitCode
 from neuron_export.deploy import compatibility, footprint
 from neuron_export.deploy.compatibility import RuntimeEnv
@@ -138,14 +138,14 @@ def test_no_manifest_or_a_broken_one_is_a_user_error(sd_export, copy, tmp_path, 
 
 
 def test_unknown_target_is_a_user_error(sd_export, capsys):
-    code, _, err = cli(capsys, "verify", sd_export, "--target", "inf1.xlarge")
-    assert code == 2 and "--target inf1.xlarge" in err and "inf2.xlarge" in err
+    code, _, err = cli(capsys, "verify", sd_export, "--instance", "inf1.xlarge")
+    assert code == 2 and "--instance inf1.xlarge" in err and "inf2.xlarge" in err
 
 
 def test_integrity_decides_the_exit_code_before_compatibility(sd_export, copy, capsys):
     broken = copy(sd_export)
     (broken / "unet" / "config.json").unlink()
-    code, out, _ = cli(capsys, "verify", broken, "--target", "inf2.xlarge", "--json")
+    code, out, _ = cli(capsys, "verify", broken, "--instance", "inf2.xlarge", "--json")
     checks = json.loads(out)["checks"]
     assert checks["integrity"]["verdict"] == "failed" and checks["compatibility"]["verdict"] == "failed"
     assert code == 3
@@ -161,7 +161,7 @@ def as_neuron_export(data: dict, compiler: str = "2.21.18209.0", torch_neuronx: 
 
 
 def test_cpu_export_cannot_run_on_a_neuroncore(sd_export, capsys):
-    code, out, _ = cli(capsys, "verify", sd_export, "--target", "inf2.xlarge", "--json")
+    code, out, _ = cli(capsys, "verify", sd_export, "--instance", "inf2.xlarge", "--json")
     assert code == ExitCode.COMPATIBILITY == 4
     compat = json.loads(out)["checks"]["compatibility"]
     assert compat["verdict"] == "failed"
@@ -310,7 +310,7 @@ def test_verify_agrees_with_published_deployments(deployment, sd_export, sdxl_ex
         params, height, width = deployment.pipelines[0]
         directory = copy(sdxl_export if "text_encoder_2" in params else sd_export)
         rewrite_manifest(directory, real_counts(params, height, width))
-        code, out, _ = cli(capsys, "verify", directory, "--target", target.name, "--json")
+        code, out, _ = cli(capsys, "verify", directory, "--instance", target.name, "--json")
         fit = json.loads(out)["checks"]["fit"]
         assert code == 0 and json.loads(out)["checks"]["integrity"]["verdict"] == "ok", fit
         assert fit["verdict"] == "ok" and fit["details"]["smallest_fit"] == deployment.smallest
@@ -337,12 +337,12 @@ def test_sdxl_base_plus_refiner_does_not_fit_inf2_xlarge_host_ram():
 def test_a_tight_fit_exits_0_and_names_the_estimate_the_resource_and_the_assumption(sdxl_export, copy, capsys):
     directory = copy(sdxl_export)
     rewrite_manifest(directory, real_counts(SDXL, 1024, 1024))
-    code, out, _ = cli(capsys, "verify", directory, "--target", "inf2.xlarge")
+    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge")
     assert code == 0, out
     line = " ".join(out.split("\nfit ")[1].split("Memory estimate")[0].split())  # the fit line, unwrapped
     assert line.startswith("OK fits, tight: 15.9 of 16 GiB host RAM on inf2.xlarge (assuming one fp32 host copy")
     assert line.endswith("; inf2.8xlarge has room")
-    code, out, _ = cli(capsys, "verify", directory, "--target", "inf2.8xlarge")
+    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.8xlarge")
     assert code == 0 and "fits inf2.8xlarge: the export needs about 15.9 GiB host RAM" in out
 
 
@@ -366,12 +366,12 @@ def test_models_on_one_core_share_the_largest_activation_scratchpad():
 def test_an_export_that_does_not_fit_exits_5_and_names_the_resource(sdxl_export, copy, capsys):
     directory = copy(sdxl_export)  # fp32 weights on the device and batch 2: NeuronCore 0 overflows
     rewrite_manifest(directory, real_counts(SDXL, 1024, 1024, batch=2, auto_cast="none"))
-    code, out, _ = cli(capsys, "verify", directory, "--target", "inf2.xlarge", "--json")
+    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge", "--json")
     fit = json.loads(out)["checks"]["fit"]
     assert code == ExitCode.DOES_NOT_FIT == 5 and fit["verdict"] == "failed", fit["summary"]
     assert fit["problems"] == [fit["problems"][0]] and fit["problems"][0].startswith("device memory: NeuronCore 0 needs about 17")
     assert "smallest instance that fits: none in the table" in fit["summary"]
-    code, out, _ = cli(capsys, "verify", directory, "--target", "inf2.xlarge")
+    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge")
     assert code == 5 and "does not fit inf2.xlarge" in out and "Traceback" not in out
 
 
@@ -391,3 +391,19 @@ def test_instance_table_rows():
     assert rows["trn1.2xlarge"] == (1, 2, 32, 8, 32)
     assert rows["trn1.32xlarge"] == (16, 32, 512, 128, 512)
     assert all(i.source for i in INSTANCES) and BY_NAME["inf2.xlarge"].device_memory_per_core_bytes == 16 * GIB
+
+
+def test_the_old_target_spelling_still_checks_the_fit_with_a_notice(sd_export, capsys):
+    new = cli(capsys, "verify", sd_export, "--instance", "inf2.xlarge", "--json")
+    code, out, err = cli(capsys, "verify", sd_export, "--target", "inf2.xlarge", "--json")
+    assert (code, out) == new[:2] and json.loads(out)["instance"] == "inf2.xlarge"
+    assert "verify --target is now --instance" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_manifest_written_before_architecture_was_named_still_reads(sd_export, copy, capsys):
+    older = copy(sd_export)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest["pipeline"]["kind"] = manifest["pipeline"].pop("architecture")
+    (older / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    code, out, _ = cli(capsys, "inspect", older, "--json")
+    assert code == 0 and json.loads(out)["pipeline"]["architecture"] == "sd"

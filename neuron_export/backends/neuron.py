@@ -1,4 +1,4 @@
-"""torch_neuronx.trace with explicit neuronx-cc flags per component kind and model family.
+"""torch_neuronx.trace with explicit neuronx-cc flags per component role and model architecture.
 
 The flags come from a table, never from a model's path or class name (the reference exporter's
 substring matching silently drops them for local paths).
@@ -17,7 +17,7 @@ NAME = "neuron"
 COMPILER_TYPE = "neuronx-cc"
 
 FAST_LOADING = "--enable-fast-loading-neuron-binaries"
-# Per component kind and model family: the model-type hint and whether fast loading is on.
+# Per component role and model architecture: the model-type hint and whether fast loading is on.
 # The SDXL UNet is compiled without fast loading, as optimum-neuron does.
 MODEL_FLAGS: dict[tuple[str, bool], tuple[str, ...]] = {
     ("text_encoder", False): ("--model-type=transformer", FAST_LOADING),

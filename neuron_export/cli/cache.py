@@ -44,7 +44,7 @@ def ls_command(cache_dir: Optional[Path] = CacheDir) -> None:
 
 @cache_app.command("du")
 def du_command(cache_dir: Optional[Path] = CacheDir) -> None:
-    """Total size of the cache, per component kind."""
+    """Total size of the cache, per component role."""
     from neuron_export.format import human_bytes
 
     cache = _cache(cache_dir)

@@ -23,14 +23,14 @@ compatibility  this host's torch / torch-neuronx / neuronx-cc / diffusers agains
                is reported UNCHECKED, not passed
 fit            device memory per NeuronCore and host RAM to load the pipeline
                (estimated from parameter counts, artifact sizes and shapes)
-               against --target; names the smallest instance that fits
+               against --instance; names the smallest instance that fits
 
 \b
 Exit codes (the first failing check in this order decides):
   0  every check passed (or was skipped / unchecked)
   3  integrity failed: a file is missing, changed, or stray
   4  compatibility failed (with --strict: also when it could not be checked)
-  5  the export does not fit --target
+  5  the export does not fit --instance
   2  usage error, or no readable manifest.json
 """
 
@@ -59,15 +59,21 @@ def inspect_command(
 
 def verify_command(
     export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
-    target: Optional[str] = typer.Option(None, "--target", help="Instance to check the fit on: inf2.xlarge | inf2.8xlarge | "
-                                         "inf2.24xlarge | inf2.48xlarge | trn1.2xlarge | trn1.32xlarge | trn1n.32xlarge."),
+    instance_name: Optional[str] = typer.Option(None, "--instance", help="Instance to check the fit on: inf2.xlarge | inf2.8xlarge | "
+                                                "inf2.24xlarge | inf2.48xlarge | trn1.2xlarge | trn1.32xlarge | trn1n.32xlarge."),
+    # "target" means the neuronx-cc compile target everywhere else; the old spelling still works, with a notice.
+    old_target: Optional[str] = typer.Option(None, "--target", hidden=True),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
 ) -> None:
     from neuron_export.deploy import verify
-    from neuron_export.deploy.targets import get_instance
+    from neuron_export.deploy.instances import get_instance
 
-    instance = get_instance(target) if target else None
+    if old_target is not None:
+        print("verify --target is now --instance (--target is the compile target of an export); "
+              f"use --instance {old_target}.", file=sys.stderr)
+        instance_name = instance_name or old_target
+    instance = get_instance(instance_name) if instance_name else None
     report = verify.verify(export_dir, instance, strict=strict)
     if json_output:
         print(json.dumps(report.to_json()), flush=True)

@@ -30,7 +30,7 @@ class Reporter:
         if self.json_mode:
             return
         names = ", ".join(job.component for job in plan.jobs)
-        self.line(f"Exporting {plan.source.model_id} ({plan.facts.kind}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
+        self.line(f"Exporting {plan.source.model_id} ({plan.facts.architecture}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
                   f"at {plan.height}x{plan.width}, batch {plan.config.batch_size}, backend {plan.backend}: {names}")
 
     def line(self, text: str) -> None:

@@ -1,4 +1,4 @@
-"""One module per component family (text_encoder, unet, vae): contract, loading, wrapper, eager reference.
+"""One module per component role (text_encoder, unet, vae): contract, loading, wrapper, eager reference.
 
-Nothing is imported here, so importing a family module never runs another's code (no cycle through the package).
+Nothing is imported here, so importing a component module never runs another's code (no cycle through the package).
 """

@@ -1,6 +1,6 @@
-"""Which family module handles which component: the one place that knows them all.
+"""Which component module handles which component role: the one place that knows them all.
 
-`describe()` is pure (no torch import) so plans and config errors stay instant; each family module
+`describe()` is pure (no torch import) so plans and config errors stay instant; each component module
 (`text_encoder`, `unet`, `vae`) imports torch only inside the functions that need it.
 """
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
 
 
-def family_module(name: str) -> Any:
+def component_module(name: str) -> Any:
     """The module that loads, wraps and checks this component."""
     if name.startswith("controlnet_"):
         return controlnet

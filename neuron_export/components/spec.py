@@ -1,4 +1,4 @@
-"""What each exported component takes and returns: the contract the family modules describe."""
+"""What each exported component takes and returns: the contract the component modules describe."""
 
 from __future__ import annotations
 

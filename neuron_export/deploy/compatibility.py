@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from neuron_export.deploy.checks import CPU_COMPILER, CheckResult, NEURON_COMPILER
-from neuron_export.deploy.targets import Instance
+from neuron_export.deploy.instances import Instance
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
@@ -182,14 +182,14 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def check_compatibility(manifest: Manifest, env: RuntimeEnv, target: Instance | None = None) -> CheckResult:
-    """Apply RULES. The export runs on a NeuronCore when a --target is given or this host has the SDK."""
-    on_neuron = target is not None or env.has_sdk
+def check_compatibility(manifest: Manifest, env: RuntimeEnv, instance: Instance | None = None) -> CheckResult:
+    """Apply RULES. The export runs on a NeuronCore when an --instance is given or this host has the SDK."""
+    on_neuron = instance is not None or env.has_sdk
     outcomes = [(rule, rule.check(manifest, env, on_neuron)) for rule in RULES]
     problems = [f"{rule.id}: {o.message} ({rule.reason})" for rule, o in outcomes if o.status == "failed"]
     unchecked = [f"{rule.id}: {o.message}" for rule, o in outcomes if o.status == "unchecked"]
     notes = [f"{rule.id}: {o.message}" for rule, o in outcomes if o.status == "ok"]
-    where = f"a NeuronCore ({target.name})" if target else ("this host's NeuronCores" if env.has_sdk else "this host's CPU")
+    where = f"a NeuronCore ({instance.name})" if instance else ("this host's NeuronCores" if env.has_sdk else "this host's CPU")
     if problems:
         verdict, summary = "failed", f"{len(problems)} rule(s) say this export will not load on {where}: " + \
             ", ".join(rule.id for rule, o in outcomes if o.status == "failed")

@@ -1,5 +1,5 @@
 """verify's fit check: device memory per NeuronCore and host RAM to load, estimated from the manifest by
-`estimate` (a pure function), against the instance table in targets.py (exit 5); above 85% of a resource
+`estimate` (a pure function), against the instance table in instances.py (exit 5); above 85% of a resource
 it passes as "fits, tight", naming the estimate.
 """
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from neuron_export.deploy.checks import CheckResult
-from neuron_export.deploy.targets import GIB, INSTANCES, Instance, by_size
+from neuron_export.deploy.instances import GIB, INSTANCES, Instance, by_size
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
@@ -192,10 +192,10 @@ def tight_text(verdict: FitVerdict) -> str:
     return "; ".join(parts)
 
 
-def smallest_fit(footprint: Footprint, family: str | None = None, roomy: bool = False) -> Instance | None:
-    """The smallest instance that fits (with roomy, without being tight), preferring the export's family."""
+def smallest_fit(footprint: Footprint, target: str | None = None, roomy: bool = False) -> Instance | None:
+    """The smallest instance that fits (with roomy, without being tight), preferring the export's compile target."""
     fitting = [i for i in by_size() if (fits(footprint, i).roomy if roomy else fits(footprint, i).fits)]
-    same = [i for i in fitting if i.family == family]
+    same = [i for i in fitting if i.target == target]
     return (same or fitting or [None])[0]
 
 
@@ -209,10 +209,10 @@ def footprint_of(manifest: Manifest, label: str = "") -> Footprint:
                     manifest.config.get("auto_cast", "matmul"), manifest.config.get("auto_cast_type", "bf16"), label)
 
 
-def check_fit(manifest: Manifest, target: Instance | None) -> CheckResult:
+def check_fit(manifest: Manifest, instance: Instance | None) -> CheckResult:
     footprint = footprint_of(manifest)
-    family = manifest.config.get("target")
-    smallest = smallest_fit(footprint, family)
+    target = manifest.config.get("target")
+    smallest = smallest_fit(footprint, target)
     table = {i.name: fits(footprint, i).fits for i in INSTANCES}
     smallest_text = smallest.name if smallest else "none in the table"
     details: dict[str, Any] = {
@@ -227,18 +227,18 @@ def check_fit(manifest: Manifest, target: Instance | None) -> CheckResult:
     }
     needs = (f"needs about {footprint.host_bytes / GIB:.1f} GiB host RAM and "
              f"{max(footprint.core_bytes) / GIB:.1f} GiB on the busiest of {footprint.cores_needed} NeuronCore(s)")
-    if target is None:
-        return CheckResult("fit", "skipped", f"no --target given; the export {needs}; smallest instance that fits: "
+    if instance is None:
+        return CheckResult("fit", "skipped", f"no --instance given; the export {needs}; smallest instance that fits: "
                                              f"{smallest_text}", [], [], details)
-    verdict = fits(footprint, target)
-    details["target"] = {"name": target.name, "neuron_cores": target.neuron_cores, "host_memory_gib": target.host_memory_gib,
-                         "device_memory_gib": target.device_memory_gib, "source": target.source}
+    verdict = fits(footprint, instance)
+    details["instance"] = {"name": instance.name, "neuron_cores": instance.neuron_cores, "host_memory_gib": instance.host_memory_gib,
+                         "device_memory_gib": instance.device_memory_gib, "source": instance.source}
     if verdict.fits and verdict.tight:
-        roomy = smallest_fit(footprint, family, roomy=True)
-        room = f"; {roomy.name} has room" if roomy and roomy != target else ""
+        roomy = smallest_fit(footprint, target, roomy=True)
+        room = f"; {roomy.name} has room" if roomy and roomy != instance else ""
         return CheckResult("fit", "ok", f"fits, tight: {tight_text(verdict)}{room}", [], [], details)
     if verdict.fits:
-        return CheckResult("fit", "ok", f"fits {target.name}: the export {needs}", [], [], details)
+        return CheckResult("fit", "ok", f"fits {instance.name}: the export {needs}", [], [], details)
     problems = list(verdict.reasons)
-    summary = f"does not fit {target.name} ({'; '.join(verdict.reasons)}); smallest instance that fits: {smallest_text}"
+    summary = f"does not fit {instance.name} ({'; '.join(verdict.reasons)}); smallest instance that fits: {smallest_text}"
     return CheckResult("fit", "failed", summary, problems, [], details)

@@ -68,7 +68,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
     cpu_only = any(r.compiler_type == CPU_COMPILER for r in records)
     target = c.get("target") or "inf2"
     tags = ["neuron-export", "optimum-neuron", "aws-neuron", "inferentia2" if target == "inf2" else target,
-            "stable-diffusion-xl" if p.kind.startswith("sdxl") else "stable-diffusion", "diffusers"]
+            "stable-diffusion-xl" if p.architecture.startswith("sdxl") else "stable-diffusion", "diffusers"]
     if p.is_lcm:
         tags.append("lcm")
     front = ["---", "tags:"] + [f"- {t}" for t in tags] + [f"pipeline_tag: {PIPELINE_TAG.get(p.task, 'text-to-image')}"]
@@ -85,7 +85,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
     all_passed = all(r.validation.status == "passed" for r in records)
 
     lines = [*front, "", f"# {repo_id.split('/')[-1]}", ""]
-    lines.append(f"{p.diffusers_pipeline} ({p.kind}, {p.task}{', LCM' if p.is_lcm else ''}) from {source}, exported by "
+    lines.append(f"{p.diffusers_pipeline} ({p.architecture}, {p.task}{', LCM' if p.is_lcm else ''}) from {source}, exported by "
                  f"{manifest.tool} {manifest.tool_version} on {manifest.created_at} into optimum-neuron's layout for "
                  f"AWS {'Inferentia2' if target == 'inf2' else target} (`{p.optimum_pipeline}`).")
     lines.append("")
@@ -130,7 +130,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
     revision_flag = f" --revision {revision}" if revision and revision != "main" else ""
     lines += ["With neuron-export (checks the files, this host's SDK and the instance's memory first):", "", "```bash",
               f"hf download {repo_id}{revision_flag} --local-dir ./{repo_id.split('/')[-1]}",
-              f"neuron-export verify ./{repo_id.split('/')[-1]} --target {smallest.name if smallest else 'inf2.xlarge'}",
+              f"neuron-export verify ./{repo_id.split('/')[-1]} --instance {smallest.name if smallest else 'inf2.xlarge'}",
               f"neuron-export generate ./{repo_id.split('/')[-1]} {GENERATE_ARGS.get(p.task, GENERATE_ARGS['text-to-image'])}",
               "```", "", "`manifest.json` records every file's sha256, the shapes, flags and versions above.", ""]
     return "\n".join(lines)
@@ -166,7 +166,7 @@ def push_export(directory: Path, repo_id: str, *, private: bool = False, revisio
     card = model_card(manifest, repo_id, revision)
     files = sorted({f.path for f in manifest.all_files()} | {MANIFEST_NAME})
     api = api if api is not None else _default_api(token)
-    title = f"{manifest.pipeline.kind} {manifest.pipeline.width}x{manifest.pipeline.height} b{manifest.pipeline.batch_size}"
+    title = f"{manifest.pipeline.architecture} {manifest.pipeline.width}x{manifest.pipeline.height} b{manifest.pipeline.batch_size}"
 
     repo_url = _call("create_repo", api.create_repo, repo_id=repo_id, repo_type="model", private=private,
                      exist_ok=True)

@@ -35,7 +35,7 @@ def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
     return {
         "export": str(directory),
         "pipeline": {
-            "kind": p.kind, "family": p.family, "task": p.task, "lcm": p.is_lcm,
+            "architecture": p.architecture, "family": p.family, "task": p.task, "lcm": p.is_lcm,
             "diffusers_pipeline": p.diffusers_pipeline, "optimum_pipeline": p.optimum_pipeline,
             "size": f"{p.width}x{p.height}", "batch_size": p.batch_size,
             "num_images_per_prompt": p.num_images_per_prompt, "data_parallel_mode": p.data_parallel_mode,
@@ -86,7 +86,7 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
     facts.add_column(style="bold")
     facts.add_column()
     lcm = ", LCM" if p["lcm"] else ""
-    facts.add_row("pipeline", Text(f"{p['kind']} {p['task']}{lcm}: {p['optimum_pipeline']} (diffusers {p['diffusers_pipeline']})"))
+    facts.add_row("pipeline", Text(f"{p['architecture']} {p['task']}{lcm}: {p['optimum_pipeline']} (diffusers {p['diffusers_pipeline']})"))
     facts.add_row("shapes", Text(f"{p['size']} pixels, batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
                                  f"data-parallel mode {p['data_parallel_mode']}"))
     facts.add_row("source", Text(", ".join(f"{k} {v}" for k, v in info["source"].items())))

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterable
 
 from neuron_export.deploy.checks import CheckResult
-from neuron_export.deploy.targets import GIB
+from neuron_export.deploy.instances import GIB
 from neuron_export.files import MANIFEST_NAME
 
 if TYPE_CHECKING:

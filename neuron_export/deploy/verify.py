@@ -6,7 +6,7 @@ Three checks, each with a verdict and an exit code CI can branch on:
   compatibility  this host's torch / torch-neuronx / neuronx-cc / diffusers against the manifest,
                  by the rules in RULES                                                         -> exit 4
   fit            device memory per NeuronCore and host RAM to load, estimated from the manifest by
-                 `estimate` (a pure function), against the instance table in targets.py        -> exit 5
+                 `estimate` (a pure function), against the instance table in instances.py        -> exit 5
                  (a fit above 85% of a resource passes as "fits, tight", naming the estimate)
 When several fail, the first in that order decides the exit code. Bad arguments or an unreadable
 manifest are user errors (exit 2).
@@ -22,7 +22,7 @@ from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.compatibility import RuntimeEnv, check_compatibility, probe_environment
 from neuron_export.deploy.footprint import check_fit
 from neuron_export.deploy.integrity import check_integrity
-from neuron_export.deploy.targets import Instance
+from neuron_export.deploy.instances import Instance
 from neuron_export.errors import ExitCode, IntegrityError
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 @dataclass
 class Report:
     directory: Path
-    target: Instance | None
+    instance: Instance | None
     checks: dict[str, CheckResult]
     strict: bool = False
 
@@ -52,12 +52,12 @@ class Report:
             "ok": self.exit_code == ExitCode.OK,
             "exit_code": self.exit_code,
             "export": str(self.directory),
-            "target": self.target.name if self.target else None,
+            "instance": self.instance.name if self.instance else None,
             "checks": {name: asdict(check) for name, check in self.checks.items()},
         }
 
 
-def verify(directory: Path, target: Instance | None = None, env: RuntimeEnv | None = None,
+def verify(directory: Path, instance: Instance | None = None, env: RuntimeEnv | None = None,
            strict: bool = False) -> Report:
     from neuron_export.manifest import read_manifest
 
@@ -65,10 +65,10 @@ def verify(directory: Path, target: Instance | None = None, env: RuntimeEnv | No
     env = env if env is not None else probe_environment()
     checks = {
         "integrity": check_integrity(directory, manifest),
-        "compatibility": check_compatibility(manifest, env, target),
-        "fit": check_fit(manifest, target),
+        "compatibility": check_compatibility(manifest, env, instance),
+        "fit": check_fit(manifest, instance),
     }
-    return Report(directory, target, checks, strict)
+    return Report(directory, instance, checks, strict)
 
 
 def require_integrity(directory: Path, manifest: Manifest) -> CheckResult:
@@ -89,8 +89,8 @@ def render(report: Report, console: Any) -> None:
 
     from neuron_export.format import human_bytes
 
-    target = f" for {report.target.name}" if report.target else ""
-    console.print(Text(f"Verify {report.directory}{target}", style="bold"))
+    where = f" for {report.instance.name}" if report.instance else ""
+    console.print(Text(f"Verify {report.directory}{where}", style="bold"))
     style = {"ok": "green", "failed": "bold red", "unchecked": "yellow", "skipped": "dim"}
     for check in report.checks.values():
         line = Text(f"{check.name:<14}")

@@ -51,7 +51,7 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
         created_at=max((record.built_at for record in records.values()), default=""),
         config=normalized_config(config),
         pipeline=PipelineRecord(
-            family=config.family, task=config.task, kind=plan.facts.kind, is_lcm=plan.facts.is_lcm,
+            family=config.family, task=config.task, architecture=plan.facts.architecture, is_lcm=plan.facts.is_lcm,
             diffusers_pipeline=plan.diffusers_pipeline, optimum_pipeline=plan.optimum_pipeline,
             data_parallel_mode=plan.data_parallel_mode, height=plan.height, width=plan.width,
             batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
@@ -167,15 +167,15 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                 worker = next(w for w in running.values() if w.reader is reader)
                 name = worker.job.component
                 try:
-                    kind, payload = reader.recv()
+                    tag, payload = reader.recv()
                 except EOFError:
                     raise _died(worker) from None
-                if kind == "stage":
+                if tag == "stage":
                     on_event(BuildEvent(name, index[name], total, payload))
                     continue
                 worker.process.join()
                 del running[name]
-                if kind == "error":
+                if tag == "error":
                     shutil.rmtree(worker.build_dir, ignore_errors=True)
                     raise _worker_error(payload)
                 record = ComponentRecord.model_validate_json(payload)

@@ -79,9 +79,9 @@ def _hub_blob_sha256(file: Path) -> str | None:
     """A hub snapshot file links to blobs/<sha256> for LFS files: the hub's own hash, free of charge."""
     if not file.is_symlink():
         return None
-    target = Path(os.readlink(file)).name
-    if len(target) == 64 and all(c in "0123456789abcdef" for c in target):
-        return target
+    blob = Path(os.readlink(file)).name
+    if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+        return blob
     return None
 
 

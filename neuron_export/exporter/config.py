@@ -206,20 +206,20 @@ def explain_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "config"
     value = first.get("input")
-    kind = first["type"]
+    error_type = first["type"]
     message = first["msg"].removeprefix("Value error, ")
     if not first["loc"]:  # a model-level check already names its fields
         return message + "."
-    if kind == "extra_forbidden":
+    if error_type == "extra_forbidden":
         return unknown_key_message(field, "options")
-    if kind in ("literal_error", "enum"):
+    if error_type in ("literal_error", "enum"):
         expected = first.get("ctx", {}).get("expected", "")
         return f"{field} = {value!r} is not valid; use one of {expected}."
-    if kind in ("int_parsing", "int_type", "int_from_float"):
+    if error_type in ("int_parsing", "int_type", "int_from_float"):
         return f"{field} = {value!r} is not a whole number; pass an integer such as 1."
-    if kind in ("float_parsing", "float_type"):
+    if error_type in ("float_parsing", "float_type"):
         return f"{field} = {value!r} is not a number; pass a number such as 0.001."
-    if kind in ("bool_parsing", "bool_type"):
+    if error_type in ("bool_parsing", "bool_type"):
         return f"{field} = {value!r} is not true or false."
     return f"{field} = {value!r} is not valid: {message}."
 

@@ -67,23 +67,23 @@ def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
     return WeightStats(parameters, size)
 
 
-def _kind(component: str) -> str:
-    """The measured component whose factors fit: a ControlNet is a UNet's encoder half, an image encoder a CLIP."""
+def _role(component: str) -> str:
+    """The measured role whose factors fit: a ControlNet is a UNet's encoder half, an image encoder a CLIP."""
     if component.startswith("controlnet_"):
         return "unet"
     return "text_encoder" if component.startswith("text_encoder") or component == "image_encoder" else component
 
 
 def estimate_peak_bytes(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> int:
-    kind = _kind(component)
+    role = _role(component)
     pixels = batch * height * width
-    return int(BASE_BYTES[backend] + WEIGHT_FACTOR[backend][kind] * weights.bytes + PIXEL_BYTES[backend][kind] * pixels)
+    return int(BASE_BYTES[backend] + WEIGHT_FACTOR[backend][role] * weights.bytes + PIXEL_BYTES[backend][role] * pixels)
 
 
 def estimate_seconds(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> float:
-    kind = _kind(component)
+    role = _role(component)
     pixels = batch * height * width
-    return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + SECONDS_PER_PIXEL[backend][kind] * pixels
+    return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + SECONDS_PER_PIXEL[backend][role] * pixels
 
 
 def schedule_seconds(jobs: list[tuple[float, int]], workers: int, budget: int) -> float:
@@ -99,13 +99,7 @@ def schedule_seconds(jobs: list[tuple[float, int]], workers: int, budget: int) -
 
 
 def available_memory_bytes() -> int:
-    """What the host can give right now (MemAvailable), the default --max-memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
+    """What the host can give right now (MemAvailable on Linux), the default --max-memory."""
+    import psutil
 
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(psutil.virtual_memory().available)

@@ -196,7 +196,7 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: 
         "component": spec.name,
         "weights": list(weight_hashes),
         "config": json.loads((source_folder / "config.json").read_text()),
-        "kind": facts.kind,
+        "architecture": facts.architecture,
         "is_lcm": facts.is_lcm,
         "inputs": [dataclasses.asdict(tensor) for tensor in spec.inputs],
         "outputs": list(spec.outputs),
@@ -245,7 +245,7 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
             )
     elif channels == 9:
         raise ExportError(f"--task {config.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting.")
-    if facts.kind == "sdxl-refiner" and config.task == "text-to-image":
+    if facts.architecture == "sdxl-refiner" and config.task == "text-to-image":
         raise ExportError(f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image.")
 
 

@@ -90,7 +90,7 @@ class ModelFacts:
     """What the pipeline is, decided from its configs rather than from its name."""
 
     pipeline_class: str
-    kind: str  # "sd", "sdxl" or "sdxl-refiner"
+    architecture: str  # "sd", "sdxl" or "sdxl-refiner"
     is_lcm: bool
     unet: dict[str, Any]
     vae: dict[str, Any]
@@ -124,7 +124,7 @@ class ModelFacts:
 
     @property
     def is_xl(self) -> bool:
-        return self.kind in ("sdxl", "sdxl-refiner")
+        return self.architecture in ("sdxl", "sdxl-refiner")
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -240,14 +240,14 @@ def read_facts(source: ModelSource) -> ModelFacts:
     text_encoder = optional_config("text_encoder")
     text_encoder_2 = optional_config("text_encoder_2")
     if text_encoder_2 is not None or unet.get("addition_embed_type") == "text_time":
-        kind = "sdxl" if text_encoder is not None else "sdxl-refiner"
+        architecture = "sdxl" if text_encoder is not None else "sdxl-refiner"
     else:
-        kind = "sd"
-    if kind == "sd" and text_encoder is None:
+        architecture = "sd"
+    if architecture == "sd" and text_encoder is None:
         raise ExportError(f"--model {source.model_id} has no text_encoder; it is not a Stable Diffusion pipeline neuron-export can export.")
     facts = ModelFacts(
         pipeline_class=str(index.get("_class_name", "")),
-        kind=kind,
+        architecture=architecture,
         is_lcm=unet.get("time_cond_proj_dim") is not None,
         unet=unet,
         vae=vae,

@@ -30,12 +30,12 @@ def _ours(name: object, path: Path) -> bool:
     """Whether `name` is `path`, inside it, or inside a hidden `.NAME.*` sibling of it (staging)."""
     if not isinstance(name, (str, Path)):
         return False
-    target, path = Path(os.path.abspath(name)), Path(os.path.abspath(path))
-    if target.is_relative_to(path):
+    candidate, path = Path(os.path.abspath(name)), Path(os.path.abspath(path))
+    if candidate.is_relative_to(path):
         return True
-    if not target.is_relative_to(path.parent) or target == path.parent:
+    if not candidate.is_relative_to(path.parent) or candidate == path.parent:
         return False
-    return target.relative_to(path.parent).parts[0].startswith(f".{path.name}.")
+    return candidate.relative_to(path.parent).parts[0].startswith(f".{path.name}.")
 
 
 def free_bytes(path: Path) -> int | None:

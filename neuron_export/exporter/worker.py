@@ -26,7 +26,7 @@ from typing import Any, Callable
 from neuron_export.backends.neuron import device_present
 from neuron_export.backends.request import CompileRequest
 from neuron_export.backends.select import get_backend
-from neuron_export.components.registry import family_module
+from neuron_export.components.registry import component_module
 from neuron_export.components.spec import flatten, make_inputs
 from neuron_export.errors import BuildError, ExportError
 from neuron_export.exporter.lifetime import die_with_parent
@@ -139,6 +139,7 @@ def reset_peak_rss() -> None:
 
 
 def peak_rss_bytes() -> int:
+    # /proc by hand: psutil reports current RSS, not VmHWM, the peak that clear_refs resets.
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -176,7 +177,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
     quiet_libraries()
     job = order.job
     spec = job.spec
-    family = family_module(spec.name)
+    module = component_module(spec.name)
     backend = get_backend(order.backend)
     skip_reason = "skipped: disabled by --disable-validation" if order.disable_validation else backend.validation_skip_reason()
     started = time.perf_counter()
@@ -184,14 +185,14 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
 
     on_stage("loading")
     with torch.no_grad():
-        model = family.load(job.source_folder, spec)
+        model = module.load(job.source_folder, spec)
         parameter_count = sum(p.numel() for p in model.parameters())
         trace_inputs = make_inputs(spec.inputs, TRACE_SEED)
         validation_inputs = make_inputs(spec.inputs, VALIDATION_SEED) if skip_reason is None else None
-        expected = [t.clone() for t in family.reference(model, spec, validation_inputs)] if validation_inputs else None
+        expected = [t.clone() for t in module.reference(model, spec, validation_inputs)] if validation_inputs else None
 
         on_stage("tracing")
-        wrapper = family.wrap(model, spec)
+        wrapper = module.wrap(model, spec)
         compiler_args = list(job.compiler_args) if order.backend == "neuron" else []
         request = CompileRequest(
             component=spec.name, compiler_args=tuple(compiler_args), inline_weights=order.inline_weights,

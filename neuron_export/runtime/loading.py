@@ -89,7 +89,7 @@ def import_torch_neuronx(export_dir: Path) -> Any:
 
 def optimum_pipeline_class(manifest: Manifest) -> Any:
     """optimum-neuron's pipeline class for this export, or None when it does not import or cannot run it."""
-    if manifest.pipeline.kind == "sdxl-refiner":
+    if manifest.pipeline.architecture == "sdxl-refiner":
         return None  # optimum-neuron 0.4.5 cannot load a pipeline without text_encoder (KeyError)
     try:
         import optimum.neuron as optimum_neuron

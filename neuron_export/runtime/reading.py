@@ -58,9 +58,9 @@ def required_components(manifest: Manifest) -> tuple[str, ...]:
     """The artifacts `generate` needs for this pipeline and task."""
     pipeline = manifest.pipeline
     names = []
-    if pipeline.kind != "sdxl-refiner":
+    if pipeline.architecture != "sdxl-refiner":
         names.append("text_encoder")
-    if pipeline.kind in ("sdxl", "sdxl-refiner"):
+    if pipeline.architecture in ("sdxl", "sdxl-refiner"):
         names.append("text_encoder_2")
     names.append("unet")
     if pipeline.task in ("image-to-image", "inpainting", "instruct-pix2pix"):

@@ -51,7 +51,7 @@ class Case:
     """One export, made by us and (for call conformance) by optimum-neuron, with the same options."""
 
     name: str
-    source: str  # a tiny example kind
+    source: str  # a tiny example name
     family: str  # our command
     task: str = "text-to-image"
     batch_size: int = 1
@@ -59,12 +59,12 @@ class Case:
     height: int | None = None
     width: int | None = None
     dynamic_batch_size: bool = False
-    unet: str | None = None  # a tiny example kind used as the replacement UNet
+    unet: str | None = None  # a tiny example name used as the replacement UNet
     source_folder: str | None = None  # the source copied under this folder name first
     pipeline: str = ""  # optimum-neuron's class that loads it
     call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
-    controlnets: tuple[str, ...] = ()  # tiny ControlNet kinds ("kind" or "kind@seed"), in --controlnet order
-    ip_adapter: bool = False  # the tiny IP-Adapter (example kind sd-ip-adapter) at IP_ADAPTER_SCALE
+    controlnets: tuple[str, ...] = ()  # tiny ControlNet example names ("name" or "name@seed"), in --controlnet order
+    ip_adapter: bool = False  # the tiny IP-Adapter (example sd-ip-adapter) at IP_ADAPTER_SCALE
 
     def ip_adapter_options(self, sources: "Sources") -> dict[str, Any]:
         from neuron_export.example_adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
@@ -76,7 +76,7 @@ class Case:
         """The ControlNet / IP-Adapter options: ours, or optimum-cli's spellings (reference=True)."""
         args: list[Any] = []
         if self.controlnets:
-            paths = [sources.get(kind) for kind in self.controlnets]
+            paths = [sources.get(name) for name in self.controlnets]
             args += ["--controlnet_ids", *paths] if reference else [a for p in paths for a in ("--controlnet", p)]
         if self.ip_adapter:
             for key, value in self.ip_adapter_options(sources).items():
@@ -115,14 +115,14 @@ class Sources:
         self.root = root
         self.built: dict[str, Path] = {}
 
-    def get(self, kind: str) -> Path:
-        """`kind` or `kind@seed` (another random draw of the same example, e.g. a second ControlNet)."""
+    def get(self, name: str) -> Path:
+        """`name` or `name@seed` (another random draw of the same example, e.g. a second ControlNet)."""
         from neuron_export.examples import build_example
 
-        if kind not in self.built:
-            name, _, seed = kind.partition("@")
-            self.built[kind] = build_example(name, self.root / kind, seed=int(seed or 0))
-        return self.built[kind]
+        if name not in self.built:
+            example, _, seed = name.partition("@")
+            self.built[name] = build_example(example, self.root / name, seed=int(seed or 0))
+        return self.built[name]
 
     def path(self, case: Case) -> Path:
         source = self.get(case.source)

@@ -85,7 +85,7 @@ def generate_request(case: Case, sources: Sources, export: Path, images: dict[st
     if case.unet:
         request["source_unet"] = sources.get(case.unet)
     if case.controlnets:  # the reference runs them in --controlnet order; optimum's loader is reordered to it
-        request.update(source_controlnets=[sources.get(kind) for kind in case.controlnets], order_controlnets=True)
+        request.update(source_controlnets=[sources.get(name) for name in case.controlnets], order_controlnets=True)
     if case.ip_adapter:
         request["source_ip_adapter"] = case.ip_adapter_options(sources)
     return request

@@ -22,7 +22,7 @@ TRN1_SOURCE = "AWS EC2 Trn1 instance types page; AWS Neuron docs, Trn1/Trn1n arc
 @dataclass(frozen=True)
 class Instance:
     name: str
-    family: str  # the neuronx-cc --target the instance runs: inf2 or trn1
+    target: str  # the neuronx-cc --target the instance runs: inf2 or trn1
     chip: str
     chips: int
     vcpus: int
@@ -65,7 +65,7 @@ def get_instance(name: str) -> Instance:
 
     instance = BY_NAME.get(name.strip().lower())
     if instance is None:
-        raise ExportError(f"--target {name} is not an instance type neuron-export knows; use one of {', '.join(instance_names())}.")
+        raise ExportError(f"--instance {name} is not an instance type neuron-export knows; use one of {', '.join(instance_names())}.")
     return instance
 
 
