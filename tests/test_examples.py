@@ -68,7 +68,8 @@ def generator():
 
 
 def test_all_names_are_listed():
-    assert EXAMPLE_NAMES == ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
+    assert EXAMPLE_NAMES == ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet",
+                             "sd-controlnet", "sdxl-controlnet", "sd-ip-adapter", "sd15-full")
 
 
 def test_unknown_example_is_rejected_with_the_valid_names(tmp_path):

@@ -51,8 +51,6 @@ CASES = [
          pipeline="NeuronStableDiffusionXLPipeline",
          call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
     # ControlNet, IP-Adapter and InstructPix2Pix: the control / prompt / edited image is the call's "image".
-    Case("sd-controlnet", "sd", "sd", controlnets=("sd-controlnet",), pipeline="NeuronStableDiffusionControlNetPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "controlnet_conditioning_scale": 0.7}),
     # Three ControlNets: on ext4 the loader's listing order is a hash order, so some pairing differs from ours.
     Case("sd-multi-controlnet", "sd", "sd", controlnets=("sd-controlnet", "sd-controlnet@1", "sd-controlnet@2"),
          pipeline="NeuronStableDiffusionControlNetPipeline",
@@ -60,7 +58,8 @@ CASES = [
                "controlnet_conditioning_scale": [1.0, 0.8, 0.6]}),
     Case("sdxl-controlnet", "sdxl", "sd-xl", controlnets=("sdxl-controlnet",),
          pipeline="NeuronStableDiffusionXLControlNetPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "guidance_scale": 5.0}),
+         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "guidance_scale": 5.0,
+               "controlnet_conditioning_scale": 0.7}),
     Case("sd-instruct-pix2pix", "sd-pix2pix", "sd", task="instruct-pix2pix", dynamic_batch_size=True,
          pipeline="NeuronStableDiffusionInstructPix2PixPipeline",
          call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "image_guidance_scale": 1.5}),
@@ -135,3 +134,21 @@ def test_the_refiner_fails_in_optimum_neuron_as_documented(loaded: dict[str, dic
     """optimum-neuron 0.4.5 cannot load a pipeline without text_encoder; our own runtime can (test_generate)."""
     error = loaded["sdxl-refiner"]["error"]
     assert (error["stage"], error["type"], error["message"]) == ("load", "KeyError", "'text_encoder'")
+
+
+def test_instruct_pix2pix_runs_its_three_way_guidance_batch_on_both_cores(loaded: dict[str, dict[str, Any]]):
+    """Text and image guidance triple the UNet's batch (3 rows for batch 1): with dynamic batch the runtime splits
+    them 2 + 1 over the two NeuronCores, each a multiple of the compiled batch (shape_errors checks that)."""
+    result = loaded["sd-instruct-pix2pix"]
+    placement = result["placement"]["unet"]
+    assert placement["data_parallel"] and placement["set_dynamic_batching"]
+    assert {(call["core"], call["input_shapes"][0][0]) for call in placement["core_calls"]} == {(0, 2), (1, 1)}
+    assert result["shape_errors"] == [] and result["manifest"]["components"]["unet"]["inputs"][0]["shape"][0] == 1
+
+
+def test_several_controlnets_pair_with_their_images_in_controlnet_order(loaded: dict[str, dict[str, Any]]):
+    """optimum-neuron lists the controlnet_* folders in directory order (a hash order on ext4); after
+    neuron_export.order_controlnets the pipeline holds them in export order, so images pair as given."""
+    result = loaded["sd-multi-controlnet"]
+    assert result["controlnet_folders"] == ["controlnet_0", "controlnet_1", "controlnet_2"]
+    assert result["max_abs_diff"] <= MAX_PIXEL_DIFF
