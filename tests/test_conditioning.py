@@ -46,6 +46,8 @@ BAD_INPUT = {
                                       ["--task instruct-pix2pix needs --dynamic-batch-size"]),
     "a pix2pix model as text-to-image": (lambda m, t: ["-m", m("sd-pix2pix")],
                                          ["InstructPix2Pix model", "--task instruct-pix2pix"]),
+    "an IP-Adapter on SDXL": (lambda m, t: ["--family", "sd-xl", "-m", m("sdxl"), *ip_adapter_args(m)],
+                              ["ip_adapter is not available for `neuron-export sd-xl`"]),
 }
 
 
@@ -53,7 +55,9 @@ BAD_INPUT = {
 def test_bad_add_on_input_is_one_sentence_and_writes_nothing(cli, tiny_model, tmp_path, case):
     make_args, words = BAD_INPUT[case]
     out = tmp_path / "out"
-    result = cli("sd", *make_args(tiny_model, tmp_path), "--backend", "cpu", "-o", out)
+    args = [str(arg) for arg in make_args(tiny_model, tmp_path)]
+    family = args[1] if args[0] == "--family" else "sd"
+    result = cli(family, *args[2 if args[0] == "--family" else 0:], "--backend", "cpu", "-o", out)
     assert result.exit_code == 2, result
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and "Traceback" not in message, message
@@ -120,14 +124,35 @@ def _reference(kind: str, tiny_model, pipeline: str):
     return reference
 
 
-GENERATE = {  # export options, generate options (image names), the diffusers call's image arguments
-    "multi-controlnet": (lambda m: ["-m", m("sd"), "--controlnet", m("sd-controlnet"), "--controlnet", m("sd-controlnet-b")],
-                         {"control_images": ["control-a", "control-b"], "controlnet_scale": [1.0, 0.5]},
+def export_by_api(m, out: Path) -> None:  # the Python API, a list of ControlNets
+    import neuron_export
+
+    neuron_export.export("sd", model=str(m("sd")), controlnet=[str(m("sd-controlnet")), str(m("sd-controlnet-b"))],
+                         backend="cpu", disable_validation=True, output=str(out))
+
+
+def export_by_yaml(m, out: Path) -> None:  # a YAML config, as configs/ holds them
+    import neuron_export
+
+    config = out.parent / "pix2pix.yaml"
+    config.write_text(f"family: sd\nmodel: {m('sd-pix2pix')}\ntask: instruct-pix2pix\ndynamic_batch_size: true\n"
+                      "backend: cpu\ndisable_validation: true\n")
+    neuron_export.export(str(config), overrides=[f"output={out}"])
+
+
+def export_by_cli(m, out: Path) -> None:  # the command line
+    from conftest import run_cli
+
+    result = run_cli("sd", "-m", m("sd"), *ip_adapter_args(m), "--backend", "cpu", "--disable-validation", "-o", out)
+    assert result.exit_code == 0, result
+
+
+GENERATE = {  # how it is exported, generate options (image names), the diffusers call's image arguments
+    "multi-controlnet": (export_by_api, {"control_images": ["control-a", "control-b"], "controlnet_scale": [1.0, 0.5]},
                          {"image": ["control-a", "control-b"], "controlnet_conditioning_scale": [1.0, 0.5]}),
-    "pix2pix": (lambda m: ["-m", m("sd-pix2pix"), "--task", "instruct-pix2pix", "--dynamic-batch-size"],
-                {"image": "photo", "image_guidance_scale": 1.3}, {"image": "photo", "image_guidance_scale": 1.3}),
-    "ip-adapter": (lambda m: ["-m", m("sd"), *ip_adapter_args(m)], {"ip_adapter_image": "photo"},
-                   {"ip_adapter_image": "photo"}),
+    "pix2pix": (export_by_yaml, {"image": "photo", "image_guidance_scale": 1.3},
+                {"image": "photo", "image_guidance_scale": 1.3}),
+    "ip-adapter": (export_by_cli, {"ip_adapter_image": "photo"}, {"ip_adapter_image": "photo"}),
 }
 
 
@@ -141,18 +166,17 @@ def tiny_with_second_controlnet(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATE))
-def test_generate_runs_the_export_like_diffusers_eager(cli, tiny_with_second_controlnet, images, tmp_path, kind):
-    """Our runtime: ControlNets in --controlnet order with their scales, InstructPix2Pix's three-way guidance batch
+def test_generate_runs_the_export_like_diffusers_eager(tiny_with_second_controlnet, images, tmp_path, kind):
+    """Exported from the Python API, a YAML config and the command line. Our runtime: ControlNets in --controlnet order with their scales, InstructPix2Pix's three-way guidance batch
     through a batch-1 UNet, and the IP-Adapter's image encoder and UNet image embeds."""
     import torch
     from PIL import Image
 
     from neuron_export.runtime.generation import generate_images
 
-    export_args, ours_kwargs, their_kwargs = GENERATE[kind]
+    export, ours_kwargs, their_kwargs = GENERATE[kind]
     m = tiny_with_second_controlnet
-    result = cli("sd", *export_args(m), "--backend", "cpu", "--disable-validation", "-o", tmp_path / "export")
-    assert result.exit_code == 0, result
+    export(m, tmp_path / "export")
 
     def image(name):
         return [images[n] for n in name] if isinstance(name, list) else images[name]
@@ -175,3 +199,10 @@ def test_generate_runs_the_export_like_diffusers_eager(cli, tiny_with_second_con
                                                 else value for key, value in their_kwargs.items()}).images
     assert ours.shape == theirs.shape == (1, 64, 64, 3)
     assert np.abs(ours - theirs).max() <= 1e-4
+    if kind == "multi-controlnet":  # refused before anything loads
+        from neuron_export import ExportError
+
+        for wrong, words in (({"control_images": [images["control-a"]]}, "--control-image was given 1 time(s)"),
+                             ({"control_images": [images["control-a"]] * 2, "controlnet_scale": 2.5}, "out of range")):
+            with pytest.raises(ExportError, match=words.replace("(", r"\(").replace(")", r"\)")):
+                generate_images(tmp_path / "export", "a red fox", **wrong)

@@ -25,7 +25,7 @@ from neuron_export.manifest import ComponentRecord, sha256_file
 CACHE_ENV = "NEURON_EXPORT_CACHE"
 RECORD_NAME = "record.json"
 # Bump when a wrapper, an input spec or the traced contract changes, so old entries stop matching.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3  # 3: CPU artifacts saved without autograd on their parameters
 
 
 def default_cache_dir() -> Path:
