@@ -206,3 +206,27 @@ def test_generate_runs_the_export_like_diffusers_eager(tiny_with_second_controln
                              ({"control_images": [images["control-a"]] * 2, "controlnet_scale": 2.5}, "out of range")):
             with pytest.raises(ExportError, match=words.replace("(", r"\(").replace(")", r"\)")):
                 generate_images(tmp_path / "export", "a red fox", **wrong)
+
+
+def test_a_hub_controlnet_is_checked_from_its_config_before_its_weights_are_fetched(monkeypatch, cli, tiny_model, tmp_path):
+    import huggingface_hub
+
+    snapshots = {}
+    for repo, example in (("org/sdxl-cn", "sdxl-controlnet"), ("org/sd-cn", "sd-controlnet")):
+        snapshots[repo] = tmp_path / repo.replace("/", "--") / ("c" * 40)
+        shutil.copytree(tiny_model(example), snapshots[repo])
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs["revision"], sorted(kwargs["allow_patterns"])))
+        return str(snapshots[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    refused = cli("plan", "sd", "-m", tiny_model("sd"), "--controlnet", "org/sdxl-cn", "--backend", "cpu")
+    assert refused.exit_code == 2 and "SDXL ControlNet" in refused.stderr, refused
+    assert calls == [("org/sdxl-cn", None, ["config.json", "controlnet/config.json"])]  # no weights fetched
+    calls.clear()
+    planned = cli("plan", "sd", "-m", tiny_model("sd"), "--controlnet", "org/sd-cn", "--backend", "cpu")
+    assert planned.exit_code == 0, planned
+    assert [(repo, revision) for repo, revision, _ in calls] == [("org/sd-cn", None), ("org/sd-cn", "c" * 40)]
+    assert "diffusion_pytorch_model.safetensors" in calls[1][2]

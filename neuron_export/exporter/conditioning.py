@@ -41,16 +41,25 @@ def _resolve(value: str, flag: str, patterns: list[str], token: str | None,
 
 
 def resolve_controlnet(value: str, token: str | None, cache_dir: Path | None, offline: bool) -> AddOnSource:
-    """A ControlNet directory (its config.json at the root, or in controlnet/), or a hub snapshot of one."""
-    names = ["config.json", *HUB_WEIGHT_PATTERNS]
-    root, commit = _resolve(value, "--controlnet", [*names, *(f"controlnet/{n}" for n in names)],
-                            token, cache_dir, offline)
+    """A ControlNet directory (its config.json at the root, or in controlnet/), or a hub snapshot of its configs
+    only: its weights are fetched once it is known to fit (fetch_controlnet_weights)."""
+    root, commit = _resolve(value, "--controlnet", ["config.json", "controlnet/config.json"], token, cache_dir, offline)
     path = root / "controlnet" if (root / "controlnet" / "config.json").is_file() else root
-    if looks_like_hub_id(value) and not any(path.glob("*.safetensors")):  # an older checkpoint: its .bin weights
-        root, commit = _hub_download(value, commit, list(HUB_PICKLE_PATTERNS), token, cache_dir, offline, flag="--controlnet")
     if not (path / "config.json").is_file():
         raise ExportError(f"--controlnet {value} has no config.json; pass a diffusers ControlNetModel directory or hub id.")
     return AddOnSource(model_id=value, path=path, commit=commit)
+
+
+def fetch_controlnet_weights(item: AddOnSource, token: str | None, cache_dir: Path | None, offline: bool) -> None:
+    """A hub ControlNet's weights, at the commit its config came from: safetensors, else an older checkpoint's .bin."""
+    if not looks_like_hub_id(item.model_id):
+        return
+    folder = f"{item.path.name}/" if item.path.name == "controlnet" else ""
+    for patterns in (HUB_WEIGHT_PATTERNS, HUB_PICKLE_PATTERNS):
+        _hub_download(item.model_id, item.commit, [f"{folder}{name}" for name in patterns], token, cache_dir, offline,
+                      flag="--controlnet")
+        if any(item.path.glob("*.safetensors")):
+            return
 
 
 def check_controlnet(value: str, config: dict[str, Any], facts: ModelFacts, model: str) -> None:
@@ -95,8 +104,7 @@ def resolve_ip_adapter(value: str, subfolder: str | None, weight_name: str, toke
         raise ExportError(f"--ip-adapter-weight-name {weight_name} is not a .safetensors file; neuron-export reads "
                           "adapters from safetensors only (no pickle is unpickled); pass the .safetensors file.")
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    encoder_names = ["config.json", *HUB_WEIGHT_PATTERNS]
-    patterns = [f"{prefix}{weight_name}", *(f"{prefix}image_encoder/{name}" for name in encoder_names)]
+    patterns = [f"{prefix}{weight_name}", f"{prefix}image_encoder/config.json"]  # encoder weights once it fits
     root, commit = _resolve(value, "--ip-adapter", patterns, token, cache_dir, offline)
     weight_file = root / prefix / weight_name
     if not weight_file.is_file():
@@ -141,6 +149,8 @@ def add_conditioning(config: Any, source: ModelSource, facts: ModelFacts) -> tup
     configs = tuple(_read_json(item.path / "config.json", f"--controlnet {item.model_id} config.json") for item in controlnets)
     for item, controlnet_config in zip(controlnets, configs):
         check_controlnet(item.model_id, controlnet_config, facts, config.model)
+    for item in controlnets:  # only now that they all fit
+        fetch_controlnet_weights(item, **hub)
     weights = dict(facts.weight_files)
     weights.update({f"controlnet_{index}": find_weight_files(item.path) for index, item in enumerate(controlnets)})
     adapter = encoder_path = encoder = None
@@ -155,6 +165,10 @@ def add_conditioning(config: Any, source: ModelSource, facts: ModelFacts) -> tup
                               "SUBFOLDER/image_encoder); pass the repository that holds it.")
         encoder = _read_json(encoder_path / "config.json", "image_encoder/config.json")
         tokens = check_ip_adapter(adapter, encoder, facts)
+        if looks_like_hub_id(config.ip_adapter) and encoder_path.parent == adapter.path.parent:
+            prefix = f"{config.ip_adapter_subfolder.strip('/')}/" if config.ip_adapter_subfolder else ""
+            _hub_download(config.ip_adapter, adapter.commit, [f"{prefix}image_encoder/{name}" for name in HUB_WEIGHT_PATTERNS],
+                          flag="--ip-adapter", **hub)
         weights["image_encoder"] = find_weight_files(encoder_path)
         weights["unet"] = (*weights["unet"], adapter.path)  # the adapter's layers are traced into the UNet
     source = dataclasses.replace(source, controlnets=controlnets, ip_adapter=adapter, image_encoder_path=encoder_path)
