@@ -26,7 +26,7 @@ Target = Annotated[Optional[str], typer.Option("--target", help="inf2 | trn1 | t
 Backend = Annotated[Optional[str], typer.Option("--backend", help="auto | neuron | cpu [default: auto: neuron when the SDK imports].")]
 DisableValidation = Annotated[bool, typer.Option("--disable-validation", help="Skip comparing each artifact with the eager model.")]
 Atol = Annotated[Optional[float], typer.Option("--atol", help="Largest allowed difference from the eager model [default: per backend and auto-cast].")]
-Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder.")]
+Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder (and controlnet_N, image_encoder).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable result object and nothing else.")]
 Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", show_envvar=False, help="Hugging Face token for private models.")]
