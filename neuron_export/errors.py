@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     """Every exit code the CLI uses, and only these."""
 
     OK = 0
-    BUILD_FAILED = 1  # a component failed to build or validate, or the Hub refused a push
+    BUILD_FAILED = 1  # a component failed to build or validate, the Hub refused a push, or a required remote cache failed
     USAGE = 2  # bad input: a flag, a config key, a path, a model the tool cannot export
     INTEGRITY = 3  # an export's (or a cache entry's) files do not match their record
     COMPATIBILITY = 4  # this host's software cannot run the export
@@ -45,6 +45,12 @@ class StorageError(ExportError):
     """A write failed (disk full, quota, read-only or not writable); nothing half-written was left behind."""
 
     exit_code = ExitCode.STORAGE
+
+
+class RemoteCacheError(ExportError):
+    """A required remote cache (--remote-cache-required) could not be used; nothing was written."""
+
+    exit_code = ExitCode.BUILD_FAILED
 
 
 class IntegrityError(ExportError):

@@ -62,6 +62,22 @@ class ComponentRecord(BaseModel):
     peak_rss_bytes: int  # measured: the build's high-water mark, compiler subprocesses included
     estimated_peak_bytes: int = 0  # what the plan predicted, so estimates can be checked
     validation: ValidationRecord
+    # Where the cached bytes came from: "built" on this host or "downloaded" from the remote cache `remote`
+    # (None in manifests written before remote caches existed).
+    origin: Literal["built", "downloaded"] | None = None
+    remote: str | None = None
+
+
+class LoraRecord(BaseModel):
+    """One LoRA adapter fused into the export before tracing."""
+
+    source: str  # the hub id, directory or file given to --lora
+    weight_name: str
+    adapter_name: str
+    scale: float
+    sha256: str
+    commit: str | None = None
+    components: list[str]  # the components it changed
 
 
 class AddOnRecord(BaseModel):
@@ -78,6 +94,9 @@ class SourceRecord(BaseModel):
     commit: str | None = None
     unet_id: str | None = None
     unet_commit: str | None = None
+    vae_id: str | None = None
+    vae_commit: str | None = None
+    loras: list[LoraRecord] = []
     controlnets: list[AddOnRecord] = []  # controlnet_0, controlnet_1, ... in this order
     ip_adapter: AddOnRecord | None = None
 
@@ -190,7 +209,8 @@ def environment(backend: str) -> dict[str, str | None]:
 
 
 # How a build ran rather than what it built: left out so an unchanged export is byte-identical.
-NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root"}
+NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root",
+                "remote_cache", "remote_cache_required"}
 
 
 def normalized_config(config: Any) -> dict[str, Any]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
 # Set before anything imports huggingface_hub, so no test can reach the network by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# accelerate (peft's dependency) takes the import-only torch_xla test double for an XLA device unless told not to.
+os.environ["USE_TORCH_XLA"] = "0"
 # Exports made by module-scoped fixtures share a session cache; each test gets its own (below).
 os.environ["NEURON_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="neuron-export-test-cache-")
 
@@ -79,3 +81,14 @@ def export_tiny(model: pathlib.Path, out: pathlib.Path, family: str) -> pathlib.
     result = run_cli(family, "-m", model, "--backend", "cpu", "-o", out)
     assert result.exit_code == 0, result
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API server (moto's) on 127.0.0.1 for the session; the AWS environment points at it only."""
+    from s3_server import aws_environment, moto_server
+
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as patch:
+        for name, value in aws_environment(endpoint).items():
+            patch.setenv(name, value)
+        yield endpoint

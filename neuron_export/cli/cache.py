@@ -1,16 +1,19 @@
-"""`neuron-export cache ls | du | prune | verify`: look after the component cache (registered by cli.py)."""
+"""`neuron-export cache ls | du | prune | verify [--remote]` and `cache push | pull`: look after the component
+cache and the shared remote cache (registered by cli/main.py)."""
 
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from neuron_export.cli.options import RemoteCacheUrl
 from neuron_export.errors import ExitCode, ExportError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
-cache_app = typer.Typer(help="Inspect and clean the component cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, clean and share the component cache (--remote: the shared remote cache).", no_args_is_help=True)
 CacheDir = typer.Option(None, "--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")
+Remote = typer.Option(False, "--remote", help="Act on the remote cache (--remote-cache URL or $NEURON_EXPORT_REMOTE_CACHE), not the local one.")
 
 
 def parse_duration(text: str) -> float:
@@ -27,41 +30,85 @@ def _cache(cache_dir: Optional[Path]):  # noqa: ANN202
     return ComponentCache(cache_dir or default_cache_dir())
 
 
+def _remote(url: Optional[str], command: str):  # noqa: ANN202
+    """The remote cache a command names; it must be reachable (these commands have nothing else to do)."""
+    import os
+
+    from neuron_export.exporter.config import REMOTE_ENV, check_remote_url
+    from neuron_export.exporter.remote import RemoteCache
+
+    where = "--remote-cache"
+    if not url and os.environ.get(REMOTE_ENV):
+        url, where = os.environ[REMOTE_ENV], REMOTE_ENV
+    if not url:
+        raise ExportError(f"cache {command} needs a remote cache; pass --remote-cache URL or set {REMOTE_ENV}.")
+    try:
+        check_remote_url(url, where)
+    except ValueError as exc:
+        raise ExportError(f"{exc}.") from None
+    remote = RemoteCache(url, required=True)
+    remote.check()
+    return remote
+
+
+def _shapes(record) -> str:  # noqa: ANN001
+    return " ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
+
+
 @cache_app.command("ls")
-def ls_command(cache_dir: Optional[Path] = CacheDir) -> None:
-    """One line per cached component: key, component, shapes, backend, size, last use."""
+def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
+    """One line per cached component: key, component, shapes, backend, size, last use (--remote: upload time)."""
     import time
 
     from neuron_export.format import human_bytes
 
+    def when(stamp: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+    if remote or remote_cache:
+        shared = _remote(remote_cache, "ls --remote")
+        for key in shared.keys():
+            record = shared.record(key)
+            if record is not None:
+                print(f"{key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(shared.size(key)):>10}  "
+                      f"uploaded {when(shared.uploaded_at(key))}  {_shapes(record)}")
+        return
     cache = _cache(cache_dir)
     for entry in cache.entries():
         record = entry.record
-        shapes = " ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(cache.last_used(entry)))
-        print(f"{entry.key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(cache.size(entry)):>10}  used {used}  {shapes}")
+        print(f"{entry.key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(cache.size(entry)):>10}  "
+              f"used {when(cache.last_used(entry))}  {_shapes(record)}")
 
 
 @cache_app.command("du")
-def du_command(cache_dir: Optional[Path] = CacheDir) -> None:
+def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
     """Total size of the cache, per component role."""
     from neuron_export.format import human_bytes
 
-    cache = _cache(cache_dir)
     totals: dict[str, int] = {}
-    for entry in cache.entries():
-        totals[entry.record.name] = totals.get(entry.record.name, 0) + cache.size(entry)
+    if remote or remote_cache:
+        shared = _remote(remote_cache, "du --remote")
+        for key in shared.keys():
+            record = shared.record(key)
+            if record is not None:
+                totals[record.name] = totals.get(record.name, 0) + sum(f.size for f in record.files)
+        where = shared.url
+    else:
+        cache = _cache(cache_dir)
+        for entry in cache.entries():
+            totals[entry.record.name] = totals.get(entry.record.name, 0) + cache.size(entry)
+        where = str(cache.root)
     for name, size in sorted(totals.items()):
         print(f"{name:<16}{human_bytes(size):>12}")
-    print(f"{'total':<16}{human_bytes(sum(totals.values())):>12}  in {cache.root}")
+    print(f"{'total':<16}{human_bytes(sum(totals.values())):>12}  in {where}")
 
 
 @cache_app.command("prune")
 def prune_command(
-    older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove entries unused for this long, e.g. 30d."),
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove entries unused (--remote: uploaded) this long ago, e.g. 30d."),
     remove_all: bool = typer.Option(False, "--all", help="Remove every entry."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; delete nothing."),
-    cache_dir: Optional[Path] = CacheDir,
+    cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None,
 ) -> None:
     """Remove cached components: --all, or those unused --older-than a duration (--dry-run lists them first)."""
     from neuron_export.format import human_bytes
@@ -69,27 +116,68 @@ def prune_command(
     if remove_all == (older_than is not None):  # deleting every build is never a default
         raise ExportError("cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
                         "to remove; add --dry-run to list it without deleting.")
-    cache = _cache(cache_dir)
     seconds = parse_duration(older_than) if older_than else None
-    entries = cache.unused_for(seconds) if dry_run else cache.prune(seconds)
+    if remote or remote_cache:
+        shared = _remote(remote_cache, "prune --remote")
+        keys = shared.unused_for(seconds)
+        listed = [(key, shared.record(key)) for key in keys]
+        if not dry_run:
+            shared.prune(seconds)
+        found = [(key, record.name, sum(f.size for f in record.files)) for key, record in listed if record is not None]
+    else:
+        cache = _cache(cache_dir)
+        entries = cache.unused_for(seconds) if dry_run else cache.prune(seconds)
+        found = [(e.key, e.record.name, sum(f.size for f in e.record.files)) for e in entries]
     verb = "would remove" if dry_run else "removed"
-    for entry in entries:
-        print(f"{verb} {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
-    total = sum(sum(f.size for f in e.record.files) for e in entries)
-    print(f"{verb} {len(entries)} entries ({human_bytes(total)})" + ("; nothing was deleted" if dry_run else ""))
+    for key, name, size in found:
+        print(f"{verb} {key[:12]}  {name:<14} {human_bytes(size):>10}")
+    total = sum(size for _, _, size in found)
+    print(f"{verb} {len(found)} entries ({human_bytes(total)})" + ("; nothing was deleted" if dry_run else ""))
 
 
 @cache_app.command("verify")
-def verify_command(cache_dir: Optional[Path] = CacheDir) -> None:
+def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
     """Hash-check every entry; bad ones are removed (and rebuilt by the next export that needs them). Exits 3 if any was bad."""
-    cache = _cache(cache_dir)
-    count = sum(1 for _ in cache.entries())
-    bad = cache.verify()
-    for entry, problem in bad:
-        print(f"removed {entry.key[:12]} ({entry.record.name}): {problem}")
+    if remote or remote_cache:
+        shared = _remote(remote_cache, "verify --remote")
+        count = len(shared.keys())
+        bad = [(key, problem) for key, problem in shared.verify()]
+    else:
+        cache = _cache(cache_dir)
+        count = sum(1 for _ in cache.entries())
+        bad = [(entry.key, f"{entry.record.name}: {problem}") for entry, problem in cache.verify()]
+    for key, problem in bad:
+        print(f"removed {key[:12]} ({problem})")
     print(f"{count - len(bad)} of {count} entries intact")
     if bad:
         raise typer.Exit(ExitCode.INTEGRITY)
+
+
+@cache_app.command("push")
+def push_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None) -> None:
+    """Upload every intact local entry the remote cache does not have (seeds it for other hosts)."""
+    from neuron_export.exporter.remote import push
+    from neuron_export.format import human_bytes
+
+    shared = _remote(remote_cache, "push")
+    pushed = push(_cache(cache_dir), shared)
+    for entry in pushed:
+        print(f"pushed {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
+    print(f"pushed {len(pushed)} entries to {shared.url}")
+
+
+@cache_app.command("pull")
+def pull_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None) -> None:
+    """Download every remote entry the local cache does not have, each hash-checked."""
+    from neuron_export.exporter.remote import pull
+    from neuron_export.format import human_bytes
+
+    shared = _remote(remote_cache, "pull")
+    cache = _cache(cache_dir)
+    pulled = pull(cache, shared)
+    for entry in pulled:
+        print(f"pulled {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
+    print(f"pulled {len(pulled)} entries from {shared.url} into {cache.root}")
 
 
 def register(app: typer.Typer) -> None:

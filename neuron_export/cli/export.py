@@ -7,8 +7,10 @@ import typer
 from neuron_export.cli.options import (
     Atol, AutoCast, AutoCastType, Backend, BatchSize, CacheDir, Components, ConfigFile, DisableValidation,
     DynamicBatchSize, Force, Height, HubCacheDir, ImagesPerPrompt, InlineWeights, Jobs, Json, MaxMemory, Model,
-    Offline, Optlevel, Output, OutputArgument, Revision, SetOptions, Target, Task, Token, Unet, Width,
+    Offline, Optlevel, Output, OutputArgument, RemoteCacheRequired, RemoteCacheUrl, Revision, SetOptions, Target, Task,
+    Token, Unet, Width,
 )
+from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
 from neuron_export.cli.options import ControlNet, IpAdapter, IpAdapterScale, IpAdapterSubfolder, IpAdapterWeightName
 
 FAMILY_HELP = {
@@ -19,13 +21,13 @@ FAMILY_HELP = {
 BUILD_HELP = "Export from a YAML config file: defaults < file < --set < flags."
 
 # On/off flags whose absence must not override a YAML file's `true`.
-_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline"}
+_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "remote_cache_required"}
 
 
 def given_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options the user actually gave on the command line."""
+    """The options the user actually gave on the command line (a repeatable option never given is an empty list)."""
     return {key: value for key, value in values.items()
-            if value is not None and not (key in _PLAIN_FLAGS and value is False)}
+            if value is not None and value != [] and not (key in _PLAIN_FLAGS and value is False)}
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -79,6 +81,9 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
         force: Force = False, json_output: Json = False, token: Token = None, hub_cache_dir: HubCacheDir = None,
         offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
+        vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
+        lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
+        remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
         controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
         ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
     ) -> None:
@@ -99,9 +104,11 @@ def build_command(run: Runner) -> Callable[..., None]:
         config_file: ConfigFile, set_options: SetOptions = None, output: Output = None, backend: Backend = None,
         disable_validation: DisableValidation = False, jobs: Jobs = None, max_memory: MaxMemory = None,
         cache_dir: CacheDir = None, force: Force = False, json_output: Json = False,
+        remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
     ) -> None:
         options = given_options({"output": output, "backend": backend, "disable_validation": disable_validation,
-                                 "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force})
+                                 "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force,
+                                 "remote_cache": remote_cache, "remote_cache_required": remote_cache_required})
         run(config_file, list(set_options or []), options, json_output)
 
     command.__doc__ = BUILD_HELP

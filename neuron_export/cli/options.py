@@ -38,6 +38,15 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Component
 ConfigFile = Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="A YAML config, e.g. configs/sdxl-base-1024.yaml.")]
 SetOptions = Annotated[Optional[list[str]], typer.Option("--set", help="Override one key: --set height=768 (repeatable).")]
 
+# --- replacement VAE and LoRA adapters (each LoRA option once per --lora, in the same order) ---
+Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE (hub id or directory), e.g. stabilityai/sd-vae-ft-mse; the source's VAE weights are not read.")]
+Lora = Annotated[Optional[list[str]], typer.Option("--lora", metavar="PATH_OR_ID", help="LoRA to fuse before tracing: hub id, directory or .safetensors file (repeatable; several are combined).")]
+LoraWeightName = Annotated[Optional[list[str]], typer.Option("--lora-weight-name", metavar="NAME", help="The LoRA's .safetensors file in its directory or repo (once per --lora).")]
+LoraAdapterName = Annotated[Optional[list[str]], typer.Option("--lora-adapter-name", metavar="NAME", help="Adapter name (once per --lora) [default: default_0, default_1, ...].")]
+LoraScale = Annotated[Optional[list[float]], typer.Option("--lora-scale", metavar="F", help="Scale of the LoRA, from -10 to 10 (once per --lora) [default: 1.0].")]
+RemoteCacheUrl = Annotated[Optional[str], typer.Option("--remote-cache", metavar="URL", help="Shared cache hosts read and write: s3://bucket/prefix, file:///shared/path, hf://datasets/org/name [default: $NEURON_EXPORT_REMOTE_CACHE].")]
+RemoteCacheRequired = Annotated[bool, typer.Option("--remote-cache-required", help="Fail when the remote cache cannot be used, instead of building locally.")]
+
 # --- ControlNet and IP-Adapter (optimum-cli's --controlnet_ids / --ip_adapter_* spellings: cli/spellings.py) ---
 ControlNet = Annotated[Optional[list[str]], typer.Option("--controlnet", help="ControlNet (hub id or directory); repeat for several, in the order their control images are given.")]
 IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapter repository (hub id or directory), e.g. h94/IP-Adapter (SD only).")]

@@ -16,6 +16,14 @@ if TYPE_CHECKING:
     from neuron_export.exporter.plan import Plan
 
 
+# What the stages around a build mean, in words (the build's own stages print as their names).
+STAGE_TEXT = {
+    "waiting": "waiting: another export on this host is building it",
+    "downloading": "downloading from {remote}",
+    "uploading": "uploading to {remote}",
+}
+
+
 class Reporter:
     """Receives build events; renders them for a terminal, a log, or not at all (--json)."""
 
@@ -48,8 +56,11 @@ class Reporter:
             self._rich_event(event)
             return
         prefix = f"[{event.index}/{event.total}] {event.component}"
-        if event.stage == "cached" and event.record is not None:
-            self.line(f"{prefix}: cached (built {event.record.built_at}, validation {validation_text(event.record)})")
+        if event.stage in ("cached", "downloaded") and event.record is not None:
+            where = f"downloaded from {event.remote}" if event.stage == "downloaded" else "cached"
+            self.line(f"{prefix}: {where} (built {event.record.built_at}, validation {validation_text(event.record)})")
+        elif event.stage in STAGE_TEXT:
+            self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}")
         elif event.stage == "done" and event.record is not None:
             r = event.record
             self.line(f"{prefix}: done in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
@@ -70,12 +81,13 @@ class Reporter:
         if event.component not in self._tasks:
             self._tasks[event.component] = progress.add_task(label, total=1)
         task = self._tasks[event.component]
-        if event.stage in ("done", "cached") and event.record is not None:
-            cached = "cached, " if event.stage == "cached" else ""
+        if event.stage in ("done", "cached", "downloaded") and event.record is not None:
+            cached = f"{event.stage}, " if event.stage != "done" else ""
             progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}", completed=1)
             progress.stop_task(task)
         else:
-            progress.update(task, description=f"{label}: {event.stage}")
+            text = STAGE_TEXT.get(event.stage, event.stage).format(remote=event.remote)
+            progress.update(task, description=f"{label}: {text}")
 
     def close(self) -> None:
         if self._progress is not None:
@@ -111,6 +123,7 @@ def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> d
         "components": {
             name: {
                 "origin": origins[name],
+                "remote": record.remote if origins[name] == "downloaded" else None,
                 "seconds": record.build_seconds,
                 "peak_rss_bytes": record.peak_rss_bytes,
                 "validation": record.validation.model_dump(),
@@ -146,6 +159,7 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
                 "compiler_args": list(job.compiler_args),
                 "cache": "hit" if job.cached else "miss",
                 "cache_key": job.cache_key,
+                "loras": [lora.adapter_name for lora in job.loras],  # fused into this component, in order
                 "parameters": job.weights.parameters,
                 "estimated_peak_bytes": job.estimated_peak_bytes,
                 "estimated_seconds": round(job.estimated_seconds, 1),

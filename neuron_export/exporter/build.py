@@ -16,17 +16,15 @@ from neuron_export.errors import BuildError, ExportError
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, publish, staging_directory, write_layout
 from neuron_export.manifest import (
-    AddOnRecord, ComponentRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
+    AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
     environment, file_record, normalized_config,
 )
 from neuron_export.exporter.plan import Job, Plan
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
+from neuron_export.exporter.remote import RemoteCache
 from neuron_export.exporter.storage import writing
+from neuron_export.exporter.supply import CACHED, supply
 from neuron_export.exporter.worker import WorkOrder, context, worker_main
-
-# Where each component of an export came from in this run (the `origin` --json reports per component).
-BUILT, CACHED, DOWNLOADED = "built", "cached", "downloaded"  # downloaded: from a remote cache (not implemented yet)
-ORIGINS = (BUILT, CACHED, DOWNLOADED)
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,9 @@ class BuildEvent:
     component: str
     index: int
     total: int
-    stage: str  # "cached", "loading", "tracing", "validating", "done"
+    stage: str  # "cached", "waiting", "downloading", "downloaded", "loading", "tracing", "validating", "done", "uploading"
     record: ComponentRecord | None = None
+    remote: str | None = None  # the remote cache's URL, for "downloading", "downloaded" and "uploading"
 
 
 EventHandler = Callable[[BuildEvent], None]
@@ -57,7 +56,13 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
             batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
         ),
         source=SourceRecord(model_id=plan.source.model_id, revision=plan.source.revision, commit=plan.source.commit,
-                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit, **add_on_records(plan)),
+                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit,
+                            vae_id=plan.source.vae_id, vae_commit=plan.source.vae_commit,
+                            loras=[LoraRecord(source=a.source, weight_name=a.weight_name, adapter_name=a.adapter_name,
+                                              scale=a.scale, sha256=a.sha256, commit=a.commit,
+                                              components=[c for c in a.components if c in records])
+                                   for a in plan.loras],
+                            **add_on_records(plan)),
         environment=environment(plan.backend),
         components=records,
         files=[file_record(p, directory) for p in other_files],
@@ -86,6 +91,8 @@ def work_order(job: Job, plan: Plan) -> WorkOrder:
     """What the worker building `job` receives: the job and four settings, not the plan (whose config holds the token)."""
     source = plan.source
     root = source.unet_path if job.component == "unet" and source.unet_path else source.path
+    if job.component in ("vae_encoder", "vae_decoder") and source.vae_path:
+        root = source.vae_path
     return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
                      disable_validation=plan.config.disable_validation, source_root=root)
 
@@ -201,24 +208,22 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
 def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple[Manifest, dict[str, str]]:
     """Reuse every cached component, build the rest in workers, then assemble the export in a hidden
     sibling directory and rename it into place only when all of it succeeded. Returns the manifest and
-    where each component came from (one of ORIGINS)."""
+    where each component came from (one of supply.ORIGINS)."""
     if plan.up_to_date:
         return read_manifest(plan.output), {job.component: CACHED for job in plan.jobs}
+    remote = open_remote(plan)  # first: a required remote that cannot be reached fails before anything is written
     check_writable(plan.output, export_bytes(plan, sum(job.weights.bytes for job in plan.jobs)), "--output")
     cache = ComponentCache(plan.cache_dir)
     cache.remove_orphans()
-    total = len(plan.jobs)
-    entries: dict[str, CacheEntry] = {}
-    for index, job in enumerate(plan.jobs, start=1):
-        entry = cache.lookup(job.cache_key)  # hash-checked; a bad entry is discarded and rebuilt
-        if entry is not None:
-            entries[job.component] = entry
-            on_event(BuildEvent(job.component, index, total, "cached", entry.record))
-    missing = [job for job in plan.jobs if job.component not in entries]
-    origins = {job.component: CACHED if job.component in entries else BUILT for job in plan.jobs}
-    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"
-    if missing:
-        entries.update(build_missing(plan, missing, cache, workdir, on_event))
+    number = {job.component: index for index, job in enumerate(plan.jobs, start=1)}
+    url = remote.url if remote is not None else None
+
+    def notify(job: Job, stage: str, record: ComponentRecord | None) -> None:
+        on_event(BuildEvent(job.component, number[job.component], len(plan.jobs), stage, record, url))
+
+    workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"  # kept when a compile fails
+    entries, origins = supply(list(plan.jobs), cache, remote, notify,
+                              lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
     shutil.rmtree(workdir, ignore_errors=True)
 
     needed = export_bytes(plan, sum(f.size for entry in entries.values() for f in entry.record.files))
@@ -234,6 +239,15 @@ def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple
         manifest.write(staging)
         publish(staging, plan.output, plan.config.force)
     return manifest, origins
+
+
+def open_remote(plan: Plan) -> RemoteCache | None:
+    """The plan's remote cache, checked once: unreachable, it warns once and is left out (an error when required)."""
+    if not plan.config.remote_cache:
+        return None
+    remote = RemoteCache(plan.config.remote_cache, required=plan.config.remote_cache_required)
+    remote.check()
+    return remote
 
 
 def export_bytes(plan: Plan, artifacts: int) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuron_export.errors import ExportError
+from neuron_export.exporter.add_on_options import conditioning_checks
 
 Family = Literal["sd", "sd-xl", "lcm"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
@@ -36,6 +39,9 @@ CANONICAL_MODELS = {
 }
 
 MIN_SIDE, MAX_SIDE = 64, 4096
+# LoRA scales people use run from about -2 (negative "slider" LoRAs) to 2; beyond 10 the fused weights are noise.
+MAX_LORA_SCALE = 10.0
+REMOTE_ENV = "NEURON_EXPORT_REMOTE_CACHE"
 
 
 class ExportConfig(BaseModel):
@@ -48,6 +54,12 @@ class ExportConfig(BaseModel):
     model: str | None = None
     revision: str | None = None
     unet: str | None = None
+    # --- replacement VAE and LoRA adapters (fused before tracing) ---
+    vae: str | None = None
+    lora: tuple[str, ...] = ()
+    lora_weight_name: tuple[str, ...] = ()
+    lora_adapter_name: tuple[str, ...] = ()
+    lora_scale: tuple[float, ...] = ()
     output: Path | None = None
     batch_size: int = 1
     height: int | None = None
@@ -72,6 +84,8 @@ class ExportConfig(BaseModel):
     max_memory: int | None = None  # bytes; None = what the host has available
     cache_dir: Path | None = None
     output_root: Path | None = None  # a shape matrix writes one export per combination below this
+    remote_cache: str | None = None  # an fsspec URL shared by hosts; default $NEURON_EXPORT_REMOTE_CACHE
+    remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
     # --- ControlNet and IP-Adapter (checked in conditioning_checks; built by components/controlnet.py and
     # components/image_encoder.py) ---
     controlnet: tuple[str, ...] = ()  # hub ids or directories, in the order their control images are given
@@ -132,6 +146,25 @@ class ExportConfig(BaseModel):
             raise ValueError("is empty; name at least one component or leave it out")
         return value
 
+    @field_validator("lora", "lora_weight_name", "lora_adapter_name", "lora_scale", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, (str, int, float)) else value
+
+    @field_validator("lora_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        for scale in value:
+            if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+                raise ValueError(f"{scale} is out of range; each scale must be finite, from -{MAX_LORA_SCALE:g} to "
+                                 f"{MAX_LORA_SCALE:g} (1.0 applies the LoRA as trained)")
+        return value
+
+    @model_validator(mode="after")
+    def _lora_lists(self) -> ExportConfig:
+        check_lora_lists(self)
+        return self
+
     @model_validator(mode="after")
     def _auto_cast_pair(self) -> ExportConfig:
         if self.auto_cast == "none" and self.auto_cast_type is not None:
@@ -143,49 +176,51 @@ class ExportConfig(BaseModel):
             object.__setattr__(self, "auto_cast_type", "bf16")
         if self.model is None:
             object.__setattr__(self, "model", CANONICAL_MODELS[self.family])
+        remote, where = self.remote_cache, "remote_cache"
+        if not remote and os.environ.get(REMOTE_ENV):
+            remote, where = os.environ[REMOTE_ENV], REMOTE_ENV
+            object.__setattr__(self, "remote_cache", remote)
+        if remote:
+            check_remote_url(remote, where)
+        elif self.remote_cache_required:
+            raise ValueError(f"remote_cache_required is set but no remote cache is given; pass --remote-cache URL "
+                             f"(or set {REMOTE_ENV}), or drop --remote-cache-required")
         return self
 
 
-IP_ADAPTER_SCALE_RANGE = (0.0, 1.0)  # 0 ignores the image prompt, 1 weighs it like the text
+def check_lora_lists(config: ExportConfig) -> None:
+    """--lora-weight-name, --lora-adapter-name and --lora-scale each come once per --lora (or not at all)."""
+    count = len(config.lora)
+    for flag, values in (("--lora-weight-name", config.lora_weight_name), ("--lora-adapter-name", config.lora_adapter_name),
+                         ("--lora-scale", config.lora_scale)):
+        if values and len(values) != count:
+            raise ValueError(f"{flag} is given {len(values)} time(s) for {count} --lora; give it once per --lora, "
+                             "in the same order, or leave it out")
+    names = config.lora_adapter_name
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--lora-adapter-name {repeated[0]} is given twice; name each adapter differently")
+    if any(not name.strip() or not name.replace("_", "").replace("-", "").isalnum() for name in names):
+        bad = next(name for name in names if not name.strip() or not name.replace("_", "").replace("-", "").isalnum())
+        raise ValueError(f"--lora-adapter-name {bad!r} is not a valid adapter name; use letters, digits, - and _")
 
 
-def conditioning_checks(config: ExportConfig) -> None:
-    """ControlNet, IP-Adapter and InstructPix2Pix options that cannot go together, found before any file is read."""
-    if config.ip_adapter is None:
-        given = [name for name in ("ip_adapter_subfolder", "ip_adapter_weight_name") if getattr(config, name) is not None]
-        if given or config.ip_adapter_scale is not None:
-            name = (given or ["ip_adapter_scale"])[0]
-            raise ValueError(f"{name} is set but ip_adapter is not; pass --ip-adapter ID_OR_DIR too, or drop --{name.replace('_', '-')}")
-    else:
-        if config.ip_adapter_scale is None:
-            object.__setattr__(config, "ip_adapter_scale", 1.0)
-        if config.ip_adapter_weight_name is None:
-            raise ValueError(f"ip_adapter = '{config.ip_adapter}' needs ip_adapter_weight_name, the adapter's weight file "
-                             "(e.g. ip-adapter-full-face_sd15.safetensors); add --ip-adapter-weight-name")
-        low, high = IP_ADAPTER_SCALE_RANGE
-        if not low <= config.ip_adapter_scale <= high:
-            raise ValueError(f"ip_adapter_scale = {config.ip_adapter_scale} is out of range; pass a value from {low:g} "
-                             f"(image prompt ignored) to {high:g} (as strong as the text)")
-        if config.family != "sd":
-            raise ValueError(f"ip_adapter is not available for `neuron-export {config.family}`: optimum-neuron 0.4.5's "
-                             "SDXL and LCM pipelines cannot feed image embeds to a compiled UNet; export with "
-                             "`neuron-export sd`, or drop --ip-adapter")
-    if config.ip_adapter is not None and config.controlnet:
-        raise ValueError("ip_adapter and controlnet cannot be combined: optimum-neuron's ControlNet pipelines ignore "
-                         "IP-Adapter images; drop one of the two")
-    if config.controlnet and (config.family == "lcm" or config.task != "text-to-image"):
-        what = "`neuron-export lcm`" if config.family == "lcm" else f"--task {config.task}"
-        raise ValueError(f"controlnet is not available with {what}: optimum-neuron has ControlNet pipelines for SD and "
-                         "SDXL text-to-image only; use `neuron-export sd` or `sd-xl` with --task text-to-image")
-    if (config.ip_adapter is not None) and config.task != "text-to-image":
-        raise ValueError(f"ip_adapter is not available with --task {config.task}; use --task text-to-image")
-    if config.task == "instruct-pix2pix":
-        if config.family != "sd":
-            raise ValueError(f"--task instruct-pix2pix is not available for `neuron-export {config.family}`; "
-                             "use `neuron-export sd`")
-        if not config.dynamic_batch_size:
-            raise ValueError("--task instruct-pix2pix needs --dynamic-batch-size: with guidance its UNet runs three "
-                             "times the prompt batch, split over two NeuronCores; add --dynamic-batch-size")
+def check_remote_url(url: str, where: str) -> None:
+    """A remote cache URL fsspec can open: a known scheme whose filesystem package is installed (no network)."""
+    import fsspec
+
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol is None:
+        raise ValueError(f"{where} {url!r} has no scheme; write it as s3://bucket/prefix, file:///shared/path "
+                         "or hf://datasets/org/name")
+    if protocol not in fsspec.available_protocols():
+        raise ValueError(f"{where} {url!r} has an unknown scheme {protocol!r}; use s3://bucket/prefix, "
+                         "file:///shared/path or hf://datasets/org/name")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        extra = "pip install 'neuron-export[s3]'" if protocol in ("s3", "s3a") else f"install fsspec's {protocol} filesystem"
+        raise ValueError(f"{where} {url!r} needs the {protocol} filesystem, which is not installed; {extra}") from None
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,

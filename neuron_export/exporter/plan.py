@@ -23,6 +23,7 @@ from neuron_export.files import MANIFEST_NAME
 from neuron_export.manifest import is_export, read_manifest
 from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 from neuron_export.exporter.conditioning import add_conditioning
+from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
 # is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
@@ -75,6 +76,7 @@ class Job:
     cached: bool  # an entry exists (checked for integrity when it is used)
     estimated_peak_bytes: int
     estimated_seconds: float
+    loras: tuple[LoraFusion, ...] = ()  # adapters fused into this component before tracing, in order
 
     @property
     def component(self) -> str:
@@ -95,6 +97,7 @@ class Plan:
     optimum_pipeline: str
     cache_dir: Path
     memory_budget: int
+    loras: tuple[LoraAdapter, ...] = ()
 
     @functools.cached_property  # decided once, before anything is built
     def up_to_date(self) -> bool:
@@ -147,7 +150,8 @@ def protected_directories(config: ExportConfig, source: ModelSource | None = Non
     found = [("the component cache", config.cache_dir or default_cache_dir())]
     if config.hub_cache_dir is not None:
         found.append(("the hub cache", config.hub_cache_dir))
-    for what, value in (("the source model directory", config.model), ("the --unet directory", config.unet)):
+    for what, value in (("the source model directory", config.model), ("the --unet directory", config.unet),
+                        ("the --vae directory", config.vae), *(("the --lora directory", lora) for lora in config.lora)):
         if value and Path(value).expanduser().is_dir():
             found.append((what, Path(value).expanduser()))
     if source is not None:
@@ -157,6 +161,8 @@ def protected_directories(config: ExportConfig, source: ModelSource | None = Non
         found += [("the --controlnet directory", item.path) for item in source.controlnets]
         if source.ip_adapter is not None:
             found.append(("the --ip-adapter directory", source.ip_adapter.path.parent))
+        if source.vae_path is not None:
+            found.append(("the --vae directory", source.vae_path))
     return found
 
 
@@ -188,7 +194,7 @@ def refuse_existing_output(plan: Plan) -> None:
 
 def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
               source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
-              after_trace: tuple[str, ...], atol: float) -> str:
+              after_trace: tuple[str, ...], atol: float, loras: tuple[LoraFusion, ...] = ()) -> str:
     """Everything that decides a component artifact's bytes (and its recorded validation)."""
     payload = {
         "contract": CONTRACT_VERSION,
@@ -210,6 +216,8 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: 
     }
     if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in
         payload["ip_adapter_scale"] = spec.add_ons["ip_adapter_scale"]
+    if loras:  # only the components an adapter touches change key
+        payload["loras"] = [lora.cache_payload() for lora in loras]
     return component_key(payload)
 
 
@@ -269,7 +277,7 @@ def make_plan(config: ExportConfig) -> Plan:
     backend = resolve_backend(config.backend)
     wanted = config.components or ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     source = resolve_source(config.model or "", config.revision, config.unet, tuple(wanted),
-                            token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline)
+                            token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
     facts = read_facts(source)
     check_family_and_task(config, facts)
     source, facts = add_conditioning(config, source, facts)
@@ -290,6 +298,7 @@ def make_plan(config: ExportConfig) -> Plan:
     cache_dir = config.cache_dir or default_cache_dir()
     hashes = HashIndex(cache_dir)
     cache = ComponentCache(cache_dir)
+    loras = plan_loras(config, facts, hashes)
     compiler_version = get_backend(backend).compiler_version()
     jobs = []
     for name in names:
@@ -304,8 +313,9 @@ def make_plan(config: ExportConfig) -> Plan:
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
+        fusions = fusions_for(name, loras, facts.is_xl)
         key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args,
-                        after_trace, atol)
+                        after_trace, atol, fusions)
         per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
                     for f in facts.weight_files[name]]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
@@ -316,6 +326,7 @@ def make_plan(config: ExportConfig) -> Plan:
             cached=cache.peek(key),
             estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
             estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
+            loras=fusions,
         ))
     hashes.save()
     budget = config.max_memory or available_memory_bytes()
@@ -330,6 +341,7 @@ def make_plan(config: ExportConfig) -> Plan:
     pipeline_key = (config.family, "controlnet" if config.controlnet else config.task)
     plan = Plan(config=config, source=source, facts=facts, backend=backend, output=output, height=height,
                 width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[pipeline_key],
-                optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget)
+                optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget,
+                loras=loras)
     refuse_existing_output(plan)
     return plan

@@ -19,7 +19,7 @@ class ExportResult:
     output: Path
     manifest: Manifest
     up_to_date: bool  # the output already held exactly this export; nothing was built or rewritten
-    origins: dict[str, str]  # per component: "built", "cached" or "downloaded" (from a remote cache; reserved)
+    origins: dict[str, str]  # per component: "built", "cached" or "downloaded" (from the remote cache)
 
 
 def option_layers(family_or_config: str | Path, overrides: Sequence[str], options: dict[str, Any]) -> list[dict[str, Any]]:

@@ -60,6 +60,9 @@ class ModelSource:
     unet_id: str | None = None
     unet_path: Path | None = None  # directory holding the replacement UNet's config.json and weights
     unet_commit: str | None = None
+    vae_id: str | None = None
+    vae_path: Path | None = None  # directory holding the replacement VAE's config.json and weights
+    vae_commit: str | None = None
     # --- ControlNet and IP-Adapter add-ons (exporter/conditioning.py resolves them) ---
     controlnets: tuple[AddOnSource, ...] = ()
     ip_adapter: AddOnSource | None = None  # path: the adapter's weight file
@@ -69,6 +72,8 @@ class ModelSource:
         """The directory whose config.json and weights a component is loaded from."""
         if component == "unet" and self.unet_path is not None:
             return self.unet_path
+        if component in ("vae_encoder", "vae_decoder") and self.vae_path is not None:
+            return self.vae_path
         if component.startswith("controlnet_"):
             return self.controlnets[int(component.removeprefix("controlnet_"))].path
         if component == "image_encoder" and self.image_encoder_path is not None:
@@ -229,7 +234,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
         raise ExportError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
                         f"{unet_folder / 'config.json'} names the UNet class {unet_class}, which neuron-export cannot "
                         "export (custom code is never run); use a diffusers UNet2DConditionModel.")
-    vae = _read_json(source.path / "vae" / "config.json", "vae/config.json")
+    vae = read_vae_config(source, unet)
 
     def optional_config(name: str) -> dict[str, Any] | None:
         entry = index.get(name)
@@ -288,12 +293,14 @@ def looks_like_hub_id(value: str) -> bool:
 
 
 def resolve_source(model: str, revision: str | None, unet: str | None, components: tuple[str, ...],
-                   token: str | None = None, cache_dir: Path | None = None, offline: bool = False) -> ModelSource:
+                   token: str | None = None, cache_dir: Path | None = None, offline: bool = False,
+                   vae: str | None = None) -> ModelSource:
     """A local directory as it is, or a hub snapshot holding only what `components` need."""
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     if looks_like_hub_id(model):
-        folders = sorted({SOURCE_FOLDER[name] for name in components if name in SOURCE_FOLDER} - ({"unet"} if unet else set()))
-        patterns = ["model_index.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
+        replaced = ({"unet"} if unet else set()) | ({"vae"} if vae else set())
+        folders = sorted({SOURCE_FOLDER[name] for name in components if name in SOURCE_FOLDER} - replaced)
+        patterns = ["model_index.json", "vae/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
         path, commit = _hub_download(model, revision, patterns, token, cache_dir, offline)
         pickled_only = [folder for folder in folders if not any((path / folder).glob("*.safetensors"))]
@@ -316,5 +323,56 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
             if not unet_root.is_dir():
                 raise ExportError(f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl.")
         unet_path = unet_root / "unet" if (unet_root / "unet" / "config.json").is_file() else unet_root
+    vae_path, vae_commit = resolve_vae(vae, token, cache_dir, offline) if vae is not None else (None, None)
     return ModelSource(model_id=model, path=path, revision=revision, commit=commit,
-                       unet_id=unet, unet_path=unet_path, unet_commit=unet_commit)
+                       unet_id=unet, unet_path=unet_path, unet_commit=unet_commit,
+                       vae_id=vae, vae_path=vae_path, vae_commit=vae_commit)
+
+
+# --- the replacement VAE (--vae) ---------------------------------------------------------------------
+
+
+def resolve_vae(vae: str, token: str | None, cache_dir: Path | None, offline: bool) -> tuple[Path, str | None]:
+    """A bare VAE (like stabilityai/sd-vae-ft-mse) or a pipeline's vae/ folder, local or from the hub."""
+    commit = None
+    if looks_like_hub_id(vae):
+        patterns = ["config.json", *HUB_WEIGHT_PATTERNS, *(f"vae/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))]
+        try:
+            root, commit = _hub_download(vae, None, patterns, token, cache_dir, offline)
+        except ExportError as exc:
+            raise ExportError(str(exc).replace(f"--model {vae}", f"--vae {vae}")) from None
+    else:
+        root = Path(vae).expanduser()
+        if not root.is_dir():
+            raise ExportError(f"--vae {vae}: directory does not exist; pass a VAE directory or a hub id like stabilityai/sd-vae-ft-mse.")
+    path = root / "vae" if (root / "vae" / "config.json").is_file() else root
+    if not (path / "config.json").is_file():
+        raise ExportError(f"--vae {vae} has no config.json (looked in {path}); pass a diffusers AutoencoderKL folder.")
+    return path, commit
+
+
+def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]:
+    """The VAE the export is built from; a replacement must make the latents the UNet was trained on."""
+    own = source.path / "vae" / "config.json"
+    if source.vae_path is None:
+        return _read_json(own, "vae/config.json")
+    vae = _read_json(source.vae_path / "config.json", "--vae config.json")
+    name = f"--vae {source.vae_id}"
+    if vae.get("_class_name", "AutoencoderKL") not in KNOWN_CLASSES["vae"][1]:
+        raise ExportError(f"{name}: its config names the class {vae.get('_class_name')}, which neuron-export cannot export "
+                          "(custom code is never run); use a diffusers AutoencoderKL.")
+    latent, wanted = int(vae.get("latent_channels", 4)), int(unet.get("out_channels", 4))
+    if latent != wanted:
+        raise ExportError(f"{name} makes {latent}-channel latents but {source.model_id}'s UNet works on {wanted}; pass a "
+                          "VAE made for this model.")
+    if own.is_file():  # the source VAE's config only (never its weights): its scaling is what the UNet learned
+        original = _read_json(own, "vae/config.json")
+        ours, theirs = float(vae.get("scaling_factor", 0.18215)), float(original.get("scaling_factor", 0.18215))
+        if abs(ours - theirs) > 1e-6:
+            raise ExportError(f"{name} scales latents by {ours:g} but {source.model_id}'s UNet was trained with "
+                              f"{theirs:g}; pass a VAE made for this model (e.g. stabilityai/sd-vae-ft-mse for SD 1.x).")
+        blocks, own_blocks = len(vae.get("block_out_channels", [0] * 4)), len(original.get("block_out_channels", [0] * 4))
+        if blocks != own_blocks:
+            raise ExportError(f"{name} downsamples by {2 ** (blocks - 1)} but {source.model_id}'s VAE by "
+                              f"{2 ** (own_blocks - 1)}; pass a VAE made for this model.")
+    return vae

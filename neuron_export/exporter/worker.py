@@ -26,6 +26,7 @@ from typing import Any, Callable
 from neuron_export.backends.neuron import device_present
 from neuron_export.backends.request import CompileRequest
 from neuron_export.backends.select import get_backend
+from neuron_export.components import lora
 from neuron_export.components.registry import component_module
 from neuron_export.components.spec import flatten, make_inputs
 from neuron_export.errors import BuildError, ExportError
@@ -186,6 +187,10 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
     on_stage("loading")
     with torch.no_grad():
         model = module.load(job.source_folder, spec)
+        if job.loras:
+            on_stage("fusing LoRA")
+            lora.fuse(model, spec.name, job.loras)
+            release_memory()
         parameter_count = sum(p.numel() for p in model.parameters())
         trace_inputs = make_inputs(spec.inputs, TRACE_SEED)
         validation_inputs = make_inputs(spec.inputs, VALIDATION_SEED) if skip_reason is None else None
@@ -252,6 +257,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         peak_rss_bytes=max(peak_rss_bytes(), children_peak_rss_bytes()),
         estimated_peak_bytes=job.estimated_peak_bytes,
         validation=validation,
+        origin="built",
     )
 
 

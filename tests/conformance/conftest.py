@@ -18,6 +18,7 @@ import pytest
 
 from conformance import calls, venv
 from conftest import run_cli
+from neuron_export.example_lora import LORA_WEIGHT_NAME
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
 DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
@@ -63,6 +64,7 @@ class Case:
     source_folder: str | None = None  # the source copied under this folder name first
     pipeline: str = ""  # optimum-neuron's class that loads it
     call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
+    loras: tuple[tuple[str, str, float], ...] = ()  # (LORA_EXAMPLES name, adapter name, scale), fused in order
     controlnets: tuple[str, ...] = ()  # tiny ControlNet example names ("name" or "name@seed"), in --controlnet order
     ip_adapter: bool = False  # the tiny IP-Adapter (example sd-ip-adapter) at IP_ADAPTER_SCALE
 
@@ -92,7 +94,23 @@ class Case:
             args.append("--dynamic-batch-size")
         if self.unet:
             args += ["--unet", sources.get(self.unet)]
+        for lora, adapter_name, scale in self.loras:
+            args += ["--lora", sources.lora(lora), "--lora-adapter-name", adapter_name, "--lora-scale", scale]
         return [str(arg) for arg in args] + self.add_on_args(sources, reference=False)
+
+    def lora_arguments(self, sources: "Sources") -> list[str]:
+        """optimum-cli's LoRA options for the same adapters (its list spellings, one flag per list)."""
+        if not self.loras:
+            return []
+        return ["--lora_model_ids", *(str(sources.lora(name)) for name, _, _ in self.loras),
+                "--lora_weight_names", *(LORA_WEIGHT_NAME for _ in self.loras),
+                "--lora_adapter_names", *(adapter for _, adapter, _ in self.loras),
+                "--lora_scales", *(str(scale) for _, _, scale in self.loras)]
+
+    def reference_loras(self, sources: "Sources") -> list[dict[str, Any]]:
+        """What diffusers' reference pipeline loads and fuses before it generates."""
+        return [{"path": sources.lora(name), "weight_name": LORA_WEIGHT_NAME, "adapter_name": adapter, "scale": scale}
+                for name, adapter, scale in self.loras]
 
     def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
         # optimum-cli has no instruct-pix2pix task: it exports such a model as text-to-image (its class decides at load).
@@ -103,9 +121,18 @@ class Case:
                                    "dynamic_batch_size": self.dynamic_batch_size}
         if self.unet:
             request["unet"] = sources.get(self.unet)
+        if self.loras:
+            request["extra_args"] = self.lora_arguments(sources)
         if self.controlnets or self.ip_adapter:
-            request["extra_args"] = self.add_on_args(sources, reference=True)
+            request["extra_args"] = [*request.get("extra_args", []), *self.add_on_args(sources, reference=True)]
         return request
+
+
+# Tiny LoRA adapters: name -> (base example, components, seed, layers per component or None for the default).
+LORA_EXAMPLES = {
+    "sd-style": ("sd", ("unet", "text_encoder"), 0, None),
+    "sd-detail": ("sd", ("unet",), 1, {"unet": ("to_k", "to_v", "ff.net.2", "proj_out")}),
+}
 
 
 class Sources:
@@ -122,6 +149,15 @@ class Sources:
         if name not in self.built:
             example, _, seed = name.partition("@")
             self.built[name] = build_example(example, self.root / name, seed=int(seed or 0))
+        return self.built[name]
+
+    def lora(self, name: str) -> Path:
+        from neuron_export.example_lora import build_lora
+
+        if name not in self.built:
+            base, components, seed, targets = LORA_EXAMPLES[name]
+            build_lora(self.get(base), self.root / "loras" / name, components=components, seed=seed, targets=targets)
+            self.built[name] = self.root / "loras" / name
         return self.built[name]
 
     def path(self, case: Case) -> Path:

@@ -32,6 +32,7 @@ Subcommands (keys of a case; * = required):
             for the reference, e.g. LCM-SDXL), kwargs {prompt, num_inference_steps, guidance_scale, strength,
             num_images_per_prompt, height, width, image / mask_image / control_image as PNG paths, ...},
             seed (0), from_pretrained_kwargs {}, name, allow_random_weights (false, for the reference),
+            loras [{path, weight_name, adapter_name, scale}] (fused into the reference as diffusers does),
             compiled_inputs {component: [input shapes]} and dynamic_batch: every call of that component
             is checked against them (as a NEFF would) and mismatches reported in shape_errors.
             -> {ok, name, data_parallel_mode, is_lcm, num_images_per_prompt, scheduler, placement {component:
@@ -229,7 +230,7 @@ def export_argv(case: dict[str, Any]) -> list[str]:
     """The `optimum-cli export neuron` arguments for a case (without the program name)."""
     if case.get("argv") is not None:
         return [str(arg) for arg in case["argv"]]
-    # extra_args first: optimum's list options (nargs="*", e.g. --controlnet_ids) would swallow the output.
+    # Extra arguments go first: a list option (nargs="*", e.g. --lora_scales) would swallow the output path.
     argv = [str(arg) for arg in case.get("extra_args", [])]
     argv += ["--model", str(case["model"]), "--task", case.get("task", "text-to-image")]
     defaults = {"batch_size": 1, "auto_cast": "matmul", "auto_cast_type": "bf16", "instance_type": "inf2"}
@@ -446,6 +447,17 @@ def _check_compiled_shapes(pipe: Any, torch_neuronx: Any, compiled: dict[str, li
     return errors
 
 
+def _fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
+    """diffusers' own LoRA calls on the reference: load each adapter by name, weight them, fuse, unload."""
+    if not loras:
+        return
+    for lora in loras:
+        pipe.load_lora_weights(str(lora["path"]), weight_name=lora.get("weight_name"), adapter_name=lora["adapter_name"])
+    pipe.set_adapters([lora["adapter_name"] for lora in loras], adapter_weights=[lora["scale"] for lora in loras])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+
 def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
     import diffusers
     import numpy as np
@@ -517,6 +529,7 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
                     reference.set_ip_adapter_scale(float(adapter["scale"]))
             result["reference_weight_warnings"] = warned.messages
             warned.check("diffusers loading the source", bool(case.get("allow_random_weights")))
+            _fuse_loras(reference, case.get("loras") or [])
             reference.set_progress_bar_config(disable=True)
             stage = "reference_call"
             reference_kwargs = _load_images(kwargs)

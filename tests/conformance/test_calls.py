@@ -29,6 +29,8 @@ CASES = [
     Case("batch-2-2-images", "sd", "sd", batch_size=2, num_images_per_prompt=2),
     Case("non-square", "sdxl", "sd-xl", height=96, width=64),
     Case("dynamic-batch", "sd", "sd", dynamic_batch_size=True),
+    Case("sd-one-lora", "sd", "sd", loras=(("sd-style", "style", 0.9),)),
+    Case("sd-two-loras", "sd", "sd", loras=(("sd-style", "style", 0.8), ("sd-detail", "detail", -0.6))),
     Case("sd-multi-controlnet", "sd", "sd", controlnets=("sd-controlnet", "sd-controlnet@1")),
     Case("sdxl-controlnet", "sdxl", "sd-xl", controlnets=("sdxl-controlnet",)),
     Case("sd-instruct-pix2pix", "sd-pix2pix", "sd", task="instruct-pix2pix", dynamic_batch_size=True),
@@ -170,3 +172,27 @@ def test_only_our_lcm_export_keeps_lcm_guidance_and_placement(pairs: dict[str, d
     assert results["ours"]["max_abs_diff"] <= 1e-4
     assert (results["optimum"]["is_lcm"], results["optimum"]["data_parallel_mode"]) == (False, "unet")
     assert results["optimum"]["max_abs_diff"] > 1e-3
+
+
+LORA_CASES = [case.name for case in CASES if case.loras]
+
+
+@pytest.mark.parametrize("name", LORA_CASES)
+def test_lora_fused_components_compute_what_optimum_neurons_compute(name: str, pairs: dict[str, dict[str, Any]]):
+    """optimum-neuron fuses the same adapters at the same scales through its pipeline; the traced modules agree."""
+    import torch
+
+    pair = pairs[name]
+    records = manifest(pair["ours"])["components"]
+    generator = torch.Generator().manual_seed(11)
+    for component in ("text_encoder", "unet"):
+        inputs = [torch.randint(0, 100, tensor["shape"], generator=generator) if tensor["dtype"] == "int64"
+                  else torch.rand(tensor["shape"], generator=generator) * (999 if tensor["name"] == "timestep" else 1)
+                  for tensor in records[component]["inputs"]]
+        with torch.no_grad():
+            ours = torch.jit.load(pair["ours"] / component / "model.neuron")(*inputs)
+            theirs = torch.jit.load(pair["optimum"] / component / "model.neuron")(*inputs)
+            plain = torch.jit.load(pairs["sd"]["ours"] / component / "model.neuron")(*inputs)
+        first = [value[0] if isinstance(value, (tuple, list)) else value for value in (ours, theirs, plain)]
+        assert (first[0] - first[1]).abs().max() < 1e-5, component
+        assert (first[0] - first[2]).abs().max() > 1e-3, component  # the adapters did change it

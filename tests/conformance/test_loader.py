@@ -47,6 +47,9 @@ CASES = [
          call={"prompt": PROMPT, "num_inference_steps": 2}),
     Case("dynamic-batch", "sd", "sd", dynamic_batch_size=True, pipeline="NeuronStableDiffusionPipeline",
          call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2}),
+    # Two LoRAs fused at their scales; the reference is diffusers after load_lora_weights, set_adapters, fuse_lora.
+    Case("sd-two-loras", "sd", "sd", loras=(("sd-style", "style", 0.8), ("sd-detail", "detail", -0.6)),
+         pipeline="NeuronStableDiffusionPipeline", call={"prompt": PROMPT, "num_inference_steps": 2}),
     Case("sdxl-non-square-2-images", "sdxl", "sd-xl", height=96, width=64, num_images_per_prompt=2,
          pipeline="NeuronStableDiffusionXLPipeline",
          call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
@@ -83,6 +86,8 @@ def generate_request(case: Case, sources: Sources, export: Path, images: dict[st
                "kwargs": kwargs, "seed": 0, "compiled_inputs": compiled, "dynamic_batch": case.dynamic_batch_size}
     if case.unet:
         request["source_unet"] = sources.get(case.unet)
+    if case.loras:
+        request["loras"] = case.reference_loras(sources)
     if case.controlnets:  # the reference runs them in --controlnet order; optimum's loader is reordered to it
         request.update(source_controlnets=[sources.get(name) for name in case.controlnets], order_controlnets=True)
     if case.ip_adapter:
