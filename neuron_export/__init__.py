@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from neuron_export.exporter.plan import Plan
     from neuron_export.exporter.run import ExportResult
 
-__all__ = ["ExportError", "__version__", "export", "load", "plan"]
+__all__ = ["ExportError", "__version__", "export", "load", "order_controlnets", "plan"]
 
 
 def plan(family_or_config: Union[str, Path, Sequence[Union[str, Path]]], *, overrides: Sequence[str] = (),
@@ -65,3 +65,11 @@ def load(export_dir: Union[str, Path]) -> Any:
     from neuron_export.runtime.loading import load_pipeline
 
     return load_pipeline(Path(export_dir))
+
+
+def order_controlnets(pipe: Any) -> Any:
+    """A multi-ControlNet pipeline loaded by optimum-neuron, its ControlNets put back in --controlnet order (its loader
+    takes the controlnet_* folders in directory-listing order, a hash order on ext4). Returns the pipeline."""
+    from neuron_export.runtime.controlnets import order_controlnets as reorder
+
+    return reorder(pipe)

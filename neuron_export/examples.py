@@ -10,9 +10,11 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from neuron_export.example_adapters import save_controlnet, save_ip_adapter
 from neuron_export.example_tokenizer import BOS, EOS, TOKENIZER_MAX_LENGTH, make_tokenizer, tokenizer_vocab, write_tokenizer_files
 
-EXAMPLE_NAMES = ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
+EXAMPLE_NAMES = ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd-controlnet",
+                 "sdxl-controlnet", "sd-ip-adapter", "sd15-full")
 
 # --- shared dimensions of the tiny examples -------------------------------------------------------
 
@@ -22,7 +24,6 @@ TINY_ADDITION_TIME_EMBED_DIM = 8  # SDXL "text_time" embedding width per time id
 TINY_TIME_COND_PROJ_DIM = 32  # LCM guidance-embedding width (UNet time_cond_proj_dim)
 TINY_UNET_SAMPLE_SIZE = 8  # latent side; with the vae scale factor of 8 the default image is 64x64
 
-# BPE merges of the tiny tokenizer: a handful, just so that merging is exercised.
 # --- model factories ------------------------------------------------------------------------------
 
 
@@ -185,6 +186,13 @@ def _build_sd_inpaint():
     return _sd_like(StableDiffusionInpaintPipeline, _tiny_sd_unet(in_channels=9), _euler_scheduler())
 
 
+def _build_sd_pix2pix():
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    # 4 noisy latents + 4 latents of the image to edit
+    return _sd_like(StableDiffusionInstructPix2PixPipeline, _tiny_sd_unet(in_channels=8), _euler_scheduler())
+
+
 def _build_lcm():
     from diffusers import LatentConsistencyModelPipeline
 
@@ -227,11 +235,17 @@ def _build_sdxl_refiner():
 _PIPELINE_BUILDERS = {
     "sd": _build_sd,
     "sd-inpaint": _build_sd_inpaint,
+    "sd-pix2pix": _build_sd_pix2pix,
     "sdxl": _build_sdxl,
     "sdxl-refiner": _build_sdxl_refiner,
     "lcm": _build_lcm,
 }
 
+_ADD_ON_BUILDERS = {
+    "sd-controlnet": (save_controlnet, _tiny_sd_unet),
+    "sdxl-controlnet": (save_controlnet, _tiny_sdxl_unet),
+    "sd-ip-adapter": (save_ip_adapter, _tiny_sd_unet),
+}
 _TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 
 
@@ -285,18 +299,9 @@ def _build_sd15_full(directory: pathlib.Path) -> None:
     del text_encoder
     gc.collect()
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
     vae.save_pretrained(directory / "vae", safe_serialization=True)
     del vae
     gc.collect()
@@ -366,6 +371,9 @@ def build_example(name: str, directory: str | os.PathLike, seed: int = 0) -> pat
             _build_lcm_sdxl_unet(directory)
         elif name == "sd15-full":
             _build_sd15_full(directory)
+        elif name in _ADD_ON_BUILDERS:  # bare add-ons shaped after the tiny UNets; a seed gives another one
+            save, make_unet = _ADD_ON_BUILDERS[name]
+            save(make_unet(), directory)
         else:
             _save_pipeline(_PIPELINE_BUILDERS[name](), directory)
     return directory

@@ -80,6 +80,14 @@ class LoraRecord(BaseModel):
     components: list[str]  # the components it changed
 
 
+class AddOnRecord(BaseModel):
+    """A model added to the pipeline (a ControlNet, an IP-Adapter); its weight hashes are in its component's source_files."""
+
+    model_id: str
+    commit: str | None = None
+    file: str | None = None  # the IP-Adapter's weight file, relative to its repository
+
+
 class SourceRecord(BaseModel):
     model_id: str
     revision: str | None = None
@@ -89,6 +97,8 @@ class SourceRecord(BaseModel):
     vae_id: str | None = None
     vae_commit: str | None = None
     loras: list[LoraRecord] = []
+    controlnets: list[AddOnRecord] = []  # controlnet_0, controlnet_1, ... in this order
+    ip_adapter: AddOnRecord | None = None
 
 
 class PipelineRecord(BaseModel):

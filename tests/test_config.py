@@ -40,7 +40,8 @@ def test_every_shipped_config_is_valid(path):
 def test_the_shipped_configs_cover_the_seed_documents():
     names = {p.stem for p in CONFIGS}
     assert {"sd15-512", "sd21-base-512", "sd21-768", "sd-inpainting-512", "sdxl-base-1024", "sdxl-refiner-1024",
-            "sdxl-turbo-512", "lcm-dreamshaper-768", "lcm-sdxl-1024", "sdxl-img2img-1024"} <= names
+            "sdxl-turbo-512", "lcm-dreamshaper-768", "lcm-sdxl-1024", "sdxl-img2img-1024",
+            "sd15-controlnet-canny-512"} <= names
 
 
 def test_build_command_runs_a_yaml_config(cli, tiny_model, tmp_path):

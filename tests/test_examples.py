@@ -26,10 +26,15 @@ EXPECTED_WEIGHTS = {
     "sdxl": SD_WEIGHTS | {"text_encoder_2/model.safetensors"},
     "sdxl-refiner": SD_WEIGHTS - {"text_encoder/model.safetensors"} | {"text_encoder_2/model.safetensors"},
     "lcm-sdxl-unet": {"diffusion_pytorch_model.safetensors"},
+    "sd-pix2pix": SD_WEIGHTS,
+    "sd-controlnet": {"diffusion_pytorch_model.safetensors"},
+    "sdxl-controlnet": {"diffusion_pytorch_model.safetensors"},
+    "sd-ip-adapter": {"models/image_encoder/model.safetensors", "models/ip-adapter-full-face_tiny.safetensors"},
 }
 TOKENIZER_FOLDERS = {
     "sd": ("tokenizer",),
     "sd-inpaint": ("tokenizer",),
+    "sd-pix2pix": ("tokenizer",),
     "lcm": ("tokenizer",),
     "sdxl": ("tokenizer", "tokenizer_2"),
     "sdxl-refiner": ("tokenizer_2",),
@@ -63,7 +68,8 @@ def generator():
 
 
 def test_all_names_are_listed():
-    assert EXAMPLE_NAMES == ("sd", "sd-inpaint", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd15-full")
+    assert EXAMPLE_NAMES == ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet",
+                             "sd-controlnet", "sdxl-controlnet", "sd-ip-adapter", "sd15-full")
 
 
 def test_unknown_example_is_rejected_with_the_valid_names(tmp_path):
@@ -78,7 +84,8 @@ def test_each_tiny_example_is_saved_as_float32_safetensors_only(tiny_model, name
     from safetensors import safe_open
 
     folder = tiny_model(name)
-    index = "config.json" if name == "lcm-sdxl-unet" else "model_index.json"
+    index = {"lcm-sdxl-unet": "config.json", "sd-controlnet": "config.json", "sdxl-controlnet": "config.json",
+             "sd-ip-adapter": "models/image_encoder/config.json"}.get(name, "model_index.json")
     assert (folder / index).is_file()
     assert weight_files(folder) == EXPECTED_WEIGHTS[name]
     pickled = [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
@@ -290,3 +297,13 @@ def test_lcm_sdxl_unet_replaces_the_sdxl_unet(tiny_model):
 
     result = pipe(PROMPT, num_inference_steps=1, guidance_scale=8.0, output_type="np", generator=generator())
     assert_one_64x64_image(result.images)
+
+
+def test_tiny_controlnets_have_no_zero_output_convolutions(tiny_model):
+    """Trained ControlNets start from zero output convolutions; ours must not, or their residuals vanish and a
+    comparison could not see them wired wrongly."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_pretrained(tiny_model("sd-controlnet"))
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        assert conv.weight.abs().sum() > 0

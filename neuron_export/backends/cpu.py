@@ -21,7 +21,10 @@ def compile(wrapper: Any, example_inputs: list[Any], request: CompileRequest) ->
     import torch
 
     # strict=False lets the VAE halves return the dicts the runtime expects.
-    return torch.jit.trace(wrapper, tuple(example_inputs), strict=False, check_trace=False)
+    traced = torch.jit.trace(wrapper, tuple(example_inputs), strict=False, check_trace=False)
+    for parameter in traced.parameters():  # like a compiled NEFF: outputs never need autograd (optimum's ControlNet
+        parameter.requires_grad_(False)  # __call__ runs without torch.no_grad and turns them into numpy)
+    return traced
 
 
 def load(path: Path) -> Any:

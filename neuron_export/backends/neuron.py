@@ -29,7 +29,16 @@ MODEL_FLAGS: dict[tuple[str, bool], tuple[str, ...]] = {
     ("vae_encoder", True): (FAST_LOADING, "--model-type=unet-inference"),
     ("vae_decoder", False): (FAST_LOADING, "--model-type=unet-inference"),
     ("vae_decoder", True): (FAST_LOADING, "--model-type=unet-inference"),
+    # ControlNets compile like the SD UNet, with fast loading even for SDXL (as optimum-neuron does)
+    ("controlnet", False): (FAST_LOADING, "--model-type=unet-inference"),
+    ("controlnet", True): (FAST_LOADING, "--model-type=unet-inference"),
+    ("image_encoder", False): ("--model-type=transformer",),
 }
+
+
+def role(component: str) -> str:
+    """The flag-table row of a component: every controlnet_N compiles as "controlnet"."""
+    return "controlnet" if component.startswith("controlnet_") else component
 AUTO_CAST_FLAG = {"none": "none", "matmul": "matmult", "all": "all"}  # neuronx-cc spells it "matmult"
 # Set while tracing diffusion models: fused softmax in attention, the custom SiLU kernel, and no torchdynamo
 # (it does not work with torch_neuronx tracing).
@@ -44,7 +53,7 @@ def compiler_args(component: str, is_xl: bool, auto_cast: str, auto_cast_type: s
     if auto_cast != "none" and auto_cast_type:
         args += ["--auto-cast-type", auto_cast_type]
     args += ["--optlevel", str(optlevel), "--target", target]
-    return args + list(MODEL_FLAGS[(component, is_xl)])
+    return args + list(MODEL_FLAGS[(role(component), is_xl and component != "image_encoder")])
 
 
 def compiler_version() -> str:
@@ -85,8 +94,10 @@ def after_trace_calls(component: str, dynamic_batch: bool) -> list[str]:
     and lazy_load defers the UNet's weights until first use so loading streams them to the device.
     """
     calls = ["dynamic_batch"] if dynamic_batch else []
+    if component == "image_encoder":
+        return calls  # optimum-neuron leaves the image encoder's loading as it is
     calls.append("async_load")
-    if component == "unet":
+    if role(component) in ("unet", "controlnet"):
         calls.append("lazy_load")
     return calls
 

@@ -11,6 +11,7 @@ from neuron_export.cli.options import (
     Token, Unet, Width,
 )
 from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
+from neuron_export.cli.options import ControlNet, IpAdapter, IpAdapterScale, IpAdapterSubfolder, IpAdapterWeightName
 
 FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
@@ -90,6 +91,8 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
         remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
         executor: Executor = None, ray_address: RayAddress = None,
+        controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
+        ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
     ) -> None:
         options = dict(locals())
         for name in ("output_dir", "json_output", "family", "run"):

@@ -86,7 +86,9 @@ def run_generate(
     image: Optional[Path] = None, mask: Optional[Path] = None, strength: Optional[float] = None,
     steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
     num_images_per_prompt: Optional[int] = None, batch_size: Optional[int] = None,
-    height: Optional[int] = None, width: Optional[int] = None,
+    height: Optional[int] = None, width: Optional[int] = None, control_images: Optional[list[Path]] = None,
+    controlnet_scale: Optional[list[float]] = None, ip_adapter_image: Optional[Path] = None,
+    image_guidance_scale: Optional[float] = None,
 ) -> Path:
     from neuron_export.runtime.generation import grid_shape, image_grid, run_request
     from neuron_export.runtime.loading import load_pipeline
@@ -97,7 +99,9 @@ def run_generate(
     request = resolve_request(
         export_dir, manifest, prompts, negative_prompt=negative_prompt, image=image, mask=mask, strength=strength,
         steps=steps, guidance_scale=guidance_scale, seed=seed, num_images_per_prompt=num_images_per_prompt,
-        batch_size=batch_size, height=height, width=width)
+        batch_size=batch_size, height=height, width=width, control_images=control_images or (),
+        controlnet_scale=controlnet_scale or None, ip_adapter_image=ip_adapter_image,
+        image_guidance_scale=image_guidance_scale)
     check_output_path(output)
     print(request.summary(), flush=True)
     for note in request.notes:
@@ -142,7 +146,13 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Repeat a single --prompt this many times (must equal the compiled batch)."),
         height: Optional[int] = typer.Option(None, "--height", help="Must equal the compiled height [default: it]."),
         width: Optional[int] = typer.Option(None, "--width", help="Must equal the compiled width [default: it]."),
+        control_image: Optional[list[Path]] = typer.Option(None, "--control-image", help="ControlNet exports: the control image; repeat once per ControlNet, in --controlnet order."),
+        controlnet_scale: Optional[list[float]] = typer.Option(None, "--controlnet-scale", help="ControlNet weight, 0 to 2; one for all or one per ControlNet [default: 1.0]."),
+        ip_adapter_image: Optional[Path] = typer.Option(None, "--ip-adapter-image", help="IP-Adapter exports: the image prompt."),
+        image_guidance_scale: Optional[float] = typer.Option(None, "--image-guidance-scale", help="InstructPix2Pix exports: how closely to follow --image, 1 or more [default: the pipeline class's, 1.5]."),
     ) -> None:
         run_generate(export_dir, prompt, output, negative_prompt=negative_prompt, image=image, mask=mask,
                      strength=strength, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                     num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width)
+                     num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width,
+                     control_images=control_image, controlnet_scale=controlnet_scale,
+                     ip_adapter_image=ip_adapter_image, image_guidance_scale=image_guidance_scale)

@@ -84,12 +84,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one sentence and a non-zero exit for every user error, never a traceback
     (unless NEURON_EXPORT_DEBUG=1, which prints the full traceback, the worker's too)."""
     command = typer.main.get_command(app)
-    args = normalize_argv(expand_list_options(list(sys.argv[1:] if argv is None else argv)), _known_long_options(command))
+    args = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in args
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
     signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
+        args = normalize_argv(expand_list_options(args), _known_long_options(command))
         returned = command.main(args=args, prog_name="neuron-export", standalone_mode=False)
         if returned == ExitCode.INTERRUPTED:  # the parser turns KeyboardInterrupt into this code after cleanup ran
             raise KeyboardInterrupt

@@ -9,7 +9,7 @@ import typer
 
 OutputArgument = Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="Output directory (same as --output; as optimum-cli takes it).")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local pipeline directory [default: the family's canonical checkpoint].")]
-Task = Annotated[Optional[str], typer.Option("--task", help="text-to-image | image-to-image | inpainting [default: text-to-image].")]
+Task = Annotated[Optional[str], typer.Option("--task", help="text-to-image | image-to-image | inpainting | instruct-pix2pix [default: text-to-image].")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
 Unet = Annotated[Optional[str], typer.Option("--unet", help="Replacement UNet (hub id or directory), e.g. latent-consistency/lcm-sdxl.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory [default: derived from family and shapes].")]
@@ -26,7 +26,7 @@ Target = Annotated[Optional[str], typer.Option("--target", help="inf2 | trn1 | t
 Backend = Annotated[Optional[str], typer.Option("--backend", help="auto | neuron | cpu [default: auto: neuron when the SDK imports].")]
 DisableValidation = Annotated[bool, typer.Option("--disable-validation", help="Skip comparing each artifact with the eager model.")]
 Atol = Annotated[Optional[float], typer.Option("--atol", help="Largest allowed difference from the eager model [default: per backend and auto-cast].")]
-Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder.")]
+Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder (and controlnet_N, image_encoder).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable result object and nothing else.")]
 Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", show_envvar=False, help="Hugging Face token for private models.")]
@@ -48,3 +48,10 @@ RemoteCacheRequired = Annotated[bool, typer.Option("--remote-cache-required", he
 Executor = Annotated[Optional[str], typer.Option("--executor", help="local | ray: build missing components here, or as tasks on a Ray cluster (needs --remote-cache) [default: local].")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", metavar="HOST:PORT", help="The Ray cluster for --executor ray ('auto': the one started on this host) [default: $RAY_ADDRESS].")]
 ConfigFiles = Annotated[list[Path], typer.Argument(metavar="CONFIG.yaml...", help="YAML configs, e.g. configs/sdxl-base-1024.yaml; several build as one set of jobs.")]
+
+# --- ControlNet and IP-Adapter (optimum-cli's --controlnet_ids / --ip_adapter_* spellings: cli/spellings.py) ---
+ControlNet = Annotated[Optional[list[str]], typer.Option("--controlnet", help="ControlNet (hub id or directory); repeat for several, in the order their control images are given.")]
+IpAdapter = Annotated[Optional[str], typer.Option("--ip-adapter", help="IP-Adapter repository (hub id or directory), e.g. h94/IP-Adapter (SD only).")]
+IpAdapterSubfolder = Annotated[Optional[str], typer.Option("--ip-adapter-subfolder", help="Folder of the adapter's weights in that repository, e.g. models.")]
+IpAdapterWeightName = Annotated[Optional[str], typer.Option("--ip-adapter-weight-name", help="The adapter's weight file, e.g. ip-adapter-full-face_sd15.safetensors.")]
+IpAdapterScale = Annotated[Optional[float], typer.Option("--ip-adapter-scale", help="Weight of the image prompt, 0 to 1 [default: 1.0].")]

@@ -106,7 +106,7 @@ def device_bytes_per_parameter(auto_cast: str | None, auto_cast_type: str | None
 
 
 def activation_bytes(name: str, input_shapes: Iterable[tuple[int, ...]]) -> int:
-    channels, scale = PEAK_FEATURE_MAP.get(name, (0, 1))
+    channels, scale = PEAK_FEATURE_MAP.get("unet" if name.startswith("controlnet_") else name, (0, 1))  # a UNet's encoder
     largest = 0
     for shape in input_shapes:
         if len(shape) == 4:
@@ -135,7 +135,8 @@ def estimate(components: Iterable[ComponentFootprint], data_parallel_mode: str,
     cores = 1 if data_parallel_mode == "none" else 2
     needs = []
     for c in components:
-        on_all = replicated is None or c.name in replicated
+        role = "controlnet" if c.name.startswith("controlnet_") else c.name  # every controlnet_N goes with the UNet
+        on_all = replicated is None or role in replicated
         needs.append(ComponentNeed(
             name=f"{label}{c.name}", cores=tuple(range(cores)) if on_all else (0,),
             host_bytes=max(c.artifact_bytes, c.parameter_count * FP32_BYTES),

@@ -16,7 +16,7 @@ from neuron_export.errors import BuildError, ExportError
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, publish, staging_directory, write_layout
 from neuron_export.manifest import (
-    ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
+    AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
     environment, file_record, normalized_config,
 )
 from neuron_export.exporter.plan import Job, Plan
@@ -62,11 +62,23 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
                             loras=[LoraRecord(source=a.source, weight_name=a.weight_name, adapter_name=a.adapter_name,
                                               scale=a.scale, sha256=a.sha256, commit=a.commit,
                                               components=[c for c in a.components if c in records])
-                                   for a in plan.loras]),
+                                   for a in plan.loras],
+                            **add_on_records(plan)),
         environment=environment(plan.backend),
         components=records,
         files=[file_record(p, directory) for p in other_files],
     )
+
+
+def add_on_records(plan: Plan) -> dict[str, Any]:
+    """The ControlNets and IP-Adapter an export was built with, where they came from."""
+    source, config = plan.source, plan.config
+    adapter = None
+    if source.ip_adapter is not None:
+        file = "/".join(part for part in (config.ip_adapter_subfolder, config.ip_adapter_weight_name) if part)
+        adapter = AddOnRecord(model_id=source.ip_adapter.model_id, commit=source.ip_adapter.commit, file=file)
+    return {"controlnets": [AddOnRecord(model_id=item.model_id, commit=item.commit) for item in source.controlnets],
+            "ip_adapter": adapter}
 
 
 class _Worker:

@@ -25,7 +25,8 @@ from neuron_export.manifest import ComponentRecord, sha256_file
 CACHE_ENV = "NEURON_EXPORT_CACHE"
 RECORD_NAME = "record.json"
 # Bump when a wrapper, an input spec, the traced contract or the saved bytes change, so old entries stop matching.
-# 3: artifacts are saved without torch's host-specific debug records (backends/archive.py).
+# 3: artifacts are saved without torch's host-specific debug records (backends/archive.py), and CPU
+#    artifacts without autograd on their parameters.
 CONTRACT_VERSION = 3
 
 

@@ -17,17 +17,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuron_export.errors import ExportError
+from neuron_export.exporter.add_on_options import conditioning_checks
 
 Family = Literal["sd", "sd-xl", "lcm"]
-Task = Literal["text-to-image", "image-to-image", "inpainting"]
+Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
 AutoCast = Literal["none", "matmul", "all"]
 AutoCastType = Literal["bf16", "fp16", "tf32"]
 Target = Literal["inf2", "trn1", "trn2"]
 Backend = Literal["auto", "neuron", "cpu"]
-ComponentName = Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
+ComponentName = str  # one of COMPONENT_NAMES, image_encoder or controlnet_N: checked in _known_components
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm")
-TASKS: tuple[str, ...] = ("text-to-image", "image-to-image", "inpainting")
+TASKS: tuple[str, ...] = ("text-to-image", "image-to-image", "inpainting", "instruct-pix2pix")
 COMPONENT_NAMES: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 # The checkpoint each command exports when --model is not given.
@@ -89,6 +90,32 @@ class ExportConfig(BaseModel):
     remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
     executor: Literal["local", "ray"] = "local"  # where missing components build: here, or as tasks on a Ray cluster
     ray_address: str | None = None  # the cluster for executor ray; default $RAY_ADDRESS
+    # --- ControlNet and IP-Adapter (checked in conditioning_checks; built by components/controlnet.py and
+    # components/image_encoder.py) ---
+    controlnet: tuple[str, ...] = ()  # hub ids or directories, in the order their control images are given
+    ip_adapter: str | None = None
+    ip_adapter_subfolder: str | None = None
+    ip_adapter_weight_name: str | None = None
+    ip_adapter_scale: float | None = None  # 1.0 when an IP-Adapter is given
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("components")
+    @classmethod
+    def _known_components(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in value or ():
+            if name not in COMPONENT_NAMES and name != "image_encoder" and not re.fullmatch(r"controlnet_\d+", name):
+                raise ValueError(f"names {name!r}, which is not a component; use {', '.join(COMPONENT_NAMES)}, "
+                                 "image_encoder or controlnet_N")
+        return value
+
+    @model_validator(mode="after")
+    def _conditioning(self) -> ExportConfig:
+        conditioning_checks(self)
+        return self
 
     @field_validator("max_memory", mode="before")
     @classmethod

@@ -72,7 +72,10 @@ def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
 
 
 def _role(component: str) -> str:
-    return "text_encoder" if component.startswith("text_encoder") else component
+    """The measured role whose factors fit: a ControlNet is a UNet's encoder half, an image encoder a CLIP."""
+    if component.startswith("controlnet_"):
+        return "unet"
+    return "text_encoder" if component.startswith("text_encoder") or component == "image_encoder" else component
 
 
 def estimate_peak_bytes(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> int:

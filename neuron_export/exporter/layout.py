@@ -18,6 +18,7 @@ from neuron_export.files import COMPONENT_CONFIG
 from neuron_export.manifest import is_export
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.storage import storage_error
+from neuron_export.components.image_encoder import MODEL_TYPE as IMAGE_ENCODER_TYPE
 
 if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord
@@ -103,8 +104,9 @@ def neuron_section(plan: Plan, record: ComponentRecord, spec: Any) -> dict[str, 
         "float_dtype": "fp32",
         "model_type": spec.model_type,
         "output_attentions": False,
-        # The exporter's --output_hidden_states option in optimum-neuron; SDXL's need is the top-level key's.
-        "output_hidden_states": False,
+        # The exporter's --output_hidden_states option in optimum-neuron; SDXL's need is the top-level key's. The
+        # image encoder's outputs are named from this one (it returns the hidden states the pipeline reads).
+        "output_hidden_states": spec.model_type == IMAGE_ENCODER_TYPE,
         "task": spec.task,
     }
     return section
@@ -134,6 +136,26 @@ def use_lcm_scheduler(index: dict[str, Any], scheduler_config: Path) -> None:
     scheduler_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# CLIP's own normalisation: what diffusers' IP-Adapter loader gives a pipeline that has no feature extractor.
+CLIP_IMAGE_MEAN, CLIP_IMAGE_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def add_image_encoder(index: dict[str, Any], directory: Path, encoder: dict[str, Any]) -> None:
+    """model_index.json names the IP-Adapter's image encoder, and a feature extractor sized for it (when the
+    source has none), as the pipeline holds them once diffusers has loaded the adapter."""
+    index["image_encoder"] = ["transformers", "CLIPVisionModelWithProjection"]
+    if (directory / "feature_extractor").is_dir():
+        return
+    side = int(encoder["image_size"])
+    processor = {"crop_size": {"height": side, "width": side}, "do_center_crop": True, "do_convert_rgb": True,
+                 "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_IMAGE_MEAN,
+                 "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_IMAGE_STD, "resample": 3,
+                 "rescale_factor": 1 / 255, "size": {"shortest_edge": side}}
+    (directory / "feature_extractor").mkdir()
+    (directory / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+
+
 def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord]) -> None:
     """model_index.json, the processors it names, and each component's config.json with its neuron section."""
     source = plan.source.path
@@ -144,6 +166,8 @@ def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord
             shutil.copytree(source / name, directory / name, dirs_exist_ok=True)
     if plan.facts.is_lcm and index.get("scheduler", [None, None])[1] != "LCMScheduler":
         use_lcm_scheduler(index, directory / "scheduler" / "scheduler_config.json")
+    if plan.facts.image_encoder is not None:
+        add_image_encoder(index, directory, plan.facts.image_encoder)
     (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for job in plan.jobs:
         config = component_config(plan, job, records[job.component])

@@ -22,6 +22,7 @@ from neuron_export.exporter.estimate import WeightStats, available_memory_bytes,
 from neuron_export.files import MANIFEST_NAME
 from neuron_export.manifest import is_export, read_manifest
 from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
+from neuron_export.exporter.conditioning import add_conditioning
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
@@ -40,6 +41,9 @@ DIFFUSERS_PIPELINES = {
     ("sd-xl", "text-to-image"): "StableDiffusionXLPipeline",
     ("sd-xl", "image-to-image"): "StableDiffusionXLImg2ImgPipeline",
     ("sd-xl", "inpainting"): "StableDiffusionXLInpaintPipeline",
+    ("sd", "instruct-pix2pix"): "StableDiffusionInstructPix2PixPipeline",
+    ("sd", "controlnet"): "StableDiffusionControlNetPipeline",
+    ("sd-xl", "controlnet"): "StableDiffusionXLControlNetPipeline",
 }
 OPTIMUM_PIPELINES = {
     ("sd", "text-to-image"): "NeuronStableDiffusionPipeline",
@@ -50,6 +54,9 @@ OPTIMUM_PIPELINES = {
     ("sd-xl", "text-to-image"): "NeuronStableDiffusionXLPipeline",
     ("sd-xl", "image-to-image"): "NeuronStableDiffusionXLImg2ImgPipeline",
     ("sd-xl", "inpainting"): "NeuronStableDiffusionXLInpaintPipeline",
+    ("sd", "instruct-pix2pix"): "NeuronStableDiffusionInstructPix2PixPipeline",
+    ("sd", "controlnet"): "NeuronStableDiffusionControlNetPipeline",
+    ("sd-xl", "controlnet"): "NeuronStableDiffusionXLControlNetPipeline",
 }
 
 
@@ -151,6 +158,9 @@ def protected_directories(config: ExportConfig, source: ModelSource | None = Non
         found.append(("the source model directory", source.path))
         if source.unet_path is not None:
             found.append(("the --unet directory", source.unet_path))
+        found += [("the --controlnet directory", item.path) for item in source.controlnets]
+        if source.ip_adapter is not None:
+            found.append(("the --ip-adapter directory", source.ip_adapter.path.parent))
         if source.vae_path is not None:
             found.append(("the --vae directory", source.vae_path))
     return found
@@ -206,6 +216,8 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: 
         "after_trace": list(after_trace),
         "validation": None if config.disable_validation else atol,
     }
+    if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in
+        payload["ip_adapter_scale"] = spec.add_ons["ip_adapter_scale"]
     if loras:  # only the components an adapter touches change key
         payload["loras"] = [lora.cache_payload() for lora in loras]
     return component_key(payload)
@@ -244,6 +256,12 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
             "export it with `neuron-export sd`, or pass an LCM checkpoint."
         )
     channels = facts.unet_in_channels
+    if config.task == "instruct-pix2pix" and not facts.is_pix2pix:
+        raise ExportError(f"--task instruct-pix2pix needs an InstructPix2Pix model (8-channel UNet), but {model} has "
+                          f"{channels} channels; pass one such as timbrooks/instruct-pix2pix.")
+    if facts.is_pix2pix and config.task != "instruct-pix2pix":
+        raise ExportError(f"--task {config.task}: {model} is an InstructPix2Pix model (8-channel UNet, "
+                          f"{facts.pipeline_class or 'its pipeline class'}); pass --task instruct-pix2pix --dynamic-batch-size.")
     if config.task == "inpainting":
         if config.family == "lcm":
             raise ExportError("--task inpainting is not available for `neuron-export lcm`; use --task text-to-image or image-to-image.")
@@ -281,6 +299,7 @@ def make_plan(config: ExportConfig) -> Plan:
                             token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
     facts = read_facts(source)
     check_family_and_task(config, facts)
+    source, facts = add_conditioning(config, source, facts)
     if config.components is not None:
         missing = [name for name in config.components if name not in facts.components]
         if missing:
@@ -307,6 +326,9 @@ def make_plan(config: ExportConfig) -> Plan:
             if weight_file.suffix == ".safetensors":
                 hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)
         spec = describe(name, facts, config.batch_size, config.num_images_per_prompt, height, width)
+        if name == "unet" and source.ip_adapter is not None:
+            spec = dataclasses.replace(spec, add_ons={"ip_adapter_file": str(source.ip_adapter.path),
+                                                      "ip_adapter_scale": config.ip_adapter_scale})
         args = neuron_compiler_args(name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target)
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
@@ -337,7 +359,7 @@ def make_plan(config: ExportConfig) -> Plan:
             f"(about {largest.estimated_peak_bytes / 2**30:.1f} GiB estimated); raise --max-memory, "
             "free memory, or compile on a larger host."
         )
-    pipeline_key = (config.family, config.task)
+    pipeline_key = (config.family, "controlnet" if config.controlnet else config.task)
     plan = Plan(config=config, source=source, facts=facts, backend=backend, output=output, height=height,
                 width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[pipeline_key],
                 optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget,

@@ -44,7 +44,9 @@ KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
     "tokenizer_2": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
     "feature_extractor": ("transformers", frozenset({"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPFeatureExtractor"})),
     "scheduler": ("diffusers", None),  # None: any scheduler the installed diffusers has
+    "image_encoder": ("transformers", frozenset({"CLIPVisionModelWithProjection"})),
 }
+PIX2PIX_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class ModelSource:
     vae_id: str | None = None
     vae_path: Path | None = None  # directory holding the replacement VAE's config.json and weights
     vae_commit: str | None = None
+    # --- ControlNet and IP-Adapter add-ons (exporter/conditioning.py resolves them) ---
+    controlnets: tuple[AddOnSource, ...] = ()
+    ip_adapter: AddOnSource | None = None  # path: the adapter's weight file
+    image_encoder_path: Path | None = None
 
     def folder(self, component: str) -> Path:
         """The directory whose config.json and weights a component is loaded from."""
@@ -68,7 +74,20 @@ class ModelSource:
             return self.unet_path
         if component in ("vae_encoder", "vae_decoder") and self.vae_path is not None:
             return self.vae_path
+        if component.startswith("controlnet_"):
+            return self.controlnets[int(component.removeprefix("controlnet_"))].path
+        if component == "image_encoder" and self.image_encoder_path is not None:
+            return self.image_encoder_path
         return self.path / SOURCE_FOLDER[component]
+
+
+@dataclass(frozen=True)
+class AddOnSource:
+    """A model added to the pipeline (a ControlNet, an IP-Adapter): where it came from and where it is on disk."""
+
+    model_id: str
+    path: Path
+    commit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,15 @@ class ModelFacts:
     text_encoder: dict[str, Any] | None
     text_encoder_2: dict[str, Any] | None
     weight_files: dict[str, tuple[Path, ...]] = field(default_factory=dict)  # component -> safetensors files
+    # --- ControlNet and IP-Adapter add-ons (exporter/conditioning.py reads them) ---
+    controlnets: tuple[dict[str, Any], ...] = ()  # each ControlNet's config.json, in --controlnet order
+    image_encoder: dict[str, Any] | None = None  # the IP-Adapter's CLIP vision config
+    ip_adapter_tokens: int = 0  # image encoder hidden states per image the UNet takes (0: no IP-Adapter)
+
+    @property
+    def is_pix2pix(self) -> bool:
+        """InstructPix2Pix: the UNet sees the noisy latents and the image to edit (4 + 4 channels)."""
+        return self.unet_in_channels == 8 or self.pipeline_class == PIX2PIX_PIPELINE
 
     @property
     def unet_in_channels(self) -> int:
@@ -108,7 +136,9 @@ class ModelFacts:
         names = [] if self.text_encoder is None else ["text_encoder"]
         if self.text_encoder_2 is not None:
             names.append("text_encoder_2")
-        return (*names, "unet", "vae_encoder", "vae_decoder")
+        added = [f"controlnet_{index}" for index in range(len(self.controlnets))]
+        added += ["image_encoder"] if self.image_encoder is not None else []
+        return (*names, "unet", "vae_encoder", "vae_decoder", *added)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -234,7 +264,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
 
 
 def hub_download(repo_id: str, revision: str | None, patterns: list[str], token: str | None,
-                  cache_dir: Path | None, offline: bool) -> tuple[Path, str | None]:
+                 cache_dir: Path | None, offline: bool, flag: str = "--model") -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -244,16 +274,16 @@ def hub_download(repo_id: str, revision: str | None, patterns: list[str], token:
             cache_dir=cache_dir, local_files_only=offline,
         )
     except RepositoryNotFoundError:
-        raise ExportError(f"--model {repo_id}: no such model on the hub (or it is private: pass --token); check the id.") from None
+        raise ExportError(f"{flag} {repo_id}: no such model on the hub (or it is private: pass --token); check the id.") from None
     except RevisionNotFoundError:
         raise ExportError(f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit.") from None
     except LocalEntryNotFoundError:
         raise ExportError(
-            f"--model {repo_id} is not in the local hub cache and offline mode is on (or the hub cannot be reached); "
+            f"{flag} {repo_id} is not in the local hub cache and offline mode is on (or the hub cannot be reached); "
             "download it first or pass a local directory."
         ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise ExportError(f"--model {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory.") from None
+        raise ExportError(f"{flag} {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory.") from None
     commit = Path(path).name if len(Path(path).name) == 40 else None
     return Path(path), commit
 
@@ -269,7 +299,7 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     if looks_like_hub_id(model):
         replaced = ({"unet"} if unet else set()) | ({"vae"} if vae else set())
-        folders = sorted({SOURCE_FOLDER[name] for name in components} - replaced)
+        folders = sorted({SOURCE_FOLDER[name] for name in components if name in SOURCE_FOLDER} - replaced)
         patterns = ["model_index.json", "vae/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
         path, commit = hub_download(model, revision, patterns, token, cache_dir, offline)
@@ -308,7 +338,7 @@ def resolve_vae(vae: str, token: str | None, cache_dir: Path | None, offline: bo
     if looks_like_hub_id(vae):
         patterns = ["config.json", *HUB_WEIGHT_PATTERNS, *(f"vae/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))]
         try:
-            root, commit = _hub_download(vae, None, patterns, token, cache_dir, offline)
+            root, commit = hub_download(vae, None, patterns, token, cache_dir, offline)
         except ExportError as exc:
             raise ExportError(str(exc).replace(f"--model {vae}", f"--vae {vae}")) from None
     else:

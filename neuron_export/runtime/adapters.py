@@ -64,8 +64,9 @@ class StaticRunner:
     """
 
     def __init__(self, name: str, module: Any, input_names: Sequence[str], input_shapes: Sequence[Sequence[int]],
-                 data_parallel: bool = False) -> None:
+                 data_parallel: bool = False, unbatched: Sequence[str] = ()) -> None:
         self.name = name
+        self.unbatched = frozenset(unbatched)  # inputs passed whole to every call (a ControlNet's conditioning_scale)
         self.module = module
         self.input_names = tuple(input_names)
         self.batch = int(input_shapes[0][0])
@@ -76,6 +77,8 @@ class StaticRunner:
     def __call__(self, *inputs: Any) -> Any:
         count = int(inputs[0].shape[0])
         for name, tensor, expected in zip(self.input_names, inputs, self.sample_shapes):
+            if name in self.unbatched:
+                continue
             if tensor.shape[0] != count:
                 raise ValueError(f"{self.name}: input {name} has batch {tensor.shape[0]}, the other inputs {count}.")
             if tuple(tensor.shape[1:]) != expected:
@@ -83,12 +86,14 @@ class StaticRunner:
                                  f"the artifact was compiled for {expected}.")
         if self.data_parallel:
             rows = math.ceil(count / self.batch) * self.batch
-            padded = [_pad_rows(tensor, rows) for tensor in inputs]
+            padded = [tensor if name in self.unbatched else _pad_rows(tensor, rows)
+                      for name, tensor in zip(self.input_names, inputs)]
             self.calls.append(tuple(tuple(tensor.shape) for tensor in padded))
             return _merge([self.module(*padded)], count)
         parts = []
         for start in range(0, count, self.batch):
-            chunk = [_pad_rows(tensor[start:start + self.batch], self.batch) for tensor in inputs]
+            chunk = [tensor if name in self.unbatched else _pad_rows(tensor[start:start + self.batch], self.batch)
+                     for name, tensor in zip(self.input_names, inputs)]
             self.calls.append(tuple(tuple(tensor.shape) for tensor in chunk))
             parts.append(self.module(*chunk))
         return _merge(parts, count)
@@ -162,13 +167,20 @@ class CompiledUNet(CompiledComponent):
             # SDXL pipelines read the added-embedding width to check the time ids they build.
             width = int(config["projection_class_embeddings_input_dim"])
             self.add_embedding = _Namespace(linear_1=_Namespace(in_features=width))
+        if "image_embeds" in runner.input_names:
+            # diffusers asks the projection layers whether to feed image embeds or the encoder's hidden states:
+            # not an ImageProjection means hidden states, which is what the compiled UNet takes.
+            self.encoder_hid_proj = _Namespace(image_projection_layers=[_Namespace()])
 
     def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any = None, class_labels: Any = None,
                 timestep_cond: Any = None, attention_mask: Any = None, cross_attention_kwargs: Any = None,
                 added_cond_kwargs: dict[str, Any] | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
         added = dict(added_cond_kwargs or {})
-        if "image_embeds" in added:
-            raise ValueError("unet: IP-Adapter image embeddings are not part of this export.")
+        if isinstance(added.get("image_embeds"), (list, tuple)):  # one tensor per IP-Adapter; exports hold one
+            added["image_embeds"] = added["image_embeds"][0]
+        for index, residual in enumerate(kwargs.pop("down_block_additional_residuals", None) or ()):
+            added[f"down_block_additional_residuals_{index}"] = residual
+        added["mid_block_additional_residual"] = kwargs.pop("mid_block_additional_residual", None)
         count = sample.shape[0]
         steps = torch.as_tensor(timestep).to(torch.float32)
         if steps.ndim == 0 or steps.numel() == 1:
@@ -221,3 +233,68 @@ class _Namespace:
 
     def __init__(self, **values: Any) -> None:
         self.__dict__.update(values)
+
+
+# --- ControlNet and IP-Adapter image encoder -----------------------------------------------------------
+
+class _DtypeMarker(CompiledComponent):
+    """diffusers reads these components' dtype from their first parameter: one empty one, of the compiled dtype."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._marker = torch.nn.Parameter(torch.empty(0, dtype=self._dtype), requires_grad=False)
+
+
+class CompiledControlNet(_DtypeMarker):
+    """ControlNetModel (diffusers' pipelines check the class): residuals for the UNet from a control image."""
+
+    def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.runner = runner
+
+    @property
+    def __class__(self) -> type:  # the ControlNet pipelines accept only ControlNetModel (or a list of them)
+        from diffusers import ControlNetModel
+
+        return ControlNetModel
+
+    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any, controlnet_cond: Any,
+                conditioning_scale: Any = 1.0, class_labels: Any = None, timestep_cond: Any = None,
+                attention_mask: Any = None, added_cond_kwargs: dict[str, Any] | None = None,
+                cross_attention_kwargs: Any = None, guess_mode: bool = False, return_dict: bool = True) -> Any:
+        if guess_mode:
+            raise ValueError("controlnet: guess mode is not part of this export; call without guess_mode.")
+        steps = torch.as_tensor(timestep).to(torch.float32)
+        if steps.ndim == 0 or steps.numel() == 1:
+            steps = steps.reshape(1).expand(sample.shape[0])
+        named = {"sample": sample, "timestep": steps, "encoder_hidden_states": encoder_hidden_states,
+                 "controlnet_cond": controlnet_cond,
+                 "conditioning_scale": torch.as_tensor(conditioning_scale, dtype=torch.float32).reshape(1),
+                 **(added_cond_kwargs or {})}
+        inputs = [named[name] if name == "timestep" else self._float(named[name]) for name in self.runner.input_names]
+        downs, mid = self.runner(*inputs)
+        if not return_dict:
+            return list(downs), mid
+        try:
+            from diffusers.models.controlnets.controlnet import ControlNetOutput
+        except ImportError:  # diffusers < 0.31
+            from diffusers.models.controlnet import ControlNetOutput
+
+        return ControlNetOutput(down_block_res_samples=list(downs), mid_block_res_sample=mid)
+
+
+class CompiledImageEncoder(_DtypeMarker):
+    """CLIPVisionModelWithProjection: image embeds, last and all hidden states from the compiled encoder."""
+
+    def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.runner = runner
+
+    def forward(self, pixel_values: Any, output_hidden_states: bool | None = None, return_dict: bool | None = True,
+                **kwargs: Any) -> Any:
+        from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+        image_embeds, last_hidden_state, hidden_states = self.runner(self._float(pixel_values))
+        out = CLIPVisionModelOutput(image_embeds=image_embeds, last_hidden_state=last_hidden_state,
+                                    hidden_states=tuple(hidden_states))
+        return out if return_dict is not False else out.to_tuple()

@@ -28,7 +28,7 @@ def is_turbo(manifest: Manifest) -> bool:
 def call_defaults(manifest: Manifest) -> CallDefaults:
     """What diffusers' own pipeline class uses when a caller passes nothing (turbo: what its model card passes)."""
     pipeline = manifest.pipeline
-    uses_image = pipeline.task != "text-to-image"
+    uses_image = pipeline.task in ("image-to-image", "inpainting")  # the tasks with a strength
     if is_turbo(manifest):
         card = TURBO_DEFAULTS[pipeline.task]
         return CallDefaults(card["num_inference_steps"], card["guidance_scale"], card.get("strength") if uses_image else None,

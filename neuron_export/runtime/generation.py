@@ -37,6 +37,7 @@ def run_request(pipe: Any, request: Request, *, output_type: str = "pil",
         kwargs["mask_image"] = request.mask
     if request.strength is not None:
         kwargs["strength"] = request.strength
+    kwargs.update(request.add_ons.call_arguments())
     if on_step is not None:
         def step_end(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             total = getattr(pipeline, "_num_timesteps", None) or len(pipeline.scheduler.timesteps)
@@ -66,6 +67,10 @@ def generate_images(
     batch_size: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    control_images: Sequence[Any] = (),
+    controlnet_scale: float | Sequence[float] | None = None,
+    ip_adapter_image: Any = None,
+    image_guidance_scale: float | None = None,
     output_type: str = "pil",
     on_step: Callable[[int, int], None] | None = None,
     pipeline: Any = None,
@@ -79,7 +84,9 @@ def generate_images(
     request = resolve_request(export_dir, manifest, prompt, negative_prompt=negative_prompt, image=image, mask=mask,
                               strength=strength, steps=steps, guidance_scale=guidance_scale, seed=seed,
                               num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
-                              height=height, width=width)
+                              height=height, width=width, control_images=control_images,
+                              controlnet_scale=controlnet_scale, ip_adapter_image=ip_adapter_image,
+                              image_guidance_scale=image_guidance_scale)
     pipe = pipeline if pipeline is not None else load_pipeline(export_dir, manifest)
     return run_request(pipe, request, output_type=output_type, on_step=on_step)
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME, COMPONENT_CONFIG
 from neuron_export.manifest import Manifest
+from neuron_export.runtime.controlnets import PREFIX as CONTROLNET_PREFIX
+from neuron_export.runtime.controlnets import folder_index, order_controlnets
 from neuron_export.runtime.reading import (
     DATA_PARALLEL_MODES, NEURON_DEVICE_IDS, _read_json, check_export_complete, export_backend, read_export,
 )
@@ -20,14 +22,17 @@ if TYPE_CHECKING:
     from neuron_export.runtime.adapters import StaticRunner
 
 
+UNBATCHED_INPUTS = ("conditioning_scale",)  # one value per ControlNet call, whatever the batch
+
+
 def data_parallel_components(mode: str, names: Sequence[str]) -> tuple[str, ...]:
     """Which components go on both NeuronCores: the UNet in "unet" mode, everything in "all" mode."""
     if mode not in DATA_PARALLEL_MODES:
         raise ExportError(f"data_parallel_mode {mode!r} in the manifest is not one of {', '.join(DATA_PARALLEL_MODES)}; re-export the model.")
     if mode == "all":
         return tuple(names)
-    if mode == "unet":
-        return tuple(name for name in names if name == "unet")
+    if mode == "unet":  # ControlNets take the UNet's doubled batch, so they go where it goes (as optimum-neuron does)
+        return tuple(name for name in names if name == "unet" or name.startswith(CONTROLNET_PREFIX))
     return ()
 
 
@@ -118,7 +123,7 @@ def load_pipeline(export_dir: Path, manifest: Manifest | None = None, *, use_opt
     if backend == "neuron":
         cls = optimum_pipeline_class(manifest) if use_optimum else None
         if cls is not None:
-            pipe = cls.from_pretrained(str(export_dir), data_parallel_mode=manifest.pipeline.data_parallel_mode)
+            pipe = order_controlnets(cls.from_pretrained(str(export_dir), data_parallel_mode=manifest.pipeline.data_parallel_mode))
             if manifest.pipeline.is_lcm:
                 pipe.scheduler = _lcm_scheduler(pipe.scheduler)
             return pipe
@@ -139,7 +144,7 @@ def _runner(export_dir: Path, manifest: Manifest, name: str, loader: Any) -> tup
     from neuron_export.runtime.adapters import StaticRunner  # imports torch: only when loading
 
     runner = StaticRunner(name, module, [spec.name for spec in record.inputs], [spec.shape for spec in record.inputs],
-                          data_parallel=data_parallel)
+                          data_parallel=data_parallel, unbatched=UNBATCHED_INPUTS)
     return runner, config
 
 
@@ -180,6 +185,12 @@ def assemble_pipeline(export_dir: Path, manifest: Manifest, loader: Any) -> Any:
     if "vae_decoder" in present:
         decoder, vae_config = _runner(export_dir, manifest, "vae_decoder", loader)
     components["vae"] = adapters.CompiledVae(encoder, decoder, vae_config)
+    controlnets = [adapters.CompiledControlNet(*_runner(export_dir, manifest, name, loader))
+                   for name in sorted((n for n in present if n.startswith(CONTROLNET_PREFIX)), key=folder_index)]
+    if controlnets:  # in --controlnet order; the pipeline wraps several in a MultiControlNetModel
+        components["controlnet"] = controlnets if len(controlnets) > 1 else controlnets[0]
+    if "image_encoder" in present:
+        components["image_encoder"] = adapters.CompiledImageEncoder(*_runner(export_dir, manifest, "image_encoder", loader))
 
     scheduler_entry = index.get("scheduler") or ["diffusers", "EulerDiscreteScheduler"]
     scheduler_cls = getattr(diffusers, scheduler_entry[1])

@@ -16,6 +16,7 @@ PIPELINE_CLASSES = frozenset({
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
     "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
     "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline",
+    "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline", "StableDiffusionInstructPix2PixPipeline",
 })
 LCM_PIPELINE_CLASSES = frozenset({"LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"})
 
@@ -62,7 +63,7 @@ def required_components(manifest: Manifest) -> tuple[str, ...]:
     if pipeline.architecture in ("sdxl", "sdxl-refiner"):
         names.append("text_encoder_2")
     names.append("unet")
-    if pipeline.task in ("image-to-image", "inpainting"):
+    if pipeline.task in ("image-to-image", "inpainting", "instruct-pix2pix"):
         names.append("vae_encoder")
     names.append("vae_decoder")
     return tuple(names)

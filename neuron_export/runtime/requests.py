@@ -11,6 +11,7 @@ from typing import Any
 
 from neuron_export.errors import ExportError
 from neuron_export.manifest import Manifest
+from neuron_export.runtime.add_ons import AddOns, resolve_add_ons
 from neuron_export.runtime.defaults import call_defaults
 from neuron_export.runtime.reading import DEFAULT_SEED, LCM_ORIGINAL_STEPS, LCM_PIPELINE_CLASSES, _read_json, check_export_complete, export_backend
 
@@ -32,6 +33,7 @@ class Request:
     width: int
     notes: tuple[str, ...] = ()  # things the user should know (an init image resized to the compiled size)
     defaults_from: str = ""  # where the values not given came from
+    add_ons: AddOns = AddOns()  # control images, IP-Adapter image, image guidance
 
     @property
     def image_count(self) -> int:
@@ -44,7 +46,7 @@ class Request:
                 f"size={self.width}x{self.height} images={self.image_count} (defaults: {self.defaults_from})")
 
 
-def _open_image(value: Any, flag: str, mode: str, size: tuple[int, int], notes: list[str]) -> Any:
+def _open_image(value: Any, flag: str, mode: str, size: tuple[int, int] | None, notes: list[str]) -> Any:
     """A path or PIL image -> a PIL image of the compiled size; arrays and tensors pass through unchanged."""
     from PIL import Image
 
@@ -59,7 +61,7 @@ def _open_image(value: Any, flag: str, mode: str, size: tuple[int, int], notes: 
             raise ExportError(f"{flag} {path} cannot be read as an image ({type(exc).__name__}); pass a PNG or JPEG file.") from None
     if isinstance(value, Image.Image):
         value = value.convert(mode)
-        if value.size != size:
+        if size is not None and value.size != size:
             notes.append(f"{flag} is {value.size[0]}x{value.size[1]}; resized to the compiled {size[0]}x{size[1]}.")
             value = value.resize(size, Image.Resampling.NEAREST if mode == "L" else Image.Resampling.LANCZOS)
     return value
@@ -90,6 +92,10 @@ def resolve_request(
     batch_size: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    control_images: Sequence[Any] = (),
+    controlnet_scale: float | Sequence[float] | None = None,
+    ip_adapter_image: Any = None,
+    image_guidance_scale: float | None = None,
 ) -> Request:
     """Defaults filled in and every value checked against the manifest; reads no artifact."""
     export_dir = Path(export_dir)
@@ -125,6 +131,13 @@ def resolve_request(
             raise ExportError("--image is missing: this export is an inpainting pipeline; pass --image INIT.png and --mask MASK.png.")
         if mask is None:
             raise ExportError("--mask is missing: this export is an inpainting pipeline; pass --mask MASK.png (white = repaint).")
+    elif task == "instruct-pix2pix":
+        if image is None:
+            raise ExportError("--image is missing: this export is an InstructPix2Pix pipeline; pass --image IMAGE.png to edit.")
+        for flag, value in (("--mask", mask), ("--strength", strength)):
+            if value is not None:
+                raise ExportError(f"{flag} does not apply to InstructPix2Pix exports; drop {flag} "
+                                  "(--image-guidance-scale sets how closely the result follows --image).")
     elif task == "image-to-image":
         if image is None:
             raise ExportError("--image is missing: this export is an image-to-image pipeline; pass --image INIT.png.")
@@ -171,11 +184,15 @@ def resolve_request(
         image = _open_image(image, "--image", "RGB", size, notes)
     if mask is not None:
         mask = _open_image(mask, "--mask", "L", size, notes)
+    # Control images are resized to the compiled size; the IP-Adapter's feature extractor sizes its own image.
+    add_ons = resolve_add_ons(manifest, lambda value, flag, mode: _open_image(value, flag, mode or "RGB", size if mode else None, notes),
+                              control_images=control_images, controlnet_scale=controlnet_scale,
+                              ip_adapter_image=ip_adapter_image, image_guidance_scale=image_guidance_scale)
     check_export_complete(export_dir, manifest)
     export_backend(export_dir, manifest)
     return Request(
         prompts=tuple(prompts), negative_prompt=negative_prompt, image=image, mask=mask, strength=strength,
         steps=steps, guidance_scale=float(guidance_scale), seed=DEFAULT_SEED if seed is None else seed,
         num_images_per_prompt=pipeline.num_images_per_prompt, height=pipeline.height, width=pipeline.width,
-        notes=tuple(notes), defaults_from=defaults.source,
+        notes=tuple(notes), defaults_from=defaults.source, add_ons=add_ons,
     )

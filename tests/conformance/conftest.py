@@ -22,6 +22,7 @@ from neuron_export.example_lora import LORA_WEIGHT_NAME
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
 DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
+IP_ADAPTER_SCALE = 0.6
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,6 +65,25 @@ class Case:
     pipeline: str = ""  # optimum-neuron's class that loads it
     call: dict[str, Any] = field(default_factory=dict)  # what the pipeline is called with (besides seed)
     loras: tuple[tuple[str, str, float], ...] = ()  # (LORA_EXAMPLES name, adapter name, scale), fused in order
+    controlnets: tuple[str, ...] = ()  # tiny ControlNet example names ("name" or "name@seed"), in --controlnet order
+    ip_adapter: bool = False  # the tiny IP-Adapter (example sd-ip-adapter) at IP_ADAPTER_SCALE
+
+    def ip_adapter_options(self, sources: "Sources") -> dict[str, Any]:
+        from neuron_export.example_adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
+
+        return {"id": sources.get("sd-ip-adapter"), "subfolder": IP_ADAPTER_SUBFOLDER,
+                "weight_name": IP_ADAPTER_WEIGHT_NAME, "scale": IP_ADAPTER_SCALE}
+
+    def add_on_args(self, sources: "Sources", reference: bool) -> list[str]:
+        """The ControlNet / IP-Adapter options: ours, or optimum-cli's spellings (reference=True)."""
+        args: list[Any] = []
+        if self.controlnets:
+            paths = [sources.get(name) for name in self.controlnets]
+            args += ["--controlnet_ids", *paths] if reference else [a for p in paths for a in ("--controlnet", p)]
+        if self.ip_adapter:
+            for key, value in self.ip_adapter_options(sources).items():
+                args += [f"--ip_adapter_{key}" if reference else f"--ip-adapter{'' if key == 'id' else '-' + key.replace('_', '-')}", value]
+        return [str(arg) for arg in args]
 
     def our_args(self, sources: "Sources") -> list[str]:
         args = [self.family, "-m", sources.path(self), "--task", self.task, "--batch-size", str(self.batch_size),
@@ -76,7 +96,7 @@ class Case:
             args += ["--unet", sources.get(self.unet)]
         for lora, adapter_name, scale in self.loras:
             args += ["--lora", sources.lora(lora), "--lora-adapter-name", adapter_name, "--lora-scale", scale]
-        return [str(arg) for arg in args]
+        return [str(arg) for arg in args] + self.add_on_args(sources, reference=False)
 
     def lora_arguments(self, sources: "Sources") -> list[str]:
         """optimum-cli's LoRA options for the same adapters (its list spellings, one flag per list)."""
@@ -93,7 +113,9 @@ class Case:
                 for name, adapter, scale in self.loras]
 
     def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
-        request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": self.task,
+        # optimum-cli has no instruct-pix2pix task: it exports such a model as text-to-image (its class decides at load).
+        task = "text-to-image" if self.task == "instruct-pix2pix" else self.task
+        request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": task,
                                    "batch_size": self.batch_size, "num_images_per_prompt": self.num_images_per_prompt,
                                    "height": self.height or 64, "width": self.width or 64,
                                    "dynamic_batch_size": self.dynamic_batch_size}
@@ -101,6 +123,8 @@ class Case:
             request["unet"] = sources.get(self.unet)
         if self.loras:
             request["extra_args"] = self.lora_arguments(sources)
+        if self.controlnets or self.ip_adapter:
+            request["extra_args"] = [*request.get("extra_args", []), *self.add_on_args(sources, reference=True)]
         return request
 
 
@@ -119,10 +143,12 @@ class Sources:
         self.built: dict[str, Path] = {}
 
     def get(self, name: str) -> Path:
+        """`name` or `name@seed` (another random draw of the same example, e.g. a second ControlNet)."""
         from neuron_export.examples import build_example
 
         if name not in self.built:
-            self.built[name] = build_example(name, self.root / name)
+            example, _, seed = name.partition("@")
+            self.built[name] = build_example(example, self.root / name, seed=int(seed or 0))
         return self.built[name]
 
     def lora(self, name: str) -> Path:

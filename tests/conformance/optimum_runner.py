@@ -334,7 +334,33 @@ def _load_images(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parts(pipe: Any) -> dict[str, Any]:
-    return {name: getattr(pipe, name, None) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+    """Each loaded part by export folder name; ControlNets as controlnet_<N> (a multi-ControlNet's nets in the
+    order the pipeline holds them, named from the folders they were loaded from)."""
+    parts = {name: getattr(pipe, name, None) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        folders = [Path(path).parent.name for path in pipe.model_and_config_save_paths["controlnet"][0]]
+        nets = getattr(controlnet, "nets", None)
+        if nets is None:
+            parts[folders[0]] = controlnet
+        else:
+            parts.update({folder: _Net(nets, index) for index, folder in enumerate(folders)})
+    return parts
+
+
+class _Net:
+    """One net of a multi-ControlNet, with the `.model` attribute the other parts have (reads and writes the list)."""
+
+    def __init__(self, nets: list[Any], index: int) -> None:
+        self.nets, self.index = nets, index
+
+    @property
+    def model(self) -> Any:
+        return self.nets[self.index]
+
+    @model.setter
+    def model(self, value: Any) -> None:
+        self.nets[self.index] = value
 
 
 def _placement(pipe: Any, torch_neuronx: Any) -> dict[str, Any]:
@@ -452,6 +478,13 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
         started = time.perf_counter()
         pipe = pipeline_cls.from_pretrained(case["export_dir"], **(case.get("from_pretrained_kwargs") or {}))
         result["seconds"]["load"] = round(time.perf_counter() - started, 3)
+        result["listed_controlnet_folders"] = [Path(path).parent.name for path in
+                                               pipe.model_and_config_save_paths.get("controlnet", ([], []))[0]]
+        if case.get("order_controlnets"):  # neuron-export's documented fix for the listing order
+            sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+            from neuron_export.runtime.controlnets import order_controlnets
+
+            order_controlnets(pipe)
         result["data_parallel_mode"] = pipe.data_parallel_mode
         result["is_lcm"] = bool(pipe.is_lcm)
         result["num_images_per_prompt"] = pipe.num_images_per_prompt
@@ -468,6 +501,8 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
         result["seconds"]["optimum"] = round(time.perf_counter() - started, 3)
         ours = np.asarray(ours)
         result["shape_errors"] = sorted(set(shape_errors))
+        result["controlnet_folders"] = [Path(path).parent.name for path in
+                                        (getattr(pipe, "model_and_config_save_paths", None) or {}).get("controlnet", ([], []))[0]]
         result["optimum_shape"] = list(ours.shape)
         result["optimum_finite"] = bool(np.isfinite(ours).all())
         result["placement"] = _placement(pipe, torch_neuronx)
@@ -483,7 +518,15 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
             if case.get("source_unet"):
                 extra["unet"] = diffusers.UNet2DConditionModel.from_pretrained(case["source_unet"])
             with WeightWarnings() as warned:
+                if case.get("source_controlnets"):  # in the order the case's control images are given
+                    nets = [diffusers.ControlNetModel.from_pretrained(path) for path in case["source_controlnets"]]
+                    extra["controlnet"] = nets if len(nets) > 1 else nets[0]
                 reference = reference_cls.from_pretrained(case["source_dir"], **extra)
+                adapter = case.get("source_ip_adapter")
+                if adapter:
+                    reference.load_ip_adapter(str(adapter["id"]), subfolder=adapter["subfolder"],
+                                              weight_name=adapter["weight_name"])
+                    reference.set_ip_adapter_scale(float(adapter["scale"]))
             result["reference_weight_warnings"] = warned.messages
             warned.check("diffusers loading the source", bool(case.get("allow_random_weights")))
             _fuse_loras(reference, case.get("loras") or [])

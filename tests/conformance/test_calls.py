@@ -31,6 +31,10 @@ CASES = [
     Case("dynamic-batch", "sd", "sd", dynamic_batch_size=True),
     Case("sd-one-lora", "sd", "sd", loras=(("sd-style", "style", 0.9),)),
     Case("sd-two-loras", "sd", "sd", loras=(("sd-style", "style", 0.8), ("sd-detail", "detail", -0.6))),
+    Case("sd-multi-controlnet", "sd", "sd", controlnets=("sd-controlnet", "sd-controlnet@1")),
+    Case("sdxl-controlnet", "sdxl", "sd-xl", controlnets=("sdxl-controlnet",)),
+    Case("sd-instruct-pix2pix", "sd-pix2pix", "sd", task="instruct-pix2pix", dynamic_batch_size=True),
+    Case("sd-ip-adapter", "sd", "sd", ip_adapter=True),
 ]
 LCM_CASES = {"lcm", "lcm-sdxl"}
 
@@ -40,6 +44,8 @@ def pairs(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     """{case: {"ours": export, "optimum": export, "our_calls", "optimum_calls"}} for every case."""
     root = tmp_path_factory.mktemp("calls")
     requests, pairs = [], {}
+    for case in CASES:  # built before the doubles are importable: diffusers must not import against them
+        case.our_args(sources)
     with neuron_sdk_doubles():
         for case in CASES:
             ours = export_ours(case, sources, root / case.name / "ours" / "export", backend="neuron")
@@ -53,10 +59,11 @@ def pairs(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def call_summary(call: dict[str, Any]) -> dict[str, Any]:
-    """What a call decides about the artifact: no paths, ids or pids; flags as the set neuronx-cc parses."""
+    """What a call decides about the artifact: no paths, ids or pids; flags as neuronx-cc's parser ends up with them
+    (an option given twice keeps its last value: optimum passes a ControlNet --model-type twice)."""
     summary = calls.summary(call)
     summary.pop("compiler_flags")
-    summary["compiler_options"] = sorted(tuple(option) for option in call["compiler_options"])
+    summary["compiler_options"] = sorted(dict(tuple(option) for option in call["compiler_options"]).items())
     summary["keywords"] = sorted(set(summary["keywords"]) - {"compiler_workdir"})  # where it works, not what
     return summary
 
@@ -77,9 +84,13 @@ def test_each_component_is_compiled_with_the_calls_optimum_neuron_makes(case: Ca
 
 
 READ_BY = {  # one optimum-neuron pipeline run per family records which config.json keys its loader reads
-    "sd": ("NeuronStableDiffusionPipeline", "sd"),
-    "sdxl": ("NeuronStableDiffusionXLPipeline", "sdxl"),
-    "lcm": ("NeuronLatentConsistencyModelPipeline", "lcm"),
+    "sd": ("NeuronStableDiffusionPipeline", "sd", {}),
+    "sdxl": ("NeuronStableDiffusionXLPipeline", "sdxl", {}),
+    "lcm": ("NeuronLatentConsistencyModelPipeline", "lcm", {}),
+    "controlnet": ("NeuronStableDiffusionControlNetPipeline", "sd-multi-controlnet", {"image": ["init", "init"]}),
+    "sdxl-controlnet": ("NeuronStableDiffusionXLControlNetPipeline", "sdxl-controlnet", {"image": "init"}),
+    "pix2pix": ("NeuronStableDiffusionInstructPix2PixPipeline", "sd-instruct-pix2pix", {"image": "init"}),
+    "ip-adapter": ("NeuronStableDiffusionPipeline", "sd-ip-adapter", {"ip_adapter_image": "init"}),
 }
 
 
@@ -90,10 +101,14 @@ def lcm_by_name(config: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def keys_read(pairs: dict[str, dict[str, Any]]) -> dict[str, set[tuple[str, str]]]:
+def keys_read(pairs: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[str, str]]]:
     """{component: {(block, key)}}: what optimum-neuron's loader and pipelines read, recorded while they load
     and run optimum's own exports, plus what its source reads (the runner's static list)."""
-    requests = [{"export_dir": pairs[case]["optimum"], "pipeline": pipeline} for pipeline, case in READ_BY.values()]
+    image = str(venv.write_test_image(tmp_path_factory.mktemp("config-reads") / "init.png", 64, 64))
+    requests = [{"export_dir": pairs[case]["optimum"], "pipeline": pipeline,
+                 "call": {"prompt": "a photo of a cat", "num_inference_steps": 2,
+                          **{key: [image] * len(value) if isinstance(value, list) else image for key, value in images.items()}}}
+                for pipeline, case, images in READ_BY.values()]
     results = venv.config(requests)["results"]
     read: dict[str, set[tuple[str, str]]] = {}
     for result in results:

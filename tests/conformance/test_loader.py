@@ -53,14 +53,33 @@ CASES = [
     Case("sdxl-non-square-2-images", "sdxl", "sd-xl", height=96, width=64, num_images_per_prompt=2,
          pipeline="NeuronStableDiffusionXLPipeline",
          call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
+    # ControlNet, IP-Adapter and InstructPix2Pix: the control / prompt / edited image is the call's "image".
+    # Three ControlNets: on ext4 the loader's listing order is a hash order, so some pairing differs from ours.
+    Case("sd-multi-controlnet", "sd", "sd", controlnets=("sd-controlnet", "sd-controlnet@1", "sd-controlnet@2"),
+         pipeline="NeuronStableDiffusionControlNetPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "image": ["init", "init-2", "init-3"],
+               "controlnet_conditioning_scale": [1.0, 0.8, 0.6]}),
+    Case("sdxl-controlnet", "sdxl", "sd-xl", controlnets=("sdxl-controlnet",),
+         pipeline="NeuronStableDiffusionXLControlNetPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "guidance_scale": 5.0,
+               "controlnet_conditioning_scale": 0.7}),
+    Case("sd-instruct-pix2pix", "sd-pix2pix", "sd", task="instruct-pix2pix", dynamic_batch_size=True,
+         pipeline="NeuronStableDiffusionInstructPix2PixPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "image_guidance_scale": 1.5}),
+    Case("sd-ip-adapter", "sd", "sd", ip_adapter=True, pipeline="NeuronStableDiffusionPipeline",
+         call={"prompt": PROMPT, "num_inference_steps": 2, "ip_adapter_image": "init-2"}),
 ]
 REFINER = Case("sdxl-refiner", "sdxl-refiner", "sd-xl", task="image-to-image",
                pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
                call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"})
 
 
+def _image(value: Any, images: dict[str, Path]) -> Any:
+    return [str(images[name]) for name in value] if isinstance(value, list) else str(images[value])
+
+
 def generate_request(case: Case, sources: Sources, export: Path, images: dict[str, Path]) -> dict[str, Any]:
-    kwargs = {key: str(images[value]) if key.endswith("image") else value for key, value in case.call.items()}
+    kwargs = {key: _image(value, images) if key.endswith("image") else value for key, value in case.call.items()}
     compiled = {name: [tensor["shape"] for tensor in record["inputs"]]
                 for name, record in manifest(export)["components"].items()}
     request = {"name": case.name, "export_dir": export, "pipeline": case.pipeline, "source_dir": sources.path(case),
@@ -69,6 +88,10 @@ def generate_request(case: Case, sources: Sources, export: Path, images: dict[st
         request["source_unet"] = sources.get(case.unet)
     if case.loras:
         request["loras"] = case.reference_loras(sources)
+    if case.controlnets:  # the reference runs them in --controlnet order; optimum's loader is reordered to it
+        request.update(source_controlnets=[sources.get(name) for name in case.controlnets], order_controlnets=True)
+    if case.ip_adapter:
+        request["source_ip_adapter"] = case.ip_adapter_options(sources)
     return request
 
 
@@ -77,7 +100,9 @@ def loaded(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """Each case exported by us (cpu backend), then loaded and run by optimum-neuron: {name: its result}."""
     root = tmp_path_factory.mktemp("loader")
     images = {"init": venv.write_test_image(root / "init.png", 64, 64),
-              "mask": venv.write_test_image(root / "mask.png", 64, 64, mask=True)}
+              "init-2": venv.write_test_image(root / "init-2.png", 64, 64, seed=2),
+              "mask": venv.write_test_image(root / "mask.png", 64, 64, mask=True),
+              "init-3": venv.write_test_image(root / "init-3.png", 64, 64, seed=3)}
     requests, exports = [], {}
     for case in [*CASES, REFINER]:
         exports[case.name] = export_ours(case, sources, root / case.name, backend="cpu")
@@ -114,3 +139,21 @@ def test_the_refiner_fails_in_optimum_neuron_as_documented(loaded: dict[str, dic
     """optimum-neuron 0.4.5 cannot load a pipeline without text_encoder; our own runtime can (test_generate)."""
     error = loaded["sdxl-refiner"]["error"]
     assert (error["stage"], error["type"], error["message"]) == ("load", "KeyError", "'text_encoder'")
+
+
+def test_instruct_pix2pix_runs_its_three_way_guidance_batch_on_both_cores(loaded: dict[str, dict[str, Any]]):
+    """Text and image guidance triple the UNet's batch (3 rows for batch 1): with dynamic batch the runtime splits
+    them 2 + 1 over the two NeuronCores, each a multiple of the compiled batch (shape_errors checks that)."""
+    result = loaded["sd-instruct-pix2pix"]
+    placement = result["placement"]["unet"]
+    assert placement["data_parallel"] and placement["set_dynamic_batching"]
+    assert {(call["core"], call["input_shapes"][0][0]) for call in placement["core_calls"]} == {(0, 2), (1, 1)}
+    assert result["shape_errors"] == [] and result["manifest"]["components"]["unet"]["inputs"][0]["shape"][0] == 1
+
+
+def test_several_controlnets_pair_with_their_images_in_controlnet_order(loaded: dict[str, dict[str, Any]]):
+    """optimum-neuron lists the controlnet_* folders in directory order (a hash order on ext4); after
+    neuron_export.order_controlnets the pipeline holds them in export order, so images pair as given."""
+    result = loaded["sd-multi-controlnet"]
+    assert result["controlnet_folders"] == ["controlnet_0", "controlnet_1", "controlnet_2"]
+    assert result["max_abs_diff"] <= MAX_PIXEL_DIFF

@@ -195,6 +195,8 @@ def trace(func: Any, example_inputs: Any, *_: Any, **kwargs: Any) -> torch.jit.S
             (workdir / "log-neuron-cc.txt").write_text("ERROR: out of memory\n")
         raise RuntimeError("neuronx-cc failed with exit code -9")
     traced = torch.jit.trace(func, example_inputs, strict=False, check_trace=False)
+    for parameter in traced.parameters():  # a NEFF's outputs never need autograd (optimum's ControlNet __call__
+        parameter.requires_grad_(False)  # runs without torch.no_grad and turns them into numpy)
     _traced[id(traced)] = (weakref.ref(traced), trace_id, record_path)
     stamp = {key: call[key] for key in ("trace_id", "component", "compiler_args", "inline_weights_to_neff",
                                         "input_shapes", "input_dtypes")}
