@@ -57,24 +57,22 @@ def tokenizer_vocab() -> dict[str, int]:
 
 
 def make_tokenizer():
+    """The tiny CLIPTokenizer, loaded from its files: transformers 4.x's slow CLIPTokenizer takes only file paths,
+    and a vocab.json + merges.txt + tokenizer_config.json folder loads on both transformers lines."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(
-        vocab=tokenizer_vocab(),
-        merges=list(_MERGES),
-        unk_token=EOS,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        model_max_length=TOKENIZER_MAX_LENGTH,
-    )
+    with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as folder:
+        write_tokenizer_files(pathlib.Path(folder))
+        return CLIPTokenizer.from_pretrained(folder)
 
 
 def write_tokenizer_files(folder: pathlib.Path) -> None:
-    """Add the files a slow CLIPTokenizer needs (transformers 5 only writes tokenizer.json).
+    """Write the files every CLIPTokenizer reads (transformers 5 itself saves only tokenizer.json).
 
-    vocab.json + merges.txt are what `CLIPTokenizer` of transformers 4.x reads; special_tokens_map.json
-    is kept for the same older readers.
+    vocab.json + merges.txt + tokenizer_config.json load on transformers 4.x and 5; special_tokens_map.json is
+    kept for the same older readers.
     """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(tokenizer_vocab(), ensure_ascii=False), encoding="utf-8")
@@ -82,3 +80,7 @@ def write_tokenizer_files(folder: pathlib.Path) -> None:
     (folder / "merges.txt").write_text(merges, encoding="utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config.update(special, tokenizer_class="CLIPTokenizer", model_max_length=TOKENIZER_MAX_LENGTH)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,7 @@
 """Imported once by the worker fork server, so each component's worker starts with torch already loaded."""
 
 import os
+import traceback
 
 from neuron_export.exporter.lifetime import die_with_parent
 
@@ -9,9 +10,19 @@ die_with_parent()
 # Each worker too, from its first instruction: a worker stopped or killed before worker_main runs must not survive.
 os.register_at_fork(after_in_child=die_with_parent)
 
-import torch  # noqa: F401,E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401,E402
-from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401,E402
-
-import neuron_export.exporter.worker  # noqa: F401,E402
-from neuron_export.components import text_encoder, unet, vae  # noqa: F401,E402
+# An import that fails here is kept, and each worker reports it (worker.preload_failure): left to multiprocessing,
+# an ImportError would be swallowed and anything else would kill the fork server, which the exporter only sees
+# as a lost connection.
+failure: tuple[str, str, str] | None = None  # (the library, "Type: message", the traceback)
+library = "torch"
+try:
+    import torch  # noqa: F401
+    library = "diffusers"
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    library = "transformers"
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+    library = "neuron_export"
+    import neuron_export.exporter.worker  # noqa: F401
+    from neuron_export.components import text_encoder, unet, vae  # noqa: F401
+except BaseException as exc:  # noqa: BLE001 (an OSError from a broken shared library is as likely as an ImportError)
+    failure = (library, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}", traceback.format_exc())

@@ -124,11 +124,14 @@ def _start(order: WorkOrder, cache: ComponentCache, workdir: Path) -> _Worker:
     try:
         with _interrupts_deferred():
             process.start()
-    except BaseException:  # interrupted while starting: leave nothing behind
+    except BaseException as exc:  # interrupted while starting: leave nothing behind
         if process.pid is not None:
             process.kill()
             process.join()
         shutil.rmtree(build_dir, ignore_errors=True)
+        if isinstance(exc, (EOFError, ConnectionError)):  # not an interrupt (click would call an EOFError one)
+            raise BuildError(f"The worker building {job.component} could not start: the fork server that starts "
+                             f"workers is gone ({type(exc).__name__}: {exc}); nothing was written.") from exc
         raise
     finally:
         writer.close()  # the worker holds the only write end now, so its exit shows as EOF here

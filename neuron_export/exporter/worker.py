@@ -42,13 +42,55 @@ MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD
 _context: Any = None
 
 
+PRELOAD = "neuron_export.exporter._preload"
+
+
+class WorkerProcess(multiprocessing.context.ForkServerProcess):
+    """A fork-server process that does not run the exporter's __main__ again: multiprocessing would re-run the
+    script (a heredoc's '<stdin>' cannot be; a script without a __main__ guard would export again, inside the
+    worker), and workers need nothing from it: their target and arguments are neuron_export's own."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        from multiprocessing import popen_forkserver, spawn
+
+        gather = spawn.get_preparation_data
+
+        def without_main(name: str) -> dict[str, Any]:
+            data = gather(name)
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+            return data
+
+        spawn.get_preparation_data = without_main  # only while this process is launched (it reads it once)
+        try:
+            return popen_forkserver.Popen(process_obj)
+        finally:
+            spawn.get_preparation_data = gather
+
+
+class WorkerContext(multiprocessing.context.ForkServerContext):
+    Process = WorkerProcess
+
+
 def context() -> Any:
     global _context
     if _context is None:
         os.environ.update({k: v for k, v in MALLOC_ENVIRONMENT.items() if k not in os.environ})
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["neuron_export.exporter._preload"])
+        _context = WorkerContext()
+        _context.set_forkserver_preload([PRELOAD])
     return _context
+
+
+def preload_failure(component: str) -> tuple[BuildError, str] | None:
+    """What the fork server failed to import, as the error a worker reports (None when it imported everything).
+    Read from the loaded module: importing _preload from here would be an import cycle."""
+    failure = getattr(sys.modules.get(PRELOAD), "failure", None)
+    if failure is None:
+        return None
+    library, problem, worker_traceback = failure
+    return BuildError(f"The worker building {component} could not start: importing {library} failed ({problem}); "
+                      "fix that installation (NEURON_EXPORT_DEBUG=1 shows the traceback); nothing was written."), worker_traceback
 
 
 TRACE_SEED, VALIDATION_SEED = 0, 1
@@ -78,6 +120,10 @@ def worker_main(order: WorkOrder, build_dir: Path, workdir: Path, pipe: Any) -> 
             os._exit(1)
 
     try:
+        failure = preload_failure(name)
+        if failure is not None:
+            send(("error", failure))
+            return
         record = build_component(order, build_dir, workdir, lambda stage: send(("stage", stage)))
         send(("done", record.model_dump_json()))
     except ExportError as exc:  # sent whole (it pickles): the parent raises the same class, so the same exit code
