@@ -202,9 +202,11 @@ def environment(backend: str) -> dict[str, str | None]:
         "torch_neuronx": None,
         "neuronx_cc": None,
     }
-    if backend == "neuron":
+    if backend == "neuron":  # the Neuron SDK's versions (torch is above); neuronx-distributed only where installed
         env["torch_neuronx"] = _version("torch-neuronx")
         env["neuronx_cc"] = _version("neuronx-cc")
+        if _version("neuronx-distributed") is not None:
+            env["neuronx_distributed"] = _version("neuronx-distributed")
     return env
 
 

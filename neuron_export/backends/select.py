@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from importlib import metadata
 from types import ModuleType
 
 from neuron_export.backends import cpu, neuron
@@ -22,14 +25,84 @@ def neuron_sdk_error() -> str | None:
     return None
 
 
+# Neuron SDK 2.21 (torch-neuronx 2.5) to 2.31 (torch-neuronx 2.9), the last release with torch-neuronx for inf2.
+SUPPORTED_SDK = "Neuron SDK 2.21 to 2.31"
+SUPPORTED_TORCH_NEURONX = ((2, 5), (2, 9))
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_requirement(requirements: list[str]) -> str | None:
+    """The torch specifier among a distribution's requirements ("==2.8.*"), extras left out."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for line in requirements:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if requirement.name.lower() == "torch" and (requirement.marker is None
+                                                    or requirement.marker.evaluate({"extra": ""})):
+            return str(requirement.specifier) or None
+    return None
+
+
+def check_torch_match(flag: str) -> None:
+    """Before anything is loaded or imported: refuse a torch other than the one the installed torch-neuronx
+    requires (read from its metadata; importing a mismatched pair fails, or crashes)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    neuronx = _version("torch-neuronx")
+    wanted = torch_requirement(metadata.requires("torch-neuronx") or []) if neuronx else None
+    if wanted is None:
+        return
+    torch = _version("torch")
+    try:
+        fits = torch is not None and SpecifierSet(wanted).contains(Version(torch), prereleases=True)
+    except InvalidVersion:
+        fits = False
+    if not fits:
+        found = f"torch {torch} is installed" if torch else "torch is not installed"
+        raise ExportError(f"{flag}: torch-neuronx {neuronx} requires torch{wanted}, but {found}; install that "
+                          f"torch (pip install 'torch{wanted}') or run in the Neuron SDK's own virtualenv.")
+
+
+def warn_outside_range() -> None:
+    """One line, once per process, when the installed torch-neuronx is not one of the supported SDK's."""
+    from packaging.version import InvalidVersion, Version
+
+    neuronx = _version("torch-neuronx")
+    try:
+        release = Version(neuronx).release[:2] if neuronx else ()
+    except InvalidVersion:
+        release = ()
+    if neuronx and not SUPPORTED_TORCH_NEURONX[0] <= release <= SUPPORTED_TORCH_NEURONX[1]:
+        _warn_once(neuronx)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(neuronx: str) -> None:
+    low, high = (".".join(map(str, part)) for part in SUPPORTED_TORCH_NEURONX)
+    print(f"neuron-export: warning: torch-neuronx {neuronx} is outside the range neuron-export supports "
+          f"({SUPPORTED_SDK}: torch-neuronx {low} to {high}); continuing.", file=sys.stderr, flush=True)
+
+
 def resolve_backend(requested: str) -> str:
     """'auto' becomes 'neuron' when the SDK imports; a missing SDK is an error, never a silent CPU build."""
     if requested == "cpu":
         return "cpu"
+    flag = "--backend neuron" if requested == "neuron" else "--backend auto"
+    check_torch_match(flag)
     problem = neuron_sdk_error()
     if problem is None:
+        warn_outside_range()
         return "neuron"
-    flag = "--backend neuron" if requested == "neuron" else "--backend auto"
     raise ExportError(f"{flag} needs the AWS Neuron SDK, but torch_neuronx does not import ({problem}); {INSTALL_HINT}.")
 
 
