@@ -127,6 +127,7 @@ def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> d
             name: {
                 "origin": origins[name],
                 "remote": record.remote if origins[name] == "downloaded" else None,
+                "signed_by": record.signed_by if origins[name] == "downloaded" else None,
                 "seconds": record.build_seconds,
                 "peak_rss_bytes": record.peak_rss_bytes,
                 "validation": record.validation.model_dump(),
