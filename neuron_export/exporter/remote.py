@@ -37,7 +37,7 @@ from neuron_export.errors import ExportError, RemoteCacheError
 from neuron_export.exporter.cache import CacheEntry, ComponentCache
 from neuron_export.exporter.remote_io import BadEntry as _Bad
 from neuron_export.exporter.remote_io import is_local, read_marker, stream
-from neuron_export.exporter.remote_trust import SIGNING_KEY_ENV, Trust
+from neuron_export.exporter.remote_trust import Trust
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.manifest import ComponentRecord
 from neuron_export.signing import public_text, sign, verifies
@@ -116,7 +116,7 @@ class RemoteCache:
     """Read-through and write-back to a shared cache. Unreachable: one warning, then every call answers
     'absent' (the export builds locally), unless `required`, when a RemoteCacheError is raised instead."""
 
-    warned: set[str] = set()  # URLs already reported (unreachable, untrusted entries, no signing key) by this process
+    warned: set[str] = set()  # URLs already reported (unreachable, holding untrusted entries) by this process
 
     def __init__(self, url: str, required: bool = False, trust: Trust = Trust()) -> None:
         self.url = display_url(url)
@@ -331,13 +331,8 @@ class RemoteCache:
     def upload(self, key: str, entry: CacheEntry) -> None:
         """Upload an entry, signed, unless the remote has one a trusted key signed (an untrusted or bad one is
         replaced): files under a fresh upload folder, the marker last. Without a signing key nothing is
-        uploaded (one warning), unless unsigned entries are allowed."""
-        if not self.available:
-            return
-        if not self.trust.can_upload:
-            self._warn_once("unsigned", f"built components are not uploaded to {self.url}: no signing key; pass "
-                            f"--remote-cache-signing-key FILE (or set {SIGNING_KEY_ENV}), or "
-                            "--remote-cache-allow-unsigned for a private bucket.")
+        uploaded, unless unsigned entries are allowed."""
+        if not self.available or not self.trust.can_upload:  # a host without a signing key only reads
             return
         if not self.has_trusted(key) and self.available:
             self._upload(key, entry)
