@@ -197,9 +197,10 @@ def build_list(plans: list[Plan]) -> list[dict[str, Any]]:
     """Each cache key the plans need, once, with whether a cache (the remote one too, when given) has it."""
     from neuron_export.exporter.fleet import ci_jobs
     from neuron_export.exporter.remote import RemoteCache
+    from neuron_export.exporter.remote_trust import trust_of
 
     url = plans[0].config.remote_cache if plans else None
-    return ci_jobs(plans, RemoteCache(url) if url else None)
+    return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config)) if url else None)
 
 
 def error(message: str, json_mode: bool, exit_code: int) -> None:
