@@ -232,7 +232,7 @@ class RemoteCache:
         if wanted is not None:
             inputs = tuple((t.name, tuple(t.shape), t.dtype) for t in marker.record.inputs)
             if marker.record.name != wanted.component or inputs != wanted.inputs:
-                raise _Bad(f"its record is for {marker.record.name} with other inputs, not {wanted.component}"
+                raise _Bad(f"its record is for {marker.record.name}, not {wanted.component}"
                            if marker.record.name != wanted.component else
                            f"its record's inputs are not the {wanted.component} inputs this key is fetched for")
         return marker
