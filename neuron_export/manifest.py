@@ -38,6 +38,9 @@ class ValidationRecord(BaseModel):
     reason: str | None = None
     max_abs_diff: float | None = None
     atol: float | None = None
+    # Who ran this check: None on this host; "signer" / "uploader" for a downloaded component (its signed or
+    # unsigned uploader's report, not repeated here).
+    by: Literal["signer", "uploader"] | None = None
 
 
 class ComponentRecord(BaseModel):
@@ -66,6 +69,10 @@ class ComponentRecord(BaseModel):
     # (None in manifests written before remote caches existed).
     origin: Literal["built", "downloaded"] | None = None
     remote: str | None = None
+    # A downloaded component's signer (ed25519:<base64> public key) and its signature over neuron_export.signing's
+    # signed_message; None when built here, or downloaded unsigned with --remote-cache-allow-unsigned.
+    signed_by: str | None = None
+    signature: str | None = None
 
 
 class LoraRecord(BaseModel):
@@ -212,7 +219,8 @@ def environment(backend: str) -> dict[str, str | None]:
 
 # How a build ran rather than what it built: left out so an unchanged export is byte-identical.
 NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root",
-                "remote_cache", "remote_cache_required", "executor", "ray_address"}
+                "remote_cache", "remote_cache_required", "executor", "ray_address", "remote_cache_signing_key",
+                "remote_cache_trusted_keys", "remote_cache_allow_unsigned"}
 
 
 def normalized_config(config: Any) -> dict[str, Any]:

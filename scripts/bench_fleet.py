@@ -56,11 +56,21 @@ def environment(cache: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "NEURON_EXPORT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **extra}
 
 
+def signing_key(work: Path) -> Path:
+    """The fleet's key pair (cache keygen): builders sign with the private key, readers trust FILE.pub."""
+    key = work / "cache-key"
+    if not key.exists():
+        subprocess.run([sys.executable, "-m", "neuron_export", "cache", "keygen", str(key)], check=True,
+                       env=environment(work / "keygen-cache"), capture_output=True)
+    return key
+
+
 def second_machine(work: Path, model: Path) -> None:
-    remote = f"file://{work / 'remote-1'}"
+    remote, key = f"file://{work / 'remote-1'}", signing_key(work)
     base = ["sd-xl", "-m", str(model), "--backend", "cpu", "--remote-cache", remote]
-    cold, first = run([*base, "-o", str(work / "first")], environment(work / "machine-a"))
-    warm, second = run([*base, "-o", str(work / "second")], environment(work / "machine-b"))
+    cold, first = run([*base, "--remote-cache-signing-key", str(key), "-o", str(work / "first")], environment(work / "machine-a"))
+    warm, second = run([*base, "--remote-cache-trusted-key", f"{key}.pub", "-o", str(work / "second")],
+                       environment(work / "machine-b"))
     print("1. second machine (fresh local cache, warm remote) vs cold export, tiny SDXL (5 components):")
     print(f"   cold: {cold:.1f} s, builds {origins(first).count('built')}; second machine: {warm:.1f} s, builds "
           f"{origins(second).count('built')}, downloaded {origins(second).count('downloaded')}; "
@@ -96,7 +106,8 @@ def ray_matrix(work: Path, model: Path) -> None:
     started = time.perf_counter()
     with two_node_cluster(work / "node-caches") as cluster:
         up = time.perf_counter() - started
-        ray_options = ["--executor", "ray", "--ray-address", cluster.address, "--remote-cache", f"file://{work / 'remote-3'}"]
+        ray_options = ["--executor", "ray", "--ray-address", cluster.address, "--remote-cache", f"file://{work / 'remote-3'}",
+                       "--remote-cache-signing-key", str(signing_key(work))]
         fanned, _ = run([*matrix, *ray_options, "-o", str(work / "on-ray")], environment(work / "driver-cache", **LOCAL_ONLY))
         on_nodes = [p for cache in cluster.caches.values() for p in cache.glob("components/*/*/record.json")]
     print("3. 2x2 shape matrix (tiny SD, 4 exports) on a two-node Ray cluster on 127.0.0.1 vs local serial:")

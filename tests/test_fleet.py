@@ -27,6 +27,9 @@ def test_plan_json_lists_each_key_once_and_ci_runners_build_exactly_those(cli, t
     assert all(b["estimated_peak_bytes"] > 0 and b["estimated_seconds"] > 0 for b in builds)
     assert len(builds[0]["outputs"]) == 2
 
+    key = tmp_path / "ci-key"  # the runners sign with it (a CI secret); the assembler trusts its public key
+    assert cli("cache", "keygen", key).exit_code == 0
+    monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE_SIGNING_KEY", str(key))
     for number, build in enumerate(builds):  # one CI runner per key, each with a fresh local cache
         monkeypatch.setenv("NEURON_EXPORT_CACHE", str(tmp_path / f"runner-{number}-cache"))
         job = tmp_path / f"job-{number}.yaml"
@@ -39,6 +42,8 @@ def test_plan_json_lists_each_key_once_and_ci_runners_build_exactly_those(cli, t
         assert record["components"][build["component"]]["cache_key"] == build["cache_key"]
 
     monkeypatch.setenv("NEURON_EXPORT_CACHE", str(tmp_path / "assembler-cache"))
+    monkeypatch.delenv("NEURON_EXPORT_REMOTE_CACHE_SIGNING_KEY")
+    monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS", (tmp_path / "ci-key.pub").read_text())
     again = json.loads(cli("plan", "sd", "-m", model, *MATRIX, "--remote-cache", remote, "--json").stdout)["builds"]
     assert [(b["cache_key"], b["cached_where"]) for b in again] == [(b["cache_key"], "remote") for b in builds]
     final = cli("sd", "-m", model, *MATRIX, "--remote-cache", remote, "-o", tmp_path / "exports", "--json")
@@ -82,6 +87,9 @@ def test_executor_ray_needs_a_cluster_and_a_remote_cache(cli, tiny_model, tmp_pa
     assert no_cluster.exit_code == 2 and "executor 'ray' needs a cluster; pass --ray-address" in no_cluster.stderr
     no_remote = cli(*base, "--ray-address", "127.0.0.1:1")
     assert no_remote.exit_code == 2 and "executor 'ray' needs --remote-cache URL" in no_remote.stderr
+    monkeypatch.delenv("NEURON_EXPORT_REMOTE_CACHE_SIGNING_KEY", raising=False)
+    no_key = cli(*base, "--ray-address", "127.0.0.1:1", "--remote-cache", f"file://{tmp_path}")
+    assert no_key.exit_code == 2 and "executor 'ray' needs --remote-cache-signing-key FILE" in no_key.stderr, no_key
     assert not (tmp_path / "out").exists()
 
 

@@ -21,16 +21,28 @@ def ray_cluster(tmp_path_factory):
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory) -> Path:
+    """Nodes sign what they upload with it: every node reads it at the same path (one host here)."""
+    from conftest import run_cli
+
+    key = tmp_path_factory.mktemp("key") / "cluster-key"
+    assert run_cli("cache", "keygen", key).exit_code == 0
+    return key
+
+
 def entries(cache: Path) -> list[str]:
     return sorted(p.parent.name for p in cache.glob("components/*/*/record.json"))
 
 
-def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli, tiny_model, tmp_path, monkeypatch):
+def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli, tiny_model, tmp_path, monkeypatch,
+                                                                signing_key):
     model = tiny_model("sd")
     matrix = ("-m", model, "--backend", "cpu", "--height", "64,128", "--width", "64,128",
               "--components", "text_encoder,vae_decoder")
     remote = tmp_path / "remote"
-    ray_options = ("--executor", "ray", "--ray-address", ray_cluster.address, "--remote-cache", f"file://{remote}")
+    ray_options = ("--executor", "ray", "--ray-address", ray_cluster.address, "--remote-cache", f"file://{remote}",
+                   "--remote-cache-signing-key", signing_key)
     builds = json.loads(cli("plan", "sd", *matrix, *ray_options, "--json").stdout)["builds"]
     assert len(builds) == 5  # one text encoder for all four shapes, four VAE decoders
 
@@ -59,12 +71,12 @@ def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli
             == (tmp_path / "exports" / "sd-neuron-64x64-b1" / "vae_decoder" / "model.neuron").read_bytes())
 
 
-def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_model, tmp_path):
+def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_model, tmp_path, signing_key):
     worker_label = ray_cluster.node_label(ray_cluster.worker)
     command = [sys.executable, "-m", "neuron_export", "sd", "-m", str(tiny_model("sd")), "--backend", "cpu",
                "--height", "64,128", "--components", "unet,vae_encoder", "--executor", "ray",
                "--ray-address", ray_cluster.address, "--remote-cache", f"file://{tmp_path / 'remote'}",
-               "-o", str(tmp_path / "exports")]
+               "--remote-cache-signing-key", str(signing_key), "-o", str(tmp_path / "exports")]
     env = {**os.environ, **LOCAL_ONLY, "PYTHONUNBUFFERED": "1", "NEURON_EXPORT_CACHE": str(tmp_path / "cache")}
     exporter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, lost = [], None

@@ -1,6 +1,7 @@
 """A shared remote cache: a second machine downloads instead of building, bad remote entries are rebuilt and
 replaced, a killed upload leaves nothing readers accept, an unreachable remote degrades (or fails when
-required). S3 through a real S3 API server (moto's, on 127.0.0.1), NFS-style sharing through file://."""
+required). S3 through a real S3 API server (moto's, on 127.0.0.1), NFS-style sharing through file://.
+Writers sign with a key made by `cache keygen`; readers trust its public key (tests/test_trust.py: the attacks)."""
 
 from __future__ import annotations
 
@@ -39,45 +40,67 @@ def s3():  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def warm(s3_endpoint, tiny_model, tmp_path_factory):
+def signer(tmp_path_factory) -> tuple[Path, str]:
+    """The team's key pair, as `cache keygen` makes it: the private key file and the public key it printed."""
+    key = tmp_path_factory.mktemp("keys") / "cache-key"
+    made = run_cli("cache", "keygen", key)
+    assert made.exit_code == 0, made
+    return key, made.stdout.strip()
+
+
+def signs(signer) -> list[object]:
+    return ["--remote-cache-signing-key", signer[0]]
+
+
+def trusts(signer) -> list[object]:
+    return ["--remote-cache-trusted-key", signer[1]]
+
+
+@pytest.fixture(scope="module")
+def warm(s3_endpoint, tiny_model, tmp_path_factory, signer):
     """The first machine: a cold export of the tiny SD with the remote cache, so every component is built and
-    uploaded. Returns its local cache, its output and the remote URL."""
+    uploaded, signed. Returns its local cache, its output and the remote URL."""
     root = tmp_path_factory.mktemp("first-machine")
     url = make_bucket("warm")
     result = run_cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", root / "out", "--cache-dir", root / "cache",
-                     "--remote-cache", url, "--json")
+                     "--remote-cache", url, *signs(signer), "--json")
     assert origins(result) == dict.fromkeys(NAMES, "built")
     return root / "cache", root / "out", url
 
 
-def test_a_second_machine_downloads_every_component_and_writes_the_same_export(warm, cli, tiny_model, tmp_path):
+def test_a_second_machine_downloads_every_component_and_writes_the_same_export(warm, cli, tiny_model, tmp_path, signer):
     _, first_output, url = warm
     output = tmp_path / "out"
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--remote-cache", url, "--json")
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--remote-cache", url, *trusts(signer),
+                 "--json")
     assert origins(result) == dict.fromkeys(NAMES, "downloaded")  # builds: 0
     assert result.stderr == ""
-    # Every file byte-identical; the manifest differs only in saying where each component came from.
+    # Every file byte-identical; the manifest differs only in saying where each component came from, who
+    # signed it, and that its validation is the signer's report.
     assert file_hashes(output, ("manifest.json",)) == file_hashes(first_output, ("manifest.json",))
     first, second = (json.loads((d / "manifest.json").read_text()) for d in (first_output, output))
     for name in NAMES:
-        assert (first["components"][name]["origin"], first["components"][name]["remote"]) == ("built", None)
-        assert (second["components"][name].pop("origin"), second["components"][name].pop("remote")) == ("downloaded", url)
-        del first["components"][name]["origin"], first["components"][name]["remote"]
+        ours, theirs = first["components"][name], second["components"][name]
+        assert (ours.pop("origin"), ours.pop("remote"), ours.pop("signed_by"), ours.pop("signature")) == ("built", None, None, None)
+        assert (theirs.pop("origin"), theirs.pop("remote"), theirs.pop("signed_by")) == ("downloaded", url, signer[1])
+        assert theirs.pop("signature") and theirs["validation"].pop("by") == "signer" and ours["validation"].pop("by") is None
     second["config"]["output"] = first["config"]["output"]
     assert second == first
 
 
-def test_a_corrupted_remote_object_is_rejected_rebuilt_and_replaced(warm, cli, tiny_model, tmp_path):
+def test_a_corrupted_remote_object_is_rejected_rebuilt_and_replaced(warm, cli, tiny_model, tmp_path, signer):
     first_cache, first_output, _ = warm
     url = make_bucket("corrupt")
-    assert cli("cache", "push", "--cache-dir", first_cache, "--remote-cache", url).stdout.endswith("pushed 4 entries to " + url + "\n")
+    pushed = cli("cache", "push", "--cache-dir", first_cache, "--remote-cache", url, *signs(signer))
+    assert pushed.stdout.endswith("pushed 4 entries to " + url + "\n"), pushed
     key = json.loads((first_output / "manifest.json").read_text())["components"]["unet"]["cache_key"]
     (stored,) = s3().glob(f"corrupt/cache/{key}/*/model.neuron")
     data = bytearray(s3().cat_file(stored))
     data[len(data) // 2] ^= 0xFF
     s3().pipe_file(stored, bytes(data))
 
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--remote-cache", url, "--json")
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--remote-cache", url,
+                 *signs(signer), "--json")
     assert origins(result) == {"text_encoder": "downloaded", "unet": "built", "vae_encoder": "downloaded", "vae_decoder": "downloaded"}
     (warning,) = result.stderr.splitlines()
     assert warning.startswith(f"neuron-export: warning: the remote cache entry {key[:12]} in {url} is bad (model.neuron does not match")
@@ -86,7 +109,7 @@ def test_a_corrupted_remote_object_is_rejected_rebuilt_and_replaced(warm, cli, t
     assert verify.exit_code == 0 and "4 of 4 entries intact" in verify.stdout, verify
 
 
-def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, tmp_path, cli):
+def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, tmp_path, cli, signer):
     url = make_bucket("killed")
     # The exporter itself, with its S3 uploads made to stop after the first file: it is killed right there.
     driver = textwrap.dedent("""
@@ -102,7 +125,8 @@ def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, 
         main(sys.argv[1:])
     """)
     command = [sys.executable, "-c", driver, "sd", "-m", str(tiny_model("sd")), "--backend", "cpu", "--components",
-               "vae_decoder", "-o", str(tmp_path / "killed"), "--cache-dir", str(tmp_path / "cache-a"), "--remote-cache", url]
+               "vae_decoder", "-o", str(tmp_path / "killed"), "--cache-dir", str(tmp_path / "cache-a"), "--remote-cache", url,
+               "--remote-cache-signing-key", str(signer[0])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         lines = []
@@ -120,7 +144,7 @@ def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, 
     assert run_cli("cache", "ls", "--remote-cache", url).stdout == ""
 
     reader = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--components", "vae_decoder", "-o", tmp_path / "out",
-                 "--remote-cache", url, "--json")
+                 "--remote-cache", url, *signs(signer), "--json")
     assert origins(reader) == {"vae_decoder": "built"}  # nothing half-uploaded was used
     listing = cli("cache", "ls", "--remote-cache", url).stdout.splitlines()
     assert len(listing) == 1 and "vae_decoder" in listing[0]  # the reader's own upload completed
@@ -144,12 +168,13 @@ def test_an_unreachable_remote_warns_once_and_builds_locally(s3_endpoint, cli, t
     assert "loading" not in required.stdout and not (tmp_path / "required").exists()
 
 
-def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, tiny_model, tmp_path, monkeypatch):
+def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, tiny_model, tmp_path, monkeypatch, signer):
     first_cache, first_output, _ = warm
     url = f"file://{tmp_path / 'shared'}"
-    pushed = cli("cache", "push", "--cache-dir", first_cache, "--remote-cache", url)
+    pushed = cli("cache", "push", "--cache-dir", first_cache, "--remote-cache", url, *signs(signer))
     assert pushed.exit_code == 0 and pushed.stdout.splitlines()[-1] == f"pushed 4 entries to {url}", pushed
     monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE", url)
+    monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS", f"{signer[0]}.pub")  # the public key's file
     listing = cli("cache", "ls", "--remote").stdout.splitlines()
     assert sorted(line.split()[1] for line in listing) == sorted(NAMES)
     assert cli("cache", "du", "--remote").stdout.splitlines()[-1].endswith(f"in {url}")

@@ -1,12 +1,13 @@
-"""`neuron-export cache ls | du | prune | verify [--remote]` and `cache push | pull`: look after the component
-cache and the shared remote cache (registered by cli/main.py)."""
+"""`neuron-export cache ls | du | prune | verify [--remote]`, `cache push | pull` and `cache keygen`: look after the
+component cache and the shared remote cache, and make the key pair that signs its entries (registered by cli/main.py)."""
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from neuron_export.cli.options import RemoteCacheUrl
+from neuron_export.cli.options import RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey, RemoteCacheUrl
 from neuron_export.errors import ExitCode, ExportError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -30,12 +31,15 @@ def _cache(cache_dir: Optional[Path]):  # noqa: ANN202
     return ComponentCache(cache_dir or default_cache_dir())
 
 
-def _remote(url: Optional[str], command: str):  # noqa: ANN202
-    """The remote cache a command names; it must be reachable (these commands have nothing else to do)."""
+def _remote(url: Optional[str], command: str, signing_key: Optional[Path] = None, trusted: Optional[list[str]] = None,
+            allow_unsigned: bool = False):  # noqa: ANN202
+    """The remote cache a command names, with whom it trusts; it must be reachable (these commands have nothing
+    else to do)."""
     import os
 
     from neuron_export.exporter.config import REMOTE_ENV, check_remote_url
     from neuron_export.exporter.remote import RemoteCache
+    from neuron_export.exporter.remote_trust import resolve_trust
 
     where = "--remote-cache"
     if not url and os.environ.get(REMOTE_ENV):
@@ -44,9 +48,10 @@ def _remote(url: Optional[str], command: str):  # noqa: ANN202
         raise ExportError(f"cache {command} needs a remote cache; pass --remote-cache URL or set {REMOTE_ENV}.")
     try:
         check_remote_url(url, where)
+        trust = resolve_trust(signing_key, trusted or [], allow_unsigned)
     except ValueError as exc:
         raise ExportError(f"{exc}.") from None
-    remote = RemoteCache(url, required=True)
+    remote = RemoteCache(url, required=True, trust=trust)
     remote.check()
     return remote
 
@@ -118,11 +123,13 @@ def prune_command(
                         "to remove; add --dry-run to list it without deleting.")
     seconds = parse_duration(older_than) if older_than else None
     if remote or remote_cache:
+        from neuron_export.exporter import remote_upkeep
+
         shared = _remote(remote_cache, "prune --remote")
-        keys = shared.unused_for(seconds)
+        keys = remote_upkeep.unused_for(shared, seconds)
         listed = [(key, shared.record(key)) for key in keys]
         if not dry_run:
-            shared.prune(seconds)
+            remote_upkeep.prune(shared, seconds)
         found = [(key, record.name, sum(f.size for f in record.files)) for key, record in listed if record is not None]
     else:
         cache = _cache(cache_dir)
@@ -139,9 +146,11 @@ def prune_command(
 def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
     """Hash-check every entry; bad ones are removed (and rebuilt by the next export that needs them). Exits 3 if any was bad."""
     if remote or remote_cache:
+        from neuron_export.exporter.remote_upkeep import verify
+
         shared = _remote(remote_cache, "verify --remote")
         count = len(shared.keys())
-        bad = [(key, problem) for key, problem in shared.verify()]
+        bad = verify(shared)
     else:
         cache = _cache(cache_dir)
         count = sum(1 for _ in cache.entries())
@@ -154,12 +163,18 @@ def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, 
 
 
 @cache_app.command("push")
-def push_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None) -> None:
-    """Upload every intact local entry the remote cache does not have (seeds it for other hosts)."""
-    from neuron_export.exporter.remote import push
+def push_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None,
+                 remote_cache_signing_key: RemoteCacheSigningKey = None,
+                 remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False) -> None:
+    """Upload, signed, every intact local entry the remote cache has no trusted entry for (seeds it for other hosts)."""
+    from neuron_export.exporter.remote_trust import SIGNING_KEY_ENV
+    from neuron_export.exporter.remote_upkeep import push
     from neuron_export.format import human_bytes
 
-    shared = _remote(remote_cache, "push")
+    shared = _remote(remote_cache, "push", remote_cache_signing_key, None, remote_cache_allow_unsigned)
+    if not shared.trust.can_upload:
+        raise ExportError(f"cache push signs what it uploads; pass --remote-cache-signing-key FILE (or set "
+                          f"{SIGNING_KEY_ENV}), or --remote-cache-allow-unsigned for a private bucket.")
     pushed = push(_cache(cache_dir), shared)
     for entry in pushed:
         print(f"pushed {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
@@ -167,17 +182,49 @@ def push_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCache
 
 
 @cache_app.command("pull")
-def pull_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None) -> None:
-    """Download every remote entry the local cache does not have, each hash-checked."""
-    from neuron_export.exporter.remote import pull
+def pull_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None,
+                 remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+                 remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False) -> None:
+    """Download every remote entry the local cache does not have that a trusted key signed, each hash-checked."""
+    from neuron_export.exporter.remote_upkeep import pull
     from neuron_export.format import human_bytes
 
-    shared = _remote(remote_cache, "pull")
+    shared = _remote(remote_cache, "pull", None, remote_cache_trusted_keys, remote_cache_allow_unsigned)
     cache = _cache(cache_dir)
     pulled = pull(cache, shared)
     for entry in pulled:
         print(f"pulled {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
     print(f"pulled {len(pulled)} entries from {shared.url} into {cache.root}")
+
+
+@cache_app.command("keygen")
+def keygen_command(
+    key_file: Path = typer.Argument(..., metavar="FILE", help="Where to write the private key (mode 0600); the public key goes to FILE.pub."),
+    force: bool = typer.Option(False, "--force", help="Replace existing key files (entries signed with the old key are then trusted by nobody who drops it)."),
+) -> None:
+    """Make an Ed25519 key pair for signing remote cache entries; prints the public key to trust them with."""
+    from neuron_export.signing import generate, write_private
+
+    public_file = key_file.with_name(key_file.name + ".pub")
+    for path in (key_file, public_file):
+        if (path.exists() or path.is_symlink()) and not force:
+            raise ExportError(f"cache keygen {key_file}: {path} already exists; pass --force to replace it, or "
+                              "choose another FILE.")
+        if path.is_dir():
+            raise ExportError(f"cache keygen {key_file}: {path} is a directory; choose a file name.")
+    if not key_file.parent.is_dir():
+        raise ExportError(f"cache keygen {key_file}: the folder {key_file.parent} does not exist; create it first.")
+    pem, public = generate()
+    try:
+        write_private(key_file, pem, replace=force)
+        public_file.unlink(missing_ok=True)
+        public_file.write_text(public + "\n")
+    except OSError as error:
+        raise ExportError(f"cache keygen {key_file}: cannot write it ({error.strerror or error}); choose a writable "
+                          "folder.") from None
+    print(public)
+    print(f"private key: {key_file} (keep it secret: pass it as --remote-cache-signing-key); public key: {public_file} "
+          "(pass it or the line above as --remote-cache-trusted-key)", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,9 @@ VERIFY_HELP = """Check an export: integrity, compatibility with this host, fit o
 integrity      every file in manifest.json is present with its size and sha256
                (streamed); unlisted files optimum-neuron's loader would pick up
                (a stray *.neuron, an unknown component folder) are failures;
-               README.md and .gitattributes (added by the Hub) are ignored
+               README.md and .gitattributes (added by the Hub) are ignored;
+               each downloaded component's signature matches its record (and,
+               with --remote-cache-trusted-key, is by one of those keys)
 compatibility  this host's torch / torch-neuronx / neuronx-cc / diffusers against
                the versions the manifest records; a --backend cpu export cannot
                run on a NeuronCore; without the Neuron SDK here a neuron export
@@ -65,16 +67,24 @@ def verify_command(
     old_target: Optional[str] = typer.Option(None, "--target", hidden=True),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
+    trusted_keys: Optional[list[str]] = typer.Option(None, "--remote-cache-trusted-key", metavar="KEY", help="Downloaded components must be signed by one of these public keys (ed25519:... or a .pub file; repeatable) [default: $NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS, else any signer whose signature matches]."),
 ) -> None:
     from neuron_export.deploy import verify
     from neuron_export.deploy.instances import get_instance
+    from neuron_export.errors import ExportError
+    from neuron_export.exporter.remote_trust import resolve_trusted
+
+    try:
+        trusted = resolve_trusted(trusted_keys or [])
+    except ValueError as problem:
+        raise ExportError(f"{problem}.") from None
 
     if old_target is not None:
         print("verify --target is now --instance (--target is the compile target of an export); "
               f"use --instance {old_target}.", file=sys.stderr)
         instance_name = instance_name or old_target
     instance = get_instance(instance_name) if instance_name else None
-    report = verify.verify(export_dir, instance, strict=strict)
+    report = verify.verify(export_dir, instance, strict=strict, trusted=frozenset(trusted) if trusted else None)
     if json_output:
         print(json.dumps(report.to_json()), flush=True)
     else:

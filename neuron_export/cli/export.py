@@ -10,6 +10,7 @@ from neuron_export.cli.options import (
     Offline, Optlevel, Output, OutputArgument, RemoteCacheRequired, RemoteCacheUrl, Revision, SetOptions, Target, Task,
     Token, Unet, Width,
 )
+from neuron_export.cli.options import RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey
 from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
 from neuron_export.cli.options import ControlNet, IpAdapter, IpAdapterScale, IpAdapterSubfolder, IpAdapterWeightName
 
@@ -21,7 +22,8 @@ FAMILY_HELP = {
 BUILD_HELP = "Export from YAML config files (several: one set of jobs, shared components built once): defaults < file < --set < flags."
 
 # On/off flags whose absence must not override a YAML file's `true`.
-_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "remote_cache_required"}
+_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "remote_cache_required",
+                "remote_cache_allow_unsigned"}
 
 
 def given_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +92,8 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
         lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
         remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
+        remote_cache_signing_key: RemoteCacheSigningKey = None, remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+        remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
         executor: Executor = None, ray_address: RayAddress = None,
         controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
         ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
@@ -112,11 +116,16 @@ def build_command(run: Runner) -> Callable[..., None]:
         disable_validation: DisableValidation = False, jobs: Jobs = None, max_memory: MaxMemory = None,
         cache_dir: CacheDir = None, force: Force = False, json_output: Json = False,
         remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
+        remote_cache_signing_key: RemoteCacheSigningKey = None, remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+        remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
         executor: Executor = None, ray_address: RayAddress = None,
     ) -> None:
         options = given_options({"output": output, "backend": backend, "disable_validation": disable_validation,
                                  "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force,
                                  "remote_cache": remote_cache, "remote_cache_required": remote_cache_required,
+                                 "remote_cache_signing_key": remote_cache_signing_key,
+                                 "remote_cache_trusted_keys": remote_cache_trusted_keys,
+                                 "remote_cache_allow_unsigned": remote_cache_allow_unsigned,
                                  "executor": executor, "ray_address": ray_address})
         run(config_files if len(config_files) > 1 else config_files[0], list(set_options or []), options, json_output)
 

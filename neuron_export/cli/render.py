@@ -127,6 +127,7 @@ def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> d
             name: {
                 "origin": origins[name],
                 "remote": record.remote if origins[name] == "downloaded" else None,
+                "signed_by": record.signed_by if origins[name] == "downloaded" else None,
                 "seconds": record.build_seconds,
                 "peak_rss_bytes": record.peak_rss_bytes,
                 "validation": record.validation.model_dump(),
@@ -196,9 +197,10 @@ def build_list(plans: list[Plan]) -> list[dict[str, Any]]:
     """Each cache key the plans need, once, with whether a cache (the remote one too, when given) has it."""
     from neuron_export.exporter.fleet import ci_jobs
     from neuron_export.exporter.remote import RemoteCache
+    from neuron_export.exporter.remote_trust import trust_of
 
     url = plans[0].config.remote_cache if plans else None
-    return ci_jobs(plans, RemoteCache(url) if url else None)
+    return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config)) if url else None)
 
 
 def error(message: str, json_mode: bool, exit_code: int) -> None:

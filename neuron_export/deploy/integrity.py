@@ -1,5 +1,6 @@
-"""verify's integrity check: every file the manifest lists is there with its size and sha256, and nothing
-the loader would trip on was added (exit 3).
+"""verify's integrity check: every file the manifest lists is there with its size and sha256, nothing the
+loader would trip on was added, and every signed (downloaded) component's signature matches its record, by a
+trusted key when keys are given (exit 3).
 """
 
 from __future__ import annotations
@@ -61,8 +62,26 @@ def loader_trip_reason(relative: str, components: set[str], directory: Path) -> 
     return None
 
 
-def check_integrity(directory: Path, manifest: Manifest) -> CheckResult:
-    """Sizes first (cheap), then a streaming sha256 of every listed file; then look for unlisted files."""
+def signature_problems(manifest: Manifest, trusted: frozenset[str] | None) -> list[str]:
+    """Each component's signature checked again against its record (the files' sizes and sha256 are checked
+    against the same record). With trusted keys given, a downloaded component must be signed by one of them."""
+    from neuron_export.signing import verifies
+
+    problems = []
+    for name, record in manifest.components.items():
+        if record.signature is not None or record.signed_by is not None:
+            if not verifies(record.signed_by or "", record.signature or "", record.cache_key, record):
+                problems.append(f"{name}: its signature by {record.signed_by} does not match its record (tampered)")
+            elif trusted is not None and record.signed_by not in trusted:
+                problems.append(f"{name}: signed by {record.signed_by}, which is not a trusted key")
+        elif trusted is not None and record.origin == "downloaded":
+            problems.append(f"{name}: downloaded unsigned, and trusted keys were given")
+    return problems
+
+
+def check_integrity(directory: Path, manifest: Manifest, trusted: frozenset[str] | None = None) -> CheckResult:
+    """Sizes first (cheap), then a streaming sha256 of every listed file; then look for unlisted files; then
+    the signatures (`trusted`: the keys that must have signed downloaded components, None: any signer)."""
     from neuron_export.manifest import sha256_file
 
     problems: list[str] = []
@@ -88,6 +107,7 @@ def check_integrity(directory: Path, manifest: Manifest) -> CheckResult:
         hashed += size
         if digest != record.sha256:
             problems.append(f"{rel}: sha256 {digest[:16]}..., the manifest records {record.sha256[:16]}... (content changed)")
+    problems.extend(signature_problems(manifest, trusted))
     components = set(manifest.components)
     unlisted = 0
     for rel in _files_on_disk(directory):

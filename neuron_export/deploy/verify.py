@@ -58,13 +58,13 @@ class Report:
 
 
 def verify(directory: Path, instance: Instance | None = None, env: RuntimeEnv | None = None,
-           strict: bool = False) -> Report:
+           strict: bool = False, trusted: frozenset[str] | None = None) -> Report:
     from neuron_export.manifest import read_manifest
 
     manifest = read_manifest(directory)
     env = env if env is not None else probe_environment()
     checks = {
-        "integrity": check_integrity(directory, manifest),
+        "integrity": check_integrity(directory, manifest, trusted),
         "compatibility": check_compatibility(manifest, env, instance),
         "fit": check_fit(manifest, instance),
     }

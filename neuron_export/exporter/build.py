@@ -22,6 +22,7 @@ from neuron_export.manifest import (
 from neuron_export.exporter.plan import Job, Plan
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.remote import RemoteCache
+from neuron_export.exporter.remote_trust import trust_of
 from neuron_export.exporter.storage import writing
 from neuron_export.exporter.supply import CACHED, supply
 from neuron_export.exporter.worker import WorkOrder, context, worker_main
@@ -284,7 +285,8 @@ def open_remote(plan: Plan) -> RemoteCache | None:
     """The plan's remote cache, checked once: unreachable, it warns once and is left out (an error when required)."""
     if not plan.config.remote_cache:
         return None
-    remote = RemoteCache(plan.config.remote_cache, required=plan.config.remote_cache_required)
+    remote = RemoteCache(plan.config.remote_cache, required=plan.config.remote_cache_required,
+                         trust=trust_of(plan.config))
     remote.check()
     return remote
 

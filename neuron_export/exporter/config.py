@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from neuron_export.errors import ExportError
 from neuron_export.exporter.add_on_options import conditioning_checks
+from neuron_export.exporter.remote_trust import trust_checks
 
 Family = Literal["sd", "sd-xl", "lcm"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
@@ -88,6 +89,10 @@ class ExportConfig(BaseModel):
     output_root: Path | None = None  # a shape matrix writes one export per combination below this
     remote_cache: str | None = None  # an fsspec URL shared by hosts; default $NEURON_EXPORT_REMOTE_CACHE
     remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
+    # Who is trusted (exporter/remote_trust.py): uploads signed with this key, entries used when one of these signed them.
+    remote_cache_signing_key: Path | None = None
+    remote_cache_trusted_keys: tuple[str, ...] = ()
+    remote_cache_allow_unsigned: bool = False  # a private bucket: unsigned entries are used, uploads may go unsigned
     executor: Literal["local", "ray"] = "local"  # where missing components build: here, or as tasks on a Ray cluster
     ray_address: str | None = None  # the cluster for executor ray; default $RAY_ADDRESS
     # --- ControlNet and IP-Adapter (checked in conditioning_checks; built by components/controlnet.py and
@@ -98,7 +103,7 @@ class ExportConfig(BaseModel):
     ip_adapter_weight_name: str | None = None
     ip_adapter_scale: float | None = None  # 1.0 when an IP-Adapter is given
 
-    @field_validator("controlnet", mode="before")
+    @field_validator("controlnet", "remote_cache_trusted_keys", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
@@ -191,6 +196,7 @@ class ExportConfig(BaseModel):
                              f"(or set {REMOTE_ENV}), or drop --remote-cache-required")
         if self.executor == "ray":
             check_ray_executor(self)
+        trust_checks(self)
         return self
 
 

@@ -23,6 +23,7 @@ from neuron_export.exporter.cache import ComponentCache, default_cache_dir
 from neuron_export.exporter.fleet import FleetJob, unique_jobs
 from neuron_export.exporter.plan import Plan, traced_library_versions
 from neuron_export.exporter.remote import RemoteCache, display_url
+from neuron_export.exporter.remote_trust import Trust, trust_of
 from neuron_export.exporter.supply import BUILT, supply
 from neuron_export.exporter.worker import WorkOrder
 from neuron_export.manifest import ComponentRecord
@@ -38,10 +39,11 @@ HubOrigin = tuple[str, str, Path]  # repo id, commit, and the snapshot folder th
 def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str]:
     """Build what the plans miss on the Ray cluster; returns cache key -> the node that supplied it."""
     address, url = _one_cluster(plans)
-    remote = RemoteCache(url, required=True)
+    trust = trust_of(plans[0].config)
+    remote = RemoteCache(url, required=True, trust=trust)
     remote.check()
-    todo = [fleet_job for fleet_job in unique_jobs(plans)
-            if not ComponentCache(fleet_job.plan.cache_dir).peek(fleet_job.key) and not remote.has(fleet_job.key)]
+    todo = [fleet_job for fleet_job in unique_jobs(plans)  # an untrusted remote entry is no help: built again
+            if not ComponentCache(fleet_job.plan.cache_dir).peek(fleet_job.key) and not remote.has_trusted(fleet_job.key)]
     if not todo:
         return {}
     import ray
@@ -51,7 +53,7 @@ def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str
         _connect(ray, address)
     try:
         _check_fits(ray, todo, address)
-        return _run(ray, todo, url, on_event)
+        return _run(ray, todo, url, trust, on_event)
     finally:
         if connected_here:
             ray.shutdown()
@@ -125,7 +127,7 @@ def hub_origin(fleet_job: FleetJob) -> HubOrigin | None:
     return (repo, commit, root) if root is not None else None
 
 
-def _run(ray: Any, todo: list[FleetJob], url: str, on_event: EventHandler) -> dict[str, str]:
+def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: EventHandler) -> dict[str, str]:
     board = ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001})(Board).remote()
     # Ray's worker processes are reused (torch stays imported in their fork server); each build still runs in a
     # process of its own that exits, so its memory goes back to the OS and its TorchScript names start afresh.
@@ -139,7 +141,7 @@ def _run(ray: Any, todo: list[FleetJob], url: str, on_event: EventHandler) -> di
                    "name": f"neuron-export {fleet_job.label}"}
         versions = build_versions(fleet_job.plan.backend)
         ref = task.options(**options).remote(work_order(fleet_job.job, fleet_job.plan), hub_origin(fleet_job),
-                                              versions, url, board)
+                                              versions, url, trust, board)
         submitted[ref] = (index, fleet_job)
         on_event(BuildEvent(fleet_job.label, index, total, "queued"))
     supplied: dict[str, str] = {}
@@ -197,7 +199,7 @@ def _result(ray: Any, ref: Any, fleet_job: FleetJob) -> dict[str, Any]:
 # -- the node's side --------------------------------------------------------------------------------------------
 
 
-def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str | None], url: str,
+def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str | None], url: str, trust: Trust,
                board: Any) -> dict[str, str]:
     """A Ray task: the component in this node's cache (downloaded, or built in a worker process under the node's
     per-key lock), then in the remote cache. Returns the node, where it came from, and its record."""
@@ -218,7 +220,12 @@ def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str 
                               f"{wanted}; install the same versions on every node (the cache keys assume them).")
     order = on_this_node(order, hub, node)
     cache = ComponentCache(default_cache_dir())  # the node's own ($NEURON_EXPORT_CACHE there)
-    remote = RemoteCache(url, required=True)
+    try:  # the signing key is read from the same path on every node (or an unsigned bucket is allowed)
+        trust.private_key()
+    except ValueError as problem:
+        raise ExportError(f"Cluster node {node} cannot use the signing key {trust.signing_key}: it {problem}; put it "
+                          "at the same path on every node.") from None
+    remote = RemoteCache(url, required=True, trust=trust)
     workdir = cache.tmp / f"{key[:16]}-{os.getpid()}-work"  # named so remove_orphans keeps it while we live
     try:
         entries, origins = supply([order.job], cache, remote, lambda job, stage, record: report(stage),

@@ -6,16 +6,19 @@ Layout under the URL, one folder per cache key:
     <key>/<upload id>/model.neuron    the files, uploaded first under a name no reader looks at
     <key>/record.json                 the completion marker: the component record and the upload id, written last
 
-A reader accepts an entry only when its marker exists and every file it names has the recorded size and
-sha256, so an upload killed at any moment leaves nothing a reader uses; a bad entry is reported, removed and
-rebuilt. The marker is written under a temporary name and moved into place, so it is never seen half-written.
+A reader accepts an entry only when its marker exists, is signed by a key it trusts (remote_trust.py; the
+signature covers the key, the component, its input shapes and every file's name, size and sha256), names the
+key, component and shapes it is fetched for, and every file streams in with the recorded size and sha256
+(remote_io.py: never a byte past the size). Nothing is loaded, validated or stored before that. So an upload
+killed at any moment leaves nothing a reader uses; an unsigned or untrusted entry is skipped (one warning) and
+built here; a bad one is reported, removed when the remote allows it, and rebuilt. The marker is written under a
+temporary name and moved into place, so it is never seen half-written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -23,6 +26,7 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -31,12 +35,17 @@ from pydantic import BaseModel
 
 from neuron_export.errors import ExportError, RemoteCacheError
 from neuron_export.exporter.cache import CacheEntry, ComponentCache
-from neuron_export.exporter.storage import writing
-from neuron_export.manifest import HASH_CHUNK, ComponentRecord, sha256_file
+from neuron_export.exporter.remote_io import BadEntry as _Bad
+from neuron_export.exporter.remote_io import is_local, read_marker, stream
+from neuron_export.exporter.remote_trust import Trust
+from neuron_export.files import ARTIFACT_NAME
+from neuron_export.manifest import ComponentRecord
+from neuron_export.signing import public_text, sign, verifies
 
 MARKER_NAME = "record.json"
 MARKER_FORMAT = 1
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
+SHA256_PATTERN = KEY_PATTERN
 ORPHAN_SECONDS = 24 * 3600  # an upload without a marker this old was killed; younger ones may still be running
 LOCAL_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
@@ -48,6 +57,16 @@ class RemoteMarker(BaseModel):
     upload: str
     uploaded_from: str = ""
     record: ComponentRecord
+    signed_by: str | None = None  # the uploader's public key (ed25519:...); None: unsigned
+    signature: str | None = None  # over signing.signed_message(key, record)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What an export fetches a key for: the record must name this component and these inputs."""
+
+    component: str
+    inputs: tuple[tuple[str, tuple[int, ...], str], ...]
 
 
 def display_url(url: str) -> str:
@@ -81,31 +100,34 @@ def _short(error: BaseException) -> str:
 
 
 def _local(error: OSError, root: Path) -> bool:
-    """Whether an OSError is the local disk's: no space or read-only, or naming a path in the local cache."""
-    if error.errno in LOCAL_WRITE_ERRORS:
-        return True
+    """Whether an OSError is the local disk's: naming a path in the local cache, or (naming none) no space or
+    read-only. An error naming a path of a file:// remote is the remote's."""
     names = [Path(os.path.abspath(n)) for n in (error.filename, error.filename2) if isinstance(n, (str, Path))]
-    return any(name.is_relative_to(os.path.abspath(root)) for name in names)
+    if names:
+        return any(name.is_relative_to(os.path.abspath(root)) for name in names)
+    return error.errno in LOCAL_WRITE_ERRORS
 
 
-class _Bad(Exception):
-    """A remote entry that exists but must not be used (its marker or a file does not match)."""
+class _Untrusted(Exception):
+    """A remote entry no trusted key signed: skipped, never removed (it may be someone else's to use)."""
 
 
 class RemoteCache:
     """Read-through and write-back to a shared cache. Unreachable: one warning, then every call answers
     'absent' (the export builds locally), unless `required`, when a RemoteCacheError is raised instead."""
 
-    warned: set[str] = set()  # URLs already reported unreachable by this process
+    warned: set[str] = set()  # URLs already reported (unreachable, holding untrusted entries) by this process
 
-    def __init__(self, url: str, required: bool = False) -> None:
+    def __init__(self, url: str, required: bool = False, trust: Trust = Trust()) -> None:
         self.url = display_url(url)
         self.required = required
+        self.trust = trust
+        self._trusted: frozenset[str] | None = None
         self.warn: Callable[[str], None] = _warn_on_stderr
         self.available = True
         self._raw_url = url
         self._fs: Any = None
-        self._root = ""
+        self.root = ""
 
     # -- connection -----------------------------------------------------------------------------------
 
@@ -117,12 +139,12 @@ class RemoteCache:
 
             protocol = fsspec.core.split_protocol(self._raw_url)[0] or "file"
             self._fs, root = fsspec.core.url_to_fs(self._raw_url, **storage_options(protocol))
-            self._root = root.rstrip("/")
+            self.root = root.rstrip("/")
         return self._fs
 
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
         """A path under the URL, as the filesystem spells it."""
-        return "/".join([self._root if self.fs is not None else "", *parts])
+        return "/".join([self.root if self.fs is not None else "", *parts])
 
     def _unreachable(self, error: BaseException, doing: str) -> None:
         """The one place a failing remote is handled: an error when required, else one warning and off."""
@@ -147,37 +169,85 @@ class RemoteCache:
             self._unreachable(error, doing)
 
     def check(self) -> bool:
-        """Whether the remote answers (one listing); an error when required and it does not."""
+        """Whether the remote answers (one lookup); an error when required and it does not. Required, and this
+        host uploads: a small probe is also written and removed, so an unwritable remote fails before any build."""
         if not self.available:
             return False
         with self.guarded("connecting"):
-            self.fs.exists(self._path(MARKER_NAME))
+            self.fs.exists(self.path(MARKER_NAME))
+        if self.available and self.required and self.trust.can_upload:
+            with self.guarded("writing a probe"):
+                probe = self.path(f".neuron-export-probe-{uuid.uuid4().hex[:12]}")
+                if is_local(self.fs):  # a new shared directory is made by the first upload, as uploads do
+                    self.fs.makedirs(self.root, exist_ok=True)
+                self.fs.pipe_file(probe, b"")
+                self.fs.rm(probe)
         return self.available
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if f"{topic} {self.url}" not in RemoteCache.warned:
+            RemoteCache.warned.add(f"{topic} {self.url}")
+            self.warn(message)
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _marker(self, key: str) -> RemoteMarker | None:
+    def marker(self, key: str) -> RemoteMarker | None:
         """The entry's marker, None when absent; _Bad when it is not ours or not valid."""
         if not KEY_PATTERN.fullmatch(key):
             return None
         try:
-            raw = self.fs.cat_file(self._path(key, MARKER_NAME))
+            raw = read_marker(self.fs, self.root, self.path(key, MARKER_NAME))
         except FileNotFoundError:
             return None
         try:
             marker = RemoteMarker.model_validate_json(raw)
         except ValueError:
             raise _Bad("its record.json is not a valid record") from None
-        if marker.format != MARKER_FORMAT or not re.fullmatch(r"[0-9a-z-]+", marker.upload) or marker.record.cache_key not in ("", key):
+        if marker.format != MARKER_FORMAT or not re.fullmatch(r"[0-9a-z-]+", marker.upload) or marker.record.cache_key != key:
             raise _Bad("its record.json does not describe this key")
+        names = [Path(file.path).name for file in marker.record.files]
+        if not names:
+            raise _Bad("its record.json lists no files")
+        if ARTIFACT_NAME not in names or len(set(names)) != len(names) or any(
+                file.size < 0 or not SHA256_PATTERN.fullmatch(file.sha256) for file in marker.record.files):
+            raise _Bad(f"its record.json does not list one {ARTIFACT_NAME} and distinct files with sizes and sha256")
         return marker
+
+    def _checked(self, key: str, wanted: Wanted | None) -> RemoteMarker | None:
+        """The marker, once its signature is checked against the trusted keys (_Untrusted otherwise) and it names
+        what it is fetched for (_Bad otherwise); None when absent."""
+        marker = self.marker(key)
+        if marker is None:
+            return None
+        if self._trusted is None:
+            self._trusted = self.trust.trusted_keys()
+        if marker.signed_by is None or marker.signature is None:
+            if not self.trust.allow_unsigned:
+                raise _Untrusted(f"{marker.record.name} entry {key[:12]} is unsigned")
+        elif marker.signed_by not in self._trusted:
+            if not self.trust.allow_unsigned:
+                raise _Untrusted(f"{marker.record.name} entry {key[:12]} is signed by {marker.signed_by}")
+        elif not verifies(marker.signed_by, marker.signature, key, marker.record):
+            raise _Bad(f"its signature by {marker.signed_by} does not match its record")
+        if wanted is not None:
+            inputs = tuple((t.name, tuple(t.shape), t.dtype) for t in marker.record.inputs)
+            if marker.record.name != wanted.component or inputs != wanted.inputs:
+                raise _Bad(f"its record is for {marker.record.name}, not {wanted.component}"
+                           if marker.record.name != wanted.component else
+                           f"its record's inputs are not the {wanted.component} inputs this key is fetched for")
+        return marker
+
+    def _skip_untrusted(self, why: str) -> None:
+        self._warn_once("untrusted", f"the remote cache {self.url} holds entries no trusted key signed ({why}); they are "
+                        "skipped and built here: pass --remote-cache-trusted-key with their signer's public key, or "
+                        "--remote-cache-allow-unsigned for a private bucket.")
 
     def has(self, key: str) -> bool:
         """Whether a completed entry exists (its files are not checked: for plans, which must stay quick)."""
         if not self.available:
             return False
         with self.guarded(f"looking up {key[:12]}"):
-            return self.fs.exists(self._path(key, MARKER_NAME))
+            return self.fs.exists(self.path(key, MARKER_NAME))
         return False
 
     def record(self, key: str) -> ComponentRecord | None:
@@ -185,35 +255,54 @@ class RemoteCache:
         marker = None
         with self.guarded(f"reading {key[:12]}"):
             try:
-                marker = self._marker(key)
+                marker = self.marker(key)
             except _Bad:
                 pass
         return marker.record if marker else None
 
-    def download(self, key: str, cache: ComponentCache) -> CacheEntry | None:
-        """The entry stored in the local cache, every file hash-checked; None when absent. A bad entry is
-        reported, removed from the remote (so it is rebuilt and replaced) and never used."""
+    def has_trusted(self, key: str) -> bool:
+        """Whether an entry a trusted key signed exists (its record read and checked; its files not)."""
+        if not self.available:
+            return False
+        with self.guarded(f"looking up {key[:12]}"):
+            try:
+                return self._checked(key, None) is not None
+            except (_Bad, _Untrusted):
+                return False
+        return False
+
+    def download(self, key: str, cache: ComponentCache, wanted: Wanted | None = None) -> CacheEntry | None:
+        """The entry stored in the local cache, its signature checked before any file is fetched and every file
+        hash-checked as it streams in; None when absent or untrusted (skipped). A bad entry is reported,
+        removed from the remote when it allows (so it is rebuilt and replaced) and never used."""
         if not self.available:
             return None
         build_dir: Path | None = None
         try:
-            marker = self._marker(key)
+            marker = self._checked(key, wanted)
             if marker is None:
                 return None
             build_dir = cache.new_build_dir(key)
             for file in marker.record.files:
                 name = Path(file.path).name
-                target = build_dir / name
                 try:
-                    self.fs.get_file(self._path(key, marker.upload, name), str(target))
+                    digest = stream(self.fs, self.root, self.path(key, marker.upload, name), file.size, build_dir / name)
                 except FileNotFoundError:
                     raise _Bad(f"{name} is missing") from None
-                if target.stat().st_size != file.size or sha256_file(target) != file.sha256:
+                if digest != file.sha256:
                     raise _Bad(f"{name} does not match its recorded sha256")
-            record = marker.record.model_copy(update={"origin": "downloaded", "remote": self.url, "cache_key": key})
+            by = "signer" if marker.signature is not None and marker.signed_by in (self._trusted or ()) else "uploader"
+            signed = by == "signer"
+            record = marker.record.model_copy(update={
+                "origin": "downloaded", "remote": self.url, "cache_key": key,
+                "signed_by": marker.signed_by if signed else None, "signature": marker.signature if signed else None,
+                "validation": marker.record.validation.model_copy(update={"by": by})})
             entry = cache.store(key, build_dir, record)
             build_dir = None
             return entry
+        except _Untrusted as untrusted:
+            self._skip_untrusted(str(untrusted))
+            return None
         except _Bad as bad:
             self._reject(key, str(bad))
             return None
@@ -229,40 +318,52 @@ class RemoteCache:
                 shutil.rmtree(build_dir, ignore_errors=True)
 
     def _reject(self, key: str, problem: str) -> None:
-        self.warn(f"the remote cache entry {key[:12]} in {self.url} is bad ({problem}); it is not used, "
-                  "and is removed so it is rebuilt and replaced.")
-        self.delete(key)
+        """One warning line; removing the entry may fail (a read-only remote): then it is only skipped."""
+        try:
+            self.delete(key)
+            outcome = "and is removed so it is rebuilt and replaced"
+        except Exception as error:  # noqa: BLE001  (any failure of any filesystem: the remote stays as it is)
+            outcome = f"and could not be removed there ({_short(error)}): it is built here; remove it from {self.url}"
+        self.warn(f"the remote cache entry {key[:12]} in {self.url} is bad ({problem}); it is not used, {outcome}.")
 
     # -- writing --------------------------------------------------------------------------------------
 
     def upload(self, key: str, entry: CacheEntry) -> None:
-        """Upload an entry unless the remote has it: files under a fresh upload folder, the marker last."""
-        if not self.has(key) and self.available:
+        """Upload an entry, signed, unless the remote has one a trusted key signed (an untrusted or bad one is
+        replaced): files under a fresh upload folder, the marker last. Without a signing key nothing is
+        uploaded, unless unsigned entries are allowed."""
+        if not self.available or not self.trust.can_upload:  # a host without a signing key only reads
+            return
+        if not self.has_trusted(key) and self.available:
             self._upload(key, entry)
 
     def _upload(self, key: str, entry: CacheEntry) -> None:
         upload = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        record = entry.record.model_copy(update={"origin": None, "remote": None, "cache_key": key})
-        marker = RemoteMarker(upload=upload, uploaded_from=socket.gethostname(), record=record)
+        record = entry.record.model_copy(update={"origin": None, "remote": None, "cache_key": key,
+                                                 "signed_by": None, "signature": None})
+        private = self.trust.private_key()
+        marker = RemoteMarker(upload=upload, uploaded_from=socket.gethostname(), record=record,
+                              signed_by=public_text(private) if private is not None else None,
+                              signature=sign(private, key, record) if private is not None else None)
         with self.guarded(f"uploading {key[:12]}"):
-            self.fs.makedirs(self._path(key, upload), exist_ok=True)  # local and NFS; nothing on object stores
+            self.fs.makedirs(self.path(key, upload), exist_ok=True)  # local and NFS; nothing on object stores
             for file in entry.record.files:
                 name = Path(file.path).name
-                self.fs.put_file(str(entry.directory / name), self._path(key, upload, name))
-            temporary = self._path(key, f".{MARKER_NAME}.{upload}")
+                self.fs.put_file(str(entry.directory / name), self.path(key, upload, name))
+            temporary = self.path(key, f".{MARKER_NAME}.{upload}")
             self.fs.pipe_file(temporary, marker.model_dump_json(indent=2).encode())
-            self.fs.mv(temporary, self._path(key, MARKER_NAME))
+            self.fs.mv(temporary, self.path(key, MARKER_NAME))
 
     def delete(self, key: str) -> None:
         """The marker first (readers stop accepting the entry at once), then its files."""
         if not KEY_PATTERN.fullmatch(key):
             return
         try:
-            self.fs.rm(self._path(key, MARKER_NAME))
+            self.fs.rm(self.path(key, MARKER_NAME))
         except FileNotFoundError:
             pass
         try:
-            self.fs.rm(self._path(key), recursive=True)
+            self.fs.rm(self.path(key), recursive=True)
         except FileNotFoundError:
             pass
 
@@ -272,7 +373,7 @@ class RemoteCache:
         """Every key with a completed entry (a marker)."""
         found: list[str] = []
         with self.guarded("listing"):
-            found = self.fs.glob(self._path("*", MARKER_NAME))
+            found = self.fs.glob(self.path("*", MARKER_NAME))
         return sorted(key for key in (p.rstrip("/").split("/")[-2] for p in found) if KEY_PATTERN.fullmatch(key))
 
     def size(self, key: str) -> int:
@@ -283,99 +384,5 @@ class RemoteCache:
     def uploaded_at(self, key: str) -> float:
         """When the entry was completed (its marker's time), in seconds since the epoch (0 when unknown)."""
         with self.guarded(f"reading {key[:12]}"):
-            return self.fs.modified(self._path(key, MARKER_NAME)).timestamp()
+            return self.fs.modified(self.path(key, MARKER_NAME)).timestamp()
         return 0.0
-
-    def _problem(self, key: str) -> str | None:
-        try:
-            marker = self._marker(key)
-        except _Bad as bad:
-            return str(bad)
-        if marker is None:
-            return "its record.json is missing"
-        for file in marker.record.files:
-            name = Path(file.path).name
-            digest, size = hashlib.sha256(), 0
-            try:
-                with self.fs.open(self._path(key, marker.upload, name), "rb") as handle:
-                    while chunk := handle.read(HASH_CHUNK):
-                        digest.update(chunk)
-                        size += len(chunk)
-            except FileNotFoundError:
-                return f"{name} is missing"
-            if size != file.size or digest.hexdigest() != file.sha256:
-                return f"{name} does not match its recorded sha256"
-        return None
-
-    def verify(self) -> list[tuple[str, str]]:
-        """Every entry hash-checked (read, not downloaded to disk); bad ones are removed and returned with the reason."""
-        bad = []
-        for key in self.keys():
-            with self.guarded(f"checking {key[:12]}"):
-                problem = self._problem(key)
-                if problem is not None:
-                    self.delete(key)
-                    bad.append((key, problem))
-        return bad
-
-    def unused_for(self, older_than_seconds: float | None) -> list[str]:
-        """Keys completed longer ago than that (every key for None): what `prune --remote` would remove."""
-        now = time.time()
-        return [key for key in self.keys()
-                if older_than_seconds is None or now - self.uploaded_at(key) > older_than_seconds]
-
-    def orphans(self) -> Iterator[str]:
-        """Upload folders no marker names that are older than a day: uploads that were killed."""
-        for folder in self.fs.glob(self._path("*", "*")):
-            key, upload = folder.rstrip("/").split("/")[-2:]
-            if not KEY_PATTERN.fullmatch(key) or upload == MARKER_NAME or upload.startswith("."):
-                continue
-            marker = None
-            try:
-                marker = self._marker(key)
-            except _Bad:
-                pass
-            if marker is not None and marker.upload == upload:
-                continue
-            stamp = upload.split("-")[0]
-            try:
-                started = time.mktime(time.strptime(stamp, "%Y%m%d%H%M%S"))
-            except ValueError:
-                continue
-            if time.time() - started > ORPHAN_SECONDS:
-                yield folder
-
-    def prune(self, older_than_seconds: float | None) -> list[str]:
-        removed = self.unused_for(older_than_seconds)
-        with self.guarded("removing"):
-            for key in removed:
-                self.delete(key)
-            for folder in list(self.orphans()):
-                self.fs.rm(folder, recursive=True)
-        return removed
-
-
-def push(cache: ComponentCache, remote: RemoteCache) -> list[CacheEntry]:
-    """Seed the remote: every intact local entry it does not have yet is uploaded. Returns those uploaded."""
-    uploaded = []
-    for listed in list(cache.entries()):
-        if remote.has(listed.key):
-            continue
-        entry = cache.lookup(listed.key)  # hash-checked: a bad local entry is never shared
-        if entry is not None:
-            remote.upload(entry.key, entry)
-            uploaded.append(entry)
-    return uploaded
-
-
-def pull(cache: ComponentCache, remote: RemoteCache) -> list[CacheEntry]:
-    """Seed the local cache: every remote entry it does not have is downloaded and hash-checked."""
-    pulled = []
-    for key in remote.keys():
-        if cache.peek(key):
-            continue
-        with writing("the component cache", cache.root, remote.size(key), "--cache-dir"):
-            entry = remote.download(key, cache)
-        if entry is not None:
-            pulled.append(entry)
-    return pulled

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from neuron_export.exporter.cache import CacheEntry, ComponentCache
-from neuron_export.exporter.remote import RemoteCache
+from neuron_export.exporter.remote import RemoteCache, Wanted
 from neuron_export.exporter.storage import writing
 from neuron_export.manifest import ComponentRecord
 
@@ -89,7 +89,7 @@ def supply(jobs: list[Job], cache: ComponentCache, remote: RemoteCache | None, n
                 if entry is None and remote is not None and remote.has(job.cache_key):
                     notify(job, "downloading", None)
                     with writing("the component cache", cache.root, job.weights.bytes, "--cache-dir"):
-                        entry, origin = remote.download(job.cache_key, cache), DOWNLOADED
+                        entry, origin = remote.download(job.cache_key, cache, wanted(job)), DOWNLOADED
                 if entry is None:
                     to_build.append(job)
                     continue
@@ -108,6 +108,11 @@ def supply(jobs: list[Job], cache: ComponentCache, remote: RemoteCache | None, n
     finally:
         _release(held)
     return entries, origins
+
+
+def wanted(job: Job) -> Wanted:
+    """What a remote entry fetched for this job must say it is: this component, with these compiled inputs."""
+    return Wanted(job.component, tuple((t.name, tuple(t.shape), t.dtype) for t in job.spec.inputs))
 
 
 def _release(held: dict[str, Any]) -> None:
