@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from neuron_export.errors import ExportError
-from neuron_export.files import COMPONENT_CONFIG
-from neuron_export.manifest import is_export
+from neuron_export.files import COMPONENT_CONFIG, MANIFEST_NAME
+from neuron_export.manifest import is_export, read_manifest
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
-from neuron_export.exporter.storage import storage_error
+from neuron_export.exporter.storage import storage_error, writing
 from neuron_export.components.image_encoder import MODEL_TYPE as IMAGE_ENCODER_TYPE
 
 if TYPE_CHECKING:
@@ -32,20 +33,74 @@ def _sibling(output: Path, tag: str) -> Path:
     return output.parent / f".{output.name}.{tag}"
 
 
+STAGING_TAG = "partial-"
+
+
+def _is_staging_of(name: str, output: Path) -> bool:
+    """Whether `name` is exactly one of our staging folders for `output` (never a glob: `exp[1]` is not `exp1`)."""
+    return re.fullmatch(re.escape(f".{output.name}.{STAGING_TAG}") + "[0-9a-f]{8}", name) is not None
+
+
+@contextlib.contextmanager
+def claim_output(output: Path) -> Iterator[None]:
+    """One export at a time per output: a lock file beside it (`.NAME.lock`), held until the export is published
+    or abandoned; a second export to the same output is refused at once."""
+    from filelock import FileLock, Timeout
+
+    output = output.absolute()
+    with writing("the export", output, 0, "--output"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(_sibling(output, "lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ExportError(f"--output {output} is being written by another export right now; wait for it to "
+                              "finish, or choose another --output.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @contextlib.contextmanager
 def staging_directory(output: Path) -> Iterator[Path]:
     """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic),
-    removed with everything in it unless the export is published."""
+    removed with everything in it unless the export is published. Call it holding claim_output."""
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same export
-    staging = _sibling(output, f"partial-{uuid.uuid4().hex[:8]}")
+    for stale in output.parent.iterdir():
+        if _is_staging_of(stale.name, output) and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same export (we hold its lock)
+    staging = _sibling(output, f"{STAGING_TAG}{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def unlisted_files(output: Path) -> list[str]:
+    """What an earlier export holds beyond its manifest's files (and the manifest): a user's, so --force must not
+    replace it. Paths relative to `output`, sorted; folders that hold no listed file count too."""
+    listed = {f.path for f in read_manifest(output).all_files()} | {MANIFEST_NAME}
+    folders = {parent.as_posix() for path in listed for parent in Path(path).parents}
+    found = []
+    for path in sorted(output.rglob("*")):
+        relative = path.relative_to(output).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if relative not in folders:
+                found.append(relative + "/")
+        elif relative not in listed or path.is_symlink():
+            found.append(relative)
+    return [path for path in found if not any(path.startswith(f) for f in found if f.endswith("/") and f != path)]
+
+
+def refuse_unlisted(output: Path) -> None:
+    extra = unlisted_files(output)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ExportError(f"--output {output} holds files its manifest does not list ({shown}), so --force does not "
+                          "replace it; move them out, or choose another --output.")
 
 
 def check_writable(output: Path, needed: int, fix: str) -> None:
@@ -71,9 +126,11 @@ def publish(staging: Path, output: Path, force: bool) -> None:
     if output.exists():
         if not force:
             raise ExportError(f"--output {output} appeared while exporting; pass --force to replace it.")
-        if not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
+        if output.is_symlink() or not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
             raise ExportError(f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
                             "not replaced; choose another --output.")
+        if is_export(output):
+            refuse_unlisted(output)
         retired = _sibling(output, f"old-{uuid.uuid4().hex[:8]}")
         output.rename(retired)
         try:

@@ -23,6 +23,7 @@ from neuron_export.files import MANIFEST_NAME
 from neuron_export.manifest import is_export, read_manifest
 from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 from neuron_export.exporter.conditioning import add_conditioning
+from neuron_export.exporter.layout import refuse_unlisted
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
@@ -132,9 +133,16 @@ def check_output(output: Path, force: bool) -> None:
     """An existing output is refused unless --force, or unless it already holds this very export
     (that is decided once the plan exists: see Plan.up_to_date). --force replaces only an earlier
     export or an empty directory: neuron-export never deletes what it did not make."""
+    if output.is_symlink():  # dangling or not: publishing would replace the link, not what it points to
+        raise ExportError(f"--output {output} is a symbolic link (to {os.readlink(output)}); pass the directory itself "
+                          "or another --output.")
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a directory; choose another --output.")
-    if not output.exists() or is_export(output):
+    if not output.exists():
+        return
+    if is_export(output):
+        if force:
+            refuse_unlisted(output)
         return
     if any(output.iterdir()):
         raise ExportError(
@@ -315,7 +323,7 @@ def make_plan(config: ExportConfig) -> Plan:
         check_output(output, config.force)
 
     cache_dir = config.cache_dir or default_cache_dir()
-    hashes = HashIndex(cache_dir)
+    hashes = HashIndex(cache_dir, config.hub_cache_dir)
     cache = ComponentCache(cache_dir)
     loras = plan_loras(config, facts, hashes)
     compiler_version = get_backend(backend).compiler_version()

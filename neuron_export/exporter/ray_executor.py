@@ -219,7 +219,7 @@ def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str 
     order = on_this_node(order, hub, node)
     cache = ComponentCache(default_cache_dir())  # the node's own ($NEURON_EXPORT_CACHE there)
     remote = RemoteCache(url, required=True)
-    workdir = cache.tmp / f"{key[:16]}-{os.getpid()}-work"  # named so remove_orphans keeps it while we live
+    workdir = cache.work_dir(key)  # named so remove_orphans keeps it while we live
     try:
         entries, origins = supply([order.job], cache, remote, lambda job, stage, record: report(stage),
                                   lambda jobs: {order.job.component: build_one(order, cache, workdir, report)})
