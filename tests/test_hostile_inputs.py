@@ -47,15 +47,17 @@ def test_a_symlink_named_like_the_genuine_blob_does_not_forge_the_key(cli, tiny_
     genuine = model_copy(tiny_model, tmp_path, "genuine")
     weights = genuine / "unet" / "diffusion_pytorch_model.safetensors"
     genuine_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    altered = model_copy(tiny_model, tmp_path, "altered")
+    # Laid out like a Hub cache, but not the Hub cache: the blob's name is the genuine hash, its bytes are not.
+    repository = tmp_path / "hub-lookalike" / "models--org--genuine"
+    altered = repository / "snapshots" / ("c" * 40)
+    shutil.copytree(genuine, altered)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one weight changed; the header still says the same
-    blobs = tmp_path / "not-a-hub-cache" / "blobs"
-    blobs.mkdir(parents=True)
-    (blobs / genuine_sha).write_bytes(bytes(data))
+    (repository / "blobs").mkdir()
+    (repository / "blobs" / genuine_sha).write_bytes(bytes(data))
     target = altered / "unet" / "diffusion_pytorch_model.safetensors"
     target.unlink()
-    target.symlink_to(blobs / genuine_sha)
+    target.symlink_to(Path("..", "..", "..", "blobs", genuine_sha))
     genuine_keys, altered_keys = plan_keys(cli, genuine), plan_keys(cli, altered)
     assert altered_keys["unet"] != genuine_keys["unet"]
     assert altered_keys["text_encoder"] == genuine_keys["text_encoder"]  # untouched parts still share their builds

@@ -18,6 +18,7 @@ from neuron_export.errors import ExportError
 from neuron_export.files import COMPONENT_CONFIG, MANIFEST_NAME
 from neuron_export.manifest import is_export, read_manifest
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
+from neuron_export.exporter.source_files import files_inside, model_roots
 from neuron_export.exporter.storage import storage_error, writing
 from neuron_export.components.image_encoder import MODEL_TYPE as IMAGE_ENCODER_TYPE
 
@@ -220,6 +221,7 @@ def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord
     for name in PROCESSOR_FOLDERS:
         entry = index.get(name)
         if entry and entry[0] is not None and (source / name).is_dir():
+            files_inside(source / name, model_roots(source))  # checked again: nothing outside the model is copied
             shutil.copytree(source / name, directory / name, dirs_exist_ok=True)
     if plan.facts.is_lcm and index.get("scheduler", [None, None])[1] != "LCMScheduler":
         use_lcm_scheduler(index, directory / "scheduler" / "scheduler_config.json")
