@@ -7,7 +7,9 @@ a hidden `.NAME.partial-*` sibling, which the next run of the same export remove
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import re
 import shutil
 import uuid
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from neuron_export.errors import ExportError
-from neuron_export.files import COMPONENT_CONFIG, MANIFEST_NAME
-from neuron_export.manifest import is_export, read_manifest
+from neuron_export.files import COMPONENT_CONFIG
+from neuron_export.manifest import is_export, refuse_unlisted
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.source_files import files_inside, model_roots
 from neuron_export.exporter.storage import storage_error, writing
@@ -45,22 +47,30 @@ def _is_staging_of(name: str, output: Path) -> bool:
 @contextlib.contextmanager
 def claim_output(output: Path) -> Iterator[None]:
     """One export at a time per output: a lock file beside it (`.NAME.lock`), held until the export is published
-    or abandoned; a second export to the same output is refused at once."""
-    from filelock import FileLock, Timeout
-
+    or abandoned, then removed; a second export to the same output is refused at once. flock, as filelock uses,
+    taken directly so the file can be removed safely (the holder checks it locked the file still in place)."""
     output = output.absolute()
+    path = _sibling(output, "lock")
     with writing("the export", output, 0, "--output"):
         output.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(_sibling(output, "lock")))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise ExportError(f"--output {output} is being written by another export right now; wait for it to "
-                              "finish, or choose another --output.") from None
+        while True:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(handle)
+                raise ExportError(f"--output {output} is being written by another export right now; wait for it to "
+                                  "finish, or choose another --output.") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                    break
+            os.close(handle)  # its last holder removed it as we opened it: lock the new one
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still holding it: an export that opens it now finds it gone and makes a new one
+        os.close(handle)
 
 
 @contextlib.contextmanager
@@ -78,30 +88,6 @@ def staging_directory(output: Path) -> Iterator[Path]:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def unlisted_files(output: Path) -> list[str]:
-    """What an earlier export holds beyond its manifest's files (and the manifest): a user's, so --force must not
-    replace it. Paths relative to `output`, sorted; folders that hold no listed file count too."""
-    listed = {f.path for f in read_manifest(output).all_files()} | {MANIFEST_NAME}
-    folders = {parent.as_posix() for path in listed for parent in Path(path).parents}
-    found = []
-    for path in sorted(output.rglob("*")):
-        relative = path.relative_to(output).as_posix()
-        if path.is_dir() and not path.is_symlink():
-            if relative not in folders:
-                found.append(relative + "/")
-        elif relative not in listed or path.is_symlink():
-            found.append(relative)
-    return [path for path in found if not any(path.startswith(f) for f in found if f.endswith("/") and f != path)]
-
-
-def refuse_unlisted(output: Path) -> None:
-    extra = unlisted_files(output)
-    if extra:
-        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise ExportError(f"--output {output} holds files its manifest does not list ({shown}), so --force does not "
-                          "replace it; move them out, or choose another --output.")
 
 
 def check_writable(output: Path, needed: int, fix: str) -> None:

@@ -20,10 +20,9 @@ from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
 from neuron_export.errors import MemoryBudgetError, ExportError
 from neuron_export.exporter.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
 from neuron_export.files import MANIFEST_NAME
-from neuron_export.manifest import is_export, read_manifest
+from neuron_export.manifest import is_export, read_manifest, refuse_unlisted
 from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 from neuron_export.exporter.conditioning import add_conditioning
-from neuron_export.exporter.layout import refuse_unlisted
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
