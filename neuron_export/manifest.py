@@ -226,3 +226,27 @@ NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_
 def normalized_config(config: Any) -> dict[str, Any]:
     """The resolved options that decide the export's contents (no secrets, no build-process knobs)."""
     return config.model_dump(mode="json", exclude=NOT_RECORDED)
+
+
+def unlisted_files(output: Path) -> list[str]:
+    """What an earlier export holds beyond its manifest's files (and the manifest): a user's, so --force must not
+    replace it. Paths relative to `output`, sorted; folders that hold no listed file count too."""
+    listed = {f.path for f in read_manifest(output).all_files()} | {MANIFEST_NAME}
+    folders = {parent.as_posix() for path in listed for parent in Path(path).parents}
+    found = []
+    for path in sorted(output.rglob("*")):
+        relative = path.relative_to(output).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if relative not in folders:
+                found.append(relative + "/")
+        elif relative not in listed or path.is_symlink():
+            found.append(relative)
+    return [path for path in found if not any(path.startswith(f) for f in found if f.endswith("/") and f != path)]
+
+
+def refuse_unlisted(output: Path) -> None:
+    extra = unlisted_files(output)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ExportError(f"--output {output} holds files its manifest does not list ({shown}), so --force does not "
+                          "replace it; move them out, or choose another --output.")

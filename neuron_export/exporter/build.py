@@ -14,7 +14,7 @@ from neuron_export.version import __version__
 from neuron_export.exporter.cache import CacheEntry, ComponentCache, link_or_copy
 from neuron_export.errors import BuildError, ExportError
 from neuron_export.files import ARTIFACT_NAME
-from neuron_export.exporter.layout import check_writable, publish, staging_directory, write_layout
+from neuron_export.exporter.layout import check_writable, claim_output, publish, staging_directory, write_layout
 from neuron_export.manifest import (
     AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
     environment, file_record, normalized_config,
@@ -253,6 +253,12 @@ def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple
         return read_manifest(plan.output), {job.component: CACHED for job in plan.jobs}
     remote = open_remote(plan)  # first: a required remote that cannot be reached fails before anything is written
     check_writable(plan.output, export_bytes(plan, sum(job.weights.bytes for job in plan.jobs)), "--output")
+    with claim_output(plan.output):  # a second export to this output is refused here, before anything is built
+        return _export(plan, remote, on_event)
+
+
+def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> tuple[Manifest, dict[str, str]]:
+    """run_export's work, done holding the output's lock."""
     cache = ComponentCache(plan.cache_dir)
     cache.remove_orphans()
     number = {job.component: index for index, job in enumerate(plan.jobs, start=1)}

@@ -317,6 +317,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ExportError(f"Config file {path} does not exist; pass a path to a YAML file such as configs/sd15-512.yaml.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, RecursionError):
+        raise ExportError(f"Config file {path} cannot be read as text; pass a YAML file such as configs/sd15-512.yaml.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -335,11 +337,15 @@ def parse_set_options(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ExportError(f"--set {pair!r} is not key=value; write it like --set height=768.")
-        result[key.strip()] = yaml.safe_load(raw) if raw else None
+        try:
+            result[key.strip()] = yaml.safe_load(raw) if raw else None
+        except (yaml.YAMLError, RecursionError):
+            raise ExportError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set {key.strip()}='...'.") from None
     return _normalize_keys(result, "--set")
 
 
 MATRIX_KEYS = ("height", "width", "batch_size")
+MAX_MATRIX = 64  # exports one shape matrix may make: each is a full export on disk
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -372,6 +378,11 @@ def make_configs(*layers: dict[str, Any]) -> list[ExportConfig]:
     width and batch_size make a shape matrix: one config per combination, all validated up front."""
     merged = _merge(layers)
     axes = {key: _as_list(merged[key]) for key in MATRIX_KEYS if key in merged}
+    count = math.prod(len(values) for values in axes.values())
+    if count > MAX_MATRIX:
+        sizes = " x ".join(f"{len(values)} {key}" for key, values in axes.items())
+        raise ExportError(f"{sizes} make {count} exports, more than the {MAX_MATRIX} one command may start; split the "
+                          "shape matrix over several commands.")
     combinations = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
     if len(combinations) == 1:
         return [_validate({**merged, **combinations[0]})]

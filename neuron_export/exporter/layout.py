@@ -7,7 +7,10 @@ a hidden `.NAME.partial-*` sibling, which the next run of the same export remove
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -15,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from neuron_export.errors import ExportError
 from neuron_export.files import COMPONENT_CONFIG
-from neuron_export.manifest import is_export
+from neuron_export.manifest import is_export, refuse_unlisted
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
-from neuron_export.exporter.storage import storage_error
+from neuron_export.exporter.source_files import files_inside, model_roots
+from neuron_export.exporter.storage import storage_error, writing
 from neuron_export.components.image_encoder import MODEL_TYPE as IMAGE_ENCODER_TYPE
 
 if TYPE_CHECKING:
@@ -32,15 +36,53 @@ def _sibling(output: Path, tag: str) -> Path:
     return output.parent / f".{output.name}.{tag}"
 
 
+STAGING_TAG = "partial-"
+
+
+def _is_staging_of(name: str, output: Path) -> bool:
+    """Whether `name` is exactly one of our staging folders for `output` (never a glob: `exp[1]` is not `exp1`)."""
+    return re.fullmatch(re.escape(f".{output.name}.{STAGING_TAG}") + "[0-9a-f]{8}", name) is not None
+
+
+@contextlib.contextmanager
+def claim_output(output: Path) -> Iterator[None]:
+    """One export at a time per output: a lock file beside it (`.NAME.lock`), held until the export is published
+    or abandoned, then removed; a second export to the same output is refused at once. flock, as filelock uses,
+    taken directly so the file can be removed safely (the holder checks it locked the file still in place)."""
+    output = output.absolute()
+    path = _sibling(output, "lock")
+    with writing("the export", output, 0, "--output"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(handle)
+                raise ExportError(f"--output {output} is being written by another export right now; wait for it to "
+                                  "finish, or choose another --output.") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                    break
+            os.close(handle)  # its last holder removed it as we opened it: lock the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still holding it: an export that opens it now finds it gone and makes a new one
+        os.close(handle)
+
+
 @contextlib.contextmanager
 def staging_directory(output: Path) -> Iterator[Path]:
     """A fresh hidden directory beside `output` (same filesystem, so the final rename is atomic),
-    removed with everything in it unless the export is published."""
+    removed with everything in it unless the export is published. Call it holding claim_output."""
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same export
-    staging = _sibling(output, f"partial-{uuid.uuid4().hex[:8]}")
+    for stale in output.parent.iterdir():
+        if _is_staging_of(stale.name, output) and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run of this same export (we hold its lock)
+    staging = _sibling(output, f"{STAGING_TAG}{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
         yield staging
@@ -71,9 +113,11 @@ def publish(staging: Path, output: Path, force: bool) -> None:
     if output.exists():
         if not force:
             raise ExportError(f"--output {output} appeared while exporting; pass --force to replace it.")
-        if not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
+        if output.is_symlink() or not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
             raise ExportError(f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
                             "not replaced; choose another --output.")
+        if is_export(output):
+            refuse_unlisted(output)
         retired = _sibling(output, f"old-{uuid.uuid4().hex[:8]}")
         output.rename(retired)
         try:
@@ -163,6 +207,7 @@ def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord
     for name in PROCESSOR_FOLDERS:
         entry = index.get(name)
         if entry and entry[0] is not None and (source / name).is_dir():
+            files_inside(source / name, model_roots(source))  # checked again: nothing outside the model is copied
             shutil.copytree(source / name, directory / name, dirs_exist_ok=True)
     if plan.facts.is_lcm and index.get("scheduler", [None, None])[1] != "LCMScheduler":
         use_lcm_scheduler(index, directory / "scheduler" / "scheduler_config.json")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuron_export.errors import ExportError
 from neuron_export.exporter.source import looks_like_hub_id
+from neuron_export.exporter.source_files import read_header as safetensors_header
 
 SAFETENSORS = ".safetensors"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers saves and picks among several
@@ -76,15 +76,8 @@ class LoraFusion:
 
 
 def read_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """A safetensors file's tensor shapes and its metadata, from the header alone."""
-    try:
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > min(path.stat().st_size, 100 * 2**20):
-                raise ValueError("header size out of range")
-            header = json.loads(handle.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        raise ExportError(f"{path} is not a valid safetensors file (its header cannot be read); re-download it.") from None
+    """A safetensors file's tensor shapes and its metadata, from the header alone (every tensor checked)."""
+    header = safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
     return {key: list(entry["shape"]) for key, entry in header.items()}, metadata
 

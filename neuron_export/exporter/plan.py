@@ -16,11 +16,11 @@ from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
 from neuron_export.exporter.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
 from neuron_export.components.registry import describe
 from neuron_export.components.spec import ComponentSpec
-from neuron_export.exporter.config import ExportConfig
+from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
 from neuron_export.errors import MemoryBudgetError, ExportError
 from neuron_export.exporter.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
 from neuron_export.files import MANIFEST_NAME
-from neuron_export.manifest import is_export, read_manifest
+from neuron_export.manifest import is_export, read_manifest, refuse_unlisted
 from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 from neuron_export.exporter.conditioning import add_conditioning
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
@@ -132,9 +132,16 @@ def check_output(output: Path, force: bool) -> None:
     """An existing output is refused unless --force, or unless it already holds this very export
     (that is decided once the plan exists: see Plan.up_to_date). --force replaces only an earlier
     export or an empty directory: neuron-export never deletes what it did not make."""
+    if output.is_symlink():  # dangling or not: publishing would replace the link, not what it points to
+        raise ExportError(f"--output {output} is a symbolic link (to {os.readlink(output)}); pass the directory itself "
+                          "or another --output.")
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a directory; choose another --output.")
-    if not output.exists() or is_export(output):
+    if not output.exists():
+        return
+    if is_export(output):
+        if force:
+            refuse_unlisted(output)
         return
     if any(output.iterdir()):
         raise ExportError(
@@ -288,6 +295,19 @@ def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[
                         "and later); drop --no-inline-weights, or export the other components with --components.")
 
 
+def native_side(config: ExportConfig, facts: ModelFacts) -> int:
+    """The model's own image side (its UNet's sample_size), held to the limits --height and --width have."""
+    sample_size = facts.unet.get("sample_size")
+    try:
+        side = facts.default_side
+    except (TypeError, ValueError, OverflowError):
+        side = 0
+    if not MIN_SIDE <= side <= MAX_SIDE or side % 8:
+        raise ExportError(f"--model {config.model}: its unet/config.json sample_size {sample_size!r} does not give an "
+                          f"image side from {MIN_SIDE} to {MAX_SIDE} pixels in multiples of 8; pass --height and --width.")
+    return side
+
+
 def make_plan(config: ExportConfig) -> Plan:
     """All checks that need the model's configs, then the jobs. Loads no weights."""
     if config.output is not None:
@@ -307,15 +327,15 @@ def make_plan(config: ExportConfig) -> Plan:
     names = [name for name in facts.components if config.components is None or name in config.components]
     check_weight_placement(config, facts, names)
 
-    height = config.height or facts.default_side
-    width = config.width or facts.default_side
+    height = config.height or native_side(config, facts)
+    width = config.width or native_side(config, facts)
     output = config.output or default_output(config, height, width)
     check_output_location(output, protected_directories(config, source))  # a hub model's path is known only now
     if config.output is None:
         check_output(output, config.force)
 
     cache_dir = config.cache_dir or default_cache_dir()
-    hashes = HashIndex(cache_dir)
+    hashes = HashIndex(cache_dir, config.hub_cache_dir)
     cache = ComponentCache(cache_dir)
     loras = plan_loras(config, facts, hashes)
     compiler_version = get_backend(backend).compiler_version()

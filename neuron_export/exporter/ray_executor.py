@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -226,7 +225,7 @@ def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str 
         raise ExportError(f"Cluster node {node} cannot use the signing key {trust.signing_key}: it {problem}; put it "
                           "at the same path on every node.") from None
     remote = RemoteCache(url, required=True, trust=trust)
-    workdir = cache.tmp / f"{key[:16]}-{os.getpid()}-work"  # named so remove_orphans keeps it while we live
+    workdir = cache.work_dir(key)  # named so remove_orphans keeps it while we live
     try:
         entries, origins = supply([order.job], cache, remote, lambda job, stage, record: report(stage),
                                   lambda jobs: {order.job.component: build_one(order, cache, workdir, report)})

@@ -10,12 +10,12 @@ import functools
 import importlib.util
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from neuron_export.errors import ExportError
+from neuron_export.exporter.source_files import files_inside, inside, model_roots, read_header
 
 # Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
 SOURCE_FOLDER = {
@@ -80,6 +80,12 @@ class ModelSource:
             return self.image_encoder_path
         return self.path / SOURCE_FOLDER[component]
 
+    def roots(self, component: str) -> tuple[Path, ...]:
+        """Where the files a component reads may really be: the model, or the replacement's own folder."""
+        folder = self.folder(component)
+        own = component in SOURCE_FOLDER and folder == self.path / SOURCE_FOLDER[component]
+        return model_roots(self.path if own else folder)
+
 
 @dataclass(frozen=True)
 class AddOnSource:
@@ -141,27 +147,36 @@ class ModelFacts:
         return (*names, "unet", "vae_encoder", "vae_decoder", *added)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _read_json(path: Path, what: str, roots: tuple[Path, ...] | None = None) -> dict[str, Any]:
+    """A JSON object from a regular file inside `roots` (by default, the folder holding it)."""
+    inside(path, roots or model_roots(path.parent))
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise ExportError(f"{what} is missing: {path} does not exist; point --model at a complete diffusers pipeline.") from None
     except json.JSONDecodeError as exc:
         raise ExportError(f"{what} at {path} is not valid JSON (line {exc.lineno}); re-download the model.") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ExportError(f"{what} at {path} is not valid JSON; re-download the model.") from None
     if not isinstance(data, dict):
         raise ExportError(f"{what} at {path} is not a JSON object; re-download the model.")
     return data
 
 
-def find_weight_files(folder: Path) -> tuple[Path, ...]:
+def find_weight_files(folder: Path, roots: tuple[Path, ...] | None = None) -> tuple[Path, ...]:
     """The component's weight file(s): safetensors preferred, the full-precision file, not a variant;
-    shards via their index."""
+    shards via their index. Each must be a regular file inside `roots` (by default, `folder`)."""
+    roots = roots or model_roots(folder)
     for name in (*WEIGHT_NAMES, *PICKLE_WEIGHT_NAMES):
-        if (folder / name).is_file():
+        if inside(folder / name, roots).is_file():
             return (folder / name,)
         index = folder / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(_read_json(index, index.name).get("weight_map", {}).values()))
+        if inside(index, roots).is_file():
+            weight_map = _read_json(index, index.name, roots).get("weight_map", {})
+            shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else [None]
+            for shard in shards:
+                if not isinstance(shard, str) or not inside(folder / shard, roots).is_file():
+                    raise ExportError(f"{index} names the shard {shard!r}, which is not a file in {folder}; re-download the model.")
             return tuple(folder / shard for shard in shards)
     raise ExportError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
 
@@ -169,14 +184,9 @@ def find_weight_files(folder: Path) -> tuple[Path, ...]:
 def check_safetensors(path: Path) -> None:
     """Fail now, not mid-export, on a file cut short or not safetensors at all (reads the header only)."""
     size = path.stat().st_size
-    try:
-        with path.open("rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            if header_size > min(size, 100 * 2**20):
-                raise ValueError("header size out of range")
-            header = json.loads(handle.read(header_size))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise ExportError(f"{path} is not a valid safetensors file (its header cannot be read); re-download it.") from None
+    header = read_header(path)
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
     data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     expected = 8 + header_size + data_end
     if size < expected:
@@ -220,7 +230,8 @@ def read_facts(source: ModelSource) -> ModelFacts:
     """Recognise SD, SDXL base, SDXL refiner, LCM and inpainting models from model_index.json and configs."""
     if not source.path.is_dir():
         raise ExportError(f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id.")
-    index = _read_json(source.path / "model_index.json", "model_index.json")
+    roots = model_roots(source.path)
+    index = _read_json(source.path / "model_index.json", "model_index.json", roots)
     check_component_classes(source.model_id, index)
     unet_folder = source.folder("unet")
     if not (unet_folder / "config.json").is_file():
@@ -228,7 +239,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
             f"--model {source.model_id} has no UNet ({unet_folder / 'config.json'} is missing); "
             "neuron-export needs a full Stable Diffusion pipeline with a unet/ folder."
         )
-    unet = _read_json(unet_folder / "config.json", "unet/config.json")
+    unet = _read_json(unet_folder / "config.json", "unet/config.json", source.roots("unet"))
     unet_class = unet.get("_class_name", "UNet2DConditionModel")
     if unet_class not in KNOWN_CLASSES["unet"][1]:  # a --unet has no model_index.json: its config names the class
         raise ExportError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
@@ -240,7 +251,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
         entry = index.get(name)
         if not entry or entry[0] is None:
             return None
-        return _read_json(source.path / name / "config.json", f"{name}/config.json")
+        return _read_json(source.path / name / "config.json", f"{name}/config.json", roots)
 
     text_encoder = optional_config("text_encoder")
     text_encoder_2 = optional_config("text_encoder_2")
@@ -259,7 +270,10 @@ def read_facts(source: ModelSource) -> ModelFacts:
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
     )
-    weights = {name: find_weight_files(source.folder(name)) for name in facts.components}
+    weights = {name: find_weight_files(source.folder(name), source.roots(name)) for name in facts.components}
+    for name in PROCESSOR_FOLDERS:  # copied whole into the export: nothing in them may lead outside the model
+        if isinstance(index.get(name), list) and (source.path / name).is_dir():
+            files_inside(source.path / name, roots)
     return ModelFacts(**{**facts.__dict__, "weight_files": weights})
 
 
@@ -355,7 +369,7 @@ def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]
     """The VAE the export is built from; a replacement must make the latents the UNet was trained on."""
     own = source.path / "vae" / "config.json"
     if source.vae_path is None:
-        return _read_json(own, "vae/config.json")
+        return _read_json(own, "vae/config.json", model_roots(source.path))
     vae = _read_json(source.vae_path / "config.json", "--vae config.json")
     name = f"--vae {source.vae_id}"
     if vae.get("_class_name", "AutoencoderKL") not in KNOWN_CLASSES["vae"][1]:
@@ -366,7 +380,7 @@ def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]
         raise ExportError(f"{name} makes {latent}-channel latents but {source.model_id}'s UNet works on {wanted}; pass a "
                           "VAE made for this model.")
     if own.is_file():  # the source VAE's config only (never its weights): its scaling is what the UNet learned
-        original = _read_json(own, "vae/config.json")
+        original = _read_json(own, "vae/config.json", model_roots(source.path))
         ours, theirs = float(vae.get("scaling_factor", 0.18215)), float(original.get("scaling_factor", 0.18215))
         if abs(ours - theirs) > 1e-6:
             raise ExportError(f"{name} scales latents by {ours:g} but {source.model_id}'s UNet was trained with "
