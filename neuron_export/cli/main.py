@@ -15,7 +15,7 @@ except ImportError:
     from click.exceptions import NoArgsIsHelpError
 
 from neuron_export.cli import cache, deploy, export, generate
-from neuron_export.cli.spellings import expand_list_options
+from neuron_export.cli.spellings import expand_list_options, pair_lora_options
 from neuron_export.errors import ExitCode, ExportError
 
 DEBUG_VARIABLE = "NEURON_EXPORT_DEBUG"
@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
-        args = normalize_argv(expand_list_options(args), _known_long_options(command))
+        args = pair_lora_options(normalize_argv(expand_list_options(args), _known_long_options(command)))
         returned = command.main(args=args, prog_name="neuron-export", standalone_mode=False)
         if returned == ExitCode.INTERRUPTED:  # the parser turns KeyboardInterrupt into this code after cleanup ran
             raise KeyboardInterrupt

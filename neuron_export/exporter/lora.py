@@ -288,13 +288,13 @@ def resolve_loras(config: Any, model: str, bases: dict[str, dict[str, list[int]]
     """Each --lora found and checked against the model's headers, in the order given."""
     adapters = []
     for index, source in enumerate(config.lora):
-        weight_name = config.lora_weight_name[index] if config.lora_weight_name else None
+        weight_name = (config.lora_weight_name[index] or None) if config.lora_weight_name else None  # '': the only file
         path, weight_name, commit = locate(source, weight_name, config.token, config.hub_cache_dir, config.offline)
         shapes, _ = read_header(path)
         touched = check_lora(source, model, path, shapes, bases, layers_per_block)
         adapters.append(LoraAdapter(
             source=source, weight_name=weight_name,
-            adapter_name=config.lora_adapter_name[index] if config.lora_adapter_name else f"default_{index}",
+            adapter_name=(config.lora_adapter_name[index] if config.lora_adapter_name else "") or f"default_{index}",
             scale=float(config.lora_scale[index]) if config.lora_scale else 1.0,
             path=path, commit=commit, components=touched,
         ))
