@@ -70,6 +70,9 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
     if isinstance(exc, NoArgsIsHelpError):  # a bare group: its help, as a success
         print(exc.format_message())
         return ExitCode.OK, None
+    if isinstance(exc, OSError) and exc.filename is not None:  # a path no check foresaw: name it, no traceback
+        return ExitCode.USAGE, (f"Cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}; check that path or "
+                                f"choose another (set {DEBUG_VARIABLE}=1 to see where it failed).")
     if isinstance(exc, typer.TyperException):  # usage errors from the command-line parser
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         return getattr(exc, "exit_code", ExitCode.USAGE), message.rstrip(".") + ". See --help."

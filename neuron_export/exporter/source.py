@@ -289,7 +289,8 @@ def hub_download(repo_id: str, revision: str | None, patterns: list[str], token:
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+    return (value.count("/") == 1 and all(value.split("/")) and not value.startswith((".", "/", "~"))
+            and not Path(value).exists())
 
 
 def resolve_source(model: str, revision: str | None, unet: str | None, components: tuple[str, ...],
