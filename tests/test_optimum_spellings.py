@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 
-from neuron_export.cli.spellings import expand_list_options, pair_lora_options
-
 
 def test_cache_dir_is_the_hub_cache_and_instance_type_the_target():
+    from neuron_export.cli.spellings import expand_list_options
+
     assert expand_list_options(["--cache_dir", "hf", "--instance_type=trn1n"]) == \
         ["--hub-cache-dir", "hf", "--target", "trn1"]
 
@@ -27,6 +27,8 @@ def test_an_unknown_instance_type_is_refused(cli, tiny_model):
 
 
 def test_lora_options_pair_with_the_lora_they_follow():
+    from neuron_export.cli.spellings import expand_list_options, pair_lora_options
+
     argv = ["sd-xl", "--lora", "a", "--lora-weight-name", "w.safetensors", "--lora-scale", "0.9", "--lora", "b",
             "--lora-scale", "0.5"]
     assert pair_lora_options(argv) == ["sd-xl", "--lora", "a", "--lora-scale", "0.9", "--lora", "b", "--lora-scale",
