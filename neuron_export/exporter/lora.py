@@ -231,15 +231,17 @@ def _check_weight_name(weight_name: str) -> None:
 
 def _hub_lora(repo: str, weight_name: str | None, token: str | None, cache_dir: Path | None,
               offline: bool) -> tuple[Path, str, str | None]:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         if weight_name is None:
-            if offline:
-                raise ExportError(f"--lora {repo}: pass --lora-weight-name (offline, the hub cannot list the "
-                                  "repository's files).")
-            weight_name = pick_weight_name(repo, HfApi(token=token).list_repo_files(repo), f"hub repository {repo}")
+            if offline:  # the cached snapshot's files stand for the repository's
+                root = Path(snapshot_download(repo, allow_patterns=["*.safetensors"], token=token, cache_dir=cache_dir,
+                                              local_files_only=True))
+                weight_name = pick_weight_name(repo, [p.name for p in root.iterdir()], f"the cached snapshot of {repo}")
+            else:
+                weight_name = pick_weight_name(repo, HfApi(token=token).list_repo_files(repo), f"hub repository {repo}")
         _check_weight_name(weight_name)
         file = hf_hub_download(repo, weight_name, token=token, cache_dir=cache_dir, local_files_only=offline)
     except RepositoryNotFoundError:
