@@ -6,6 +6,8 @@ How the README's world is stood in for (nothing in the README's text is rewritte
   pipelines and adapters of neuron_export.examples / example_lora / example_adapters: HUB_STAND_INS below. To stand
   in for a new hub id, add a line there.
 - Export, plan and build commands get `--backend cpu` (this host has no Neuron SDK): BACKEND_COMMANDS.
+- Sizes shrink with the models: a height or width of 256 pixels or more, on the command line or in a config, is
+  divided by SHRINK (1024 -> 128), as the tiny pipelines' native 64 stands for the real ones' 512.
 - The user's own files the README names (images, YAML configs, ./my-style-lora) are made first: LOCAL_FILES.
 - S3 is moto's S3 server on 127.0.0.1 (its buckets made first); a shared directory or another host is a scratch
   folder: URL_STAND_INS.
@@ -57,6 +59,16 @@ URL_STAND_INS: dict[str, Callable[[Path, str], str]] = {
     "file:///mnt/shared/neuron-export": lambda scratch, s3: f"file://{scratch}/shared",
 }
 S3_BUCKETS = ("my-bucket", "cache", "bucket")
+SHRINK = 8
+SIZES = re.compile(r"(--height |--width |height=|width=|height: |width: )([0-9][0-9,]*)")
+
+
+def shrink(text: str) -> str:
+    def smaller(match: re.Match) -> str:
+        values = [int(v) // SHRINK if int(v) >= 256 else int(v) for v in match.group(2).split(",") if v]
+        return match.group(1) + ",".join(map(str, values))
+
+    return SIZES.sub(smaller, text)
 
 
 def blocks() -> Iterator[tuple[int, str, str]]:
@@ -124,7 +136,9 @@ def local_files(scratch: Path, examples: Callable[[str], Path]) -> None:
     (scratch / "sdxl.yaml").write_text("family: sd-xl\n")
     (scratch / "sd15.yaml").write_text("family: sd\n")
     build_lora(examples("sdxl"), scratch / "my-style-lora", seed=7)
-    (scratch / "configs").symlink_to(README.parent / "configs")
+    (scratch / "configs").mkdir()
+    for config in (README.parent / "configs").glob("*.yaml"):
+        (scratch / "configs" / config.name).write_text(shrink(config.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +159,7 @@ def readme_world(tmp_path_factory, tiny_model, s3_endpoint) -> dict:
 
 def prepare(command: str, world: dict) -> tuple[str, dict]:
     """The README's command with the stand-ins of the module docstring applied."""
-    command = BACKEND_COMMANDS.sub(lambda m: m.group(0) + " --backend cpu", command)
+    command = shrink(BACKEND_COMMANDS.sub(lambda m: m.group(0) + " --backend cpu", command))
     for url, stand_in in URL_STAND_INS.items():
         command = command.replace(url, stand_in(world["scratch"], world["s3"]))
     env = dict(world["env"])
