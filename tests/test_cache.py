@@ -168,7 +168,8 @@ def test_shape_matrix_builds_the_text_encoders_once(cli, tiny_model, tmp_path, i
     result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--height", "64,128", "-o", tmp_path / "matrix", "--json")
     assert result.exit_code == 0, result
     exports = json.loads(result.stdout)["exports"]
-    assert [Path(e["output"]).name for e in exports] == ["sd-xl-neuron-64x64-b1", "sd-xl-neuron-128x64-b1"]
+    name = tiny_model("sdxl").name
+    assert [Path(e["output"]).name for e in exports] == [f"{name}-sd-xl-neuron-64x64-b1", f"{name}-sd-xl-neuron-128x64-b1"]
     names = [r["name"] for r in cache_entries(isolated_cache)]
     assert names.count("text_encoder") == 1 and names.count("text_encoder_2") == 1
     assert names.count("unet") == 2 and names.count("vae_decoder") == 2

@@ -305,11 +305,11 @@ def test_disable_validation_is_recorded_not_passed(tiny_model, cli, tmp_path):
     assert validation["status"] == "skipped" and "disable-validation" in validation["reason"]
 
 
-def test_default_output_is_derived_from_family_and_shapes(tiny_model, cli, tmp_path, monkeypatch):
+def test_default_output_is_derived_from_model_family_and_shapes(tiny_model, cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--components", "vae_decoder", "--batch-size", "2")
     assert result.exit_code == 0, result
-    assert (tmp_path / "sd-xl-neuron-64x64-b2" / "vae_decoder" / "model.neuron").exists()
+    assert (tmp_path / f"{tiny_model('sdxl').name}-sd-xl-neuron-64x64-b2" / "vae_decoder" / "model.neuron").exists()
 
 
 def test_optimum_cli_spellings_and_positional_output(tiny_model, cli, tmp_path):

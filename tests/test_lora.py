@@ -157,7 +157,7 @@ BAD = {
     "another base model": (lambda root, loras, tiny: ["--lora", loras / "xl"], "made for another base model"),
     "a layer the model lacks": (lambda root, loras, tiny: ["--lora", loras / "xl-unet"],
                                 "its layer unet.down_blocks.1.attentions.0"),
-    "counts differ": (lambda root, loras, tiny: ["--lora", loras / "both", "--lora", loras / "unet-only", "--lora-scale", "1"],
+    "counts differ": (lambda root, loras, tiny: ["--lora-scale", "1", "--lora", loras / "both", "--lora", loras / "unet-only"],
                       "--lora-scale is given 1 time(s) for 2 --lora"),
     "scale out of range": (lambda root, loras, tiny: ["--lora", loras / "both", "--lora-scale", "12"], "from -10 to 10"),
     "several files, no name": (lambda root, loras, tiny: ["--lora", _two_files(root, loras)], "pass --lora-weight-name"),

@@ -68,7 +68,7 @@ def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli
                 "-o", tmp_path / "local")
     assert local.exit_code == 0, local
     assert ((tmp_path / "local" / "vae_decoder" / "model.neuron").read_bytes()
-            == (tmp_path / "exports" / "sd-neuron-64x64-b1" / "vae_decoder" / "model.neuron").read_bytes())
+            == (tmp_path / "exports" / f"{model.name}-sd-neuron-64x64-b1" / "vae_decoder" / "model.neuron").read_bytes())
 
 
 def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_model, tmp_path, signing_key):

@@ -102,6 +102,10 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         for name in ("output_dir", "json_output", "family", "run"):
             options.pop(name, None)
         options = given_options(options)
+        if output_dir is not None and output is not None and output_dir != output:
+            from neuron_export.errors import ExportError
+
+            raise ExportError(f"OUTPUT {output_dir} and --output {output} are both given; name the output directory once.")
         if output_dir is not None:
             options.setdefault("output", output_dir)
         run(family, [], options, json_output)

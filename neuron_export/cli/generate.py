@@ -73,6 +73,9 @@ def write_image(image: Any, output: Path) -> None:
     """Write atomically: a failed or interrupted save leaves no partial file behind."""
     handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
     os.close(handle)
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; an image is as readable as any file the user writes
     try:
         image.save(temporary)
         os.replace(temporary, output)

@@ -15,7 +15,7 @@ except ImportError:
     from click.exceptions import NoArgsIsHelpError
 
 from neuron_export.cli import cache, deploy, export, generate
-from neuron_export.cli.spellings import expand_list_options
+from neuron_export.cli.spellings import expand_list_options, pair_lora_options
 from neuron_export.errors import ExitCode, ExportError
 
 DEBUG_VARIABLE = "NEURON_EXPORT_DEBUG"
@@ -70,6 +70,9 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
     if isinstance(exc, NoArgsIsHelpError):  # a bare group: its help, as a success
         print(exc.format_message())
         return ExitCode.OK, None
+    if isinstance(exc, OSError) and exc.filename is not None:  # a path no check foresaw: name it, no traceback
+        return ExitCode.USAGE, (f"Cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}; check that path or "
+                                f"choose another (set {DEBUG_VARIABLE}=1 to see where it failed).")
     if isinstance(exc, typer.TyperException):  # usage errors from the command-line parser
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         return getattr(exc, "exit_code", ExitCode.USAGE), message.rstrip(".") + ". See --help."
@@ -90,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
-        args = normalize_argv(expand_list_options(args), _known_long_options(command))
+        args = pair_lora_options(normalize_argv(expand_list_options(args), _known_long_options(command)))
         returned = command.main(args=args, prog_name="neuron-export", standalone_mode=False)
         if returned == ExitCode.INTERRUPTED:  # the parser turns KeyboardInterrupt into this code after cleanup ran
             raise KeyboardInterrupt

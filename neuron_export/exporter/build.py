@@ -17,7 +17,7 @@ from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, claim_output, publish, staging_directory, write_layout
 from neuron_export.manifest import (
     AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
-    environment, file_record, normalized_config,
+    environment, file_record,
 )
 from neuron_export.exporter.plan import Job, Plan
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
@@ -50,7 +50,7 @@ def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecor
     return Manifest(
         tool_version=__version__,
         created_at=max((record.built_at for record in records.values()), default=""),
-        config=normalized_config(config),
+        config=plan.resolved_config,
         pipeline=PipelineRecord(
             family=config.family, task=config.task, architecture=plan.facts.architecture, is_lcm=plan.facts.is_lcm,
             diffusers_pipeline=plan.diffusers_pipeline, optimum_pipeline=plan.optimum_pipeline,

@@ -175,3 +175,48 @@ def add_conditioning(config: Any, source: ModelSource, facts: ModelFacts) -> tup
     facts = dataclasses.replace(facts, controlnets=configs, image_encoder=encoder, ip_adapter_tokens=tokens,
                                 weight_files=weights)
     return source, facts
+
+
+# --- the replacement UNet (--unet) ---------------------------------------------------------------------
+
+# What a --unet must share with the model's own UNet to run in its pipeline, and why each matters.
+UNET_MUST_MATCH = (
+    ("cross_attention_dim", "the width of the text embeddings it reads"),
+    ("addition_embed_type", "SDXL's added text and time embeddings"),
+    ("projection_class_embeddings_input_dim", "the number of SDXL time ids it reads"),
+    ("in_channels", "the latents it reads"),
+    ("out_channels", "the latents it writes"),
+    ("sample_size", "the latent size it was trained at"),
+)
+# An SD UNet's text width names the checkpoint it was made for (used in the suggestion).
+SD_BASE_FOR_WIDTH = {768: "stable-diffusion-v1-5/stable-diffusion-v1-5", 1024: "stabilityai/stable-diffusion-2-1-base"}
+
+
+def _unet_kind(config: dict[str, Any]) -> str:
+    kind = "an SDXL" if config.get("addition_embed_type") == "text_time" else "an SD 1.x/2.x"
+    return kind + (" LCM" if config.get("time_cond_proj_dim") is not None else "") + " UNet"
+
+
+def check_replacement_unet(source: ModelSource) -> None:
+    """A --unet must fit the model it goes into (checked from configs only, before any weight is read); the
+    message names --unet, and a command that takes it when one does."""
+    own = source.path / "unet" / "config.json"
+    if source.unet_path is None or not own.is_file():
+        return
+    base, replacement = _read_json(own, "unet/config.json"), _read_json(source.unet_path / "config.json", "--unet config.json")
+    for key, why in UNET_MUST_MATCH:
+        ours, theirs = replacement.get(key), base.get(key)
+        if ours == theirs or (isinstance(ours, list) and ours == [theirs] * len(ours)):
+            continue
+        if replacement.get("addition_embed_type") == "text_time" and base.get("addition_embed_type") != "text_time":
+            fix = f"export it into an SDXL pipeline with `neuron-export sd-xl --unet {source.unet_id}`"
+        elif base.get("addition_embed_type") == "text_time" and replacement.get("addition_embed_type") != "text_time":
+            family = "lcm" if replacement.get("time_cond_proj_dim") is not None else "sd"
+            model = SD_BASE_FOR_WIDTH.get(replacement.get("cross_attention_dim"))
+            fix = (f"export it with `neuron-export {family} --model {model} --unet {source.unet_id}`" if model else
+                   f"pass a UNet made for {source.model_id}, or export this one with `neuron-export {family}` and "
+                   "the --model it was made for")
+        else:
+            fix = f"pass a UNet made for {source.model_id}"
+        raise ExportError(f"--unet {source.unet_id} is {_unet_kind(replacement)} with {key} {ours}, but --model "
+                          f"{source.model_id}'s is {_unet_kind(base)} with {theirs} ({why}); {fix}.")

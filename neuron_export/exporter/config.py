@@ -158,7 +158,8 @@ class ExportConfig(BaseModel):
     @field_validator("lora", "lora_weight_name", "lora_adapter_name", "lora_scale", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        return (value,) if isinstance(value, (str, int, float)) else value
+        value = (value,) if isinstance(value, (str, int, float)) else value
+        return tuple("" if item is None else item for item in value) if isinstance(value, (list, tuple)) else value
 
     @field_validator("lora_scale")
     @classmethod
@@ -227,9 +228,9 @@ def check_lora_lists(config: ExportConfig) -> None:
     for flag, values in (("--lora-weight-name", config.lora_weight_name), ("--lora-adapter-name", config.lora_adapter_name),
                          ("--lora-scale", config.lora_scale)):
         if values and len(values) != count:
-            raise ValueError(f"{flag} is given {len(values)} time(s) for {count} --lora; give it once per --lora, "
-                             "in the same order, or leave it out")
-    names = config.lora_adapter_name
+            raise ValueError(f"{flag} is given {len(values)} time(s) for {count} --lora; give it after the --lora it "
+                             "belongs to (at most once each), or once per --lora in the same order, or leave it out")
+    names = tuple(name for name in config.lora_adapter_name if name)  # '': that adapter's default name
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"--lora-adapter-name {repeated[0]} is given twice; name each adapter differently")
@@ -386,7 +387,7 @@ def make_configs(*layers: dict[str, Any]) -> list[ExportConfig]:
     combinations = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
     if len(combinations) == 1:
         return [_validate({**merged, **combinations[0]})]
-    root = merged.pop("output", None)
+    root = merged.pop("output", None) or merged.get("output_root")
     return [_validate({**merged, **combination, "output_root": root}) for combination in combinations]
 
 

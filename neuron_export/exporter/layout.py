@@ -95,14 +95,17 @@ def check_writable(output: Path, needed: int, fix: str) -> None:
     fails in the first second, not after the compile)."""
     output = output.absolute()
     parent = next(p for p in output.parents if p.exists())
+    if not parent.is_dir():
+        raise ExportError(f"{fix} {output}: {parent} is a file, not a directory; choose another {fix}.")
     probe = _sibling(parent / output.name, f"probe-{uuid.uuid4().hex[:8]}")
     try:
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
         error = storage_error(exc, "the export", output, needed, fix)
-        if error is None:
-            raise
+        if error is None:  # e.g. /proc or /sys: a place that takes no directories of ours
+            raise ExportError(f"{fix} {output}: a directory cannot be created there ({exc.strerror}); "
+                              f"choose another {fix}.") from None
         raise error from None
 
 

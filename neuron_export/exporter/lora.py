@@ -224,15 +224,17 @@ def _check_weight_name(weight_name: str) -> None:
 
 def _hub_lora(repo: str, weight_name: str | None, token: str | None, cache_dir: Path | None,
               offline: bool) -> tuple[Path, str, str | None]:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         if weight_name is None:
-            if offline:
-                raise ExportError(f"--lora {repo}: pass --lora-weight-name (offline, the hub cannot list the "
-                                  "repository's files).")
-            weight_name = pick_weight_name(repo, HfApi(token=token).list_repo_files(repo), f"hub repository {repo}")
+            if offline:  # the cached snapshot's files stand for the repository's
+                root = Path(snapshot_download(repo, allow_patterns=["*.safetensors"], token=token, cache_dir=cache_dir,
+                                              local_files_only=True))
+                weight_name = pick_weight_name(repo, [p.name for p in root.iterdir()], f"the cached snapshot of {repo}")
+            else:
+                weight_name = pick_weight_name(repo, HfApi(token=token).list_repo_files(repo), f"hub repository {repo}")
         _check_weight_name(weight_name)
         file = hf_hub_download(repo, weight_name, token=token, cache_dir=cache_dir, local_files_only=offline)
     except RepositoryNotFoundError:
@@ -281,13 +283,13 @@ def resolve_loras(config: Any, model: str, bases: dict[str, dict[str, list[int]]
     """Each --lora found and checked against the model's headers, in the order given."""
     adapters = []
     for index, source in enumerate(config.lora):
-        weight_name = config.lora_weight_name[index] if config.lora_weight_name else None
+        weight_name = (config.lora_weight_name[index] or None) if config.lora_weight_name else None  # '': the only file
         path, weight_name, commit = locate(source, weight_name, config.token, config.hub_cache_dir, config.offline)
         shapes, _ = read_header(path)
         touched = check_lora(source, model, path, shapes, bases, layers_per_block)
         adapters.append(LoraAdapter(
             source=source, weight_name=weight_name,
-            adapter_name=config.lora_adapter_name[index] if config.lora_adapter_name else f"default_{index}",
+            adapter_name=(config.lora_adapter_name[index] if config.lora_adapter_name else "") or f"default_{index}",
             scale=float(config.lora_scale[index]) if config.lora_scale else 1.0,
             path=path, commit=commit, components=touched,
         ))

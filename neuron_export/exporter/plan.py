@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from neuron_export.version import __version__
 from neuron_export.backends.select import get_backend, resolve_backend
@@ -19,10 +20,9 @@ from neuron_export.components.spec import ComponentSpec
 from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
 from neuron_export.errors import MemoryBudgetError, ExportError
 from neuron_export.exporter.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
-from neuron_export.files import MANIFEST_NAME
-from neuron_export.manifest import is_export, read_manifest, refuse_unlisted
 from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
-from neuron_export.exporter.conditioning import add_conditioning
+from neuron_export.exporter.conditioning import add_conditioning, check_replacement_unet
+from neuron_export.exporter.existing import check_output, default_output, difference, refusal, resolve_config
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
@@ -99,57 +99,29 @@ class Plan:
     memory_budget: int
     loras: tuple[LoraAdapter, ...] = ()
 
-    @functools.cached_property  # decided once, before anything is built
-    def up_to_date(self) -> bool:
-        """The output already holds exactly this export (same component keys, same settings)."""
-        try:
-            manifest = read_manifest(self.output)
-        except ExportError:
-            return False
+    @functools.cached_property
+    def resolved_config(self) -> dict[str, Any]:
+        """The config the manifest records: as normalized, with native sizes, backend and local paths resolved."""
         from neuron_export.manifest import normalized_config
 
-        keys = {name: record.cache_key for name, record in manifest.components.items()}
-        if keys != {job.component: job.cache_key for job in self.jobs} or manifest.config != normalized_config(self.config):
-            return False
-        # A stat per file, no hashing: a rerun stays instant; `neuron-export verify` hashes everything.
-        return all((self.output / f.path).is_file() and (self.output / f.path).stat().st_size == f.size
-                   for f in manifest.all_files())
+        return resolve_config(normalized_config(self.config), height=self.height, width=self.width,
+                              backend=self.backend, atol=self.jobs[0].atol if self.jobs else None,
+                              components=[job.component for job in self.jobs])
+
+    @functools.cached_property  # decided once, before anything is built
+    def existing(self) -> str | None:
+        """Why the output does not hold exactly this export (None: it does, complete)."""
+        return difference(self.output, self.resolved_config, {job.component: job.cache_key for job in self.jobs})
+
+    @property
+    def up_to_date(self) -> bool:
+        """The output already holds exactly this export (same resolved config, same component keys, every file)."""
+        return self.existing is None
 
     @property
     def data_parallel_mode(self) -> str:
         """How the runtime spreads the pipeline over an Inferentia2 chip's two NeuronCores."""
         return "all" if self.facts.is_lcm or self.config.family == "lcm" else "unet"
-
-
-def default_output(config: ExportConfig, height: int, width: int) -> Path:
-    name = f"{config.family}-neuron-{height}x{width}-b{config.batch_size}"
-    if config.num_images_per_prompt > 1:
-        name += f"-n{config.num_images_per_prompt}"
-    return (config.output_root or Path()) / name
-
-
-def check_output(output: Path, force: bool) -> None:
-    """An existing output is refused unless --force, or unless it already holds this very export
-    (that is decided once the plan exists: see Plan.up_to_date). --force replaces only an earlier
-    export or an empty directory: neuron-export never deletes what it did not make."""
-    if output.is_symlink():  # dangling or not: publishing would replace the link, not what it points to
-        raise ExportError(f"--output {output} is a symbolic link (to {os.readlink(output)}); pass the directory itself "
-                          "or another --output.")
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} is a file, not a directory; choose another --output.")
-    if not output.exists():
-        return
-    if is_export(output):
-        if force:
-            refuse_unlisted(output)
-        return
-    if any(output.iterdir()):
-        raise ExportError(
-            f"--output {output} already exists and is not a neuron-export export (it has no {MANIFEST_NAME} of ours), "
-            "so it is not replaced even with --force; choose another --output, or empty that directory yourself."
-        )
-    if not force:
-        raise ExportError(f"--output {output} already exists (empty); pass --force to use it, or choose another --output.")
 
 
 def protected_directories(config: ExportConfig, source: ModelSource | None = None) -> list[tuple[str, Path]]:
@@ -192,11 +164,8 @@ def check_output_location(output: Path, protected: list[tuple[str, Path]]) -> No
 
 
 def refuse_existing_output(plan: Plan) -> None:
-    if plan.output.exists() and not plan.config.force and not plan.up_to_date:
-        raise ExportError(
-            f"--output {plan.output} already exists and holds a different export; "
-            "pass --force to replace it, or choose another --output."
-        )
+    if plan.output.exists() and not plan.config.force and plan.existing is not None:
+        raise ExportError(refusal(plan.output, plan.existing))
 
 
 def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
@@ -256,7 +225,11 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
         command = "lcm" if facts.is_lcm else "sd"
         raise ExportError(f"--model {model} is not an SDXL pipeline (no text_encoder_2 / text_time UNet); export it with `neuron-export {command}`.")
     if config.family == "sd" and facts.is_lcm:
-        raise ExportError(f"--model {model} has an LCM UNet (time_cond_proj_dim is set); export it with `neuron-export lcm`.")
+        where = f"--unet {config.unet} is" if config.unet else f"--model {model} has"
+        raise ExportError(f"{where} an LCM UNet (time_cond_proj_dim is set); export it with `neuron-export lcm`.")
+    if config.family == "lcm" and not facts.is_lcm and config.unet:
+        raise ExportError(f"--unet {config.unet} is not a latent consistency UNet (no time_cond_proj_dim); pass an LCM "
+                          "UNet, or export with `neuron-export sd`.")
     if config.family == "lcm" and not facts.is_lcm:
         raise ExportError(
             f"--model {model} is not a latent consistency model (its UNet has no time_cond_proj_dim); "
@@ -317,6 +290,7 @@ def make_plan(config: ExportConfig) -> Plan:
     wanted = config.components or ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     source = resolve_source(config.model or "", config.revision, config.unet, tuple(wanted),
                             token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
+    check_replacement_unet(source)
     facts = read_facts(source)
     check_family_and_task(config, facts)
     source, facts = add_conditioning(config, source, facts)

@@ -37,6 +37,8 @@ def plan_exports(family_or_config: str | Path | Sequence[str | Path], overrides:
     """Every export the options name (a shape matrix, or several configs, name several), all checked before any
     is built; two that would write the same output are refused."""
     sources = [family_or_config] if isinstance(family_or_config, (str, Path)) else list(family_or_config)
+    if len(sources) > 1 and options.get("output") is not None:  # several configs: --output is their parent folder
+        options = {**{key: value for key, value in options.items() if key != "output"}, "output_root": Path(options["output"])}
     plans = [make_plan(config) for source in sources
              for config in make_configs(*option_layers(source, overrides, options))]
     seen: dict[Path, Plan] = {}

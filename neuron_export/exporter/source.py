@@ -303,7 +303,8 @@ def hub_download(repo_id: str, revision: str | None, patterns: list[str], token:
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not Path(value).exists()
+    return (value.count("/") == 1 and all(value.split("/")) and not value.startswith((".", "/", "~"))
+            and not Path(value).exists())
 
 
 def resolve_source(model: str, revision: str | None, unet: str | None, components: tuple[str, ...],
@@ -314,7 +315,7 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     if looks_like_hub_id(model):
         replaced = ({"unet"} if unet else set()) | ({"vae"} if vae else set())
         folders = sorted({SOURCE_FOLDER[name] for name in components if name in SOURCE_FOLDER} - replaced)
-        patterns = ["model_index.json", "vae/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
+        patterns = ["model_index.json", "vae/config.json", "unet/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
         path, commit = hub_download(model, revision, patterns, token, cache_dir, offline)
         pickled_only = [folder for folder in folders if not any((path / folder).glob("*.safetensors"))]
