@@ -37,7 +37,10 @@ class ValidationRecord(BaseModel):
     status: Literal["passed", "failed", "skipped"]
     reason: str | None = None
     max_abs_diff: float | None = None
-    atol: float | None = None
+    atol: float | None = None  # the tolerance this export required
+    # True: the difference was measured before this export (by the artifact's build or an earlier check) and
+    # only compared with `atol` now; False: measured by this export.
+    reused: bool = False
 
 
 class ComponentRecord(BaseModel):

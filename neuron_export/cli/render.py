@@ -60,6 +60,8 @@ class Reporter:
         if event.stage in ("cached", "downloaded") and event.record is not None:
             where = f"downloaded from {event.remote}" if event.stage == "downloaded" else "cached"
             self.line(f"{prefix}: {where}{node} (built {event.record.built_at}, validation {validation_text(event.record)})")
+        elif event.stage == "validated" and event.record is not None:  # a cached artifact compared with eager again
+            self.line(f"{prefix}: validated the cached artifact{node}: {validation_text(event.record)}")
         elif event.stage in STAGE_TEXT:
             self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}{node}")
         elif event.stage == "done" and event.record is not None:
@@ -83,7 +85,7 @@ class Reporter:
             self._tasks[event.component] = progress.add_task(label, total=1)
         task = self._tasks[event.component]
         node = f" on {event.node}" if event.node else ""
-        if event.stage in ("done", "cached", "downloaded") and event.record is not None:
+        if event.stage in ("done", "cached", "downloaded", "validated") and event.record is not None:
             cached = f"{event.stage}, " if event.stage != "done" else ""
             progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}{node}", completed=1)
             progress.stop_task(task)

@@ -19,7 +19,7 @@ def shape_text(record: ComponentRecord) -> str:
 def validation_text(record: ComponentRecord) -> str:
     v = record.validation
     if v.status == "passed" and v.max_abs_diff is not None and v.atol is not None:
-        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g})"
+        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g}{', measured earlier' if v.reused else ''})"
     return f"{v.status}: {v.reason}" if v.reason else v.status
 
 

@@ -27,7 +27,9 @@ RECORD_NAME = "record.json"
 # Bump when a wrapper, an input spec, the traced contract or the saved bytes change, so old entries stop matching.
 # 3: artifacts are saved without torch's host-specific debug records (backends/archive.py), and CPU
 #    artifacts without autograd on their parameters.
-CONTRACT_VERSION = 3
+# 4: keys hold only what decides the bytes (no architecture, LCM-ness or validation settings; configs without
+#    their provenance keys); validation results are stored beside the artifact.
+CONTRACT_VERSION = 4
 
 
 def default_cache_dir() -> Path:

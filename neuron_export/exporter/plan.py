@@ -192,19 +192,25 @@ def refuse_existing_output(plan: Plan) -> None:
         )
 
 
-def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
+# Config keys that record where a config came from, not what the module computes.
+CONFIG_PROVENANCE = ("_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version")
+
+
+def cache_key(config: ExportConfig, backend: str, compiler_version: str, spec: ComponentSpec,
               source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
-              after_trace: tuple[str, ...], atol: float, libraries: dict[str, str | None],
+              after_trace: tuple[str, ...], libraries: dict[str, str | None],
               loras: tuple[LoraFusion, ...] = ()) -> str:
-    """Everything that decides a component artifact's bytes (and its recorded validation)."""
+    """Exactly what decides a component artifact's bytes: its weights and config, its traced inputs and
+    outputs, its compiler and arguments, the traced libraries' versions and its fused add-ons. Not the
+    pipeline around it (architecture, LCM-ness: they enter only through the traced inputs) and not the
+    validation settings (results are stored beside the artifact: exporter/validation.py)."""
+    model_config = json.loads((source_folder / "config.json").read_text())
     payload = {
         "contract": CONTRACT_VERSION,
         "tool": __version__,
         "component": spec.name,
         "weights": list(weight_hashes),
-        "config": json.loads((source_folder / "config.json").read_text()),
-        "architecture": facts.architecture,
-        "is_lcm": facts.is_lcm,
+        "config": {key: value for key, value in model_config.items() if key not in CONFIG_PROVENANCE},
         "inputs": [dataclasses.asdict(tensor) for tensor in spec.inputs],
         "outputs": list(spec.outputs),
         "output_hidden_states": spec.output_hidden_states,
@@ -214,7 +220,6 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: 
         "compiler_args": compiler_args if backend == "neuron" else [],
         "inline_weights": config.inline_weights if backend == "neuron" else None,
         "after_trace": list(after_trace),
-        "validation": None if config.disable_validation else atol,
     }
     if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in
         payload["ip_adapter_scale"] = spec.add_ons["ip_adapter_scale"]
@@ -334,8 +339,8 @@ def make_plan(config: ExportConfig) -> Plan:
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
         fusions = fusions_for(name, loras, facts.is_xl)
-        key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args,
-                        after_trace, atol, libraries, fusions)
+        key = cache_key(config, backend, compiler_version, spec, source.folder(name), weight_hashes, args,
+                        after_trace, libraries, fusions)
         per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
                     for f in facts.weight_files[name]]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
