@@ -69,6 +69,7 @@ class ComponentRecord(BaseModel):
     # (None in manifests written before remote caches existed).
     origin: Literal["built", "downloaded"] | None = None
     remote: str | None = None
+    model: str | None = None  # the model its weights come from (`cache ls`; None in records written before)
 
 
 class LoraRecord(BaseModel):

@@ -281,7 +281,8 @@ def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[
             result = check_cached(work_order(job, plan, entry.artifact), cache, workdir, stage)
             remember(entry, result)
         record = entry.record.model_copy(update={"validation": result, "neuron_compiler_args": list(job.compiler_args),
-                                                 "source_files": source_file_records(work_order(job, plan))})
+                                                 "source_files": source_file_records(work_order(job, plan)),
+                                                 "model": job.model or None})
         if result.status == "failed":
             raise BuildError(failure_message(job.component, result))
         if origins[job.component] != BUILT and not result.reused and result.status != "skipped":

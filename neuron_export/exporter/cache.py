@@ -213,6 +213,10 @@ class ComponentCache:
     def size(self, entry: CacheEntry) -> int:
         return sum(p.stat().st_size for p in entry.directory.iterdir() if p.is_file())
 
+    def linked_bytes(self, entry: CacheEntry) -> int:
+        """Bytes of the entry's files that an export also hard-links: removing the entry frees none of them."""
+        return sum(p.stat().st_size for p in entry.directory.iterdir() if p.is_file() and p.stat().st_nlink > 1)
+
     def verify(self) -> list[tuple[CacheEntry, str]]:
         """Every entry hash-checked; bad ones are discarded and returned with the reason."""
         bad = []

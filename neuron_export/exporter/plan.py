@@ -77,6 +77,7 @@ class Job:
     estimated_peak_bytes: int
     estimated_seconds: float
     loras: tuple[LoraFusion, ...] = ()  # adapters fused into this component before tracing, in order
+    model: str = ""  # the model (hub id or directory) its weights come from, as given
 
     @property
     def component(self) -> str:
@@ -228,6 +229,19 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, spec: C
     return component_key(payload)
 
 
+def component_model(source: ModelSource, name: str) -> str:
+    """The model a component's weights come from: the pipeline's, or the --unet, --vae or add-on replacing it."""
+    if name == "unet" and source.unet_id:
+        return source.unet_id
+    if name in ("vae_encoder", "vae_decoder") and source.vae_id:
+        return source.vae_id
+    if name.startswith("controlnet_"):
+        return source.controlnets[int(name.removeprefix("controlnet_"))].model_id
+    if name == "image_encoder" and source.ip_adapter is not None:
+        return source.ip_adapter.model_id
+    return source.model_id
+
+
 # The libraries whose code is traced into an artifact: another version may trace a different graph.
 TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
                     "neuron": ("torch", "torch-neuronx", "diffusers", "transformers")}
@@ -351,7 +365,7 @@ def make_plan(config: ExportConfig) -> Plan:
             cached=cache.peek(key),
             estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
             estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
-            loras=fusions,
+            loras=fusions, model=component_model(source, name),
         ))
     hashes.save()
     budget = config.max_memory or available_memory_bytes()

@@ -262,6 +262,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         estimated_peak_bytes=job.estimated_peak_bytes,
         validation=validation,
         origin="built",
+        model=job.model or None,
     )
 
 
