@@ -158,6 +158,7 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
             "jobs": plan.config.jobs,
             "memory_budget_bytes": plan.memory_budget,
             "estimated_wall_seconds": round(wall, 1),
+            "notes": list(plan.notes),
             "components": [{
                 "component": job.component,
                 "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
@@ -192,6 +193,8 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
                  "every component is cached; assembling only" if not misses else
                  f"{misses} to build, about {summary['estimated_wall_seconds']:.0f} s")
         console.print(f"with --jobs {summary['jobs']} within {human_bytes(summary['memory_budget_bytes'])}: {state}")
+        for note in summary["notes"]:
+            console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def build_list(plans: list[Plan]) -> list[dict[str, Any]]:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuron_export.version import __version__
-from neuron_export.backends.select import get_backend, resolve_backend
+from neuron_export.backends.select import get_backend, neuron_sdk_error, resolve_backend
 from neuron_export.backends.neuron import after_trace_calls
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
-from neuron_export.exporter.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
+from neuron_export.exporter.cache import ComponentCache, HashIndex, default_cache_dir
+from neuron_export.exporter.keys import cache_key, component_model, traced_library_versions
 from neuron_export.components.registry import describe
 from neuron_export.components.spec import ComponentSpec
 from neuron_export.exporter.config import ExportConfig
@@ -99,6 +98,7 @@ class Plan:
     cache_dir: Path
     memory_budget: int
     loras: tuple[LoraAdapter, ...] = ()
+    notes: tuple[str, ...] = ()  # what a plan reports where an export would refuse (no SDK, an existing output)
 
     @functools.cached_property  # decided once, before anything is built
     def up_to_date(self) -> bool:
@@ -193,72 +193,6 @@ def refuse_existing_output(plan: Plan) -> None:
         )
 
 
-# Config keys that record where a config came from, not what the module computes.
-CONFIG_PROVENANCE = ("_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version")
-
-
-def cache_key(config: ExportConfig, backend: str, compiler_version: str, spec: ComponentSpec,
-              source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
-              after_trace: tuple[str, ...], libraries: dict[str, str | None],
-              loras: tuple[LoraFusion, ...] = ()) -> str:
-    """Exactly what decides a component artifact's bytes: its weights and config, its traced inputs and
-    outputs, its compiler and arguments, the traced libraries' versions and its fused add-ons. Not the
-    pipeline around it (architecture, LCM-ness: they enter only through the traced inputs) and not the
-    validation settings (results are stored beside the artifact: exporter/validation.py)."""
-    model_config = json.loads((source_folder / "config.json").read_text())
-    payload = {
-        "contract": CONTRACT_VERSION,
-        "tool": __version__,
-        "component": spec.name,
-        "weights": list(weight_hashes),
-        "config": {key: value for key, value in model_config.items() if key not in CONFIG_PROVENANCE},
-        "inputs": [dataclasses.asdict(tensor) for tensor in spec.inputs],
-        "outputs": list(spec.outputs),
-        "output_hidden_states": spec.output_hidden_states,
-        "backend": backend,
-        "compiler_version": compiler_version,
-        "libraries": libraries,
-        "compiler_args": compiler_args if backend == "neuron" else [],
-        "inline_weights": config.inline_weights if backend == "neuron" else None,
-        "after_trace": list(after_trace),
-    }
-    if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in
-        payload["ip_adapter_scale"] = spec.add_ons["ip_adapter_scale"]
-    if loras:  # only the components an adapter touches change key
-        payload["loras"] = [lora.cache_payload() for lora in loras]
-    return component_key(payload)
-
-
-def component_model(source: ModelSource, name: str) -> str:
-    """The model a component's weights come from: the pipeline's, or the --unet, --vae or add-on replacing it."""
-    if name == "unet" and source.unet_id:
-        return source.unet_id
-    if name in ("vae_encoder", "vae_decoder") and source.vae_id:
-        return source.vae_id
-    if name.startswith("controlnet_"):
-        return source.controlnets[int(name.removeprefix("controlnet_"))].model_id
-    if name == "image_encoder" and source.ip_adapter is not None:
-        return source.ip_adapter.model_id
-    return source.model_id
-
-
-# The libraries whose code is traced into an artifact: another version may trace a different graph.
-TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
-                    "neuron": ("torch", "torch-neuronx", "diffusers", "transformers")}
-
-
-def traced_library_versions(backend: str) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for name in TRACED_LIBRARIES[backend]:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     """A command that does not fit the model says so, naming the command that does."""
     model = config.model
@@ -307,12 +241,43 @@ def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[
                         "and later); drop --no-inline-weights, or export the other components with --components.")
 
 
-def make_plan(config: ExportConfig) -> Plan:
-    """All checks that need the model's configs, then the jobs. Loads no weights."""
+def planned_backend(config: ExportConfig, planning: bool) -> tuple[str, list[str]]:
+    """The backend, resolved; a plan for --backend neuron needs no SDK (the flags come from a table), and says so."""
+    problem = neuron_sdk_error() if planning and config.backend == "neuron" else None
+    if problem is None:
+        return resolve_backend(config.backend), []
+    return "neuron", [f"SDK not installed: torch_neuronx does not import here ({problem}); the compiler flags are exact, "
+                      "but the cache keys assume no torch-neuronx or neuronx-cc version, so a host with the SDK "
+                      "computes other keys (its hits and misses may differ)."]
+
+
+def output_note(plan: Plan) -> str | None:
+    """What exporting would do with an output that exists: nothing (up to date), replace it, or refuse."""
+    if not plan.output.exists() or plan.up_to_date:
+        return None
+    try:
+        check_output(plan.output, plan.config.force)
+        refuse_existing_output(plan)
+    except ExportError as refusal:
+        return f"an export would be refused: {refusal}"
+    return f"--output {plan.output} exists; an export would replace it (--force)."
+
+
+def refuse_unless_ready(plan: Plan) -> None:
+    """What a plan only reports, an export refuses: a Neuron backend without its SDK, an output it may not replace."""
+    resolve_backend(plan.backend)
+    check_output(plan.output, plan.config.force)
+    refuse_existing_output(plan)
+
+
+def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
+    """All checks that need the model's configs, then the jobs. Loads no weights. `planning`: for a report
+    (`plan`), which notes a missing Neuron SDK or an existing output instead of refusing."""
     if config.output is not None:
         check_output_location(config.output, protected_directories(config))
-        check_output(config.output, config.force)
-    backend = resolve_backend(config.backend)
+        if not planning:
+            check_output(config.output, config.force)
+    backend, notes = planned_backend(config, planning)
     wanted = config.components or ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     source = resolve_source(config.model or "", config.revision, config.unet, tuple(wanted),
                             token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
@@ -330,7 +295,7 @@ def make_plan(config: ExportConfig) -> Plan:
     width = config.width or facts.default_side
     output = config.output or default_output(config, height, width)
     check_output_location(output, protected_directories(config, source))  # a hub model's path is known only now
-    if config.output is None:
+    if config.output is None and not planning:
         check_output(output, config.force)
 
     cache_dir = config.cache_dir or default_cache_dir()
@@ -383,5 +348,8 @@ def make_plan(config: ExportConfig) -> Plan:
                 width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[pipeline_key],
                 optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget,
                 loras=loras)
-    refuse_existing_output(plan)
-    return plan
+    if not planning:
+        refuse_existing_output(plan)
+        return plan
+    note = output_note(plan)
+    return dataclasses.replace(plan, notes=(*notes, *([note] if note else [])))
