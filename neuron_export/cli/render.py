@@ -59,9 +59,11 @@ class Reporter:
         node = f" on {event.node}" if event.node else ""  # a Ray task's node (--executor ray)
         if event.stage in ("cached", "downloaded") and event.record is not None:
             where = f"downloaded from {event.remote}" if event.stage == "downloaded" else "cached"
-            self.line(f"{prefix}: {where}{node} (built {event.record.built_at}, validation {validation_text(event.record)})")
-        elif event.stage == "validated" and event.record is not None:  # a cached artifact compared with eager again
-            self.line(f"{prefix}: validated the cached artifact{node}: {validation_text(event.record)}")
+            self.line(f"{prefix}: {where}{node} (built {event.record.built_at})")  # its validation follows
+        elif event.stage == "validated" and event.record is not None:  # a cached artifact's validation for this export
+            v = event.record.validation
+            done = "validation" if v.reused or v.status == "skipped" else "validated the cached artifact:"
+            self.line(f"{prefix}: {done} {validation_text(event.record)}")
         elif event.stage in STAGE_TEXT:
             self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}{node}")
         elif event.stage == "done" and event.record is not None:

@@ -282,10 +282,10 @@ def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[
             remember(entry, result)
         record = entry.record.model_copy(update={"validation": result, "neuron_compiler_args": list(job.compiler_args),
                                                  "source_files": source_file_records(work_order(job, plan)),
-                                                 "model": job.model or None})
+                                                 "model": job.model or None, "inline_weights": plan.config.inline_weights})
         if result.status == "failed":
             raise BuildError(failure_message(job.component, result))
-        if origins[job.component] != BUILT and not result.reused and result.status != "skipped":
+        if origins[job.component] != BUILT:  # its build's own result was not this export's
             on_event(BuildEvent(job.component, index, len(plan.jobs), "validated", record))
         records[job.component] = record
     return records

@@ -50,16 +50,19 @@ def cache_key(config: ExportConfig, backend: str, compiler_version: str, spec: C
 
 
 def component_model(source: ModelSource, name: str) -> str:
-    """The model a component's weights come from: the pipeline's, or the --unet, --vae or add-on replacing it."""
+    """The model a component's weights come from (the pipeline's, or the --unet, --vae or add-on replacing it):
+    a hub id, or a local one as an absolute path, so `cache ls` names it from any directory."""
+    model_id = source.model_id
     if name == "unet" and source.unet_id:
-        return source.unet_id
-    if name in ("vae_encoder", "vae_decoder") and source.vae_id:
-        return source.vae_id
-    if name.startswith("controlnet_"):
-        return source.controlnets[int(name.removeprefix("controlnet_"))].model_id
-    if name == "image_encoder" and source.ip_adapter is not None:
-        return source.ip_adapter.model_id
-    return source.model_id
+        model_id = source.unet_id
+    elif name in ("vae_encoder", "vae_decoder") and source.vae_id:
+        model_id = source.vae_id
+    elif name.startswith("controlnet_"):
+        model_id = source.controlnets[int(name.removeprefix("controlnet_"))].model_id
+    elif name == "image_encoder" and source.ip_adapter is not None:
+        model_id = source.ip_adapter.model_id
+    local = Path(model_id).expanduser()
+    return str(local.resolve()) if local.exists() else model_id
 
 
 # The libraries whose code is traced into an artifact: another version may trace a different graph.
