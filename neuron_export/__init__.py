@@ -37,7 +37,7 @@ def plan(family_or_config: Union[str, Path, Sequence[Union[str, Path]]], *, over
     of YAML configs is given."""
     from neuron_export.exporter.run import plan_exports
 
-    plans = plan_exports(family_or_config, overrides, **options)
+    plans = plan_exports(family_or_config, overrides, planning=True, **options)
     return plans[0] if len(plans) == 1 else plans
 
 

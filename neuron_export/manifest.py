@@ -37,10 +37,13 @@ class ValidationRecord(BaseModel):
     status: Literal["passed", "failed", "skipped"]
     reason: str | None = None
     max_abs_diff: float | None = None
-    atol: float | None = None
     # Who ran this check: None on this host; "signer" / "uploader" for a downloaded component (its signed or
     # unsigned uploader's report, not repeated here).
     by: Literal["signer", "uploader"] | None = None
+    atol: float | None = None  # the tolerance this export required
+    # True: the difference was measured before this export (by the artifact's build or an earlier check) and
+    # only compared with `atol` now; False: measured by this export.
+    reused: bool = False
 
 
 class ComponentRecord(BaseModel):
@@ -73,6 +76,7 @@ class ComponentRecord(BaseModel):
     # signed_message; None when built here, or downloaded unsigned with --remote-cache-allow-unsigned.
     signed_by: str | None = None
     signature: str | None = None
+    model: str | None = None  # the model its weights come from (`cache ls`; None in records written before)
 
 
 class LoraRecord(BaseModel):

@@ -105,7 +105,7 @@ def test_a_corrupted_remote_object_is_rejected_rebuilt_and_replaced(warm, cli, t
     (warning,) = result.stderr.splitlines()
     assert warning.startswith(f"neuron-export: warning: the remote cache entry {key[:12]} in {url} is bad (model.neuron does not match")
     assert stored not in s3().find("corrupt")  # the bad upload is gone ...
-    verify = cli("cache", "verify", "--remote-cache", url)  # ... and a good one replaced it
+    verify = cli("cache", "verify", "--remote", "--remote-cache", url)  # ... and a good one replaced it
     assert verify.exit_code == 0 and "4 of 4 entries intact" in verify.stdout, verify
 
 
@@ -141,12 +141,12 @@ def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, 
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=60)
     assert s3().glob("killed/cache/*/*/model.neuron")  # killed mid-upload: a file is there, its marker is not
-    assert run_cli("cache", "ls", "--remote-cache", url).stdout == ""
+    assert run_cli("cache", "ls", "--remote", "--remote-cache", url).stdout == ""
 
     reader = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--components", "vae_decoder", "-o", tmp_path / "out",
                  "--remote-cache", url, *signs(signer), "--json")
     assert origins(reader) == {"vae_decoder": "built"}  # nothing half-uploaded was used
-    listing = cli("cache", "ls", "--remote-cache", url).stdout.splitlines()
+    listing = cli("cache", "ls", "--remote", "--remote-cache", url).stdout.splitlines()
     assert len(listing) == 1 and "vae_decoder" in listing[0]  # the reader's own upload completed
 
 
@@ -190,9 +190,9 @@ def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, ti
                   tmp_path / "pulled", "--json")
     assert origins(offline) == dict.fromkeys(NAMES, "cached")
 
-    pruned = cli("cache", "prune", "--all", "--remote-cache", url)
+    pruned = cli("cache", "prune", "--all", "--remote", "--remote-cache", url)
     assert pruned.stdout.splitlines()[-1].startswith("removed 4 entries"), pruned
-    assert cli("cache", "ls", "--remote-cache", url).stdout == ""
+    assert cli("cache", "ls", "--remote", "--remote-cache", url).stdout == ""
 
 
 def test_a_bad_remote_cache_url_is_refused_in_one_sentence(cli, tiny_model, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from neuron_export.cli.options import RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey, RemoteCacheUrl
+from neuron_export.cli.options import Json, RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey, RemoteCacheUrl
 from neuron_export.errors import ExitCode, ExportError
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -60,29 +60,79 @@ def _shapes(record) -> str:  # noqa: ANN001
     return " ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
 
 
+def _local_only(remote_cache: Optional[str], cache) -> None:  # noqa: ANN001
+    """--remote-cache names the remote; only --remote acts on it. Say which cache this command acts on."""
+    if remote_cache:
+        print(f"neuron-export: note: acting on the local cache {cache.root}; add --remote to act on {remote_cache}.",
+              file=sys.stderr, flush=True)
+
+
+ModelFilter = typer.Option(None, "--model", help="Only entries built from a model whose hub id or path contains this text.")
+
+
 @cache_app.command("ls")
-def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
-    """One line per cached component: key, component, shapes, backend, size, last use (--remote: upload time)."""
+def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None,
+               model: Optional[str] = ModelFilter, json_output: Json = False) -> None:
+    """One line per cached component: key, component, backend, size, last use (--remote: upload time), model, shapes."""
+    import json
     import time
 
     from neuron_export.format import human_bytes
 
-    def when(stamp: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
-
-    if remote or remote_cache:
+    rows = []
+    if remote:
         shared = _remote(remote_cache, "ls --remote")
         for key in shared.keys():
             record = shared.record(key)
             if record is not None:
-                print(f"{key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(shared.size(key)):>10}  "
-                      f"uploaded {when(shared.uploaded_at(key))}  {_shapes(record)}")
+                rows.append((key, record, shared.size(key), "uploaded", shared.uploaded_at(key)))
+    else:
+        cache = _cache(cache_dir)
+        _local_only(remote_cache, cache)
+        rows = [(entry.key, entry.record, cache.size(entry), "used", cache.last_used(entry)) for entry in cache.entries()]
+    if model is not None:
+        rows = [row for row in rows if model.lower() in (row[1].model or "").lower()]
+    if json_output:
+        print(json.dumps([{"key": key, "component": record.name, "model": record.model, "backend": record.backend,
+                           "size_bytes": size, when: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stamp)),
+                           "inputs": [t.model_dump() for t in record.inputs]}
+                          for key, record, size, when, stamp in rows]), flush=True)
         return
-    cache = _cache(cache_dir)
-    for entry in cache.entries():
-        record = entry.record
-        print(f"{entry.key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(cache.size(entry)):>10}  "
-              f"used {when(cache.last_used(entry))}  {_shapes(record)}")
+    for key, record, size, when, stamp in rows:
+        print(f"{key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(size):>10}  "
+              f"{when} {time.strftime('%Y-%m-%d %H:%M', time.localtime(stamp))}  {record.model or '-'}  {_shapes(record)}")
+
+
+@cache_app.command("rm")
+def rm_command(keys: list[str] = typer.Argument(..., metavar="KEY...", help="Entry keys, or their start as `cache ls` prints it."),
+               cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
+    """Remove cached components by key (the next export that needs one builds it again)."""
+    from neuron_export.format import human_bytes
+
+    if remote:
+        shared = _remote(remote_cache, "rm --remote")
+        known, where = shared.keys(), shared.url
+    else:
+        cache = _cache(cache_dir)
+        _local_only(remote_cache, cache)
+        entries = {entry.key: entry for entry in cache.entries()}
+        known, where = list(entries), str(cache.root)
+    chosen = []
+    for given in keys:  # every key resolved before anything is removed
+        matches = [key for key in known if key.startswith(given.lower())]
+        if len(matches) != 1:
+            problem = "matches no entry" if not matches else f"matches {len(matches)} entries; give more of the key"
+            raise ExportError(f"cache rm {given}: {problem} in {where} (`neuron-export cache ls` lists them).")
+        chosen.append(matches[0])
+    for key in dict.fromkeys(chosen):
+        if remote:
+            record = shared.record(key)
+            shared.delete(key)
+        else:
+            record = entries[key].record
+            cache.discard(entries[key].directory)
+        size = sum(f.size for f in record.files) if record else 0
+        print(f"removed {key[:12]}  {record.name if record else '?':<14} {human_bytes(size):>10}")
 
 
 @cache_app.command("du")
@@ -91,7 +141,7 @@ def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remo
     from neuron_export.format import human_bytes
 
     totals: dict[str, int] = {}
-    if remote or remote_cache:
+    if remote:
         shared = _remote(remote_cache, "du --remote")
         for key in shared.keys():
             record = shared.record(key)
@@ -100,6 +150,7 @@ def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remo
         where = shared.url
     else:
         cache = _cache(cache_dir)
+        _local_only(remote_cache, cache)
         for entry in cache.entries():
             totals[entry.record.name] = totals.get(entry.record.name, 0) + cache.size(entry)
         where = str(cache.root)
@@ -122,7 +173,8 @@ def prune_command(
         raise ExportError("cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
                         "to remove; add --dry-run to list it without deleting.")
     seconds = parse_duration(older_than) if older_than else None
-    if remote or remote_cache:
+    linked: dict[str, int] = {}  # bytes an export still hard-links: removing the entry does not free them
+    if remote:
         from neuron_export.exporter import remote_upkeep
 
         shared = _remote(remote_cache, "prune --remote")
@@ -131,21 +183,30 @@ def prune_command(
         if not dry_run:
             remote_upkeep.prune(shared, seconds)
         found = [(key, record.name, sum(f.size for f in record.files)) for key, record in listed if record is not None]
+        where = shared.url
     else:
         cache = _cache(cache_dir)
+        _local_only(remote_cache, cache)
+        linked = {e.key: cache.linked_bytes(e) for e in cache.unused_for(seconds)}
         entries = cache.unused_for(seconds) if dry_run else cache.prune(seconds)
         found = [(e.key, e.record.name, sum(f.size for f in e.record.files)) for e in entries]
+        where = str(cache.root)
     verb = "would remove" if dry_run else "removed"
     for key, name, size in found:
-        print(f"{verb} {key[:12]}  {name:<14} {human_bytes(size):>10}")
+        note = "  (still hard-linked by an export)" if linked.get(key) else ""
+        print(f"{verb} {key[:12]}  {name:<14} {human_bytes(size):>10}{note}")
     total = sum(size for _, _, size in found)
-    print(f"{verb} {len(found)} entries ({human_bytes(total)})" + ("; nothing was deleted" if dry_run else ""))
+    kept = sum(linked.get(key, 0) for key, _, _ in found)
+    freed = f"; {human_bytes(total - kept)} {'would be ' if dry_run else ''}freed, {human_bytes(kept)} stays in use by " \
+            "exports that hard-link it (freed when they are deleted)" if kept else ""
+    print(f"{verb} {len(found)} entries ({human_bytes(total)}) from {where}{freed}"
+          + ("; nothing was deleted" if dry_run else ""))
 
 
 @cache_app.command("verify")
 def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
     """Hash-check every entry; bad ones are removed (and rebuilt by the next export that needs them). Exits 3 if any was bad."""
-    if remote or remote_cache:
+    if remote:
         from neuron_export.exporter.remote_upkeep import verify
 
         shared = _remote(remote_cache, "verify --remote")
@@ -153,6 +214,7 @@ def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, 
         bad = verify(shared)
     else:
         cache = _cache(cache_dir)
+        _local_only(remote_cache, cache)
         count = sum(1 for _ in cache.entries())
         bad = [(entry.key, f"{entry.record.name}: {problem}") for entry, problem in cache.verify()]
     for key, problem in bad:

@@ -59,7 +59,11 @@ class Reporter:
         node = f" on {event.node}" if event.node else ""  # a Ray task's node (--executor ray)
         if event.stage in ("cached", "downloaded") and event.record is not None:
             where = f"downloaded from {event.remote}" if event.stage == "downloaded" else "cached"
-            self.line(f"{prefix}: {where}{node} (built {event.record.built_at}, validation {validation_text(event.record)})")
+            self.line(f"{prefix}: {where}{node} (built {event.record.built_at})")  # its validation follows
+        elif event.stage == "validated" and event.record is not None:  # a cached artifact's validation for this export
+            v = event.record.validation
+            done = "validation" if v.reused or v.status == "skipped" else "validated the cached artifact:"
+            self.line(f"{prefix}: {done} {validation_text(event.record)}")
         elif event.stage in STAGE_TEXT:
             self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}{node}")
         elif event.stage == "done" and event.record is not None:
@@ -83,7 +87,7 @@ class Reporter:
             self._tasks[event.component] = progress.add_task(label, total=1)
         task = self._tasks[event.component]
         node = f" on {event.node}" if event.node else ""
-        if event.stage in ("done", "cached", "downloaded") and event.record is not None:
+        if event.stage in ("done", "cached", "downloaded", "validated") and event.record is not None:
             cached = f"{event.stage}, " if event.stage != "done" else ""
             progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}{node}", completed=1)
             progress.stop_task(task)
@@ -157,6 +161,7 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
             "jobs": plan.config.jobs,
             "memory_budget_bytes": plan.memory_budget,
             "estimated_wall_seconds": round(wall, 1),
+            "notes": list(plan.notes),
             "components": [{
                 "component": job.component,
                 "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
@@ -191,6 +196,8 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
                  "every component is cached; assembling only" if not misses else
                  f"{misses} to build, about {summary['estimated_wall_seconds']:.0f} s")
         console.print(f"with --jobs {summary['jobs']} within {human_bytes(summary['memory_budget_bytes'])}: {state}")
+        for note in summary["notes"]:
+            console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def build_list(plans: list[Plan]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ def validation_text(record: ComponentRecord) -> str:
     v = record.validation
     by = f", as its {v.by} reported it" if v.by else ""  # a downloaded component: not checked on this host
     if v.status == "passed" and v.max_abs_diff is not None and v.atol is not None:
-        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g}{by})"
+        return f"passed (max diff {v.max_abs_diff:.2g} <= {v.atol:g}{', measured earlier' if v.reused else ''}{by})"
     return (f"{v.status}: {v.reason}" if v.reason else v.status) + by
 
 

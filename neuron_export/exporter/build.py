@@ -16,16 +16,18 @@ from neuron_export.errors import BuildError, ExportError
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, claim_output, publish, staging_directory, write_layout
 from neuron_export.manifest import (
-    AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, read_manifest,
-    environment, file_record,
+    AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, ValidationRecord,
+    read_manifest, environment, file_record, normalized_config,
 )
 from neuron_export.exporter.plan import Job, Plan
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.remote import RemoteCache
 from neuron_export.exporter.remote_trust import trust_of
 from neuron_export.exporter.storage import writing
-from neuron_export.exporter.supply import CACHED, supply
-from neuron_export.exporter.worker import WorkOrder, context, worker_main
+from neuron_export.exporter.supply import BUILT, CACHED, supply
+from neuron_export.exporter.validation import DISABLED, failure_message, remember, reuse
+from neuron_export.exporter.worker import WorkOrder, context, source_file_records, worker_main
+from neuron_export.backends.select import get_backend
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class BuildEvent:
     component: str
     index: int
     total: int
-    stage: str  # "cached", "waiting", "downloading", "downloaded", "loading", "tracing", "validating", "done", "uploading"
+    stage: str  # "cached", "waiting", "downloading", "downloaded", "loading", "tracing", "validating", "done", "uploading",
+    # "validated" (a cached artifact compared with the eager model again)
     record: ComponentRecord | None = None
     remote: str | None = None  # the remote cache's URL, for "downloading", "downloaded" and "uploading"
     node: str | None = None  # the Ray cluster node a task runs on (--executor ray)
@@ -89,14 +92,15 @@ class _Worker:
         self.process, self.job, self.build_dir, self.reader = process, job, build_dir, reader
 
 
-def work_order(job: Job, plan: Plan) -> WorkOrder:
-    """What the worker building `job` receives: the job and four settings, not the plan (whose config holds the token)."""
+def work_order(job: Job, plan: Plan, artifact: Path | None = None) -> WorkOrder:
+    """What the worker building `job` (or checking its cached `artifact`) receives: the job and a few settings,
+    not the plan (whose config holds the token)."""
     source = plan.source
     root = source.unet_path if job.component == "unet" and source.unet_path else source.path
     if job.component in ("vae_encoder", "vae_decoder") and source.vae_path:
         root = source.vae_path
     return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
-                     disable_validation=plan.config.disable_validation, source_root=root)
+                     disable_validation=plan.config.disable_validation, source_root=root, artifact=artifact)
 
 
 @contextlib.contextmanager
@@ -203,16 +207,12 @@ def _finish(worker: _Worker, tag: str, payload: Any, cache: ComponentCache,
         shutil.rmtree(worker.build_dir, ignore_errors=True)
         raise _worker_error(payload)
     record = ComponentRecord.model_validate_json(payload)
-    if record.validation.status == "failed":
-        shutil.rmtree(worker.build_dir, ignore_errors=True)
-        done(record)
-        raise BuildError(
-            f"Validation of {record.name} failed: {record.validation.reason} on fresh inputs; "
-            "nothing was written (raise --atol only if this difference is acceptable)."
-        )
+    # Kept even when its check failed: the bytes do not depend on the tolerance, so a larger --atol reuses them.
     with writing("the component cache", cache.root, len(payload), "--cache-dir"):  # its record.json
         entry = cache.store(worker.job.cache_key, worker.build_dir, record)
     done(record)
+    if record.validation.status == "failed":
+        raise BuildError(failure_message(record.name, record.validation))
     return entry
 
 
@@ -223,26 +223,76 @@ def _stop(worker: _Worker) -> None:
     shutil.rmtree(worker.build_dir, ignore_errors=True)
 
 
+def _outcome(worker: _Worker, on_stage: Callable[[str], None]) -> tuple[str, Any]:
+    """A worker's stages passed on until its final message, which is returned."""
+    while True:
+        try:
+            tag, payload = worker.reader.recv()
+        except EOFError:
+            raise _died(worker) from None
+        if tag == "stage":
+            on_stage(payload)
+            continue
+        worker.process.join()
+        return tag, payload
+
+
 def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]) -> CacheEntry:
     """One component built in a worker process, as build_missing does, and stored in `cache`: what a cluster
     node runs for a Ray task (exporter/ray_executor.py)."""
     worker = _start(order, cache, workdir)
     try:
-        while True:
-            try:
-                tag, payload = worker.reader.recv()
-            except EOFError:
-                raise _died(worker) from None
-            if tag == "stage":
-                on_stage(payload)
-                continue
-            worker.process.join()
-            entry = _finish(worker, tag, payload, cache, lambda record: on_stage("done"))
-            worker.reader.close()
-            return entry
+        tag, payload = _outcome(worker, on_stage)
+        entry = _finish(worker, tag, payload, cache, lambda record: on_stage("done"))
+        worker.reader.close()
+        return entry
     except BaseException:
         _stop(worker)  # harmless when it has exited: its build dir is gone or renamed into the cache
         raise
+
+
+def check_cached(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]) -> ValidationRecord:
+    """A cached artifact compared with the eager model in a worker process (nothing is built)."""
+    worker = _start(order, cache, workdir)
+    try:
+        tag, payload = _outcome(worker, on_stage)
+    finally:
+        _stop(worker)  # it has exited; its unused build dir goes
+    if tag == "error":
+        raise _worker_error(payload)
+    return ValidationRecord.model_validate_json(payload)
+
+
+def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[str, str], cache: ComponentCache,
+                      workdir: Path, on_event: EventHandler) -> dict[str, ComponentRecord]:
+    """Each component's record for this export: its validation at this export's tolerance (measured by the
+    build, reused from a stored measurement, or checked again now), and the source files of this pipeline."""
+    skip_reason = get_backend(plan.backend).validation_skip_reason()
+    records = {}
+    for index, job in enumerate(plan.jobs, start=1):
+        entry = entries[job.component]
+        if plan.config.disable_validation:
+            result = ValidationRecord(status="skipped", reason=DISABLED, atol=job.atol)
+        elif origins[job.component] == BUILT:
+            result = entry.record.validation
+        else:
+            result = reuse(entry, job.atol) or (
+                ValidationRecord(status="skipped", reason=skip_reason, atol=job.atol) if skip_reason else None)
+        if result is None:
+            def stage(name: str, job: Job = job, index: int = index) -> None:
+                on_event(BuildEvent(job.component, index, len(plan.jobs), name))
+
+            result = check_cached(work_order(job, plan, entry.artifact), cache, workdir, stage)
+            remember(entry, result)
+        record = entry.record.model_copy(update={"validation": result, "neuron_compiler_args": list(job.compiler_args),
+                                                 "source_files": source_file_records(work_order(job, plan)),
+                                                 "model": job.model or None, "inline_weights": plan.config.inline_weights})
+        if result.status == "failed":
+            raise BuildError(failure_message(job.component, result))
+        if origins[job.component] != BUILT:  # its build's own result was not this export's
+            on_event(BuildEvent(job.component, index, len(plan.jobs), "validated", record))
+        records[job.component] = record
+    return records
 
 
 def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple[Manifest, dict[str, str]]:
@@ -270,6 +320,7 @@ def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> t
     workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"  # kept when a compile fails
     entries, origins = supply(list(plan.jobs), cache, remote, notify,
                               lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
+    checked = settle_validation(plan, entries, origins, cache, workdir, on_event)
     shutil.rmtree(workdir, ignore_errors=True)
 
     needed = export_bytes(plan, sum(f.size for entry in entries.values() for f in entry.record.files))
@@ -278,7 +329,7 @@ def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> t
         for job in plan.jobs:
             entry = entries[job.component]
             link_or_copy(entry.artifact, staging / job.component / ARTIFACT_NAME)
-            records[job.component] = entry.record
+            records[job.component] = checked[job.component]
         write_layout(plan, staging, records)
         component_files = {f.path for record in records.values() for f in record.files}
         manifest = make_manifest(plan, staging, records, component_files)

@@ -33,7 +33,9 @@ RECORD_LIMIT = 16 * 2**20  # a record.json larger than this is not one of ours
 # Bump when a wrapper, an input spec, the traced contract or the saved bytes change, so old entries stop matching.
 # 3: artifacts are saved without torch's host-specific debug records (backends/archive.py), and CPU
 #    artifacts without autograd on their parameters.
-CONTRACT_VERSION = 3
+# 4: keys hold only what decides the bytes (no architecture, LCM-ness or validation settings; configs without
+#    their provenance keys); validation results are stored beside the artifact.
+CONTRACT_VERSION = 4
 
 
 def default_cache_dir() -> Path:
@@ -310,6 +312,10 @@ class ComponentCache:
 
     def size(self, entry: CacheEntry) -> int:
         return sum(p.stat().st_size for p in entry.directory.iterdir() if p.is_file())
+
+    def linked_bytes(self, entry: CacheEntry) -> int:
+        """Bytes of the entry's files that an export also hard-links: removing the entry frees none of them."""
+        return sum(p.stat().st_size for p in entry.directory.iterdir() if p.is_file() and p.stat().st_nlink > 1)
 
     def verify(self) -> list[tuple[CacheEntry, str]]:
         """Every entry hash-checked; bad ones are discarded and returned with the reason."""

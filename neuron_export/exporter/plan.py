@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuron_export.version import __version__
-from neuron_export.backends.select import get_backend, resolve_backend
+from neuron_export.backends.select import get_backend, neuron_sdk_error, resolve_backend
 from neuron_export.backends.neuron import after_trace_calls
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
-from neuron_export.exporter.cache import CONTRACT_VERSION, ComponentCache, HashIndex, component_key, default_cache_dir
+from neuron_export.exporter.cache import ComponentCache, HashIndex, default_cache_dir
+from neuron_export.exporter.keys import cache_key, component_model, traced_library_versions
 from neuron_export.components.registry import describe
 from neuron_export.components.spec import ComponentSpec
 from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
@@ -77,6 +76,7 @@ class Job:
     estimated_peak_bytes: int
     estimated_seconds: float
     loras: tuple[LoraFusion, ...] = ()  # adapters fused into this component before tracing, in order
+    model: str = ""  # the model (hub id or directory) its weights come from, as given
 
     @property
     def component(self) -> str:
@@ -98,6 +98,7 @@ class Plan:
     cache_dir: Path
     memory_budget: int
     loras: tuple[LoraAdapter, ...] = ()
+    notes: tuple[str, ...] = ()  # what a plan reports where an export would refuse (no SDK, an existing output)
 
     @functools.cached_property
     def resolved_config(self) -> dict[str, Any]:
@@ -168,54 +169,6 @@ def refuse_existing_output(plan: Plan) -> None:
         raise ExportError(refusal(plan.output, plan.existing))
 
 
-def cache_key(config: ExportConfig, backend: str, compiler_version: str, facts: ModelFacts, spec: ComponentSpec,
-              source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
-              after_trace: tuple[str, ...], atol: float, libraries: dict[str, str | None],
-              loras: tuple[LoraFusion, ...] = ()) -> str:
-    """Everything that decides a component artifact's bytes (and its recorded validation)."""
-    payload = {
-        "contract": CONTRACT_VERSION,
-        "tool": __version__,
-        "component": spec.name,
-        "weights": list(weight_hashes),
-        "config": json.loads((source_folder / "config.json").read_text()),
-        "architecture": facts.architecture,
-        "is_lcm": facts.is_lcm,
-        "inputs": [dataclasses.asdict(tensor) for tensor in spec.inputs],
-        "outputs": list(spec.outputs),
-        "output_hidden_states": spec.output_hidden_states,
-        "backend": backend,
-        "compiler_version": compiler_version,
-        "libraries": libraries,
-        "compiler_args": compiler_args if backend == "neuron" else [],
-        "inline_weights": config.inline_weights if backend == "neuron" else None,
-        "after_trace": list(after_trace),
-        "validation": None if config.disable_validation else atol,
-    }
-    if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in
-        payload["ip_adapter_scale"] = spec.add_ons["ip_adapter_scale"]
-    if loras:  # only the components an adapter touches change key
-        payload["loras"] = [lora.cache_payload() for lora in loras]
-    return component_key(payload)
-
-
-# The libraries whose code is traced into an artifact: another version may trace a different graph.
-TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
-                    "neuron": ("torch", "torch-neuronx", "diffusers", "transformers")}
-
-
-def traced_library_versions(backend: str) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for name in TRACED_LIBRARIES[backend]:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     """A command that does not fit the model says so, naming the command that does."""
     model = config.model
@@ -281,12 +234,43 @@ def native_side(config: ExportConfig, facts: ModelFacts) -> int:
     return side
 
 
-def make_plan(config: ExportConfig) -> Plan:
-    """All checks that need the model's configs, then the jobs. Loads no weights."""
+def planned_backend(config: ExportConfig, planning: bool) -> tuple[str, list[str]]:
+    """The backend, resolved; a plan for --backend neuron needs no SDK (the flags come from a table), and says so."""
+    problem = neuron_sdk_error() if planning and config.backend == "neuron" else None
+    if problem is None:
+        return resolve_backend(config.backend), []
+    return "neuron", [f"SDK not installed: torch_neuronx does not import here ({problem}); the compiler flags are exact, "
+                      "but the cache keys assume no torch-neuronx or neuronx-cc version, so a host with the SDK "
+                      "computes other keys (its hits and misses may differ)."]
+
+
+def output_note(plan: Plan) -> str | None:
+    """What exporting would do with an output that exists: nothing (up to date), replace it, or refuse."""
+    if not plan.output.exists() or plan.up_to_date:
+        return None
+    try:
+        check_output(plan.output, plan.config.force)
+        refuse_existing_output(plan)
+    except ExportError as refusal:
+        return f"an export would be refused: {refusal}"
+    return f"--output {plan.output} exists; an export would replace it (--force)."
+
+
+def refuse_unless_ready(plan: Plan) -> None:
+    """What a plan only reports, an export refuses: a Neuron backend without its SDK, an output it may not replace."""
+    resolve_backend(plan.backend)
+    check_output(plan.output, plan.config.force)
+    refuse_existing_output(plan)
+
+
+def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
+    """All checks that need the model's configs, then the jobs. Loads no weights. `planning`: for a report
+    (`plan`), which notes a missing Neuron SDK or an existing output instead of refusing."""
     if config.output is not None:
         check_output_location(config.output, protected_directories(config))
-        check_output(config.output, config.force)
-    backend = resolve_backend(config.backend)
+        if not planning:
+            check_output(config.output, config.force)
+    backend, notes = planned_backend(config, planning)
     wanted = config.components or ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     source = resolve_source(config.model or "", config.revision, config.unet, tuple(wanted),
                             token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
@@ -305,7 +289,7 @@ def make_plan(config: ExportConfig) -> Plan:
     width = config.width or native_side(config, facts)
     output = config.output or default_output(config, height, width)
     check_output_location(output, protected_directories(config, source))  # a hub model's path is known only now
-    if config.output is None:
+    if config.output is None and not planning:
         check_output(output, config.force)
 
     cache_dir = config.cache_dir or default_cache_dir()
@@ -328,8 +312,8 @@ def make_plan(config: ExportConfig) -> Plan:
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
         fusions = fusions_for(name, loras, facts.is_xl)
-        key = cache_key(config, backend, compiler_version, facts, spec, source.folder(name), weight_hashes, args,
-                        after_trace, atol, libraries, fusions)
+        key = cache_key(config, backend, compiler_version, spec, source.folder(name), weight_hashes, args,
+                        after_trace, libraries, fusions)
         per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
                     for f in facts.weight_files[name]]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
@@ -340,7 +324,7 @@ def make_plan(config: ExportConfig) -> Plan:
             cached=cache.peek(key),
             estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
             estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
-            loras=fusions,
+            loras=fusions, model=component_model(source, name),
         ))
     hashes.save()
     budget = config.max_memory or available_memory_bytes()
@@ -358,5 +342,8 @@ def make_plan(config: ExportConfig) -> Plan:
                 width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[pipeline_key],
                 optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget,
                 loras=loras)
-    refuse_existing_output(plan)
-    return plan
+    if not planning:
+        refuse_existing_output(plan)
+        return plan
+    note = output_note(plan)
+    return dataclasses.replace(plan, notes=(*notes, *([note] if note else [])))

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 from neuron_export.exporter.build import BuildEvent, EventHandler, run_export
 from neuron_export.exporter.config import FAMILIES, make_configs, parse_set_options, read_config_file
 from neuron_export.errors import ExportError
-from neuron_export.exporter.plan import Plan, make_plan
+from neuron_export.exporter.plan import Plan, make_plan, refuse_unless_ready
 from neuron_export.manifest import Manifest
 
 
@@ -33,13 +33,13 @@ def option_layers(family_or_config: str | Path, overrides: Sequence[str], option
 
 
 def plan_exports(family_or_config: str | Path | Sequence[str | Path], overrides: Sequence[str] = (),
-                 **options: Any) -> list[Plan]:
+                 planning: bool = False, **options: Any) -> list[Plan]:
     """Every export the options name (a shape matrix, or several configs, name several), all checked before any
-    is built; two that would write the same output are refused."""
+    is built; two that would write the same output are refused. `planning`: for a report (see make_plan)."""
     sources = [family_or_config] if isinstance(family_or_config, (str, Path)) else list(family_or_config)
     if len(sources) > 1 and options.get("output") is not None:  # several configs: --output is their parent folder
         options = {**{key: value for key, value in options.items() if key != "output"}, "output_root": Path(options["output"])}
-    plans = [make_plan(config) for source in sources
+    plans = [make_plan(config, planning) for source in sources
              for config in make_configs(*option_layers(source, overrides, options))]
     seen: dict[Path, Plan] = {}
     for plan in plans:
@@ -54,7 +54,10 @@ def plan_exports(family_or_config: str | Path | Sequence[str | Path], overrides:
 
 def fan_out(plans: list[Plan], on_event: Optional[EventHandler] = None) -> None:
     """With --executor ray, build every component the plans miss on the cluster first, each cache key once;
-    run_plan then assembles each export from the remote cache. The local executor builds in run_plan."""
+    run_plan then assembles each export from the remote cache. The local executor builds in run_plan.
+    Every plan is checked first: what a plan only reported (no SDK, an existing output) an export refuses."""
+    for plan in plans:
+        refuse_unless_ready(plan)
     on_cluster = [plan for plan in plans if plan.config.executor == "ray" and not plan.up_to_date]
     if on_cluster:
         from neuron_export.exporter.ray_executor import build_on_cluster

@@ -34,6 +34,7 @@ from neuron_export.errors import BuildError, ExportError
 from neuron_export.exporter.lifetime import die_with_parent
 from neuron_export.exporter.plan import Job
 from neuron_export.exporter.storage import check_room, writing
+from neuron_export.exporter.validation import DISABLED, verdict
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.manifest import ComponentRecord, FileRecord, TensorRecord, ValidationRecord, file_record
 
@@ -105,6 +106,7 @@ class WorkOrder:
     inline_weights: bool
     disable_validation: bool
     source_root: Path  # the folder the job's weight files are named relative to in the manifest
+    artifact: Path | None = None  # set: compare this cached artifact with the eager model instead of building
 
 
 def worker_main(order: WorkOrder, build_dir: Path, workdir: Path, pipe: Any) -> None:
@@ -123,6 +125,9 @@ def worker_main(order: WorkOrder, build_dir: Path, workdir: Path, pipe: Any) -> 
         failure = preload_failure(name)
         if failure is not None:
             send(("error", failure))
+            return
+        if order.artifact is not None:
+            send(("done", check_artifact(order, lambda stage: send(("stage", stage))).model_dump_json()))
             return
         record = build_component(order, build_dir, workdir, lambda stage: send(("stage", stage)))
         send(("done", record.model_dump_json()))
@@ -227,7 +232,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
     spec = job.spec
     module = component_module(spec.name)
     backend = get_backend(order.backend)
-    skip_reason = "skipped: disabled by --disable-validation" if order.disable_validation else backend.validation_skip_reason()
+    skip_reason = DISABLED if order.disable_validation else backend.validation_skip_reason()
     started = time.perf_counter()
     reset_peak_rss()
 
@@ -272,10 +277,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
             loaded = backend.load(artifact)
             actual = flatten(loaded(*validation_inputs))
             del loaded
-            diff = max_abs_diff(expected, actual)
-            status = "passed" if diff <= job.atol else "failed"
-            validation = ValidationRecord(status=status, max_abs_diff=diff, atol=job.atol,
-                                          reason=None if status == "passed" else f"max abs diff {diff:.3g} > atol {job.atol:g}")
+            validation = verdict(max_abs_diff(expected, actual), job.atol)
         else:
             validation = ValidationRecord(status="skipped", reason=skip_reason, atol=job.atol)
     release_memory()
@@ -306,7 +308,33 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         estimated_peak_bytes=job.estimated_peak_bytes,
         validation=validation,
         origin="built",
+        model=job.model or None,
     )
+
+
+def check_artifact(order: WorkOrder, on_stage: Callable[[str], None]) -> ValidationRecord:
+    """Compare a cached artifact with the eager model on the build's fresh inputs: the eager outputs first,
+    the model freed, then the artifact loaded (memory stays near one copy of the component)."""
+    import torch
+
+    limit_fragmentation()
+    quiet_libraries()
+    job, spec = order.job, order.job.spec
+    module = component_module(spec.name)
+    on_stage("loading")
+    with torch.no_grad():
+        model = module.load(job.source_folder, spec)
+        if job.loras:
+            lora.fuse(model, spec.name, job.loras)
+        inputs = make_inputs(spec.inputs, VALIDATION_SEED)
+        expected = [t.clone() for t in module.reference(model, spec, inputs)]
+        del model
+        release_memory()
+        on_stage("validating")
+        loaded = get_backend(order.backend).load(order.artifact)
+        actual = flatten(loaded(*inputs))
+        del loaded
+    return verdict(max_abs_diff(expected, actual), job.atol)
 
 
 def artifact_bytes_estimate(traced: Any, job: Job) -> int:
