@@ -17,7 +17,7 @@ from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, claim_output, publish, staging_directory, write_layout
 from neuron_export.manifest import (
     AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, ValidationRecord,
-    read_manifest, environment, file_record, normalized_config,
+    read_manifest, environment, file_record,
 )
 from neuron_export.exporter.plan import Job, Plan
 from neuron_export.exporter.source import PROCESSOR_FOLDERS

@@ -9,7 +9,6 @@ diffusers attention-processor one (`...attn1.processor.to_q_lora.down.weight`) a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
