@@ -65,6 +65,7 @@ def verify_command(
     old_target: Optional[str] = typer.Option(None, "--target", hidden=True),
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the memory estimate and its assumptions."),
 ) -> None:
     from neuron_export.deploy import verify
     from neuron_export.deploy.instances import get_instance
@@ -78,7 +79,7 @@ def verify_command(
     if json_output:
         print(json.dumps(report.to_json()), flush=True)
     else:
-        verify.render(report, _console())
+        verify.render(report, _console(), verbose)
     if report.exit_code:
         sys.exit(report.exit_code)  # typer.Exit's code is dropped in non-standalone mode; SystemExit is not
 

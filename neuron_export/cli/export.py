@@ -1,5 +1,6 @@
 """The export commands (`sd`, `sd-xl`, `lcm`, `build`) and their `plan` twins: parse, call the API, render."""
 
+import time
 from typing import Any, Callable
 
 import typer
@@ -55,11 +56,12 @@ def export_and_render(family_or_config: Any, overrides: list[str], options: dict
             reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
             result = run_plan(plan)  # reads the manifest back; every component counts as cached
         else:
+            started = time.monotonic()
             try:
                 result = run_plan(plan, on_event=reporter)
             finally:
                 reporter.close()
-            reporter.summary(result.manifest, plan.output)
+            reporter.summary(result.manifest, plan.output, result.origins, time.monotonic() - started)
         results.append({**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date})
     if json_mode:
         import json

@@ -164,7 +164,7 @@ def run_generate(
     picture = image_grid(images, columns)
     write_image(picture, output, image_metadata(export_dir, request, refinement))
     layout = f" as a {rows}x{columns} grid" if len(images) > 1 else ""
-    print(f"Wrote {len(images)} image(s){layout} ({picture.size[0]}x{picture.size[1]}) to {output} "
+    print(f"Wrote {len(images)} image(s){layout} ({picture.size[1]}x{picture.size[0]}, height x width) to {output} "
           f"in {time.monotonic() - started:.1f}s", flush=True)
     return output
 

@@ -57,14 +57,25 @@ def normalize_argv(argv: list[str], known: set[str]) -> list[str]:
     return result
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: cleans up as Ctrl-C does, then exits 143 instead of 130."""
+
+
+TERMINATED: list[int] = []  # set by the SIGTERM handler: the parser may wrap our exception in its own Abort
+
+
+def _stopped() -> tuple[int, str]:
+    code, word = (ExitCode.TERMINATED, "terminated") if TERMINATED else (ExitCode.INTERRUPTED, "interrupted")
+    return code, (f"{word}; the output was left as it was (components finished before this stay in the cache, "
+                  "so a rerun resumes).")
+
+
 def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
     """An exception's exit code and the one sentence to show (None: nothing more to say). Unknown ones are bugs."""
     if isinstance(exc, ExportError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return ExitCode.INTERRUPTED, "interrupted; nothing was written (the output directory is untouched)."
-    if isinstance(exc, typer.Abort):
-        return ExitCode.INTERRUPTED, "interrupted; nothing was written."
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
+        return _stopped()
     if isinstance(exc, typer.Exit):
         return exc.exit_code, None
     if isinstance(exc, NoArgsIsHelpError):  # a bare group: its help, as a success
@@ -76,8 +87,23 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
     raise exc
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _terminate(signum: int, frame: Any) -> None:
+    TERMINATED.append(signum)
+    raise Terminated
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from neuron_export.version import __version__
+
+        print(f"neuron-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    """Compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium into optimum-neuron's layout, with a manifest."""
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -87,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in args
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
-    signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
+    signal.signal(signal.SIGTERM, _terminate)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
         args = normalize_argv(expand_list_options(args), _known_long_options(command))
