@@ -84,8 +84,8 @@ MARK = {"ok": "OK", "failed": "FAILED", "unchecked": "UNCHECKED", "skipped": "SK
 
 
 def render(report: Report, console: Any, verbose: bool = False) -> None:
-    """A verdict line per check (with its problems and notes), then one line on where it fits; `verbose` adds
-    the memory estimate and its assumptions."""
+    """A verdict line per check (with its problems and notes); `verbose` adds the memory estimate, every
+    instance it fits and the estimate's assumptions."""
     from rich.table import Table
     from rich.text import Text
 
@@ -116,12 +116,12 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         table.add_row("total", "", human_bytes(fit["host_bytes"]) + " host",
                       " / ".join(human_bytes(b) for b in fit["core_bytes"]) + " per core", "")
         console.print(table)
-    console.print(Text(f"fits: {', '.join(fitting) or 'no instance in the table'}"))
-    if verbose:
+    if verbose:  # the fit line names the smallest instance that fits; this lists them all
+        console.print(Text(f"fits: {', '.join(fitting) or 'no instance in the table'}"))
         console.print(Text("estimate assumptions:", style="dim"))
         for assumption in fit["assumptions"]:
             console.print(Text(f"  - {assumption}", style="dim"))
     if report.exit_code:
         console.print(Text(f"exit code {report.exit_code}"))
     elif not verbose:
-        console.print(Text("(--verbose: the memory estimate and its assumptions)", style="dim"))
+        console.print(Text("(--verbose: the memory estimate, every instance it fits, its assumptions)", style="dim"))
