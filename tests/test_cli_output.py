@@ -147,3 +147,39 @@ def test_instruct_pix2pix_turns_on_dynamic_batch_and_says_so(tiny_model, tmp_pat
     assert len(said) == 1 and said[0].startswith("--task instruct-pix2pix"), result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["dynamic_batch_size"] is True
+
+
+def _help(*command: str) -> str:
+    result = run_cli(*command, "--help")
+    assert result.exit_code == 0, result
+    return result.stdout
+
+
+def test_help_is_per_family_and_grouped(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # rich help: wide enough that no value is cut
+    lcm, sdxl, sd = _help("lcm"), _help("sd-xl"), _help("plan", "sd")
+    for panel in ("Model", "Shapes", "Compiler", "Add-ons", "Cache", "Output"):
+        assert f"─ {panel} ─" in sd, panel
+    assert "--ip-adapter" in sd and "instruct-pix2pix" in sd and "--controlnet" in sd
+    assert "--ip-adapter" not in lcm and "--controlnet" not in lcm and "inpainting" not in lcm
+    assert "--ip-adapter" not in sdxl and "instruct-pix2pix" not in sdxl and "--controlnet" in sdxl
+    assert "<str>" not in lcm.split("--backend")[1].splitlines()[0]  # a choice shows its values
+
+
+def test_a_flag_of_another_family_says_which_family_takes_it(tmp_path):
+    result = run_cli("sd-xl", "--ip-adapter", "h94/IP-Adapter", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("neuron-export: error: --ip-adapter is not available for `neuron-export sd-xl`; "
+                                     "only `neuron-export sd` takes it.")
+
+
+@pytest.mark.parametrize("words, offered", [
+    ("sd --backend ", ["auto", "neuron", "cpu"]),
+    ("lcm --task ", ["text-to-image", "image-to-image"]),
+    ("sd-xl --auto-cast ", ["none", "matmul", "all"]),
+])
+def test_completion_offers_the_values_of_a_choice(words, offered):
+    env = {**os.environ, "_NEURON_EXPORT_COMPLETE": "complete_bash", "COMP_WORDS": f"neuron-export {words}",
+           "COMP_CWORD": str(len(words.split()) + 1)}
+    done = subprocess.run([sys.executable, "-m", "neuron_export"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == offered, done

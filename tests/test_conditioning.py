@@ -45,7 +45,7 @@ BAD_INPUT = {
     "a pix2pix model as text-to-image": (lambda m, t: ["-m", m("sd-pix2pix")],
                                          ["InstructPix2Pix model", "--task instruct-pix2pix"]),
     "an IP-Adapter on SDXL": (lambda m, t: ["--family", "sd-xl", "-m", m("sdxl"), *ip_adapter_args(m)],
-                              ["ip_adapter is not available for `neuron-export sd-xl`"]),
+                              ["--ip-adapter is not available for `neuron-export sd-xl`", "only `neuron-export sd` takes it"]),
 }
 
 

@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate", help=GENERATE_HELP)
     def generate_command(
         export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
-        prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat it once per prompt of the compiled batch."),
+        prompt: list[str] = typer.Option(..., "--prompt", "-p", metavar="TEXT", help="Text prompt; repeat it once per prompt of the compiled batch."),
         output: Path = typer.Option(..., "--output", "-o", help="Image file to write (PNG); several images become one grid."),
         negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (not for LCM)."),
         image: Optional[Path] = typer.Option(None, "--image", help="Initial image (image-to-image and inpainting exports)."),

@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="markdown",  # rich help: options grouped in panels (model, shapes, compiler, add-ons, cache, output)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 export.register(app)
@@ -82,9 +82,26 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
         print(exc.format_message())
         return ExitCode.OK, None
     if isinstance(exc, typer.TyperException):  # usage errors from the command-line parser
+        other_family = _other_family_option(exc)
+        if other_family:
+            return ExitCode.USAGE, other_family
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message = message.replace("Value error, ", "")
         return getattr(exc, "exit_code", ExitCode.USAGE), message.rstrip(".") + ". See --help."
     raise exc
+
+
+def _other_family_option(exc: Exception) -> Optional[str]:
+    """An export flag that another family takes ("--ip-adapter" given to sd-xl): say which family does."""
+    option, ctx = getattr(exc, "option_name", None), getattr(exc, "ctx", None)
+    family = getattr(ctx, "info_name", None)
+    if not option or family not in export.FAMILY_TASKS:
+        return None
+    takers = [name for name in export.FAMILY_TASKS if option in export.family_options(name)]
+    if not takers or family in takers:
+        return None
+    return (f"{option} is not available for `neuron-export {family}`; "
+            f"only `neuron-export {'` and `neuron-export '.join(takers)}` {'takes' if len(takers) == 1 else 'take'} it.")
 
 
 def _terminate(signum: int, frame: Any) -> None:
