@@ -130,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in args
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
+    TERMINATED.clear()
     signal.signal(signal.SIGTERM, _terminate)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
