@@ -22,8 +22,9 @@ GENERATE_HELP = (
     "Generate images with an export (CPU TorchScript here; Neuron artifacts on an inf2/trn1 host) and write "
     "them to one PNG, a grid when there are several. Shapes are the compiled ones: --height, --width, "
     "--num-images-per-prompt and the number of prompts must match the export. Steps, guidance and strength "
-    "default to the diffusers pipeline class's own (a turbo checkpoint: its model card's); the first line "
-    "printed says which values are used."
+    "default to the diffusers pipeline class's own (an LCM UNet: LCM's; a turbo checkpoint: its model card's); "
+    "the first line printed says which values are used. --refiner runs an SDXL refiner export after the base. "
+    "The PNG records the prompt, seed, steps, guidance and export in its text chunks."
 )
 
 

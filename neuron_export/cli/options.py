@@ -45,7 +45,7 @@ DisableValidation = Annotated[bool, typer.Option("--disable-validation", help="S
 Atol = Annotated[Optional[float], typer.Option("--atol", help="Largest allowed difference from the eager model [default: per backend and auto-cast].", rich_help_panel="Compiler")]
 Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder (and controlnet_N, image_encoder).", rich_help_panel="Compiler")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.", rich_help_panel="Output")]
-Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable result object and nothing else.", rich_help_panel="Output")]
+Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable result object on stdout (progress lines go to stderr).", rich_help_panel="Output")]
 Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", show_envvar=False, help="Hugging Face token for private models.", rich_help_panel="Model")]
 HubCacheDir = Annotated[Optional[Path], typer.Option("--hub-cache-dir", help="Where hub downloads are cached [default: huggingface_hub's].", rich_help_panel="Model")]
 Offline = Annotated[bool, typer.Option("--offline", help="Use only the local hub cache.", rich_help_panel="Model")]
