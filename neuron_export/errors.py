@@ -20,7 +20,8 @@ class ExitCode(IntEnum):
     DOES_NOT_FIT = 5  # the export does not fit the instance given to `verify --instance`
     MEMORY_BUDGET = 6  # the largest build cannot fit --max-memory
     STORAGE = 7  # disk full, quota, read-only or unwritable
-    INTERRUPTED = 130  # Ctrl-C or SIGTERM, as shells report SIGINT
+    INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+    TERMINATED = 143  # SIGTERM (a CI job's timeout), as shells report it
 
 
 class ExportError(Exception):

@@ -42,12 +42,10 @@ BAD_INPUT = {
     "a missing IP-Adapter file": (lambda m, t: ["-m", m("sd"), "--ip-adapter", m("sd-ip-adapter"),
                                                 "--ip-adapter-weight-name", "nope.safetensors"],
                                   ["--ip-adapter-weight-name nope.safetensors: no such file"]),
-    "pix2pix without dynamic batch": (lambda m, t: ["-m", m("sd-pix2pix"), "--task", "instruct-pix2pix"],
-                                      ["--task instruct-pix2pix needs --dynamic-batch-size"]),
     "a pix2pix model as text-to-image": (lambda m, t: ["-m", m("sd-pix2pix")],
                                          ["InstructPix2Pix model", "--task instruct-pix2pix"]),
     "an IP-Adapter on SDXL": (lambda m, t: ["--family", "sd-xl", "-m", m("sdxl"), *ip_adapter_args(m)],
-                              ["ip_adapter is not available for `neuron-export sd-xl`"]),
+                              ["--ip-adapter is not available for `neuron-export sd-xl`", "only `neuron-export sd` takes it"]),
 }
 
 

@@ -26,9 +26,9 @@ def assert_clean_failure(result, output: Path, *words: str) -> None:
 
 
 BAD_FLAGS = {
-    "height-not-multiple-of-8": (["--height", "513"], ["height", "513", "multiple of 8", "512"]),
+    "height-not-multiple-of-8": (["--height", "513"], ["--height 513", "multiple of 8", "512"]),
     "width-out-of-range": (["--width", "8192"], ["width", "8192", "between"]),
-    "batch-size-zero": (["--batch-size", "0"], ["batch_size", "0", "1 or more"]),
+    "batch-size-zero": (["--batch-size", "0"], ["--batch-size 0", "1 or more"]),
     "auto-cast-type-with-none": (["--auto-cast", "none", "--auto-cast-type", "bf16"], ["auto_cast_type", "bf16", "--auto-cast"]),
     "unknown-task": (["--task", "text2img"], ["task", "text2img", "text-to-image"]),
     "unknown-component": (["--components", "vae"], ["components", "vae", "vae_decoder"]),

@@ -277,7 +277,7 @@ def test_generate_without_flags_is_the_diffusers_default_call(export, tiny_model
     reference = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), **extra).images[0]
     strength = f" strength={used['strength']}" if "strength" in used else ""
     assert first_line == (f"generate: steps={used['steps']} guidance={float(pipe.guidance_scale)}{strength} seed=0 "
-                          f"size=64x64 images=1 (defaults: {case.pipeline}.__call__)")
+                          f"size=64x64 (height x width) images=1 (defaults: {case.pipeline}.__call__)")
     ours, theirs = written_pixels(out), np.asarray(reference.convert("RGB")).astype(np.int16)
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert np.abs(ours - theirs).max() <= 1  # float outputs agree to ~1e-6; 8-bit rounding can differ by one
@@ -295,7 +295,7 @@ def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path,
     capsys.readouterr()  # drop what building the export printed
     assert run_cli(["generate", turbo, "--prompt", PROMPT, "-o", out]) == 0
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line == ("generate: steps=1 guidance=0.0 seed=0 size=64x64 images=1 "
+    assert first_line == ("generate: steps=1 guidance=0.0 seed=0 size=64x64 (height x width) images=1 "
                           "(defaults: the stabilityai/sdxl-turbo model card)")
     pipe = eager_pipeline(CASES["sdxl"], tiny_model)
     card_call = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(0))

@@ -42,7 +42,7 @@ def test_summary_shows_pipeline_source_flags_versions_sizes_validation_and_times
     _, out, _ = cli(capsys, "inspect", sd_export)
     manifest = json.loads((sd_export / "manifest.json").read_text())
     assert "NeuronStableDiffusionPipeline" in out and "StableDiffusionPipeline" in out
-    assert "64x64 pixels, batch 1" in out and "data-parallel mode unet" in out
+    assert "64x64 pixels (height x width), batch 1" in out and "data-parallel mode unet" in out
     assert manifest["source"]["model_id"] in out
     assert "--model-type=unet-inference" in out and "--auto-cast matmult" in out  # compiler flags
     assert f"torch {manifest['environment']['torch']}" in out and f"diffusers {manifest['environment']['diffusers']}" in out

@@ -339,7 +339,7 @@ def test_a_tight_fit_exits_0_and_names_the_estimate_the_resource_and_the_assumpt
     rewrite_manifest(directory, real_counts(SDXL, 1024, 1024))
     code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge")
     assert code == 0, out
-    line = " ".join(out.split("\nfit ")[1].split("Memory estimate")[0].split())  # the fit line, unwrapped
+    line = " ".join(out.split("\nfit ")[1].split("\n(--verbose")[0].split())  # the fit line, unwrapped
     assert line.startswith("OK fits, tight: 15.9 of 16 GiB host RAM on inf2.xlarge (assuming one fp32 host copy")
     assert line.endswith("; inf2.8xlarge has room")
     code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.8xlarge")

@@ -68,6 +68,7 @@ def verify_command(
     strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
     trusted_keys: Optional[list[str]] = typer.Option(None, "--remote-cache-trusted-key", metavar="KEY", help="Downloaded components must be signed by one of these public keys (ed25519:... or a .pub file; repeatable) [default: $NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS, else any signer whose signature matches]."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the memory estimate and its assumptions."),
 ) -> None:
     from neuron_export.deploy import verify
     from neuron_export.deploy.instances import get_instance
@@ -88,7 +89,7 @@ def verify_command(
     if json_output:
         print(json.dumps(report.to_json()), flush=True)
     else:
-        verify.render(report, _console())
+        verify.render(report, _console(), verbose)
     if report.exit_code:
         sys.exit(report.exit_code)  # typer.Exit's code is dropped in non-standalone mode; SystemExit is not
 

@@ -1,6 +1,9 @@
 """The export commands (`sd`, `sd-xl`, `lcm`, `build`) and their `plan` twins: parse, call the API, render."""
 
-from typing import Any, Callable
+import inspect
+import time
+from enum import Enum
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -13,6 +16,7 @@ from neuron_export.cli.options import (
 from neuron_export.cli.options import RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey
 from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
 from neuron_export.cli.options import ControlNet, IpAdapter, IpAdapterScale, IpAdapterSubfolder, IpAdapterWeightName
+from neuron_export.cli.options import Choice
 
 FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
@@ -27,8 +31,9 @@ _PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", 
 
 
 def given_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options the user actually gave on the command line (a repeatable option never given is an empty list)."""
-    return {key: value for key, value in values.items()
+    """The options the user actually gave on the command line (a repeatable option never given is an empty list),
+    choices as their plain values."""
+    return {key: value.value if isinstance(value, Enum) else value for key, value in values.items()
             if value is not None and value != [] and not (key in _PLAIN_FLAGS and value is False)}
 
 
@@ -56,11 +61,12 @@ def export_and_render(family_or_config: Any, overrides: list[str], options: dict
             reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
             result = run_plan(plan)  # reads the manifest back; every component counts as cached
         else:
+            started = time.monotonic()
             try:
                 result = run_plan(plan, on_event=reporter)
             finally:
                 reporter.close()
-            reporter.summary(result.manifest, plan.output)
+            reporter.summary(result.manifest, plan.output, result.origins, time.monotonic() - started)
         results.append({**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date})
     if json_mode:
         import json
@@ -78,37 +84,63 @@ def plan_and_render(family_or_config: Any, overrides: list[str], options: dict[s
 Runner = Callable[[Any, list[str], dict[str, Any], bool], None]
 
 
+# What each family takes: its tasks, and the options it would refuse (so its --help does not list them).
+FAMILY_TASKS = {
+    "sd": ("text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"),
+    "sd-xl": ("text-to-image", "image-to-image", "inpainting"),
+    "lcm": ("text-to-image", "image-to-image"),
+}
+IP_ADAPTER_OPTIONS = {"ip_adapter", "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_scale"}
+FAMILY_REFUSES = {"sd": set(), "sd-xl": IP_ADAPTER_OPTIONS, "lcm": IP_ADAPTER_OPTIONS | {"controlnet"}}
+
+
+def _template(  # in help-panel order: model, shapes, compiler, add-ons, cache, output
+    output_dir: OutputArgument = None, model: Model = None, task: Task = None, revision: Revision = None,
+    unet: Unet = None, token: Token = None, hub_cache_dir: HubCacheDir = None, offline: Offline = False,
+    batch_size: BatchSize = None, height: Height = None, width: Width = None,
+    num_images_per_prompt: ImagesPerPrompt = None, dynamic_batch_size: DynamicBatchSize = False,
+    auto_cast: AutoCast = None, auto_cast_type: AutoCastType = None, optlevel: Optlevel = None,
+    inline_weights: InlineWeights = None, target: Target = None, backend: Backend = None,
+    disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
+    jobs: Jobs = None, max_memory: MaxMemory = None, executor: Executor = None, ray_address: RayAddress = None,
+    vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
+    lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
+    controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
+    ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
+    cache_dir: CacheDir = None, remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
+    remote_cache_signing_key: RemoteCacheSigningKey = None, remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+    remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
+    output: Output = None, force: Force = False, json_output: Json = False,
+) -> None:
+    """Every export flag; each family's command takes the ones it accepts (family_command)."""
+
+
+def family_options(family: str) -> set[str]:
+    """The long flags `neuron-export FAMILY` takes."""
+    return {"--" + name.replace("_", "-") for name in inspect.signature(_template).parameters
+            if name not in FAMILY_REFUSES[family]} - {"--output-dir", "--json-output"} | {"--json"}
+
+
 def family_command(family: str, run: Runner) -> Callable[..., None]:
-    def command(
-        output_dir: OutputArgument = None, model: Model = None, task: Task = None, revision: Revision = None,
-        unet: Unet = None, output: Output = None, batch_size: BatchSize = None, height: Height = None,
-        width: Width = None, num_images_per_prompt: ImagesPerPrompt = None, auto_cast: AutoCast = None,
-        auto_cast_type: AutoCastType = None, optlevel: Optlevel = None, inline_weights: InlineWeights = None,
-        dynamic_batch_size: DynamicBatchSize = False, target: Target = None, backend: Backend = None,
-        disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
-        force: Force = False, json_output: Json = False, token: Token = None, hub_cache_dir: HubCacheDir = None,
-        offline: Offline = False, jobs: Jobs = None, max_memory: MaxMemory = None, cache_dir: CacheDir = None,
-        vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
-        lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
-        remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
-        remote_cache_signing_key: RemoteCacheSigningKey = None, remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
-        remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
-        executor: Executor = None, ray_address: RayAddress = None,
-        controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
-        ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
-    ) -> None:
-        options = dict(locals())
-        for name in ("output_dir", "json_output", "family", "run"):
-            options.pop(name, None)
-        options = given_options(options)
-        if output_dir is not None and output is not None and output_dir != output:
+    def command(**values: Any) -> None:
+        output_dir, json_output = values.pop("output_dir", None), values.pop("json_output", False)
+        options = given_options(values)
+        if output_dir is not None and values.get("output") is not None and output_dir != values["output"]:
             from neuron_export.errors import ExportError
 
-            raise ExportError(f"OUTPUT {output_dir} and --output {output} are both given; name the output directory once.")
+            raise ExportError(f"OUTPUT {output_dir} and --output {values['output']} are both given; name the output directory once.")
         if output_dir is not None:
             options.setdefault("output", output_dir)
         run(family, [], options, json_output)
 
+    tasks = Choice(f"{family.replace('-', '')}_tasks", {task.replace("-", "_"): task for task in FAMILY_TASKS[family]})
+    task_option = typer.Option("--task", help="What the pipeline does [default: text-to-image].", rich_help_panel="Model")
+    hints = {name: hint for name, hint in _template.__annotations__.items() if name not in FAMILY_REFUSES[family]}
+    hints["task"] = Annotated[Optional[tasks], task_option]  # type: ignore[valid-type]
+    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        parameter.replace(annotation=hints[name]) for name, parameter in inspect.signature(_template).parameters.items()
+        if name in hints])
+    command.__annotations__ = hints
     command.__doc__ = FAMILY_HELP[family]
     return command
 

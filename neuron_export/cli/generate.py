@@ -22,8 +22,9 @@ GENERATE_HELP = (
     "Generate images with an export (CPU TorchScript here; Neuron artifacts on an inf2/trn1 host) and write "
     "them to one PNG, a grid when there are several. Shapes are the compiled ones: --height, --width, "
     "--num-images-per-prompt and the number of prompts must match the export. Steps, guidance and strength "
-    "default to the diffusers pipeline class's own (a turbo checkpoint: its model card's); the first line "
-    "printed says which values are used."
+    "default to the diffusers pipeline class's own (an LCM UNet: LCM's; a turbo checkpoint: its model card's); "
+    "the first line printed says which values are used. --refiner runs an SDXL refiner export after the base. "
+    "The PNG records the prompt, seed, steps, guidance and export in its text chunks."
 )
 
 
@@ -69,19 +70,52 @@ def check_output_path(output: Path) -> None:
         raise ExportError(f"--output {output}: directory {output.parent} does not exist; create it or choose another path.")
 
 
-def write_image(image: Any, output: Path) -> None:
-    """Write atomically: a failed or interrupted save leaves no partial file behind."""
+def png_metadata(values: dict[str, Any]) -> Any:
+    """PNG text chunks, one per value given (Image.open(path).text reads them back)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in values.items():
+        if value is not None:
+            info.add_text(key, str(value))
+    return info
+
+
+def write_image(image: Any, output: Path, metadata: Optional[dict[str, Any]] = None) -> None:
+    """Write atomically: a failed or interrupted save leaves no partial file behind. `metadata` goes into a PNG's text chunks."""
     handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=output.suffix, dir=output.parent)
     os.close(handle)
     umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(umask)
     os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; an image is as readable as any file the user writes
     try:
-        image.save(temporary)
+        if metadata and output.suffix.lower() == ".png":
+            image.save(temporary, pnginfo=png_metadata(metadata))
+        else:
+            image.save(temporary)
         os.replace(temporary, output)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def image_metadata(export_dir: Path, request: Any, refinement: Any) -> dict[str, Any]:
+    """What made the image: the request's values and the export(s), by absolute path and manifest digest."""
+    from neuron_export.version import __version__
+    from neuron_export.runtime.refining import manifest_digest
+
+    values: dict[str, Any] = {
+        "prompt": "\n".join(request.prompts),  # one line per prompt of the batch
+        "negative_prompt": request.negative_prompt, "seed": request.seed, "steps": request.steps,
+        "guidance_scale": request.guidance_scale, "strength": request.strength,
+        "image_guidance_scale": request.add_ons.image_guidance_scale,
+        "export": Path(export_dir).resolve(), "export_manifest_sha256": manifest_digest(export_dir),
+        "software": f"neuron-export {__version__}",
+    }
+    if refinement is not None:
+        values.update(refiner=refinement.export_dir.resolve(), refiner_manifest_sha256=manifest_digest(refinement.export_dir),
+                      high_noise_frac=refinement.high_noise_frac, refiner_strength=refinement.strength)
+    return values
 
 
 def run_generate(
@@ -91,11 +125,13 @@ def run_generate(
     num_images_per_prompt: Optional[int] = None, batch_size: Optional[int] = None,
     height: Optional[int] = None, width: Optional[int] = None, control_images: Optional[list[Path]] = None,
     controlnet_scale: Optional[list[float]] = None, ip_adapter_image: Optional[Path] = None,
-    image_guidance_scale: Optional[float] = None,
+    image_guidance_scale: Optional[float] = None, refiner: Optional[Path] = None,
+    high_noise_frac: Optional[float] = None,
 ) -> Path:
-    from neuron_export.runtime.generation import grid_shape, image_grid, run_request
+    from neuron_export.runtime.generation import grid_shape, image_grid, run_refined, run_request
     from neuron_export.runtime.loading import load_pipeline
     from neuron_export.runtime.reading import export_backend, read_export
+    from neuron_export.runtime.refining import resolve_refinement
     from neuron_export.runtime.requests import resolve_request
 
     manifest = read_export(export_dir)
@@ -105,8 +141,11 @@ def run_generate(
         batch_size=batch_size, height=height, width=width, control_images=control_images or (),
         controlnet_scale=controlnet_scale or None, ip_adapter_image=ip_adapter_image,
         image_guidance_scale=image_guidance_scale)
+    refinement = resolve_refinement(export_dir, manifest, refiner, high_noise_frac, request.steps)
     check_output_path(output)
     print(request.summary(), flush=True)
+    if refinement is not None:
+        print(refinement.summary(), flush=True)
     for note in request.notes:
         print(note, flush=True)
     pipeline = manifest.pipeline
@@ -114,18 +153,22 @@ def run_generate(
     print(f"Loading {export_dir} ({pipeline.diffusers_pipeline}, {pipeline.task}, backend {backend})", flush=True)
     started = time.monotonic()
     pipe = load_pipeline(export_dir, manifest)
+    second = load_pipeline(refinement.export_dir, refinement.manifest) if refinement is not None else None
     print(f"Loaded in {time.monotonic() - started:.1f}s; generating", flush=True)
     progress = StepProgress()
     started = time.monotonic()
     try:
-        images = run_request(pipe, request, output_type="pil", on_step=progress)
+        if refinement is not None:
+            images = run_refined(pipe, second, request, refinement, output_type="pil", on_step=progress)
+        else:
+            images = run_request(pipe, request, output_type="pil", on_step=progress)
     finally:
         progress.close()
     rows, columns = grid_shape(len(images), request.num_images_per_prompt)
     picture = image_grid(images, columns)
-    write_image(picture, output)
+    write_image(picture, output, image_metadata(export_dir, request, refinement))
     layout = f" as a {rows}x{columns} grid" if len(images) > 1 else ""
-    print(f"Wrote {len(images)} image(s){layout} ({picture.size[0]}x{picture.size[1]}) to {output} "
+    print(f"Wrote {len(images)} image(s){layout} ({picture.size[1]}x{picture.size[0]}, height x width) to {output} "
           f"in {time.monotonic() - started:.1f}s", flush=True)
     return output
 
@@ -136,7 +179,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate", help=GENERATE_HELP)
     def generate_command(
         export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
-        prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Text prompt; repeat it once per prompt of the compiled batch."),
+        prompt: list[str] = typer.Option(..., "--prompt", "-p", metavar="TEXT", help="Text prompt; repeat it once per prompt of the compiled batch."),
         output: Path = typer.Option(..., "--output", "-o", help="Image file to write (PNG); several images become one grid."),
         negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (not for LCM)."),
         image: Optional[Path] = typer.Option(None, "--image", help="Initial image (image-to-image and inpainting exports)."),
@@ -153,9 +196,12 @@ def register(app: typer.Typer) -> None:
         controlnet_scale: Optional[list[float]] = typer.Option(None, "--controlnet-scale", help="ControlNet weight, 0 to 2; one for all or one per ControlNet [default: 1.0]."),
         ip_adapter_image: Optional[Path] = typer.Option(None, "--ip-adapter-image", help="IP-Adapter exports: the image prompt."),
         image_guidance_scale: Optional[float] = typer.Option(None, "--image-guidance-scale", help="InstructPix2Pix exports: how closely to follow --image, 1 or more [default: the pipeline class's, 1.5]."),
+        refiner: Optional[Path] = typer.Option(None, "--refiner", metavar="REFINER_EXPORT", help="SDXL base exports: an SDXL refiner export (same shapes) that finishes the base's latents."),
+        high_noise_frac: Optional[float] = typer.Option(None, "--high-noise-frac", help="With --refiner: the base denoises this fraction of the schedule, the refiner the rest (e.g. 0.8) [default: the base runs fully, the refiner as image-to-image]."),
     ) -> None:
         run_generate(export_dir, prompt, output, negative_prompt=negative_prompt, image=image, mask=mask,
                      strength=strength, steps=steps, guidance_scale=guidance_scale, seed=seed,
                      num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width,
                      control_images=control_image, controlnet_scale=controlnet_scale,
-                     ip_adapter_image=ip_adapter_image, image_guidance_scale=image_guidance_scale)
+                     ip_adapter_image=ip_adapter_image, image_guidance_scale=image_guidance_scale,
+                     refiner=refiner, high_noise_frac=high_noise_frac)

@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="markdown",  # rich help: options grouped in panels (model, shapes, compiler, add-ons, cache, output)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 export.register(app)
@@ -57,14 +57,25 @@ def normalize_argv(argv: list[str], known: set[str]) -> list[str]:
     return result
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: cleans up as Ctrl-C does, then exits 143 instead of 130."""
+
+
+TERMINATED: list[int] = []  # set by the SIGTERM handler: the parser may wrap our exception in its own Abort
+
+
+def _stopped() -> tuple[int, str]:
+    code, word = (ExitCode.TERMINATED, "terminated") if TERMINATED else (ExitCode.INTERRUPTED, "interrupted")
+    return code, (f"{word}; the output was left as it was (components finished before this stay in the cache, "
+                  "so a rerun resumes).")
+
+
 def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
     """An exception's exit code and the one sentence to show (None: nothing more to say). Unknown ones are bugs."""
     if isinstance(exc, ExportError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return ExitCode.INTERRUPTED, "interrupted; nothing was written (the output directory is untouched)."
-    if isinstance(exc, typer.Abort):
-        return ExitCode.INTERRUPTED, "interrupted; nothing was written."
+    if isinstance(exc, (KeyboardInterrupt, typer.Abort)):
+        return _stopped()
     if isinstance(exc, typer.Exit):
         return exc.exit_code, None
     if isinstance(exc, NoArgsIsHelpError):  # a bare group: its help, as a success
@@ -74,13 +85,45 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
         return ExitCode.USAGE, (f"Cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}; check that path or "
                                 f"choose another (set {DEBUG_VARIABLE}=1 to see where it failed).")
     if isinstance(exc, typer.TyperException):  # usage errors from the command-line parser
+        other_family = _other_family_option(exc)
+        if other_family:
+            return ExitCode.USAGE, other_family
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        message = message.replace("Value error, ", "")
         return getattr(exc, "exit_code", ExitCode.USAGE), message.rstrip(".") + ". See --help."
     raise exc
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+def _other_family_option(exc: Exception) -> Optional[str]:
+    """An export flag that another family takes ("--ip-adapter" given to sd-xl): say which family does."""
+    option, ctx = getattr(exc, "option_name", None), getattr(exc, "ctx", None)
+    family = getattr(ctx, "info_name", None)
+    if not option or family not in export.FAMILY_TASKS:
+        return None
+    takers = [name for name in export.FAMILY_TASKS if option in export.family_options(name)]
+    if not takers or family in takers:
+        return None
+    return (f"{option} is not available for `neuron-export {family}`; "
+            f"only `neuron-export {'` and `neuron-export '.join(takers)}` {'takes' if len(takers) == 1 else 'take'} it.")
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    TERMINATED.append(signum)
+    raise Terminated
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from neuron_export.version import __version__
+
+        print(f"neuron-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    """Compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium into optimum-neuron's layout, with a manifest."""
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -90,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in args
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
-    signal.signal(signal.SIGTERM, _interrupt)  # a CI job's timeout cleans up like Ctrl-C does
+    TERMINATED.clear()
+    signal.signal(signal.SIGTERM, _terminate)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
         args = pair_lora_options(normalize_argv(expand_list_options(args), _known_long_options(command)))

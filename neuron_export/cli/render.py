@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.deploy.inspection import validation_text
@@ -25,33 +27,30 @@ STAGE_TEXT = {
 
 
 class Reporter:
-    """Receives build events; renders them for a terminal, a log, or not at all (--json)."""
+    """Receives build events; renders them for a terminal or a log (on stderr with --json: stdout holds the JSON)."""
 
     def __init__(self, json_mode: bool = False, stream: Any = None) -> None:
         self.json_mode = json_mode
-        self.stream = stream or sys.stdout
-        self.interactive = not json_mode and self.stream.isatty()
+        self.stream = stream or (sys.stderr if json_mode else sys.stdout)
+        self.interactive = self.stream.isatty()
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
 
     def plan(self, plan: Plan) -> None:
-        if self.json_mode:
-            return
         names = ", ".join(job.component for job in plan.jobs)
         self.line(f"Exporting {plan.source.model_id} ({plan.facts.architecture}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
-                  f"at {plan.height}x{plan.width}, batch {plan.config.batch_size}, backend {plan.backend}: {names}")
+                  f"at {plan.height}x{plan.width} (height x width), batch {plan.config.batch_size}, backend {plan.backend}: {names}")
+        if plan.config.task == "instruct-pix2pix":
+            self.line("--task instruct-pix2pix: --dynamic-batch-size is on (its UNet runs three times the prompt batch "
+                      "over two NeuronCores).")
 
     def line(self, text: str) -> None:
-        if self.json_mode:
-            return
         if self._progress is not None:
             self._progress.console.print(text, markup=False, highlight=False)
         else:
             print(text, file=self.stream, flush=True)
 
     def __call__(self, event: BuildEvent) -> None:
-        if self.json_mode:
-            return
         if self.interactive:
             self._rich_event(event)
             return
@@ -101,22 +100,44 @@ class Reporter:
             self._progress = None
         self._tasks.clear()  # their ids belonged to the stopped display
 
-    def summary(self, manifest: Manifest, output: Any) -> None:
+    def summary(self, manifest: Manifest, output: Any, origins: dict[str, str] | None = None,
+                seconds: float | None = None) -> None:
+        """The components' table (--json: the object on stdout holds it), then totals and the next command."""
         self.close()
-        if self.json_mode:
-            return  # the caller prints one object for all exports
-        from rich.console import Console
-        from rich.table import Table
+        origins = origins or {}
+        absolute = Path(output).resolve()
+        if not self.json_mode:
+            from rich.console import Console
+            from rich.table import Table
 
-        table = Table(title=f"Exported to {output}")
-        for column in ("component", "inputs", "seconds", "peak RSS", "size", "validation"):
-            table.add_column(column)
-        for record in manifest.components.values():
-            shapes = ", ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
-            size = sum(f.size for f in record.files)
-            table.add_row(record.name, shapes, f"{record.build_seconds:.1f}", human_bytes(record.peak_rss_bytes),
-                          human_bytes(size), validation_text(record))
-        Console(file=self.stream, width=None if self.interactive else 160).print(table)
+            table = Table(title=f"Exported to {absolute}", title_justify="left")
+            for column in ("component", "origin", "inputs", "seconds", "peak RSS", "size", "validation"):
+                table.add_column(column)
+            for record in manifest.components.values():
+                shapes = ", ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
+                size = sum(f.size for f in record.files)
+                table.add_row(record.name, origins.get(record.name, ""), shapes, f"{record.build_seconds:.1f}",
+                              human_bytes(record.peak_rss_bytes), human_bytes(size), validation_text(record))
+            Console(file=self.stream, width=None if self.interactive else 160).print(table)
+        counts = ", ".join(f"{sum(origin == kind for origin in origins.values())} {kind}"
+                           for kind in ("built", "cached", "downloaded"))
+        took = f" in {seconds:.1f}s" if seconds is not None else ""
+        self.line(f"Exported {len(manifest.components)} component(s){took} ({counts}) to {absolute}")
+        self.line(f"Next: {next_command(manifest, absolute)}  (or: neuron-export verify {quote(str(absolute))})")
+
+
+def next_command(manifest: Manifest, export_dir: Path) -> str:
+    """The `generate` call that runs this export, with the inputs its task needs."""
+    task = manifest.pipeline.task
+    extra = {"image-to-image": " --image INIT.png", "inpainting": " --image INIT.png --mask MASK.png",
+             "instruct-pix2pix": " --image IMAGE.png"}.get(task, "")
+    extra += " --control-image CONTROL.png" * sum(name.startswith("controlnet") for name in manifest.components)
+    if "image_encoder" in manifest.components:
+        extra += " --ip-adapter-image STYLE.png"
+    prompts = " --prompt 'a photo of a cat'" * (1 if manifest.pipeline.batch_size == 1 else 0)
+    if manifest.pipeline.batch_size > 1:
+        prompts = f" --prompt 'a photo of a cat' --batch-size {manifest.pipeline.batch_size}"
+    return f"neuron-export generate {quote(str(export_dir))}{prompts}{extra} -o sample.png"
 
 
 def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
         "pipeline": {
             "architecture": p.architecture, "family": p.family, "task": p.task, "lcm": p.is_lcm,
             "diffusers_pipeline": p.diffusers_pipeline, "optimum_pipeline": p.optimum_pipeline,
-            "size": f"{p.width}x{p.height}", "batch_size": p.batch_size,
+            "size": f"{p.height}x{p.width}", "batch_size": p.batch_size,
             "num_images_per_prompt": p.num_images_per_prompt, "data_parallel_mode": p.data_parallel_mode,
         },
         "source": {k: v for k, v in s.model_dump().items() if v is not None},
@@ -88,12 +88,12 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
     facts.add_column()
     lcm = ", LCM" if p["lcm"] else ""
     facts.add_row("pipeline", Text(f"{p['architecture']} {p['task']}{lcm}: {p['optimum_pipeline']} (diffusers {p['diffusers_pipeline']})"))
-    facts.add_row("shapes", Text(f"{p['size']} pixels, batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
+    facts.add_row("shapes", Text(f"{p['size']} pixels (height x width), batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
                                  f"data-parallel mode {p['data_parallel_mode']}"))
-    facts.add_row("source", Text(", ".join(f"{k} {v}" for k, v in info["source"].items())))
+    facts.add_row("source", Text(source_text(info["source"])))
     facts.add_row("built", Text(f"{b['tool']} at {b['created_at']}, backend {b['backend']}, target {b['target']}, "
                                 f"auto-cast {b['auto_cast']}/{b['auto_cast_type']}, -O{b['optlevel']}, "
-                                f"inline weights {b['inline_weights']}, dynamic batch {b['dynamic_batch_size']}"))
+                                f"inline weights {_yes_no(b['inline_weights'])}, dynamic batch {_yes_no(b['dynamic_batch_size'])}"))
     facts.add_row("versions", Text(", ".join(f"{k} {v}" for k, v in info["environment"].items() if v is not None)
                                    + _missing_versions(info["environment"])))
     facts.add_row("totals", Text(f"{t['files']} files, {human_bytes(t['bytes'])} ({human_bytes(t['artifact_bytes'])} of artifacts), "
@@ -120,6 +120,37 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
             line = (f"  {c['name']} ({c['compiler']}): no compiler flags; a Neuron build of this component would pass "
                     f"{' '.join(c['neuron_compiler_args'])}")
         console.print(Text(line))
+
+
+def _yes_no(value: Any) -> str:
+    return {True: "yes", False: "no"}.get(value, str(value)) if isinstance(value, bool) or value is None else str(value)
+
+
+def _item_text(item: dict[str, Any]) -> str:
+    """One LoRA or add-on: its first field, then the others that are set ("sha256 0102f0a1b2c3", "components unet+text_encoder")."""
+    head, *rest = [(k, v) for k, v in item.items() if v not in (None, [], "")]
+    parts = []
+    for key, value in rest:
+        if isinstance(value, list):
+            value = "+".join(map(str, value))
+        elif key == "sha256" or key.endswith("commit"):
+            value = str(value)[:12]
+        parts.append(f"{key.replace('_', ' ')} {value}")
+    return f"{head[1]} ({', '.join(parts)})" if parts else str(head[1])
+
+
+def source_text(source: dict[str, Any]) -> str:
+    """The source record in words: "model_id models/sd, lora a (weight name x.safetensors, scale 0.9, ...)"."""
+    parts = []
+    for key, value in source.items():
+        if isinstance(value, list):
+            singular = key[:-1] if key.endswith("s") else key
+            parts.extend(f"{singular} {_item_text(item)}" for item in value)
+        elif isinstance(value, dict):
+            parts.append(f"{key.replace('_', '-')} {_item_text(value)}")
+        else:
+            parts.append(f"{key} {value}")
+    return ", ".join(parts)
 
 
 def _missing_versions(environment: dict[str, str | None]) -> str:

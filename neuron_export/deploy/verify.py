@@ -83,7 +83,9 @@ def require_integrity(directory: Path, manifest: Manifest) -> CheckResult:
 MARK = {"ok": "OK", "failed": "FAILED", "unchecked": "UNCHECKED", "skipped": "SKIPPED"}
 
 
-def render(report: Report, console: Any) -> None:
+def render(report: Report, console: Any, verbose: bool = False) -> None:
+    """A verdict line per check (with its problems and notes); `verbose` adds the memory estimate, every
+    instance it fits and the estimate's assumptions."""
     from rich.table import Table
     from rich.text import Text
 
@@ -103,18 +105,23 @@ def render(report: Report, console: Any) -> None:
             for note in check.notes:
                 console.print(Text(f"    note: {note}", style="dim"))
     fit = report.checks["fit"].details
-    table = Table(title=f"Memory estimate (data-parallel mode {fit['data_parallel_mode']})", title_justify="left")
-    for column in ("component", "cores", "host", "device weights", "activations"):
-        table.add_column(column)
-    for c in fit["components"]:
-        table.add_row(c["name"], ",".join(map(str, c["cores"])), human_bytes(c["host_bytes"]),
-                      human_bytes(c["device_weight_bytes"]), human_bytes(c["activation_bytes"]))
-    table.add_row("total", "", human_bytes(fit["host_bytes"]) + " host",
-                  " / ".join(human_bytes(b) for b in fit["core_bytes"]) + " per core", "")
-    console.print(table)
     fitting = [name for name, ok in fit["fits"].items() if ok]
-    console.print(Text(f"fits: {', '.join(fitting) or 'no instance in the table'}"))
-    console.print(Text("estimate assumptions:", style="dim"))
-    for assumption in fit["assumptions"]:
-        console.print(Text(f"  - {assumption}", style="dim"))
-    console.print(Text(f"exit code {report.exit_code}"))
+    if verbose:
+        table = Table(title=f"Memory estimate (data-parallel mode {fit['data_parallel_mode']})", title_justify="left")
+        for column in ("component", "cores", "host", "device weights", "activations"):
+            table.add_column(column)
+        for c in fit["components"]:
+            table.add_row(c["name"], ",".join(map(str, c["cores"])), human_bytes(c["host_bytes"]),
+                          human_bytes(c["device_weight_bytes"]), human_bytes(c["activation_bytes"]))
+        table.add_row("total", "", human_bytes(fit["host_bytes"]) + " host",
+                      " / ".join(human_bytes(b) for b in fit["core_bytes"]) + " per core", "")
+        console.print(table)
+    if verbose:  # the fit line names the smallest instance that fits; this lists them all
+        console.print(Text(f"fits: {', '.join(fitting) or 'no instance in the table'}"))
+        console.print(Text("estimate assumptions:", style="dim"))
+        for assumption in fit["assumptions"]:
+            console.print(Text(f"  - {assumption}", style="dim"))
+    if report.exit_code:
+        console.print(Text(f"exit code {report.exit_code}"))
+    elif not verbose:
+        console.print(Text("(--verbose: the memory estimate, every instance it fits, its assumptions)", style="dim"))

@@ -1,9 +1,14 @@
 """Imported once by the worker fork server, so each component's worker starts with torch already loaded."""
 
 import os
+import signal
 import traceback
 
-from neuron_export.exporter.lifetime import die_with_parent
+# Ctrl-C reaches the whole process group: the fork server ignores it (as multiprocessing does once this import is
+# done), so an interrupt during these seconds of imports prints no traceback; the exporter decides what it means.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+from neuron_export.exporter.lifetime import die_with_parent  # noqa: E402
 
 # First: workers hold the fork server's "exporter alive" pipe open, so without this it outlives a killed exporter.
 die_with_parent()

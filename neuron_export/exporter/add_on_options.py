@@ -42,6 +42,5 @@ def conditioning_checks(config: Any) -> None:
         if config.family != "sd":
             raise ValueError(f"--task instruct-pix2pix is not available for `neuron-export {config.family}`; "
                              "use `neuron-export sd`")
-        if not config.dynamic_batch_size:
-            raise ValueError("--task instruct-pix2pix needs --dynamic-batch-size: with guidance its UNet runs three "
-                             "times the prompt batch, split over two NeuronCores; add --dynamic-batch-size")
+        # Its only valid value: with guidance the UNet runs three times the prompt batch, split over two NeuronCores.
+        object.__setattr__(config, "dynamic_batch_size", True)

@@ -270,27 +270,41 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
-def explain_validation_error(error: ValidationError) -> str:
-    """Turn pydantic's report into one sentence naming the field, the value and the fix."""
+def spelled(field: str, value: Any, where: str | None) -> str:
+    """A value as the user gave it: `--height 513` (flags), `--set height=513`, `height: 513 in FILE`, or `height = 513`."""
+    if where == "flags":
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return f"--{field.replace('_', '-')} {' '.join(str(v) for v in values)}"
+    if where == "--set":
+        return f"--set {field}={value}"
+    if where is not None:
+        return f"{field}: {value} in {where}"
+    return f"{field} = {value!r}"
+
+
+def explain_validation_error(error: ValidationError, origins: dict[str, str] | None = None) -> str:
+    """Turn pydantic's report into one sentence naming the option as given (flag, --set or YAML key and file),
+    the value and the fix. `origins` says where each key came from (see spelled)."""
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "config"
     value = first.get("input")
     error_type = first["type"]
-    message = first["msg"].removeprefix("Value error, ")
+    message = first["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if not first["loc"]:  # a model-level check already names its fields
         return message + "."
     if error_type == "extra_forbidden":
         return unknown_key_message(field, "options")
+    given = spelled(field, value, (origins or {}).get(field))
     if error_type in ("literal_error", "enum"):
         expected = first.get("ctx", {}).get("expected", "")
-        return f"{field} = {value!r} is not valid; use one of {expected}."
+        return f"{given} is not valid; use one of {expected}."
     if error_type in ("int_parsing", "int_type", "int_from_float"):
-        return f"{field} = {value!r} is not a whole number; pass an integer such as 1."
+        return f"{given} is not a whole number; pass an integer such as 1."
     if error_type in ("float_parsing", "float_type"):
-        return f"{field} = {value!r} is not a number; pass a number such as 0.001."
+        return f"{given} is not a number; pass a number such as 0.001."
     if error_type in ("bool_parsing", "bool_type"):
-        return f"{field} = {value!r} is not true or false."
-    return f"{field} = {value!r} is not valid: {message}."
+        return f"{given} is not true or false."
+    return f"{given} is not valid: {message}."
 
 
 def unknown_key_message(key: str, where: str) -> str:
@@ -367,17 +381,20 @@ def _merge(layers: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     return merged
 
 
-def _validate(values: dict[str, Any]) -> ExportConfig:
+def _validate(values: dict[str, Any], origins: dict[str, str] | None = None) -> ExportConfig:
     try:
         return ExportConfig(**values)
     except ValidationError as exc:
-        raise ExportError(explain_validation_error(exc)) from None
+        raise ExportError(explain_validation_error(exc, origins)) from None
 
 
-def make_configs(*layers: dict[str, Any]) -> list[ExportConfig]:
+def make_configs(*layers: dict[str, Any], labels: tuple[str | None, ...] = ()) -> list[ExportConfig]:
     """Merge option layers (later wins; None means 'not given'); comma lists or YAML lists of height,
-    width and batch_size make a shape matrix: one config per combination, all validated up front."""
+    width and batch_size make a shape matrix: one config per combination, all validated up front.
+    `labels` name each layer for messages: "flags", "--set" or a YAML file's path."""
     merged = _merge(layers)
+    origins = {key: label for layer, label in zip(layers, labels) if label is not None
+               for key, value in layer.items() if value is not None}
     axes = {key: _as_list(merged[key]) for key in MATRIX_KEYS if key in merged}
     count = math.prod(len(values) for values in axes.values())
     if count > MAX_MATRIX:
@@ -386,9 +403,9 @@ def make_configs(*layers: dict[str, Any]) -> list[ExportConfig]:
                           "shape matrix over several commands.")
     combinations = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
     if len(combinations) == 1:
-        return [_validate({**merged, **combinations[0]})]
+        return [_validate({**merged, **combinations[0]}, origins)]
     root = merged.pop("output", None) or merged.get("output_root")
-    return [_validate({**merged, **combination, "output_root": root}) for combination in combinations]
+    return [_validate({**merged, **combination, "output_root": root}, origins) for combination in combinations]
 
 
 def make_config(*layers: dict[str, Any]) -> ExportConfig:

@@ -175,12 +175,19 @@ def component_config(plan: Plan, job: Any, record: ComponentRecord) -> dict[str,
     return config
 
 
-def use_lcm_scheduler(index: dict[str, Any], scheduler_config: Path) -> None:
-    """An LCM UNet swapped into a pipeline (LCM-SDXL) needs the LCM scheduler; the source names its own."""
+def use_lcm_scheduler(index: dict[str, Any], scheduler_folder: Path) -> None:
+    """An LCM UNet swapped into a pipeline (LCM-SDXL) needs the LCM scheduler: built from the source's
+    scheduler config as diffusers' LCM docs do, and saved with only the keys LCMScheduler takes (others warn)."""
+    import inspect
+
+    from diffusers import LCMScheduler
+
     index["scheduler"] = ["diffusers", "LCMScheduler"]
-    config = json.loads(scheduler_config.read_text())
-    config["_class_name"] = "LCMScheduler"  # LCMScheduler.from_config ignores keys it does not know
-    scheduler_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path = scheduler_folder / "scheduler_config.json"
+    scheduler = LCMScheduler.from_config(json.loads(path.read_text()))
+    accepted = set(inspect.signature(LCMScheduler.__init__).parameters) | {"_class_name", "_diffusers_version"}
+    config = {key: value for key, value in scheduler.config.items() if key in accepted}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # CLIP's own normalisation: what diffusers' IP-Adapter loader gives a pipeline that has no feature extractor.
@@ -213,7 +220,7 @@ def write_layout(plan: Plan, directory: Path, records: dict[str, ComponentRecord
             files_inside(source / name, model_roots(source))  # checked again: nothing outside the model is copied
             shutil.copytree(source / name, directory / name, dirs_exist_ok=True)
     if plan.facts.is_lcm and index.get("scheduler", [None, None])[1] != "LCMScheduler":
-        use_lcm_scheduler(index, directory / "scheduler" / "scheduler_config.json")
+        use_lcm_scheduler(index, directory / "scheduler")
     if plan.facts.image_encoder is not None:
         add_image_encoder(index, directory, plan.facts.image_encoder)
     (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -32,6 +32,13 @@ def option_layers(family_or_config: str | Path, overrides: Sequence[str], option
     return [base, parse_set_options(list(overrides)), options]
 
 
+def layer_labels(family_or_config: str | Path) -> tuple[str | None, ...]:
+    """How messages name a value from each of option_layers' layers: the YAML file, --set, the flags."""
+    is_file = not (isinstance(family_or_config, str) and (family_or_config in FAMILIES or
+                                                          not family_or_config.endswith((".yaml", ".yml"))))
+    return (str(family_or_config) if is_file else None, "--set", "flags")
+
+
 def plan_exports(family_or_config: str | Path | Sequence[str | Path], overrides: Sequence[str] = (),
                  planning: bool = False, **options: Any) -> list[Plan]:
     """Every export the options name (a shape matrix, or several configs, name several), all checked before any
@@ -40,7 +47,7 @@ def plan_exports(family_or_config: str | Path | Sequence[str | Path], overrides:
     if len(sources) > 1 and options.get("output") is not None:  # several configs: --output is their parent folder
         options = {**{key: value for key, value in options.items() if key != "output"}, "output_root": Path(options["output"])}
     plans = [make_plan(config, planning) for source in sources
-             for config in make_configs(*option_layers(source, overrides, options))]
+             for config in make_configs(*option_layers(source, overrides, options), labels=layer_labels(source))]
     seen: dict[Path, Plan] = {}
     for plan in plans:
         where = plan.output.absolute()

@@ -1,4 +1,7 @@
 """A call's defaults: the diffusers pipeline class's own, or a turbo checkpoint's model card.
+
+An LCM UNet inside another pipeline (LCM-SDXL) takes the steps and guidance of diffusers' LCM pipeline
+classes: the SDXL class's 50 steps would ask the LCM scheduler for more steps than it distils to.
 """
 
 from __future__ import annotations
@@ -8,7 +11,10 @@ from dataclasses import dataclass
 
 from neuron_export.errors import ExportError
 from neuron_export.manifest import Manifest
-from neuron_export.runtime.reading import TURBO_CHECKPOINTS, TURBO_DEFAULTS
+from neuron_export.runtime.reading import LCM_PIPELINE_CLASSES, TURBO_CHECKPOINTS, TURBO_DEFAULTS
+
+# The LCM pipeline class whose call defaults an LCM UNet in another pipeline class takes, by task.
+LCM_DEFAULTS_CLASS = {"image-to-image": "LatentConsistencyModelImg2ImgPipeline"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,14 @@ def call_defaults(manifest: Manifest) -> CallDefaults:
     if cls is None:
         raise ExportError(f"diffusers {diffusers.__version__} has no {pipeline.diffusers_pipeline}, the pipeline this export "
                         "runs in; upgrade diffusers.")
-    parameters = inspect.signature(cls.__call__).parameters
+    parameters = dict(inspect.signature(cls.__call__).parameters)
+    source = f"{cls.__name__}.__call__"
+    if pipeline.is_lcm and cls.__name__ not in LCM_PIPELINE_CLASSES:
+        lcm_cls = getattr(diffusers, LCM_DEFAULTS_CLASS.get(pipeline.task, "LatentConsistencyModelPipeline"))
+        lcm_parameters = inspect.signature(lcm_cls.__call__).parameters
+        parameters.update({name: lcm_parameters[name] for name in ("num_inference_steps", "guidance_scale", "strength")
+                           if name in lcm_parameters})
+        source = f"{lcm_cls.__name__}.__call__, for its LCM UNet"
     names = ("num_inference_steps", "guidance_scale") + (("strength",) if uses_image else ())
     values = {}
     for name in names:
@@ -50,4 +63,4 @@ def call_defaults(manifest: Manifest) -> CallDefaults:
                             f"{name} none; pass {flag}.")
         values[name] = default
     return CallDefaults(int(values["num_inference_steps"]), float(values["guidance_scale"]),
-                        float(values["strength"]) if uses_image else None, f"{cls.__name__}.__call__")
+                        float(values["strength"]) if uses_image else None, source)

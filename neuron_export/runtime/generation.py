@@ -11,20 +11,41 @@ from typing import Any
 
 from neuron_export.runtime.loading import load_pipeline
 from neuron_export.runtime.reading import DEFAULT_SEED, read_export
+from neuron_export.runtime.refining import Refinement, resolve_refinement
 from neuron_export.runtime.requests import Request, resolve_request
 
 
-def run_request(pipe: Any, request: Request, *, output_type: str = "pil",
-                on_step: Callable[[int, int], None] | None = None) -> Any:
-    """Call the pipeline for one checked request; returns its images (PIL list or numpy array)."""
+def step_callback(on_step: Callable[[int, int], None]) -> Callable[..., dict[str, Any]]:
+    """diffusers' callback_on_step_end, reporting (step, total) of the running call."""
+    def step_end(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        total = getattr(pipeline, "_num_timesteps", None) or len(pipeline.scheduler.timesteps)
+        on_step(index + 1, int(total))
+        return {}
+
+    return step_end
+
+
+def call_pipeline(pipe: Any, kwargs: dict[str, Any], on_step: Callable[[int, int], None] | None = None) -> Any:
+    """Call a pipeline with the keyword arguments its __call__ takes; returns its images."""
     import torch
 
+    if on_step is not None:
+        kwargs = {**kwargs, "callback_on_step_end": step_callback(on_step)}
+    parameters = inspect.signature(pipe.__call__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        kwargs = {key: value for key, value in kwargs.items() if key in parameters}
+    with torch.no_grad():
+        return pipe(**kwargs).images
+
+
+def request_arguments(request: Request, generator: Any, output_type: str) -> dict[str, Any]:
+    """The diffusers call for one checked request."""
     kwargs: dict[str, Any] = {
         "prompt": list(request.prompts),
         "num_inference_steps": request.steps,
         "guidance_scale": request.guidance_scale,
         "num_images_per_prompt": request.num_images_per_prompt,
-        "generator": torch.Generator("cpu").manual_seed(request.seed),
+        "generator": generator,
         "output_type": output_type,
         "height": request.height,
         "width": request.width,
@@ -38,18 +59,34 @@ def run_request(pipe: Any, request: Request, *, output_type: str = "pil",
     if request.strength is not None:
         kwargs["strength"] = request.strength
     kwargs.update(request.add_ons.call_arguments())
-    if on_step is not None:
-        def step_end(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            total = getattr(pipeline, "_num_timesteps", None) or len(pipeline.scheduler.timesteps)
-            on_step(index + 1, int(total))
-            return {}
+    return kwargs
 
-        kwargs["callback_on_step_end"] = step_end
-    parameters = inspect.signature(pipe.__call__).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        kwargs = {key: value for key, value in kwargs.items() if key in parameters}
-    with torch.no_grad():
-        return pipe(**kwargs).images
+
+def run_request(pipe: Any, request: Request, *, output_type: str = "pil",
+                on_step: Callable[[int, int], None] | None = None) -> Any:
+    """Call the pipeline for one checked request; returns its images (PIL list or numpy array)."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    return call_pipeline(pipe, request_arguments(request, generator, output_type), on_step)
+
+
+def run_refined(base: Any, refiner: Any, request: Request, refinement: Refinement, *, output_type: str = "pil",
+                on_step: Callable[[int, int], None] | None = None) -> Any:
+    """The base's latents through the refiner; one generator seeded with the request's seed serves both calls."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    latents = call_pipeline(base, {**request_arguments(request, generator, output_type), **refinement.base_arguments()},
+                            on_step)
+    kwargs: dict[str, Any] = {
+        "prompt": list(request.prompts), "num_inference_steps": request.steps, "guidance_scale": request.guidance_scale,
+        "num_images_per_prompt": request.num_images_per_prompt, "generator": generator, "output_type": output_type,
+        "image": latents, **refinement.refiner_arguments(),
+    }
+    if request.negative_prompt is not None:
+        kwargs["negative_prompt"] = request.negative_prompt
+    return call_pipeline(refiner, kwargs, on_step)
 
 
 def generate_images(
@@ -74,10 +111,14 @@ def generate_images(
     output_type: str = "pil",
     on_step: Callable[[int, int], None] | None = None,
     pipeline: Any = None,
+    refiner: Path | str | None = None,
+    high_noise_frac: float | None = None,
+    refiner_pipeline: Any = None,
 ) -> Any:
     """Generate with an export: checks the request first, then loads (or reuses `pipeline`) and runs it.
 
-    `output_type="np"` returns a float array [N, H, W, 3] in [0, 1], as diffusers does.
+    `output_type="np"` returns a float array [N, H, W, 3] in [0, 1], as diffusers does. `refiner` (an SDXL
+    refiner export) finishes the base's latents, from `high_noise_frac` of the schedule when given.
     """
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
@@ -87,8 +128,12 @@ def generate_images(
                               height=height, width=width, control_images=control_images,
                               controlnet_scale=controlnet_scale, ip_adapter_image=ip_adapter_image,
                               image_guidance_scale=image_guidance_scale)
+    refinement = resolve_refinement(export_dir, manifest, refiner, high_noise_frac, request.steps)
     pipe = pipeline if pipeline is not None else load_pipeline(export_dir, manifest)
-    return run_request(pipe, request, output_type=output_type, on_step=on_step)
+    if refinement is None:
+        return run_request(pipe, request, output_type=output_type, on_step=on_step)
+    second = refiner_pipeline if refiner_pipeline is not None else load_pipeline(refinement.export_dir, refinement.manifest)
+    return run_refined(pipe, second, request, refinement, output_type=output_type, on_step=on_step)
 
 
 def grid_shape(count: int, per_prompt: int) -> tuple[int, int]:

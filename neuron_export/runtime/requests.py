@@ -43,7 +43,7 @@ class Request:
         """The values this request runs with, as `generate` prints them first."""
         strength = f" strength={self.strength}" if self.strength is not None else ""
         return (f"generate: steps={self.steps} guidance={self.guidance_scale}{strength} seed={self.seed} "
-                f"size={self.width}x{self.height} images={self.image_count} (defaults: {self.defaults_from})")
+                f"size={self.height}x{self.width} (height x width) images={self.image_count} (defaults: {self.defaults_from})")
 
 
 def _open_image(value: Any, flag: str, mode: str, size: tuple[int, int] | None, notes: list[str]) -> Any:
@@ -62,7 +62,8 @@ def _open_image(value: Any, flag: str, mode: str, size: tuple[int, int] | None, 
     if isinstance(value, Image.Image):
         value = value.convert(mode)
         if size is not None and value.size != size:
-            notes.append(f"{flag} is {value.size[0]}x{value.size[1]}; resized to the compiled {size[0]}x{size[1]}.")
+            notes.append(f"{flag} is {value.size[1]}x{value.size[0]} (height x width); resized to the compiled "
+                         f"{size[1]}x{size[0]}.")
             value = value.resize(size, Image.Resampling.NEAREST if mode == "L" else Image.Resampling.LANCZOS)
     return value
 
