@@ -76,7 +76,7 @@ def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli,
         assert record["compiler_version"] == "2.99.0+test.double"
         assert record["compiler_args"] == calls[name]["compiler_args"]
         assert record["validation"] == {"status": "skipped", "reason": "skipped: no Neuron device",
-                                        "max_abs_diff": None, "atol": record["validation"]["atol"], "reused": False}
+                                        "max_abs_diff": None, "atol": record["validation"]["atol"], "by": None, "reused": False}
         neuron = json.loads((output / name / "config.json").read_text())["neuron"]
         assert neuron["compiler_type"] == "neuronx-cc" and neuron["compiler_version"] == "2.99.0+test.double"
     assert not list(tmp_path.glob(".sd_neuron.*"))
