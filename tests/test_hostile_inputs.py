@@ -259,10 +259,18 @@ def test_a_shape_matrix_has_a_cap(cli, tiny_model):
     assert "75" in message and "64" in message
 
 
-@pytest.mark.parametrize("value", ["height=[64", "height={a: [", "components=: :", "height=\x00"])
+@pytest.mark.parametrize("value", ["height=[64", "height={a: [", "components=: :", "height=!!python/object:os.system"])
 def test_a_malformed_set_value_is_one_sentence(cli, tiny_model, value):
-    message = one_sentence_error(cli("plan", "sd", "-m", tiny_model("sd"), "--backend", "cpu", "--set", value))
-    assert "--set" in message
+    config = Path(__file__).parent.parent / "configs" / "sd15-512.yaml"
+    message = one_sentence_error(cli("plan", "build", config, "--set", f"model={tiny_model('sd')}", "--set", value))
+    assert f"--set {value!r}" in message
+
+
+def test_a_cache_dir_that_is_not_a_directory_is_one_sentence(cli, tiny_model, tmp_path):
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("mine")
+    message = one_sentence_error(cli("plan", "sd", "-m", tiny_model("sd"), "--backend", "cpu", "--cache-dir", not_a_folder))
+    assert str(not_a_folder) in message and not_a_folder.read_text() == "mine"
 
 
 def test_a_config_file_that_is_not_text_is_one_sentence(cli, tmp_path):

@@ -83,7 +83,8 @@ class HashIndex:
             temporary.write_text(json.dumps(self._known, indent=1, sort_keys=True))
             temporary.replace(self.path)
         except OSError:  # a full or read-only cache only costs re-hashing next time; builds report it themselves
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             return
         self._dirty = False
 

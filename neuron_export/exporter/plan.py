@@ -293,6 +293,9 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         check_output(output, config.force)
 
     cache_dir = config.cache_dir or default_cache_dir()
+    if os.path.lexists(cache_dir) and not cache_dir.is_dir():
+        raise ExportError(f"--cache-dir {cache_dir} is not a directory (a file or a dangling link); pass a directory, "
+                          "which is created when missing.")
     hashes = HashIndex(cache_dir, config.hub_cache_dir)
     cache = ComponentCache(cache_dir)
     loras = plan_loras(config, facts, hashes)
