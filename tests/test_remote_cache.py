@@ -56,13 +56,16 @@ def test_a_second_machine_downloads_every_component_and_writes_the_same_export(w
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--remote-cache", url, "--json")
     assert origins(result) == dict.fromkeys(NAMES, "downloaded")  # builds: 0
     assert result.stderr == ""
-    # Every file byte-identical; the manifest differs only in saying where each component came from.
+    # Every file byte-identical; the manifest differs only in saying where each component came from (and that
+    # its validation was measured by the first machine).
     assert file_hashes(output, ("manifest.json",)) == file_hashes(first_output, ("manifest.json",))
     first, second = (json.loads((d / "manifest.json").read_text()) for d in (first_output, output))
     for name in NAMES:
         assert (first["components"][name]["origin"], first["components"][name]["remote"]) == ("built", None)
         assert (second["components"][name].pop("origin"), second["components"][name].pop("remote")) == ("downloaded", url)
         del first["components"][name]["origin"], first["components"][name]["remote"]
+        reused = [manifest["components"][name]["validation"].pop("reused") for manifest in (first, second)]
+        assert reused == [False, True]
     second["config"]["output"] = first["config"]["output"]
     assert second == first
 
