@@ -76,7 +76,7 @@ def test_a_second_machine_downloads_every_component_and_writes_the_same_export(w
     assert origins(result) == dict.fromkeys(NAMES, "downloaded")  # builds: 0
     assert result.stderr == ""
     # Every file byte-identical; the manifest differs only in saying where each component came from, who
-    # signed it, and that its validation is the signer's report.
+    # signed it, and that its validation is the signer's report (measured by the first machine: reused).
     assert file_hashes(output, ("manifest.json",)) == file_hashes(first_output, ("manifest.json",))
     first, second = (json.loads((d / "manifest.json").read_text()) for d in (first_output, output))
     for name in NAMES:
@@ -84,6 +84,8 @@ def test_a_second_machine_downloads_every_component_and_writes_the_same_export(w
         assert (ours.pop("origin"), ours.pop("remote"), ours.pop("signed_by"), ours.pop("signature")) == ("built", None, None, None)
         assert (theirs.pop("origin"), theirs.pop("remote"), theirs.pop("signed_by")) == ("downloaded", url, signer[1])
         assert theirs.pop("signature") and theirs["validation"].pop("by") == "signer" and ours["validation"].pop("by") is None
+        reused = [manifest["components"][name]["validation"].pop("reused") for manifest in (first, second)]
+        assert reused == [False, True]
     second["config"]["output"] = first["config"]["output"]
     assert second == first
 
