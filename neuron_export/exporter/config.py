@@ -6,7 +6,6 @@ imported, so a bad option fails in milliseconds, before any model file is opened
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import os
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from neuron_export.errors import ExportError
 from neuron_export.exporter.add_on_options import conditioning_checks
+from neuron_export.exporter.config_messages import explain_validation_error, unknown_key
 from neuron_export.exporter.remote_trust import trust_checks
 
 Family = Literal["sd", "sd-xl", "lcm"]
@@ -270,48 +270,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
-def spelled(field: str, value: Any, where: str | None) -> str:
-    """A value as the user gave it: `--height 513` (flags), `--set height=513`, `height: 513 in FILE`, or `height = 513`."""
-    if where == "flags":
-        values = value if isinstance(value, (list, tuple)) else [value]
-        return f"--{field.replace('_', '-')} {' '.join(str(v) for v in values)}"
-    if where == "--set":
-        return f"--set {field}={value}"
-    if where is not None:
-        return f"{field}: {value} in {where}"
-    return f"{field} = {value!r}"
-
-
-def explain_validation_error(error: ValidationError, origins: dict[str, str] | None = None) -> str:
-    """Turn pydantic's report into one sentence naming the option as given (flag, --set or YAML key and file),
-    the value and the fix. `origins` says where each key came from (see spelled)."""
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "config"
-    value = first.get("input")
-    error_type = first["type"]
-    message = first["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
-    if not first["loc"]:  # a model-level check already names its fields
-        return message + "."
-    if error_type == "extra_forbidden":
-        return unknown_key_message(field, "options")
-    given = spelled(field, value, (origins or {}).get(field))
-    if error_type in ("literal_error", "enum"):
-        expected = first.get("ctx", {}).get("expected", "")
-        return f"{given} is not valid; use one of {expected}."
-    if error_type in ("int_parsing", "int_type", "int_from_float"):
-        return f"{given} is not a whole number; pass an integer such as 1."
-    if error_type in ("float_parsing", "float_type"):
-        return f"{given} is not a number; pass a number such as 0.001."
-    if error_type in ("bool_parsing", "bool_type"):
-        return f"{given} is not true or false."
-    return f"{given} is not valid: {message}."
-
-
 def unknown_key_message(key: str, where: str) -> str:
-    valid = list(ExportConfig.model_fields)
-    close = difflib.get_close_matches(key.replace("-", "_"), valid, n=1, cutoff=0.6)
-    hint = f"did you mean '{close[0]}'?" if close else f"valid keys are: {', '.join(valid)}."
-    return f"Unknown key '{key}' in {where}; {hint}"
+    return unknown_key(key, where, list(ExportConfig.model_fields))
 
 
 def _normalize_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -385,7 +345,7 @@ def _validate(values: dict[str, Any], origins: dict[str, str] | None = None) -> 
     try:
         return ExportConfig(**values)
     except ValidationError as exc:
-        raise ExportError(explain_validation_error(exc, origins)) from None
+        raise ExportError(explain_validation_error(exc, list(ExportConfig.model_fields), origins)) from None
 
 
 def make_configs(*layers: dict[str, Any], labels: tuple[str | None, ...] = ()) -> list[ExportConfig]:
