@@ -13,6 +13,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,7 @@ def _hub_lora(repo: str, weight_name: str | None, token: str | None, cache_dir: 
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")  # as resolve_source reads it
     try:
         if weight_name is None:
             if offline:  # the cached snapshot's files stand for the repository's
