@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import os
 import struct
 from dataclasses import dataclass
-import os
 from pathlib import Path
 from typing import Any
 
