@@ -179,15 +179,17 @@ def test_readme_block_runs(readme_world, line, language, text):
             pytest.skip(text.splitlines()[0])
         script = scratch / f"readme_{line}.py"
         script.write_text(text)
-        runs = [([sys.executable, str(script)], readme_world["env"], f"python block at README.md:{line}")]
-    else:
-        runs = []
-        for command in commands(text):
-            prepared, env = prepare(command, readme_world)
-            runs.append((["bash", "-o", "pipefail", "-c", prepared], env, command))
-    for argv, env, what in runs:
+        runs = [(f"python block at README.md:{line}", lambda: ([sys.executable, str(script)], readme_world["env"]))]
+    else:  # each command prepared just before it runs: it may read what the one before wrote
+        runs = [(command, lambda command=command: bash(*prepare(command, readme_world))) for command in commands(text)]
+    for what, argv_and_env in runs:
+        argv, env = argv_and_env()
         done = subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{what}\nexit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+def bash(command: str, env: dict) -> tuple[list[str], dict]:
+    return ["bash", "-o", "pipefail", "-c", command], env
 
 
 def test_the_not_run_list_is_short():
