@@ -48,7 +48,8 @@ HUB_STAND_INS: dict[str, tuple[str, dict]] = {
     "lllyasviel/sd-controlnet-canny": ("sd-controlnet", {}),
     "lllyasviel/sd-controlnet-depth": ("sd-controlnet", {"seed": 1}),
     "diffusers/controlnet-canny-sdxl-1.0": ("sdxl-controlnet", {}),
-    "h94/IP-Adapter": ("sd-ip-adapter", {}),
+    "h94/IP-Adapter": ("sd-ip-adapter", {"seed": 0, "file_names": {
+        "models/ip-adapter-full-face_tiny.safetensors": "models/ip-adapter-full-face_sd15.safetensors"}}),
     "latent-consistency/lcm-lora-sdv1-5": ("lora", {"base": "sd"}),
     "ostris/super-cereal-sdxl-lora": ("lora", {"base": "sdxl", "weight_names": ["cereal_box_sdxl_v1.safetensors",
                                                                               "cereal_box_sdxl_v1_alt.safetensors"]}),
@@ -110,6 +111,8 @@ def _make_stand_in(kind: str, options: dict, directory: Path, examples: Callable
             build_lora(examples(options["base"]), directory, seed=seed, weight_name=name)
     elif "seed" in options:
         build_example(kind, directory, seed=options["seed"])
+        for ours, theirs in options.get("file_names", {}).items():  # the file named as the hub repo names it
+            (directory / ours).rename(directory / theirs)
     else:
         directory.symlink_to(examples(kind))
 
