@@ -48,7 +48,8 @@ HUB_STAND_INS: dict[str, tuple[str, dict]] = {
     "lllyasviel/sd-controlnet-canny": ("sd-controlnet", {}),
     "lllyasviel/sd-controlnet-depth": ("sd-controlnet", {"seed": 1}),
     "diffusers/controlnet-canny-sdxl-1.0": ("sdxl-controlnet", {}),
-    "h94/IP-Adapter": ("sd-ip-adapter", {}),
+    "h94/IP-Adapter": ("sd-ip-adapter", {"seed": 0, "file_names": {
+        "models/ip-adapter-full-face_tiny.safetensors": "models/ip-adapter-full-face_sd15.safetensors"}}),
     "latent-consistency/lcm-lora-sdv1-5": ("lora", {"base": "sd"}),
     "ostris/super-cereal-sdxl-lora": ("lora", {"base": "sdxl", "weight_names": ["cereal_box_sdxl_v1.safetensors",
                                                                               "cereal_box_sdxl_v1_alt.safetensors"]}),
@@ -110,6 +111,8 @@ def _make_stand_in(kind: str, options: dict, directory: Path, examples: Callable
             build_lora(examples(options["base"]), directory, seed=seed, weight_name=name)
     elif "seed" in options:
         build_example(kind, directory, seed=options["seed"])
+        for ours, theirs in options.get("file_names", {}).items():  # the file named as the hub repo names it
+            (directory / ours).rename(directory / theirs)
     else:
         directory.symlink_to(examples(kind))
 
@@ -179,15 +182,17 @@ def test_readme_block_runs(readme_world, line, language, text):
             pytest.skip(text.splitlines()[0])
         script = scratch / f"readme_{line}.py"
         script.write_text(text)
-        runs = [([sys.executable, str(script)], readme_world["env"], f"python block at README.md:{line}")]
-    else:
-        runs = []
-        for command in commands(text):
-            prepared, env = prepare(command, readme_world)
-            runs.append((["bash", "-o", "pipefail", "-c", prepared], env, command))
-    for argv, env, what in runs:
+        runs = [(f"python block at README.md:{line}", lambda: ([sys.executable, str(script)], readme_world["env"]))]
+    else:  # each command prepared just before it runs: it may read what the one before wrote
+        runs = [(command, lambda command=command: bash(*prepare(command, readme_world))) for command in commands(text)]
+    for what, argv_and_env in runs:
+        argv, env = argv_and_env()
         done = subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{what}\nexit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+def bash(command: str, env: dict) -> tuple[list[str], dict]:
+    return ["bash", "-o", "pipefail", "-c", command], env
 
 
 def test_the_not_run_list_is_short():

@@ -10,6 +10,7 @@ diffusers attention-processor one (`...attn1.processor.to_q_lora.down.weight`) a
 from __future__ import annotations
 
 import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,7 @@ def _hub_lora(repo: str, weight_name: str | None, token: str | None, cache_dir: 
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")  # as resolve_source reads it
     try:
         if weight_name is None:
             if offline:  # the cached snapshot's files stand for the repository's
