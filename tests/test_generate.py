@@ -84,7 +84,10 @@ CASES = {
         Case("lcm", "lcm", "lcm", "LatentConsistencyModelPipeline"),
         Case("lcm-img2img", "lcm", "lcm", "LatentConsistencyModelImg2ImgPipeline", "image-to-image",
              call={"strength": 0.8}),
-        Case("lcm-sdxl", "sd-xl", "sdxl", "StableDiffusionXLPipeline", unet="lcm-sdxl-unet", lcm_scheduler=True),
+        # guidance given: the SDXL class's default (5.0) is not what generate uses for an LCM UNet (LCM's 8.5;
+        # tests/test_generate_lcm_sdxl.py checks that default)
+        Case("lcm-sdxl", "sd-xl", "sdxl", "StableDiffusionXLPipeline", unet="lcm-sdxl-unet", lcm_scheduler=True,
+             call={"guidance_scale": 8.5}),
         # 2 prompts x 2 images: the UNet is compiled at 4 and guidance hands it 8 (two chunks); the VAE
         # encoder is compiled at 4 and gets the one init image (padded, then the padding dropped).
         Case("sd-img2img-b2n2", "sd", "sd", "StableDiffusionImg2ImgPipeline", "image-to-image",
