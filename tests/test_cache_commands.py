@@ -84,5 +84,5 @@ def test_a_remote_cache_url_alone_does_not_make_cache_commands_act_on_the_remote
         assert result.exit_code == 0 and url not in result.stdout, result
     assert len(entries(cli, "--remote")) == 1
     pruned = cli("cache", "prune", "--all", "--remote")
-    assert pruned.stdout.splitlines()[-1].startswith(f"removed 1 entries") and url in pruned.stdout
+    assert pruned.stdout.splitlines()[-1].startswith("removed 1 entries") and url in pruned.stdout
     assert entries(cli, "--remote") == []

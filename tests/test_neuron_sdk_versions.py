@@ -33,7 +33,7 @@ def sdk(monkeypatch, tmp_path):
     def install(name: str, version: str, *requires: str) -> None:
         folder = site / f"{name.replace('-', '_')}-{version}.dist-info"
         folder.mkdir()
-        lines = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
         (folder / "METADATA").write_text("\n".join(lines) + "\n")
 
     yield install
