@@ -102,3 +102,13 @@ def test_bad_export_dirs_give_one_sentence_and_exit_2(sd_export, tmp_path, capsy
             assert str(target) in err
             if problem == "wrong-schema":
                 assert "(pipeline: Field required)" in err
+
+
+def test_shapes_stay_whole_when_validation_was_measured_earlier(tiny_model, tmp_path, capsys):
+    """A second export takes its components from the cache; the longer validation text must not wrap the shapes."""
+    export(tiny_model("sd"), tmp_path / "first", "sd")
+    second = export(tiny_model("sd"), tmp_path / "second", "sd")
+    code, out, err = cli(capsys, "inspect", second)
+    assert code == 0, err
+    assert "earlier" in out  # the cached components' validation was reused
+    assert "encoder_hidden_states (1, 77, 32) float32" in out

@@ -274,10 +274,9 @@ def keygen_command(
                               "choose another FILE.")
         if path.is_dir():
             raise ExportError(f"cache keygen {key_file}: {path} is a directory; choose a file name.")
-    if not key_file.parent.is_dir():
-        raise ExportError(f"cache keygen {key_file}: the folder {key_file.parent} does not exist; create it first.")
     pem, public = generate()
     try:
+        key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # e.g. ~/.config/neuron-export on a new host
         write_private(key_file, pem, replace=force)
         public_file.unlink(missing_ok=True)
         public_file.write_text(public + "\n")

@@ -104,7 +104,7 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
     table = Table(title="Components", title_justify="left")
     for column in ("component", "model type", "inputs (name shape dtype)", "params", "artifact", "seconds",
                    "peak RSS", "validation"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("component", "inputs (name shape dtype)"))  # shapes read whole
     for c in info["components"]:
         inputs = "\n".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}" for i in c["inputs"])
         table.add_row(Text(c["name"]), Text(c["model_type"]), Text(inputs), human_count(c["parameters"]),
