@@ -92,3 +92,8 @@ def s3_endpoint() -> Iterator[str]:
         for name, value in aws_environment(endpoint).items():
             patch.setenv(name, value)
         yield endpoint
+
+
+def warnings(stderr: str) -> list[str]:
+    """The warning lines a command printed (with --json, its progress lines go to stderr too)."""
+    return [line for line in stderr.splitlines() if line.startswith("neuron-export: warning")]

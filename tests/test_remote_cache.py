@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from s3_server import free_port, make_bucket
 
-from conftest import run_cli
+from conftest import run_cli, warnings
 
 NAMES = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 
@@ -104,7 +104,7 @@ def test_a_corrupted_remote_object_is_rejected_rebuilt_and_replaced(warm, cli, t
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--remote-cache", url,
                  *signs(signer), "--json")
     assert origins(result) == {"text_encoder": "downloaded", "unet": "built", "vae_encoder": "downloaded", "vae_decoder": "downloaded"}
-    (warning,) = result.stderr.splitlines()
+    (warning,) = warnings(result.stderr)
     assert warning.startswith(f"neuron-export: warning: the remote cache entry {key[:12]} in {url} is bad (model.neuron does not match")
     assert stored not in s3().find("corrupt")  # the bad upload is gone ...
     verify = cli("cache", "verify", "--remote", "--remote-cache", url)  # ... and a good one replaced it
@@ -158,7 +158,7 @@ def test_an_unreachable_remote_warns_once_and_builds_locally(s3_endpoint, cli, t
     result = cli(*args, "--height", "64,72", "-o", tmp_path / "matrix", "--json")  # two exports, one warning
     assert result.exit_code == 0, result
     assert [e["components"]["vae_decoder"]["origin"] for e in json.loads(result.stdout)["exports"]] == ["built", "built"]
-    (warning,) = result.stderr.splitlines()
+    (warning,) = warnings(result.stderr)
     assert warning.startswith("neuron-export: warning: the remote cache s3://gone/cache cannot be used (connecting: ")
     assert warning.endswith("building locally without it.")
 

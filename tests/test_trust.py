@@ -20,7 +20,7 @@ import pytest
 import torch
 from s3_server import make_bucket
 
-from conftest import run_cli
+from conftest import run_cli, warnings
 
 UPLOAD = "20260101000000-attacker0000"
 
@@ -146,7 +146,7 @@ def test_a_poisoned_entry_is_never_loaded(kind, signed_by, request, team, honest
     victim = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--remote-cache", url,
                  *trusting(team), "--json")
     assert origins(victim)["unet"] == "built"
-    (warning,) = victim.stderr.splitlines()  # one line, whatever the number of untrusted entries
+    (warning,) = warnings(victim.stderr)  # one line, whatever the number of untrusted entries
     assert warning.startswith(f"neuron-export: warning: the remote cache {url} holds entries no trusted key signed "), warning
     assert ("unsigned" if signed_by is None else team["keys"]["stranger"][1]) in warning
     import neuron_export
@@ -182,7 +182,7 @@ def test_an_oversized_remote_file_is_never_written_past_its_recorded_size(team, 
     victim = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert victim.returncode == 0, victim.stderr[-2000:]
     assert json.loads(victim.stdout)["components"]["unet"]["origin"] == "built"
-    (warning,) = victim.stderr.splitlines()
+    (warning,) = warnings(victim.stderr)
     assert f"the remote cache entry {key[:12]} in {url} is bad (model.neuron is larger than its recorded {size} bytes)" in warning
     assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY  # only the victim was limited
 
@@ -196,7 +196,7 @@ def test_a_record_of_another_component_is_refused(team, honest, tiny_model, tmp_
     victim = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--remote-cache", url,
                  "--remote-cache-allow-unsigned", "--json")
     assert origins(victim)["unet"] == "built"
-    (warning,) = victim.stderr.splitlines()
+    (warning,) = warnings(victim.stderr)
     assert "is bad (its record is for vae_decoder, not unet)" in warning, warning
     assert (tmp_path / "out" / "unet" / "model.neuron").read_bytes() == (honest["out"] / "unet" / "model.neuron").read_bytes()
 
@@ -211,7 +211,7 @@ def test_a_record_with_no_files_is_bad_not_intact(team, honest, tiny_model, tmp_
     assert "is bad (its record.json lists no files)" in victim.stderr
 
     plant(fs, root, honest["keys"]["unet"], record, {}, team["keys"]["team"])  # the victim removed it: again
-    checked = cli("cache", "verify", "--remote-cache", url)
+    checked = cli("cache", "verify", "--remote", "--remote-cache", url)
     assert checked.exit_code == 3, checked
     assert checked.stdout.splitlines() == [f"removed {honest['keys']['unet'][:12]} (its record.json lists no files)",
                                            "0 of 1 entries intact"]
@@ -253,7 +253,7 @@ def test_a_bad_entry_on_a_read_only_remote_is_skipped_and_named(team, honest, ti
     victim = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--components", "unet", "-o", tmp_path / "out",
                  "--remote-cache", url, *trusting(team), "--json")
     assert origins(victim) == {"unet": "built"}
-    (warning,) = victim.stderr.splitlines()
+    (warning,) = warnings(victim.stderr)
     assert f"the remote cache entry {key[:12]} in {url} is bad (model.neuron does not match its recorded sha256)" in warning
     assert "could not be removed there ([Errno 30] Read-only file system" in warning and warning.endswith(f"remove it from {url}.")
 

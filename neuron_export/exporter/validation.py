@@ -42,7 +42,8 @@ def reuse(entry: CacheEntry, atol: float) -> ValidationRecord | None:
     usable = [r for r in measurements(entry) if r.atol is not None and r.atol <= atol]
     if not usable:
         return None
-    return verdict(usable[-1].max_abs_diff or 0.0, atol, reused=True)
+    newest = usable[-1]  # a downloaded build's own measurement stays its signer's (or uploader's) report
+    return verdict(newest.max_abs_diff or 0.0, atol, reused=True).model_copy(update={"by": newest.by})
 
 
 def verdict(diff: float, atol: float, reused: bool = False) -> ValidationRecord:
