@@ -27,13 +27,22 @@ def loras(tiny_model, tmp_path_factory):
     return root
 
 
+def lora_location(path: Path) -> dict[str, str]:
+    """(folder, weight_name) for diffusers' load_lora_weights: offline, diffusers 0.35 guesses no file name."""
+    from neuron_export.example_lora import LORA_WEIGHT_NAME
+
+    path = Path(path)
+    folder, name = (path.parent, path.name) if path.is_file() else (path, LORA_WEIGHT_NAME)
+    return {"pretrained_model_name_or_path_or_dict": str(folder), "weight_name": name}
+
+
 def eager_fused(source: Path, adapters: list[tuple[Path, str, float]]):
     """diffusers' pipeline on the source after load_lora_weights per adapter, set_adapters and fuse_lora."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(source)
     for path, name, _ in adapters:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.load_lora_weights(**lora_location(path), adapter_name=name)
     pipe.set_adapters([name for _, name, _ in adapters], adapter_weights=[scale for _, _, scale in adapters])
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -83,7 +92,7 @@ def test_sdxl_lora_reaches_both_text_encoders(cli, tiny_model, loras, tmp_path):
                  "--lora", loras / "xl", "--lora-scale", "0.9")
     assert result.exit_code == 0, result
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"))
-    pipe.load_lora_weights(str(loras / "xl"))
+    pipe.load_lora_weights(**lora_location(loras / "xl"))
     pipe.fuse_lora(lora_scale=0.9)  # optimum-neuron's single-adapter call
     ids = torch.randint(0, 100, (1, 77), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
