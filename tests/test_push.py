@@ -151,7 +151,8 @@ def test_cli_push_uses_the_hub_api_and_reports(sd_export, capsys, monkeypatch):
     code, out, err = cli(capsys, "push", sd_export, "--repo-id", "acme/tiny", "--private", "--token", "hf_test")
     assert code == 0, err
     assert seen["token"] == "hf_test" and api.calls[0][1]["private"] is True
-    assert "Pushed 16 files and README.md to https://huggingface.co/acme/tiny" in out
+    on_disk = sum(1 for f in sd_export.rglob("*") if f.is_file())  # the stack decides how many tokenizer files
+    assert f"Pushed {on_disk} files and README.md to https://huggingface.co/acme/tiny" in out
     code, out, _ = cli(capsys, "push", sd_export, "--repo-id", "acme/tiny", "--json")
     assert code == 0 and json.loads(out)["card"] == "README.md"
 
