@@ -9,7 +9,7 @@ import sys
 
 # What a rerun must not import: the models' libraries, the build's processes, its caches' transfer, YAML, rich.
 NOT_NEEDED = ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "ray", "rich", "yaml",
-              "multiprocessing", "neuron_export.exporter.build", "neuron_export.exporter.worker",
+              "psutil", "multiprocessing", "neuron_export.exporter.build", "neuron_export.exporter.worker",
               "neuron_export.exporter.supply", "neuron_export.exporter.remote")
 
 
