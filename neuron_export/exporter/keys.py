@@ -71,6 +71,6 @@ TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
 
 
 def traced_library_versions(backend: str) -> dict[str, str | None]:
-    from neuron_export import version  # looked up at each call: a test stands in another version
+    import neuron_export.version  # looked up at each call: a test stands in another version
 
-    return {name: version.installed_version(name) for name in TRACED_LIBRARIES[backend]}
+    return {name: neuron_export.version.installed_version(name) for name in TRACED_LIBRARIES[backend]}
