@@ -143,7 +143,9 @@ def known_long_options(args: list[str], command: Any) -> set[str]:
     """The long flags whose underscore spelling is mapped: the command's own, or every command's when a flag
     is not the command's own (so an error names it as before)."""
     known = _known_long_options(command)
-    if any(arg.startswith("--") and "_" in arg and arg.partition("=")[0].replace("_", "-") not in known for arg in args):
+    foreign = [arg for arg in args if arg.startswith("--") and "_" in arg
+               and arg.partition("=")[0].replace("_", "-") not in known]
+    if foreign:
         known = _known_long_options(typer.main.get_command(app))
     return known
 
