@@ -60,12 +60,12 @@ def test_two_install_locations_build_byte_identical_artifacts(tiny_model, tmp_pa
 
 def test_another_version_of_a_traced_library_gets_other_keys(tiny_model, monkeypatch):
     """diffusers' code is what gets traced: a host with another diffusers must not share our entries."""
-    import importlib.metadata
+    import neuron_export.version
 
     keys = lambda: [job.cache_key for job in neuron_export.plan("sd", model=str(tiny_model("sd")), backend="cpu").jobs]
     before = keys()
-    real_version = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
+    real_version = neuron_export.version.installed_version
+    monkeypatch.setattr(neuron_export.version, "installed_version",
                         lambda name: "0.0.1" if name == "diffusers" else real_version(name))
     after = keys()
     assert len(before) == 4 and all(a != b for a, b in zip(before, after))

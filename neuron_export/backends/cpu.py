@@ -12,9 +12,14 @@ COMPILER_TYPE = "torchscript-cpu"  # an honest marker: these files run on CPU, n
 
 
 def compiler_version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError
 
-    return version("torch")  # read without importing torch, so plans stay instant
+    from neuron_export.version import installed_version
+
+    found = installed_version("torch")  # read without importing torch, so plans stay instant
+    if found is None:
+        raise PackageNotFoundError("torch")
+    return found
 
 
 def compile(wrapper: Any, example_inputs: list[Any], request: CompileRequest) -> Any:

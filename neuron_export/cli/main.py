@@ -1,6 +1,7 @@
 """The `neuron-export` entry point: every command group registered in one place, and the one place where an
 exception becomes a message and an exit code. Nothing heavy is imported here."""
 
+import copy
 import os
 import signal
 import sys
@@ -126,18 +127,42 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """Compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium into optimum-neuron's layout, with a manifest."""
 
 
+def parser_for(args: list[str]) -> Any:
+    """The command-line parser, holding only the command the arguments start with (building every command's
+    parser costs a rerun ~40 ms); help, --version, completion and an unknown name get the whole app."""
+    commands = [info for info in app.registered_commands if args and info.name == args[0]]
+    groups = [info for info in app.registered_groups if args and info.name == args[0]]
+    if not commands and not groups:
+        return typer.main.get_command(app)
+    narrowed = copy.copy(app)  # shares everything but the two lists, so `app` stays whole
+    narrowed.registered_commands, narrowed.registered_groups = commands, groups
+    return typer.main.get_command(narrowed)
+
+
+def known_long_options(args: list[str], command: Any) -> set[str]:
+    """The long flags whose underscore spelling is mapped: the command's own, or every command's when a flag
+    is not the command's own (so an error names it as before)."""
+    known = _known_long_options(command)
+    foreign = [arg for arg in args if arg.startswith("--") and "_" in arg
+               and arg.partition("=")[0].replace("_", "-") not in known]
+    if foreign:
+        known = _known_long_options(typer.main.get_command(app))
+    return known
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one sentence and a non-zero exit for every user error, never a traceback
     (unless NEURON_EXPORT_DEBUG=1, which prints the full traceback, the worker's too)."""
-    command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
+    command = parser_for(args)
     json_mode = "--json" in args
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter is not our output
     TERMINATED.clear()
     signal.signal(signal.SIGTERM, _terminate)  # a CI job's timeout cleans up like Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started from a shell that ignores it
     try:
-        args = pair_lora_options(normalize_argv(expand_list_options(args), _known_long_options(command)))
+        args = expand_list_options(args)
+        args = pair_lora_options(normalize_argv(args, known_long_options(args, command)))
         returned = command.main(args=args, prog_name="neuron-export", standalone_mode=False)
         if returned == ExitCode.INTERRUPTED:  # the parser turns KeyboardInterrupt into this code after cleanup ran
             raise KeyboardInterrupt

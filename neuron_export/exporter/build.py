@@ -17,14 +17,14 @@ from neuron_export.files import ARTIFACT_NAME
 from neuron_export.exporter.layout import check_writable, claim_output, publish, staging_directory, write_layout
 from neuron_export.manifest import (
     AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, ValidationRecord,
-    read_manifest, environment, file_record,
+    environment, file_record,
 )
 from neuron_export.exporter.plan import Job, Plan
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.remote import RemoteCache
 from neuron_export.exporter.remote_trust import trust_of
 from neuron_export.exporter.storage import writing
-from neuron_export.exporter.supply import BUILT, CACHED, supply
+from neuron_export.exporter.supply import BUILT, supply
 from neuron_export.exporter.validation import DISABLED, failure_message, remember, reuse
 from neuron_export.exporter.worker import WorkOrder, context, source_file_records, worker_main
 from neuron_export.backends.select import get_backend
@@ -298,9 +298,7 @@ def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[
 def run_export(plan: Plan, on_event: EventHandler = lambda event: None) -> tuple[Manifest, dict[str, str]]:
     """Reuse every cached component, build the rest in workers, then assemble the export in a hidden
     sibling directory and rename it into place only when all of it succeeded. Returns the manifest and
-    where each component came from (one of supply.ORIGINS)."""
-    if plan.up_to_date:
-        return read_manifest(plan.output), {job.component: CACHED for job in plan.jobs}
+    where each component came from (one of supply.ORIGINS). An up-to-date plan is run_plan's (read back)."""
     remote = open_remote(plan)  # first: a required remote that cannot be reached fails before anything is written
     check_writable(plan.output, export_bytes(plan, sum(job.weights.bytes for job in plan.jobs)), "--output")
     with claim_output(plan.output):  # a second export to this output is refused here, before anything is built

@@ -305,6 +305,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def parse_set_options(pairs: list[str]) -> dict[str, Any]:
     """`--set key=value` pairs; values are read as YAML scalars so numbers and booleans keep their type."""
+    if not pairs:  # yaml is imported only when there is something to read (a rerun answers without it)
+        return {}
     import yaml
 
     result: dict[str, Any] = {}

@@ -71,12 +71,6 @@ TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
 
 
 def traced_library_versions(backend: str) -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
+    import neuron_export.version  # looked up at each call: a test stands in another version
 
-    versions: dict[str, str | None] = {}
-    for name in TRACED_LIBRARIES[backend]:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: neuron_export.version.installed_version(name) for name in TRACED_LIBRARIES[backend]}

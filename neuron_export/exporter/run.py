@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from neuron_export.exporter.build import BuildEvent, EventHandler, run_export
 from neuron_export.exporter.config import FAMILIES, make_configs, parse_set_options, read_config_file
 from neuron_export.errors import ExportError
 from neuron_export.exporter.plan import Plan, make_plan, refuse_unless_ready
-from neuron_export.manifest import Manifest
+from neuron_export.manifest import Manifest, read_manifest
+
+if TYPE_CHECKING:  # the build machinery is imported only when something is built: a rerun answers without it
+    from neuron_export.exporter.build import BuildEvent, EventHandler
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,13 @@ def fan_out(plans: list[Plan], on_event: Optional[EventHandler] = None) -> None:
 
 
 def run_plan(plan: Plan, on_event: Optional[EventHandler] = None) -> ExportResult:
-    up_to_date = plan.up_to_date  # decided before the build: a fresh export is not "up to date"
+    if plan.up_to_date:  # decided before the build: a fresh export is not "up to date"
+        origins = {job.component: "cached" for job in plan.jobs}  # supply.CACHED, without importing the build
+        return ExportResult(output=plan.output, manifest=read_manifest(plan.output), up_to_date=True, origins=origins)
+    from neuron_export.exporter.build import run_export
+
     manifest, origins = run_export(plan, on_event or _ignore)
-    return ExportResult(output=plan.output, manifest=manifest, up_to_date=up_to_date, origins=origins)
+    return ExportResult(output=plan.output, manifest=manifest, up_to_date=False, origins=origins)
 
 
 def _ignore(event: BuildEvent) -> None:
