@@ -16,6 +16,7 @@ from typing import Any
 
 from neuron_export.errors import ExportError
 from neuron_export.exporter.source_files import files_inside, inside, model_roots, read_header
+from neuron_export.pipelines import pipeline_for
 
 # Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
 SOURCE_FOLDER = {
@@ -46,7 +47,7 @@ KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
     "scheduler": ("diffusers", None),  # None: any scheduler the installed diffusers has
     "image_encoder": ("transformers", frozenset({"CLIPVisionModelWithProjection"})),
 }
-PIX2PIX_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
+PIX2PIX_PIPELINE = pipeline_for("sd", "instruct-pix2pix").diffusers
 
 
 @dataclass(frozen=True)
