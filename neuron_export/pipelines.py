@@ -29,10 +29,15 @@ class PipelineKind:
     def is_lcm(self) -> bool:
         return self.family == "lcm"
 
-    def example_call(self) -> str:
-        """Python after `pipe = ...from_pretrained(...)` in the model card: open the images, call, keep the image."""
+    def example_call(self, controlnets: int = 1) -> str:
+        """Python after `pipe = ...from_pretrained(...)` in the model card: open the images, call, keep the image
+        (several ControlNets take a list of control images)."""
+        def value(name: str) -> str:
+            several = name == "control-image" and controlnets > 1
+            return f"[{', '.join([_variable(name)] * controlnets)}]" if several else _variable(name)
+
         lines = [f'{_variable(name)} = Image.open("{_file(name)}").convert("RGB")' for name in self.images]
-        arguments = [f'prompt="{self.prompt}"'] + [f"{_argument(name)}={_variable(name)}" for name in self.images]
+        arguments = [f'prompt="{self.prompt}"'] + [f"{_argument(name)}={value(name)}" for name in self.images]
         return "\n".join([*lines, f"image = pipe({', '.join(arguments)}).images[0]"])
 
     def generate_args(self, controlnets: int = 1) -> str:

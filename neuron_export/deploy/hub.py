@@ -107,7 +107,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
     if kind.images:
         load.append("from PIL import Image")
     load += ["", f'pipe = {p.optimum_pipeline}.from_pretrained("{repo_id}"{revision_arg}, '
-                 f'data_parallel_mode="{p.data_parallel_mode}")', kind.example_call(),
+                 f'data_parallel_mode="{p.data_parallel_mode}")', kind.example_call(controlnets),
              'image.save("image.png")']
     lines += ["## Load it", "", "With optimum-neuron on an inf2/trn1 host (the AWS Neuron SDK installed):", "",
               "```python", *load, "```", ""]
