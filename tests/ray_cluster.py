@@ -49,8 +49,8 @@ def processes_naming(text: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def two_node_cluster(caches_root: Path, cpus: int = 1) -> Iterator[RayCluster]:
-    """A head and a worker node, each `cpus` CPUs and its own component cache under caches_root."""
+def two_node_cluster(caches_root: Path, cpus: int = 1, env: dict[str, str] | None = None) -> Iterator[RayCluster]:
+    """A head and a worker node, each `cpus` CPUs and its own component cache under caches_root (and `env` set)."""
     os.environ.update(LOCAL_ONLY)  # for the driver and every Ray process started from here
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -60,11 +60,11 @@ def two_node_cluster(caches_root: Path, cpus: int = 1) -> Iterator[RayCluster]:
     caches = {name: caches_root / name for name in ("head", "worker")}
     common = {"node_ip_address": LOOPBACK, "num_cpus": cpus, "temp_dir": temp}
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
-        **common, "include_dashboard": False, "env_vars": {"NEURON_EXPORT_CACHE": str(caches["head"])},
+        **common, "include_dashboard": False, "env_vars": {**(env or {}), "NEURON_EXPORT_CACHE": str(caches["head"])},
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
     })
     try:
-        worker = cluster.add_node(**common, env_vars={"NEURON_EXPORT_CACHE": str(caches["worker"])})
+        worker = cluster.add_node(**common, env_vars={**(env or {}), "NEURON_EXPORT_CACHE": str(caches["worker"])})
         yield RayCluster(cluster.address, cluster, cluster.head_node, worker, caches)
     finally:
         import ray

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,15 @@ from ray_cluster import LOCAL_ONLY, two_node_cluster
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    with two_node_cluster(tmp_path_factory.mktemp("node-caches")) as cluster:
+def node_hub_cache(tmp_path_factory) -> Path:
+    """The nodes' own Hub cache, offline: what they download from the Hub is what a test puts in it."""
+    return tmp_path_factory.mktemp("node-hub-cache")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory, node_hub_cache):
+    hub = {"HF_HUB_CACHE": str(node_hub_cache), "HF_HUB_OFFLINE": "1"}
+    with two_node_cluster(tmp_path_factory.mktemp("node-caches"), env=hub) as cluster:
         yield cluster
 
 
@@ -97,3 +105,45 @@ def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_mod
     assert f"{lost}: started again (attempt 2: its node or worker was lost) on {head_label}" in output
     assert f"{lost}: done on {head_label}" in output
     assert len(list((tmp_path / "exports").glob("*/manifest.json"))) == 2
+
+
+def hub_repository(cache: Path, repo: str, files: Path, commit: str) -> None:
+    """`repo` at `commit` in a huggingface_hub cache folder, holding a copy of `files`, its main branch there."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths(
+        ray_cluster, node_hub_cache, cli, tiny_model, tmp_path, monkeypatch, signing_key):
+    """This host's Hub snapshots are out of the nodes' sight while they build: each node fetches the --vae and the
+    --controlnet from the Hub (its own cache here, offline) at the commits planned here."""
+    from neuron_export.exporter import ray_executor
+
+    here = tmp_path / "hub-cache"
+    repositories = {"acme/tiny-vae": (tiny_model("sd") / "vae", "1" * 40),
+                    "acme/tiny-controlnet": (tiny_model("sd-controlnet"), "2" * 40)}
+    for repo, (files, commit) in repositories.items():
+        for cache in (here, node_hub_cache):
+            hub_repository(cache, repo, files, commit)
+    build_on_cluster = ray_executor.build_on_cluster
+
+    def with_snapshots_hidden(plans, on_event):
+        hidden = here.rename(tmp_path / "hidden")
+        try:
+            return build_on_cluster(plans, on_event)
+        finally:
+            hidden.rename(here)
+
+    monkeypatch.setattr(ray_executor, "build_on_cluster", with_snapshots_hidden)
+    result = cli("sd", "-m", tiny_model("sd"), "--vae", "acme/tiny-vae", "--controlnet", "acme/tiny-controlnet",
+                 "--hub-cache-dir", here, "--offline", "--backend", "cpu", "--components", "vae_decoder,controlnet_0",
+                 "--executor", "ray", "--ray-address", ray_cluster.address, "--remote-cache",
+                 f"file://{tmp_path / 'remote'}", "--remote-cache-signing-key", signing_key, "-o", tmp_path / "export")
+    assert result.exit_code == 0, result
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert {name: c["origin"] for name, c in manifest["components"].items()} == {
+        "vae_decoder": "downloaded", "controlnet_0": "downloaded"}  # built on the nodes
+    assert manifest["source"]["vae_commit"] == "1" * 40
+    assert [c["commit"] for c in manifest["source"]["controlnets"]] == ["2" * 40]

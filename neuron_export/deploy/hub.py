@@ -13,28 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.errors import ExportError, PushError
+from neuron_export.pipelines import pipeline_for
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
 
 CARD_NAME = "README.md"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-PIPELINE_TAG = {"text-to-image": "text-to-image", "image-to-image": "image-to-image", "inpainting": "image-to-image"}
-EXAMPLE_CALL = {
-    "text-to-image": 'image = pipe(prompt="a photo of an astronaut riding a horse on mars").images[0]',
-    "image-to-image": ('init_image = Image.open("input.png").convert("RGB")\n'
-                       'image = pipe(prompt="a fantasy landscape", image=init_image).images[0]'),
-    "inpainting": ('init_image = Image.open("input.png").convert("RGB")\n'
-                   'mask = Image.open("mask.png").convert("RGB")\n'
-                   'image = pipe(prompt="a cat on a bench", image=init_image, mask_image=mask).images[0]'),
-}
-
-GENERATE_ARGS = {
-    "text-to-image": '--prompt "a photo of an astronaut riding a horse on mars" --output image.png',
-    "image-to-image": '--prompt "a fantasy landscape" --image input.png --output image.png',
-    "inpainting": '--prompt "a cat on a bench" --image input.png --mask mask.png --output image.png',
-}
-
 
 def check_repo_id(repo_id: str) -> str:
     if not REPO_ID.match(repo_id or "") or ".." in repo_id or len(repo_id) > 96:
@@ -71,7 +56,9 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
             "stable-diffusion-xl" if p.architecture.startswith("sdxl") else "stable-diffusion", "diffusers"]
     if p.is_lcm:
         tags.append("lcm")
-    front = ["---", "tags:"] + [f"- {t}" for t in tags] + [f"pipeline_tag: {PIPELINE_TAG.get(p.task, 'text-to-image')}"]
+    controlnets = len(c.get("controlnet") or ())
+    kind = pipeline_for(p.family, p.task, "controlnet" if controlnets else None)
+    front = ["---", "tags:"] + [f"- {t}" for t in tags] + [f"pipeline_tag: {kind.hub_tag}"]
     if _is_hub_id(s.model_id):
         front.append(f"base_model: {s.model_id}")
     front.append("---")
@@ -117,10 +104,10 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
 
     revision_arg = f', revision="{revision}"' if revision and revision != "main" else ""
     load = [f"from optimum.neuron import {p.optimum_pipeline}"]
-    if p.task != "text-to-image":
+    if kind.images:
         load.append("from PIL import Image")
     load += ["", f'pipe = {p.optimum_pipeline}.from_pretrained("{repo_id}"{revision_arg}, '
-                 f'data_parallel_mode="{p.data_parallel_mode}")', EXAMPLE_CALL.get(p.task, EXAMPLE_CALL["text-to-image"]),
+                 f'data_parallel_mode="{p.data_parallel_mode}")', kind.example_call(controlnets),
              'image.save("image.png")']
     lines += ["## Load it", "", "With optimum-neuron on an inf2/trn1 host (the AWS Neuron SDK installed):", "",
               "```python", *load, "```", ""]
@@ -131,7 +118,7 @@ def model_card(manifest: Manifest, repo_id: str, revision: str | None = None) ->
     lines += ["With neuron-export (checks the files, this host's SDK and the instance's memory first):", "", "```bash",
               f"hf download {repo_id}{revision_flag} --local-dir ./{repo_id.split('/')[-1]}",
               f"neuron-export verify ./{repo_id.split('/')[-1]} --instance {smallest.name if smallest else 'inf2.xlarge'}",
-              f"neuron-export generate ./{repo_id.split('/')[-1]} {GENERATE_ARGS.get(p.task, GENERATE_ARGS['text-to-image'])}",
+              f"neuron-export generate ./{repo_id.split('/')[-1]} {kind.generate_args(controlnets)}",
               "```", "", "`manifest.json` records every file's sha256, the shapes, flags and versions above.", ""]
     return "\n".join(lines)
 

@@ -95,10 +95,7 @@ class _Worker:
 def work_order(job: Job, plan: Plan, artifact: Path | None = None) -> WorkOrder:
     """What the worker building `job` (or checking its cached `artifact`) receives: the job and a few settings,
     not the plan (whose config holds the token)."""
-    source = plan.source
-    root = source.unet_path if job.component == "unet" and source.unet_path else source.path
-    if job.component in ("vae_encoder", "vae_decoder") and source.vae_path:
-        root = source.vae_path
+    root = plan.source.origin(job.component).root
     return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
                      disable_validation=plan.config.disable_validation, source_root=root, artifact=artifact)
 

@@ -23,6 +23,7 @@ from neuron_export.exporter.source import ModelFacts, ModelSource, check_safeten
 from neuron_export.exporter.conditioning import add_conditioning, check_replacement_unet
 from neuron_export.exporter.existing import check_output, default_output, difference, refusal, resolve_config
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
+from neuron_export.pipelines import pipeline_for
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
 # is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
@@ -30,34 +31,6 @@ DEFAULT_ATOL = {
     ("cpu", "none"): 1e-4, ("cpu", "matmul"): 1e-4, ("cpu", "all"): 1e-4,
     ("neuron", "none"): 1e-3, ("neuron", "matmul"): 5e-2, ("neuron", "all"): 1e-1,
 }
-
-DIFFUSERS_PIPELINES = {
-    ("sd", "text-to-image"): "StableDiffusionPipeline",
-    ("sd", "image-to-image"): "StableDiffusionImg2ImgPipeline",
-    ("sd", "inpainting"): "StableDiffusionInpaintPipeline",
-    ("lcm", "text-to-image"): "LatentConsistencyModelPipeline",
-    ("lcm", "image-to-image"): "LatentConsistencyModelImg2ImgPipeline",
-    ("sd-xl", "text-to-image"): "StableDiffusionXLPipeline",
-    ("sd-xl", "image-to-image"): "StableDiffusionXLImg2ImgPipeline",
-    ("sd-xl", "inpainting"): "StableDiffusionXLInpaintPipeline",
-    ("sd", "instruct-pix2pix"): "StableDiffusionInstructPix2PixPipeline",
-    ("sd", "controlnet"): "StableDiffusionControlNetPipeline",
-    ("sd-xl", "controlnet"): "StableDiffusionXLControlNetPipeline",
-}
-OPTIMUM_PIPELINES = {
-    ("sd", "text-to-image"): "NeuronStableDiffusionPipeline",
-    ("sd", "image-to-image"): "NeuronStableDiffusionImg2ImgPipeline",
-    ("sd", "inpainting"): "NeuronStableDiffusionInpaintPipeline",
-    ("lcm", "text-to-image"): "NeuronLatentConsistencyModelPipeline",
-    ("lcm", "image-to-image"): "NeuronLatentConsistencyModelPipeline",
-    ("sd-xl", "text-to-image"): "NeuronStableDiffusionXLPipeline",
-    ("sd-xl", "image-to-image"): "NeuronStableDiffusionXLImg2ImgPipeline",
-    ("sd-xl", "inpainting"): "NeuronStableDiffusionXLInpaintPipeline",
-    ("sd", "instruct-pix2pix"): "NeuronStableDiffusionInstructPix2PixPipeline",
-    ("sd", "controlnet"): "NeuronStableDiffusionControlNetPipeline",
-    ("sd-xl", "controlnet"): "NeuronStableDiffusionXLControlNetPipeline",
-}
-
 
 @dataclass(frozen=True)
 class Job:
@@ -340,10 +313,10 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             f"(about {largest.estimated_peak_bytes / 2**30:.1f} GiB estimated); raise --max-memory, "
             "free memory, or compile on a larger host."
         )
-    pipeline_key = (config.family, "controlnet" if config.controlnet else config.task)
+    pipeline = pipeline_for(config.family, config.task, "controlnet" if config.controlnet else None)
     plan = Plan(config=config, source=source, facts=facts, backend=backend, output=output, height=height,
-                width=width, jobs=tuple(jobs), diffusers_pipeline=DIFFUSERS_PIPELINES[pipeline_key],
-                optimum_pipeline=OPTIMUM_PIPELINES[pipeline_key], cache_dir=cache_dir, memory_budget=budget,
+                width=width, jobs=tuple(jobs), diffusers_pipeline=pipeline.diffusers,
+                optimum_pipeline=pipeline.optimum, cache_dir=cache_dir, memory_budget=budget,
                 loras=loras)
     if not planning:
         refuse_existing_output(plan)

@@ -23,6 +23,7 @@ from neuron_export.exporter.fleet import FleetJob, unique_jobs
 from neuron_export.exporter.plan import Plan, traced_library_versions
 from neuron_export.exporter.remote import RemoteCache, display_url
 from neuron_export.exporter.remote_trust import Trust, trust_of
+from neuron_export.exporter.source import HubSnapshot
 from neuron_export.exporter.supply import BUILT, supply
 from neuron_export.exporter.worker import WorkOrder
 from neuron_export.manifest import ComponentRecord
@@ -31,8 +32,6 @@ from neuron_export.version import __version__
 RETRIES = 2  # a task whose node or worker dies runs again (on another node when that one is gone)
 POLL_SECONDS = 0.5
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has it: the progress board lives there
-
-HubOrigin = tuple[str, str, Path]  # repo id, commit, and the snapshot folder the job's paths are under here
 
 
 def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str]:
@@ -113,19 +112,6 @@ def build_versions(backend: str) -> dict[str, str | None]:
             **traced_library_versions(backend)}
 
 
-def hub_origin(fleet_job: FleetJob) -> HubOrigin | None:
-    """Where a node without the model on its disks downloads the job's files: the hub snapshot it came from."""
-    source = fleet_job.plan.source
-    if fleet_job.job.component == "unet" and source.unet_path is not None:
-        repo, commit, folder = source.unet_id, source.unet_commit, source.unet_path
-    else:
-        repo, commit, folder = source.model_id, source.commit, source.path
-    if not repo or not commit:
-        return None  # a local directory: nodes must see it at the same path
-    root = next((p for p in (folder, *folder.parents) if p.name == commit), None)
-    return (repo, commit, root) if root is not None else None
-
-
 def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: EventHandler) -> dict[str, str]:
     board = ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001})(Board).remote()
     # Ray's worker processes are reused (torch stays imported in their fork server); each build still runs in a
@@ -139,8 +125,9 @@ def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: Event
                    "max_retries": RETRIES, "retry_exceptions": False,
                    "name": f"neuron-export {fleet_job.label}"}
         versions = build_versions(fleet_job.plan.backend)
-        ref = task.options(**options).remote(work_order(fleet_job.job, fleet_job.plan), hub_origin(fleet_job),
-                                              versions, url, trust, board)
+        # a node without the job's files on its disks downloads them from the hub snapshot they came from
+        hub = fleet_job.plan.source.origin(fleet_job.job.component).hub
+        ref = task.options(**options).remote(work_order(fleet_job.job, fleet_job.plan), hub, versions, url, trust, board)
         submitted[ref] = (index, fleet_job)
         on_event(BuildEvent(fleet_job.label, index, total, "queued"))
     supplied: dict[str, str] = {}
@@ -198,7 +185,7 @@ def _result(ray: Any, ref: Any, fleet_job: FleetJob) -> dict[str, Any]:
 # -- the node's side --------------------------------------------------------------------------------------------
 
 
-def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str | None], url: str, trust: Trust,
+def node_build(order: WorkOrder, hub: HubSnapshot | None, versions: dict[str, str | None], url: str, trust: Trust,
                board: Any) -> dict[str, str]:
     """A Ray task: the component in this node's cache (downloaded, or built in a worker process under the node's
     per-key lock), then in the remote cache. Returns the node, where it came from, and its record."""
@@ -236,7 +223,7 @@ def node_build(order: WorkOrder, hub: HubOrigin | None, versions: dict[str, str 
     return {"node": node, "origin": origins[order.job.component], "record": entry.record.model_dump_json()}
 
 
-def on_this_node(order: WorkOrder, hub: HubOrigin | None, node: str) -> WorkOrder:
+def on_this_node(order: WorkOrder, hub: HubSnapshot | None, node: str) -> WorkOrder:
     """The order with paths this node can read: as planned when it sees them (shared disk, same host), else
     the same files downloaded from the hub snapshot they came from (the node's own Hub credentials)."""
     job = order.job

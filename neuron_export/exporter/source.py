@@ -12,10 +12,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from neuron_export.errors import ExportError
 from neuron_export.exporter.source_files import files_inside, inside, model_roots, read_header
+from neuron_export.pipelines import pipeline_for
 
 # Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
 SOURCE_FOLDER = {
@@ -46,7 +47,7 @@ KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
     "scheduler": ("diffusers", None),  # None: any scheduler the installed diffusers has
     "image_encoder": ("transformers", frozenset({"CLIPVisionModelWithProjection"})),
 }
-PIX2PIX_PIPELINE = "StableDiffusionInstructPix2PixPipeline"
+PIX2PIX_PIPELINE = pipeline_for("sd", "instruct-pix2pix").diffusers
 
 
 @dataclass(frozen=True)
@@ -68,23 +69,61 @@ class ModelSource:
     ip_adapter: AddOnSource | None = None  # path: the adapter's weight file
     image_encoder_path: Path | None = None
 
+    def origin(self, component: str) -> ComponentOrigin:
+        """Where a component's files come from (the model, --unet, --vae or an add-on): the one place that decides."""
+        if component == "unet" and self.unet_path is not None:
+            repo, commit, folder = self.unet_id, self.unet_commit, self.unet_path
+            root = folder
+        elif component in ("vae_encoder", "vae_decoder") and self.vae_path is not None:
+            repo, commit, folder = self.vae_id, self.vae_commit, self.vae_path
+            root = folder
+        elif component.startswith("controlnet_"):
+            added = self.controlnets[int(component.removeprefix("controlnet_"))]
+            repo, commit, folder = added.model_id, added.commit, added.path
+            root = folder
+        elif component == "image_encoder" and self.image_encoder_path is not None:
+            repo, commit, folder = self.model_id, self.commit, self.image_encoder_path
+            root = self.path  # the pipeline's own image_encoder/, else the IP-Adapter repository's
+            if self.ip_adapter is not None and not folder.is_relative_to(self.path):
+                repo, commit, root = self.ip_adapter.model_id, self.ip_adapter.commit, folder
+        else:
+            repo, commit, folder, root = self.model_id, self.commit, self.path / SOURCE_FOLDER[component], self.path
+        return ComponentOrigin(folder=folder, root=root, hub=_snapshot(repo, commit, folder))
+
     def folder(self, component: str) -> Path:
         """The directory whose config.json and weights a component is loaded from."""
-        if component == "unet" and self.unet_path is not None:
-            return self.unet_path
-        if component in ("vae_encoder", "vae_decoder") and self.vae_path is not None:
-            return self.vae_path
-        if component.startswith("controlnet_"):
-            return self.controlnets[int(component.removeprefix("controlnet_"))].path
-        if component == "image_encoder" and self.image_encoder_path is not None:
-            return self.image_encoder_path
-        return self.path / SOURCE_FOLDER[component]
+        return self.origin(component).folder
 
     def roots(self, component: str) -> tuple[Path, ...]:
         """Where the files a component reads may really be: the model, or the replacement's own folder."""
         folder = self.folder(component)
         own = component in SOURCE_FOLDER and folder == self.path / SOURCE_FOLDER[component]
         return model_roots(self.path if own else folder)
+
+
+class HubSnapshot(NamedTuple):
+    """A Hub repository at a commit, and its snapshot folder on this host (a node without it downloads it again)."""
+
+    repo: str
+    commit: str
+    root: Path
+
+
+@dataclass(frozen=True)
+class ComponentOrigin:
+    """Where one component's files come from."""
+
+    folder: Path  # holds its config.json and weights
+    root: Path  # the folder its weight files are named relative to in the manifest
+    hub: HubSnapshot | None  # None: a local directory, which every node must see at the same path
+
+
+def _snapshot(repo: str | None, commit: str | None, folder: Path) -> HubSnapshot | None:
+    if not repo or not commit:
+        return None
+    # huggingface_hub keeps a commit's files in a folder named for the commit
+    root = next((p for p in (folder, *folder.parents) if p.name == commit), None)
+    return HubSnapshot(repo, commit, root) if root is not None else None
 
 
 @dataclass(frozen=True)

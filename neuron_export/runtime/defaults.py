@@ -11,10 +11,8 @@ from dataclasses import dataclass
 
 from neuron_export.errors import ExportError
 from neuron_export.manifest import Manifest
-from neuron_export.runtime.reading import LCM_PIPELINE_CLASSES, TURBO_CHECKPOINTS, TURBO_DEFAULTS
-
-# The LCM pipeline class whose call defaults an LCM UNet in another pipeline class takes, by task.
-LCM_DEFAULTS_CLASS = {"image-to-image": "LatentConsistencyModelImg2ImgPipeline"}
+from neuron_export.pipelines import LCM_CLASSES, lcm_pipeline
+from neuron_export.runtime.reading import TURBO_CHECKPOINTS, TURBO_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -47,8 +45,8 @@ def call_defaults(manifest: Manifest) -> CallDefaults:
                         "runs in; upgrade diffusers.")
     parameters = dict(inspect.signature(cls.__call__).parameters)
     source = f"{cls.__name__}.__call__"
-    if pipeline.is_lcm and cls.__name__ not in LCM_PIPELINE_CLASSES:
-        lcm_cls = getattr(diffusers, LCM_DEFAULTS_CLASS.get(pipeline.task, "LatentConsistencyModelPipeline"))
+    if pipeline.is_lcm and cls.__name__ not in LCM_CLASSES:
+        lcm_cls = getattr(diffusers, lcm_pipeline(pipeline.task).diffusers)
         lcm_parameters = inspect.signature(lcm_cls.__call__).parameters
         parameters.update({name: lcm_parameters[name] for name in ("num_inference_steps", "guidance_scale", "strength")
                            if name in lcm_parameters})

@@ -10,15 +10,8 @@ from typing import Any
 from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME, COMPONENT_CONFIG
 from neuron_export.manifest import Manifest, read_manifest
+from neuron_export.pipelines import DIFFUSERS_CLASSES, pipeline_named
 
-
-PIPELINE_CLASSES = frozenset({
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
-    "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline",
-    "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline", "StableDiffusionInstructPix2PixPipeline",
-})
-LCM_PIPELINE_CLASSES = frozenset({"LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline"})
 
 DEFAULT_SEED = 0
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps
@@ -40,9 +33,9 @@ def read_export(export_dir: Path) -> Manifest:
     """The export's manifest, or one sentence saying why this is not an export we can run."""
     manifest = read_manifest(export_dir)
     name = manifest.pipeline.diffusers_pipeline
-    if name not in PIPELINE_CLASSES:
+    if name not in DIFFUSERS_CLASSES:
         raise ExportError(f"EXPORT_DIR {export_dir}: pipeline {name} is not one `generate` runs; "
-                        f"it runs {', '.join(sorted(PIPELINE_CLASSES))}.")
+                        f"it runs {', '.join(sorted(DIFFUSERS_CLASSES))}.")
     return manifest
 
 
@@ -63,7 +56,8 @@ def required_components(manifest: Manifest) -> tuple[str, ...]:
     if pipeline.architecture in ("sdxl", "sdxl-refiner"):
         names.append("text_encoder_2")
     names.append("unet")
-    if pipeline.task in ("image-to-image", "inpainting", "instruct-pix2pix"):
+    kind = pipeline_named(pipeline.diffusers_pipeline)
+    if kind is not None and "image" in kind.images:  # an init image is encoded to latents
         names.append("vae_encoder")
     names.append("vae_decoder")
     return tuple(names)

@@ -15,10 +15,11 @@ from typing import Any
 from neuron_export.errors import ExportError
 from neuron_export.files import MANIFEST_NAME
 from neuron_export.manifest import Manifest, sha256_file
+from neuron_export.pipelines import pipeline_for
 from neuron_export.runtime.defaults import call_defaults
 from neuron_export.runtime.reading import check_export_complete, export_backend, read_export
 
-BASE_PIPELINE = "StableDiffusionXLPipeline"
+BASE_PIPELINE = pipeline_for("sd-xl", "text-to-image").diffusers  # the base a refiner follows
 
 
 @dataclass(frozen=True)

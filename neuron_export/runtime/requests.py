@@ -13,7 +13,8 @@ from neuron_export.errors import ExportError
 from neuron_export.manifest import Manifest
 from neuron_export.runtime.add_ons import AddOns, resolve_add_ons
 from neuron_export.runtime.defaults import call_defaults
-from neuron_export.runtime.reading import DEFAULT_SEED, LCM_ORIGINAL_STEPS, LCM_PIPELINE_CLASSES, _read_json, check_export_complete, export_backend
+from neuron_export.pipelines import LCM_CLASSES
+from neuron_export.runtime.reading import DEFAULT_SEED, LCM_ORIGINAL_STEPS, _read_json, check_export_complete, export_backend
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def resolve_request(
     guidance_scale = guidance_scale if guidance_scale is not None else defaults.guidance_scale
     if task != "text-to-image":
         strength = strength if strength is not None else defaults.strength
-    lcm_strength = pipeline.diffusers_pipeline in LCM_PIPELINE_CLASSES and strength is not None
+    lcm_strength = pipeline.diffusers_pipeline in LCM_CLASSES and strength is not None
     if pipeline.is_lcm:
         # LCMScheduler spaces the steps over original_inference_steps (times strength in the LCM img2img pipeline).
         original = _lcm_original_steps(export_dir)
