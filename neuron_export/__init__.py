@@ -54,7 +54,7 @@ def export(family_or_config: Union[str, Path, Plan, Sequence[Union[str, Path, Pl
     elif isinstance(family_or_config, (list, tuple)) and all(isinstance(one, Plan) for one in family_or_config):
         plans = list(family_or_config)
     else:
-        plans = plan_exports(family_or_config, overrides, **options)
+        plans = plan_exports(family_or_config, overrides, **options)  # type: ignore[arg-type]  # Plans were taken above
     fan_out(plans, on_event)
     results = [run_plan(one, on_event) for one in plans]
     return results[0] if len(results) == 1 else results

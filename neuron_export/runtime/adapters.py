@@ -252,7 +252,7 @@ class CompiledControlNet(_DtypeMarker):
         super().__init__(config)
         self.runner = runner
 
-    @property
+    @property  # type: ignore[misc]
     def __class__(self) -> type:  # the ControlNet pipelines accept only ControlNetModel (or a list of them)
         from diffusers import ControlNetModel
 
