@@ -12,10 +12,6 @@ if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord, Manifest
 
 
-def shape_text(record: ComponentRecord) -> str:
-    return ", ".join(f"{t.name} {tuple(t.shape)} {t.dtype}" for t in record.inputs)
-
-
 def validation_text(record: ComponentRecord) -> str:
     v = record.validation
     by = f", as its {v.by} reported it" if v.by else ""  # a downloaded component: not checked on this host

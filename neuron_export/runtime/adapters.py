@@ -30,8 +30,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 
-
-
 def _merge(parts: list[Any], count: int) -> Any:
     """Outputs of several chunk calls (tensors, tuples, dicts, nested) -> one output of `count` rows."""
     import torch
