@@ -10,7 +10,7 @@ PINNED_TESTS ?= --ignore=tests/test_ray_executor.py --ignore=tests/test_neuron_h
                 --ignore=tests/test_hostile_inputs.py --ignore=tests/test_trust.py \
                 --ignore=tests/test_import_contracts.py
 
-# quality: the checks CI runs before the tests (seconds); format: what makes the first two pass
+# quality: the checks CI runs before the tests (seconds; after make install); format: what makes the first two pass
 LINT_IMPORTS = $(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 .PHONY: install envs demo quality format test test-fast test-latest test-pinned bench
@@ -25,7 +25,7 @@ envs:
 demo: install
 	bash scripts/demo.sh
 
-quality: install
+quality:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy

@@ -137,9 +137,10 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
     task_option = typer.Option("--task", help="What the pipeline does [default: text-to-image].", rich_help_panel="Model")
     hints = {name: hint for name, hint in _template.__annotations__.items() if name not in FAMILY_REFUSES[family]}
     hints["task"] = Annotated[Optional[tasks], task_option]
-    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    signature = inspect.Signature([
         parameter.replace(annotation=hints[name]) for name, parameter in inspect.signature(_template).parameters.items()
         if name in hints])
+    command.__signature__ = signature  # type: ignore[attr-defined]
     command.__annotations__ = hints
     command.__doc__ = FAMILY_HELP[family]
     return command

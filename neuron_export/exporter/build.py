@@ -192,8 +192,13 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                     continue
                 worker.process.join()
                 del running[name]
-                built[name] = _finish(worker, tag, payload, cache,
-                                      lambda record: on_event(BuildEvent(name, index[name], total, "done", record)))  # noqa: B023 (called before the loop moves on)
+                built[name] = _finish(
+                    worker,
+                    tag,
+                    payload,
+                    cache,
+                    lambda record: on_event(BuildEvent(name, index[name], total, "done", record)),  # noqa: B023 (called now)
+                )
     finally:
         for worker in running.values():
             _stop(worker)
