@@ -16,8 +16,11 @@ LINT_IMPORTS = [sys.executable, "-c", "from importlinter.cli import lint_imports
 
 # (module to plant in, the line planted, the contract it breaks); inside a function, where an import still counts
 PLANTS = {
-    "runtime imports the exporter": ("runtime/reading.py", "import neuron_export.exporter.plan",
-                                     "A finished export is read without the exporter"),
+    "runtime imports the exporter": (
+        "runtime/reading.py",
+        "import neuron_export.exporter.plan",
+        "A finished export is read without the exporter",
+    ),
     "a cycle": ("errors.py", "from neuron_export.cli import main", "No import cycle"),
 }
 
@@ -25,8 +28,14 @@ PLANTS = {
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     """`lint-imports` with the project's contracts, reading the package found first on PYTHONPATH=root."""
     env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run([*LINT_IMPORTS, "--config", str(REPO / "pyproject.toml"), "--no-cache"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*LINT_IMPORTS, "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture

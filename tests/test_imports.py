@@ -22,5 +22,6 @@ def test_subpackage_init_files_hold_only_a_docstring():
     assert inits
     for path in inits:
         body = ast.parse(path.read_text()).body
-        assert len(body) <= 1 and all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-                                      for node in body), f"{path.relative_to(PACKAGE)} holds more than a docstring"
+        assert len(body) <= 1 and all(
+            isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body
+        ), f"{path.relative_to(PACKAGE)} holds more than a docstring"
