@@ -16,8 +16,9 @@ path may stand for the family, with `overrides=["height=768"]` as `--set` does. 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 from neuron_export.errors import ExportError
 from neuron_export.version import __version__
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["ExportError", "__version__", "export", "load", "order_controlnets", "plan"]
 
 
-def plan(family_or_config: Union[str, Path, Sequence[Union[str, Path]]], *, overrides: Sequence[str] = (),
-         **options: Any) -> Union[Plan, list[Plan]]:
+def plan(family_or_config: str | Path | Sequence[str | Path], *, overrides: Sequence[str] = (),
+         **options: Any) -> Plan | list[Plan]:
     """What an export would build (jobs, shapes, flags, cache hits, memory and time estimates); loads no model.
     One Plan, or a list when height, width or batch_size name several values (a shape matrix) or when a list
     of YAML configs is given."""
@@ -41,8 +42,8 @@ def plan(family_or_config: Union[str, Path, Sequence[Union[str, Path]]], *, over
     return plans[0] if len(plans) == 1 else plans
 
 
-def export(family_or_config: Union[str, Path, Plan, Sequence[Union[str, Path, Plan]]], *, overrides: Sequence[str] = (),
-           on_event: Optional[EventHandler] = None, **options: Any) -> Union[ExportResult, list[ExportResult]]:
+def export(family_or_config: str | Path | Plan | Sequence[str | Path | Plan], *, overrides: Sequence[str] = (),
+           on_event: EventHandler | None = None, **options: Any) -> ExportResult | list[ExportResult]:
     """Export (or find up to date) and return the result: output path, manifest, up_to_date, per-component origin.
     Takes a family name ("sd", "sd-xl", "lcm"), a YAML config path, a Plan from `plan()`, or a list of either
     (with executor="ray" their missing components are built on the cluster together, each once)."""
@@ -54,13 +55,13 @@ def export(family_or_config: Union[str, Path, Plan, Sequence[Union[str, Path, Pl
     elif isinstance(family_or_config, (list, tuple)) and all(isinstance(one, Plan) for one in family_or_config):
         plans = list(family_or_config)
     else:
-        plans = plan_exports(family_or_config, overrides, **options)
+        plans = plan_exports(family_or_config, overrides, **options)  # type: ignore[arg-type]  # Plans were taken above
     fan_out(plans, on_event)
     results = [run_plan(one, on_event) for one in plans]
     return results[0] if len(results) == 1 else results
 
 
-def load(export_dir: Union[str, Path]) -> Any:
+def load(export_dir: str | Path) -> Any:
     """The export behind the matching diffusers pipeline, ready to call (what `neuron-export generate` runs)."""
     from neuron_export.runtime.loading import load_pipeline
 

@@ -28,8 +28,6 @@ EOS = "<|endoftext|>"
 _MERGES_HEADER = "#version: 0.2"
 
 
-
-
 def _byte_alphabet() -> list[str]:
     """One printable unicode character per byte value, as byte-level BPE (GPT-2/CLIP) uses.
 

@@ -8,7 +8,7 @@ import gc
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from neuron_export.example_adapters import save_controlnet, save_ip_adapter
 from neuron_export.example_tokenizer import BOS, EOS, TOKENIZER_MAX_LENGTH, make_tokenizer, tokenizer_vocab, write_tokenizer_files
@@ -241,7 +241,7 @@ _PIPELINE_BUILDERS = {
     "lcm": _build_lcm,
 }
 
-_ADD_ON_BUILDERS = {
+_ADD_ON_BUILDERS: dict[str, tuple[Callable[..., None], Callable[..., object]]] = {
     "sd-controlnet": (save_controlnet, _tiny_sd_unet),
     "sdxl-controlnet": (save_controlnet, _tiny_sdxl_unet),
     "sd-ip-adapter": (save_ip_adapter, _tiny_sd_unet),

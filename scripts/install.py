@@ -1,4 +1,4 @@
-"""`make install`: neuron-export (editable, with its test extra) into the environment this Python runs, keeping
+"""`make install`: neuron-export (editable, with its test and dev extras) into the environment this Python runs, keeping
 what that environment already has.
 
 - torch: kept when installed (the Neuron SDK's venv pins it; torch-neuronx is built against it). Only where no
@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", prefix="neuron-export-keep-", suffix=".txt") as constraints:
         constraints.write("\n".join(kept(installed)) + "\n")
         constraints.flush()
-        pip("--constraint", constraints.name, "-e", f"{REPO}[test]")
+        pip("--constraint", constraints.name, "-e", f"{REPO}[test,dev]")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 import pytest
+from helpers import CliResult, run_cli
 
 # Set before anything imports huggingface_hub, so no test can reach the network by accident.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +17,25 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["USE_TORCH_XLA"] = "0"
 # Exports made by module-scoped fixtures share a session cache; each test gets its own (below).
 os.environ["NEURON_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="neuron-export-test-cache-")
+
+
+# The slow tier (`pytest -m "not slow"` leaves it out; CI runs everything): files whose tests build several exports
+# each, or start processes, clusters, servers or side environments. The fast tier keeps what plans, checks and
+# refuses, and reads one export per module (verify, inspect, push). A test elsewhere joins it with @pytest.mark.slow.
+SLOW_FILES = {
+    "test_build_once.py", "test_cache.py", "test_cache_commands.py", "test_cache_keys.py", "test_cli_output.py",
+    "test_conditioning.py", "test_examples.py", "test_export.py", "test_fleet.py", "test_generate.py",
+    "test_generate_lcm_sdxl.py", "test_generate_refiner.py", "test_hostile_inputs.py", "test_lora.py",
+    "test_neuron_backend.py", "test_neuron_host.py", "test_output_paths.py", "test_ray_executor.py", "test_readme.py",
+    "test_remote_cache.py", "test_reproducible.py", "test_scripted_use.py", "test_trust.py",
+    "test_calls.py", "test_loader.py",  # tests/conformance: optimum-neuron in its own environment
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -44,43 +64,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], path
     return get
 
 
-class CliResult:
-    """What a user would see: exit code, stdout, stderr."""
-
-    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
-        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
-
-    def __repr__(self) -> str:
-        return f"CliResult(exit_code={self.exit_code}, stdout={self.stdout[-800:]!r}, stderr={self.stderr[-800:]!r})"
-
-
-def run_cli(*args: object) -> CliResult:
-    """Run `neuron-export ARGS...` in this process (torch stays imported between tests)."""
-    import contextlib
-    import io
-
-    from neuron_export.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(arg) for arg in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return CliResult(code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="session")
 def cli() -> Callable[..., CliResult]:
+    """`cli("sd", "-m", model, ...)` runs neuron-export in this process: a CliResult (exit code, stdout, stderr)."""
     return run_cli
-
-
-def export_tiny(model: pathlib.Path, out: pathlib.Path, family: str) -> pathlib.Path:
-    """A cpu export of a tiny pipeline; fails the test if the export fails."""
-    result = run_cli(family, "-m", model, "--backend", "cpu", "-o", out)
-    assert result.exit_code == 0, result
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +79,3 @@ def s3_endpoint() -> Iterator[str]:
         for name, value in aws_environment(endpoint).items():
             patch.setenv(name, value)
         yield endpoint
-
-
-def warnings(stderr: str) -> list[str]:
-    """The warning lines a command printed (with --json, its progress lines go to stderr too)."""
-    return [line for line in stderr.splitlines() if line.startswith("neuron-export: warning")]

@@ -139,7 +139,7 @@ def export_by_yaml(m, out: Path) -> None:  # a YAML config, as configs/ holds th
 
 
 def export_by_cli(m, out: Path) -> None:  # the command line
-    from conftest import run_cli
+    from helpers import run_cli
 
     result = run_cli("sd", "-m", m("sd"), *ip_adapter_args(m), "--backend", "cpu", "--disable-validation", "-o", out)
     assert result.exit_code == 0, result

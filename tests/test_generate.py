@@ -19,21 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from neuron_export.cli.main import main
 from neuron_export.errors import ExportError
 from neuron_export.manifest import read_manifest
 
 PROMPT = "a photo of the dog"
 STEPS = 3
 ATOL = 1e-4  # measured: a few 1e-6 (the UNet runs per compiled chunk instead of one doubled batch)
-
-
-def run_cli(args: list[str]) -> int:
-    try:
-        main([str(arg) for arg in args])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def init_image(seed: int = 0):
@@ -98,7 +89,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def export(tiny_model, tmp_path_factory):
+def export(tiny_model, tmp_path_factory, cli):
     """Factory: ``export("sd")`` -> the CPU export of that case, built once per module through the CLI."""
     built: dict[str, pathlib.Path] = {}
     root = tmp_path_factory.mktemp("exports")
@@ -111,7 +102,8 @@ def export(tiny_model, tmp_path_factory):
                     "--disable-validation", "-o", out, *case.flags]
             if case.unet:
                 args += ["--unet", tiny_model(case.unet)]
-            assert run_cli(args) == 0, name
+            done = cli(*args)
+            assert done.exit_code == 0, done
             built[name] = out
         return built[name]
 
@@ -260,20 +252,20 @@ def spy_on_defaults(pipe: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl", "lcm", "sd-img2img"])
-def test_generate_without_flags_is_the_diffusers_default_call(export, tiny_model, tmp_path, capsys, name):
+def test_generate_without_flags_is_the_diffusers_default_call(export, tiny_model, tmp_path, cli, name):
     import torch
 
     case = CASES[name]
     out = tmp_path / "out.png"
     args = ["generate", export(name), "--prompt", PROMPT, "-o", out]
-    capsys.readouterr()  # drop what building the export printed
     extra: dict[str, Any] = {}
     if case.task == "image-to-image":
         init_image().save(tmp_path / "init.png")
         args += ["--image", tmp_path / "init.png"]
         extra["image"] = init_image()
-    assert run_cli(args) == 0
-    first_line = capsys.readouterr().out.splitlines()[0]
+    done = cli(*args)
+    assert done.exit_code == 0, done
+    first_line = done.stdout.splitlines()[0]
 
     pipe = eager_pipeline(case, tiny_model)
     used = spy_on_defaults(pipe)
@@ -286,7 +278,7 @@ def test_generate_without_flags_is_the_diffusers_default_call(export, tiny_model
     assert np.abs(ours - theirs).max() <= 1  # float outputs agree to ~1e-6; 8-bit rounding can differ by one
 
 
-def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path, capsys):
+def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path, cli):
     import torch
 
     turbo = tmp_path / "turbo"
@@ -295,9 +287,9 @@ def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path,
     manifest["source"]["model_id"] = "stabilityai/sdxl-turbo"  # what an export of the hub checkpoint records
     (turbo / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "out.png"
-    capsys.readouterr()  # drop what building the export printed
-    assert run_cli(["generate", turbo, "--prompt", PROMPT, "-o", out]) == 0
-    first_line = capsys.readouterr().out.splitlines()[0]
+    done = cli("generate", turbo, "--prompt", PROMPT, "-o", out)
+    assert done.exit_code == 0, done
+    first_line = done.stdout.splitlines()[0]
     assert first_line == ("generate: steps=1 guidance=0.0 seed=0 size=64x64 (height x width) images=1 "
                           "(defaults: the stabilityai/sdxl-turbo model card)")
     pipe = eager_pipeline(CASES["sdxl"], tiny_model)
@@ -308,19 +300,20 @@ def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path,
 # --- the command ------------------------------------------------------------------------------------------
 
 
-def test_generate_writes_a_png_of_the_compiled_size(export, tmp_path, capsys):
+def test_generate_writes_a_png_of_the_compiled_size(export, tmp_path, cli):
     from PIL import Image
 
     out = tmp_path / "out.png"
-    assert run_cli(["generate", export("sd"), "--prompt", PROMPT, "--steps", "2", "-o", out]) == 0
+    done = cli("generate", export("sd"), "--prompt", PROMPT, "--steps", "2", "-o", out)
+    assert done.exit_code == 0, done
     with Image.open(out) as written:
         assert written.format == "PNG" and written.size == (64, 64)
-    stdout = capsys.readouterr().out
+    stdout = done.stdout
     assert "step 2/2" in stdout  # plain progress lines when not on a terminal
     assert f"to {out}" in stdout
 
 
-def test_several_images_become_one_grid(export, tmp_path, capsys):
+def test_several_images_become_one_grid(export, tmp_path, cli):
     from PIL import Image
 
     init = tmp_path / "init.png"
@@ -328,20 +321,22 @@ def test_several_images_become_one_grid(export, tmp_path, capsys):
     out = tmp_path / "grid.png"
     args = ["generate", export("sd-img2img-b2n2"), "-p", PROMPT, "-p", "the cat", "--image", init,
             "--strength", "0.7", "--steps", "2", "-o", out]
-    assert run_cli(args) == 0
+    done = cli(*args)
+    assert done.exit_code == 0, done
     with Image.open(out) as written:
         assert written.size == (128, 128)  # 2 prompts (rows) x 2 images per prompt (columns)
-    stdout = capsys.readouterr().out
+    stdout = done.stdout
     assert "resized to the compiled 64x64" in stdout
     assert "2x2 grid" in stdout
 
 
-def test_one_prompt_with_batch_size_fills_the_compiled_batch(export, tmp_path, capsys, no_artifact_loads):
+def test_one_prompt_with_batch_size_fills_the_compiled_batch(export, tmp_path, cli, no_artifact_loads):
     out = tmp_path / "grid.png"
     args = ["generate", export("sd-img2img-b2n2"), "-p", PROMPT, "--batch-size", "2", "--image", tmp_path / "missing.png",
             "-o", out]
-    assert run_cli(args) == 2
-    assert "--image" in capsys.readouterr().err  # the batch fits; the missing image is what is refused
+    done = cli(*args)
+    assert done.exit_code == 2
+    assert "--image" in done.stderr  # the batch fits; the missing image is what is refused
     assert not out.exists()
 
 
@@ -360,11 +355,10 @@ def no_artifact_loads(monkeypatch):
     return loaded
 
 
-def test_a_shape_mismatch_fails_before_loading_and_writes_nothing(export, tmp_path, capsys, no_artifact_loads):
+def test_a_shape_mismatch_fails_before_loading_and_writes_nothing(export, tmp_path, cli, no_artifact_loads):
     out = tmp_path / "out.png"
-    code = run_cli(["generate", export("sd"), "--prompt", PROMPT, "--height", "128", "-o", out])
+    code, _, err = cli("generate", export("sd"), "--prompt", PROMPT, "--height", "128", "-o", out)
     assert code == 2
-    err = capsys.readouterr().err
     assert "--height 128 does not fit this export, compiled for height 64" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -424,10 +418,10 @@ def test_a_directory_without_manifest_is_refused(tmp_path):
         generate_images(tmp_path, PROMPT)
 
 
-def test_an_unwritable_output_is_refused_before_loading(export, tmp_path, capsys, no_artifact_loads):
-    assert run_cli(["generate", export("sd"), "-p", PROMPT, "-o", tmp_path / "missing" / "out.png"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert run_cli(["generate", export("sd"), "-p", PROMPT, "-o", tmp_path / "out.unknownext"]) == 2
+def test_an_unwritable_output_is_refused_before_loading(export, tmp_path, cli, no_artifact_loads):
+    missing = cli("generate", export("sd"), "-p", PROMPT, "-o", tmp_path / "missing" / "out.png")
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+    assert cli("generate", export("sd"), "-p", PROMPT, "-o", tmp_path / "out.unknownext").exit_code == 2
 
 
 # --- the Neuron path, with a recording stand-in for torch_neuronx -------------------------------------------
@@ -614,14 +608,14 @@ def test_neuron_refiner_skips_optimum_neuron_which_cannot_load_it(export, tmp_pa
     assert [dp.module is pipe.unet.runner.module.module for dp in fake_neuron_sdk.data_parallel] == [True]
 
 
-def test_neuron_export_without_the_sdk_is_refused_in_one_sentence(export, tmp_path, monkeypatch, capsys):
+def test_neuron_export_without_the_sdk_is_refused_in_one_sentence(export, tmp_path, monkeypatch, cli):
     monkeypatch.setitem(sys.modules, "torch_neuronx", None)
     monkeypatch.setitem(sys.modules, "optimum", None)
     monkeypatch.setitem(sys.modules, "optimum.neuron", None)
     export_dir = as_neuron_export(export("sd"), tmp_path / "sd-neuron")
     out = tmp_path / "out.png"
-    assert run_cli(["generate", export_dir, "-p", PROMPT, "-o", out]) == 2
-    err = capsys.readouterr().err
+    code, _, err = cli("generate", export_dir, "-p", PROMPT, "-o", out)
+    assert code == 2
     assert "compiled for Neuron" in err and "--backend cpu" in err and "Traceback" not in err
     assert not out.exists()
 

@@ -18,7 +18,7 @@ PROMPT = "a photo of the dog"
 
 @pytest.fixture(scope="module")
 def lcm_sdxl(tiny_model, tmp_path_factory):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path_factory.mktemp("lcm-sdxl") / "export"
     result = run_cli("sd-xl", "-m", tiny_model("sdxl"), "--unet", tiny_model("lcm-sdxl-unet"), "--backend", "cpu",
@@ -64,7 +64,7 @@ def test_generate_takes_lcm_defaults_and_matches_diffusers_lcm_sdxl_recipe(lcm_s
     import torch
     from PIL import Image
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "out.png"
     result = run_cli("generate", lcm_sdxl, "--prompt", PROMPT, "-o", out)

@@ -20,7 +20,7 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def exports(tiny_model, tmp_path_factory):
-    from conftest import run_cli
+    from helpers import run_cli
 
     root = tmp_path_factory.mktemp("refiner")
     base, refiner = root / "base", root / "refiner"
@@ -68,7 +68,7 @@ def test_base_and_refiner_equal_diffusers_on_the_sources(exports, tiny_model, hi
 def test_the_png_records_prompt_seed_steps_guidance_and_exports(exports, tmp_path):
     from PIL import Image
 
-    from conftest import run_cli
+    from helpers import run_cli
     from neuron_export.manifest import sha256_file
 
     base, refiner = exports
@@ -91,7 +91,7 @@ def test_the_png_records_prompt_seed_steps_guidance_and_exports(exports, tmp_pat
 def test_a_plain_generate_records_its_request_too(exports, tmp_path):
     from PIL import Image
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     base, _ = exports
     out = tmp_path / "plain.png"
@@ -113,7 +113,7 @@ def _with_manifest(export, tmp_path, change):
 
 
 def test_refiners_that_do_not_fit_are_refused_in_one_sentence(exports, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     base, refiner = exports
     taller = _with_manifest(refiner, tmp_path, lambda m: m["pipeline"].update(height=128))

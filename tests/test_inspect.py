@@ -6,13 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import export_tiny as export, run_cli
+from helpers import export_tiny as export
 
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `neuron-export ARGS`, as the tests below read it."""
-    result = run_cli(*args)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +20,8 @@ def sdxl_export(tiny_model, tmp_path_factory) -> Path:
     return export(tiny_model("sdxl"), tmp_path_factory.mktemp("inspect") / "sdxl", "sd-xl")
 
 
-def test_summary_names_every_component_with_its_shapes_and_dtypes(sd_export, capsys):
-    code, out, err = cli(capsys, "inspect", sd_export)
+def test_summary_names_every_component_with_its_shapes_and_dtypes(sd_export, cli):
+    code, out, err = cli("inspect", sd_export)
     assert code == 0, err
     manifest = json.loads((sd_export / "manifest.json").read_text())
     for name, record in manifest["components"].items():
@@ -38,8 +33,8 @@ def test_summary_names_every_component_with_its_shapes_and_dtypes(sd_export, cap
     assert "latent_sample (1, 4, 8, 8) float32" in out and "sample (1, 3, 64, 64) float32" in out
 
 
-def test_summary_shows_pipeline_source_flags_versions_sizes_validation_and_times(sd_export, capsys):
-    _, out, _ = cli(capsys, "inspect", sd_export)
+def test_summary_shows_pipeline_source_flags_versions_sizes_validation_and_times(sd_export, cli):
+    _, out, _ = cli("inspect", sd_export)
     manifest = json.loads((sd_export / "manifest.json").read_text())
     assert "NeuronStableDiffusionPipeline" in out and "StableDiffusionPipeline" in out
     assert "64x64 pixels (height x width), batch 1" in out and "data-parallel mode unet" in out
@@ -51,15 +46,15 @@ def test_summary_shows_pipeline_source_flags_versions_sizes_validation_and_times
     assert "backend cpu" in out and "torchscript-cpu" in out
 
 
-def test_sdxl_summary_includes_the_second_text_encoder_and_added_conditioning(sdxl_export, capsys):
-    code, out, _ = cli(capsys, "inspect", sdxl_export)
+def test_sdxl_summary_includes_the_second_text_encoder_and_added_conditioning(sdxl_export, cli):
+    code, out, _ = cli("inspect", sdxl_export)
     assert code == 0
     assert "text_encoder_2" in out and "NeuronStableDiffusionXLPipeline" in out
     assert "text_embeds (1, 32) float32" in out and "time_ids (1, 6) float32" in out
 
 
-def test_json_is_the_manifest_as_one_object(sd_export, capsys):
-    code, out, _ = cli(capsys, "inspect", sd_export, "--json")
+def test_json_is_the_manifest_as_one_object(sd_export, cli):
+    code, out, _ = cli("inspect", sd_export, "--json")
     assert code == 0
     assert json.loads(out) == json.loads((sd_export / "manifest.json").read_text())
 
@@ -77,7 +72,7 @@ def test_summary_data_has_totals(sd_export):
 
 
 @pytest.mark.parametrize("problem", ["missing-dir", "no-manifest", "truncated", "wrong-schema", "a-file"])
-def test_bad_export_dirs_give_one_sentence_and_exit_2(sd_export, tmp_path, capsys, problem):
+def test_bad_export_dirs_give_one_sentence_and_exit_2(sd_export, tmp_path, cli, problem):
     target = tmp_path / "export"
     if problem == "no-manifest":
         target.mkdir()
@@ -92,7 +87,7 @@ def test_bad_export_dirs_give_one_sentence_and_exit_2(sd_export, tmp_path, capsy
     elif problem == "a-file":
         target.write_text("x")
     for extra in ([], ["--json"]):
-        code, out, err = cli(capsys, "inspect", target, *extra)
+        code, out, err = cli("inspect", target, *extra)
         assert code == 2
         text = out if extra else err
         assert "Traceback" not in text and len(text.strip().splitlines()) == 1
@@ -104,11 +99,11 @@ def test_bad_export_dirs_give_one_sentence_and_exit_2(sd_export, tmp_path, capsy
                 assert "(pipeline: Field required)" in err
 
 
-def test_shapes_stay_whole_when_validation_was_measured_earlier(tiny_model, tmp_path, capsys):
+def test_shapes_stay_whole_when_validation_was_measured_earlier(tiny_model, tmp_path, cli):
     """A second export takes its components from the cache; the longer validation text must not wrap the shapes."""
     export(tiny_model("sd"), tmp_path / "first", "sd")
     second = export(tiny_model("sd"), tmp_path / "second", "sd")
-    code, out, err = cli(capsys, "inspect", second)
+    code, out, err = cli("inspect", second)
     assert code == 0, err
     assert "earlier" in out  # the cached components' validation was reused
     assert "encoder_hidden_states (1, 77, 32) float32" in out

@@ -9,15 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import export_tiny as export, run_cli
+from helpers import export_tiny as export
 
 from neuron_export.deploy import hub
 
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `neuron-export ARGS`, as the tests below read it."""
-    result = run_cli(*args)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +120,7 @@ def test_revision_creates_the_branch_and_uploads_to_it(sd_export):
     assert 'revision="bf16-512"' in api.uploaded["README.md"].decode()
 
 
-def test_corrupted_export_is_refused_before_any_upload(sd_export, copy, capsys, monkeypatch):
+def test_corrupted_export_is_refused_before_any_upload(sd_export, copy, cli, monkeypatch):
     broken = copy(sd_export)
     artifact = broken / "vae_decoder" / "model.neuron"
     data = bytearray(artifact.read_bytes())
@@ -133,13 +128,13 @@ def test_corrupted_export_is_refused_before_any_upload(sd_export, copy, capsys, 
     artifact.write_bytes(bytes(data))
     api = FakeHub()
     monkeypatch.setattr(hub, "_default_api", lambda token: api)
-    code, out, err = cli(capsys, "push", broken, "--repo-id", "acme/tiny")
+    code, out, err = cli("push", broken, "--repo-id", "acme/tiny")
     assert code == 3
     assert "vae_decoder/model.neuron" in err and "refusing" in err and len(err.strip().splitlines()) == 1
     assert api.calls == []
 
 
-def test_cli_push_uses_the_hub_api_and_reports(sd_export, capsys, monkeypatch):
+def test_cli_push_uses_the_hub_api_and_reports(sd_export, cli, monkeypatch):
     seen: dict[str, Any] = {}
     api = FakeHub()
 
@@ -148,12 +143,12 @@ def test_cli_push_uses_the_hub_api_and_reports(sd_export, capsys, monkeypatch):
         return api
 
     monkeypatch.setattr(hub, "_default_api", make)
-    code, out, err = cli(capsys, "push", sd_export, "--repo-id", "acme/tiny", "--private", "--token", "hf_test")
+    code, out, err = cli("push", sd_export, "--repo-id", "acme/tiny", "--private", "--token", "hf_test")
     assert code == 0, err
     assert seen["token"] == "hf_test" and api.calls[0][1]["private"] is True
     on_disk = sum(1 for f in sd_export.rglob("*") if f.is_file())  # the stack decides how many tokenizer files
     assert f"Pushed {on_disk} files and README.md to https://huggingface.co/acme/tiny" in out
-    code, out, _ = cli(capsys, "push", sd_export, "--repo-id", "acme/tiny", "--json")
+    code, out, _ = cli("push", sd_export, "--repo-id", "acme/tiny", "--json")
     assert code == 0 and json.loads(out)["card"] == "README.md"
 
 
@@ -164,26 +159,26 @@ def test_default_api_is_the_real_huggingface_hub_client():
     assert isinstance(api, HfApi) and api.token == "hf_abc"
 
 
-def test_real_client_offline_gives_one_sentence_and_exit_1(sd_export, capsys):
+def test_real_client_offline_gives_one_sentence_and_exit_1(sd_export, cli):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest before huggingface_hub was imported
-    code, _, err = cli(capsys, "push", sd_export, "--repo-id", "acme/tiny", "--token", "hf_not_a_real_token")
+    code, _, err = cli("push", sd_export, "--repo-id", "acme/tiny", "--token", "hf_not_a_real_token")
     assert code == 1
     assert "failed at create_repo (OfflineModeIsEnabled" in err and len(err.strip().splitlines()) == 1
 
 
-def test_hub_errors_become_one_sentence(sd_export, capsys, monkeypatch):
+def test_hub_errors_become_one_sentence(sd_export, cli, monkeypatch):
     api = FakeHub(fail_at="upload_folder")
     monkeypatch.setattr(hub, "_default_api", lambda token: api)
-    code, _, err = cli(capsys, "push", sd_export, "--repo-id", "acme/tiny")
+    code, _, err = cli("push", sd_export, "--repo-id", "acme/tiny")
     assert code == 1 and "failed at upload_folder (RuntimeError: 401 Client Error" in err
     assert len(err.strip().splitlines()) == 1 and "more detail" not in err
 
 
 @pytest.mark.parametrize("repo_id", ["tiny", "acme/", "/tiny", "acme/tiny/extra", "acme/ti ny", "acme/../x"])
-def test_bad_repo_ids_are_user_errors(sd_export, capsys, monkeypatch, repo_id):
+def test_bad_repo_ids_are_user_errors(sd_export, cli, monkeypatch, repo_id):
     api = FakeHub()
     monkeypatch.setattr(hub, "_default_api", lambda token: api)
-    code, _, err = cli(capsys, "push", sd_export, "--repo-id", repo_id)
+    code, _, err = cli("push", sd_export, "--repo-id", repo_id)
     assert code == 2 and "--repo-id" in err and api.calls == []
 
 

@@ -32,7 +32,7 @@ def ray_cluster(tmp_path_factory, node_hub_cache):
 @pytest.fixture(scope="module")
 def signing_key(tmp_path_factory) -> Path:
     """Nodes sign what they upload with it: every node reads it at the same path (one host here)."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     key = tmp_path_factory.mktemp("key") / "cluster-key"
     assert run_cli("cache", "keygen", key).exit_code == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from s3_server import free_port, make_bucket
 
-from conftest import run_cli, warnings
+from helpers import run_cli, warnings
 
 NAMES = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 

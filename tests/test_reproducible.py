@@ -62,7 +62,9 @@ def test_another_version_of_a_traced_library_gets_other_keys(tiny_model, monkeyp
     """diffusers' code is what gets traced: a host with another diffusers must not share our entries."""
     import neuron_export.version
 
-    keys = lambda: [job.cache_key for job in neuron_export.plan("sd", model=str(tiny_model("sd")), backend="cpu").jobs]
+    def keys() -> list[str]:
+        return [job.cache_key for job in neuron_export.plan("sd", model=str(tiny_model("sd")), backend="cpu").jobs]
+
     before = keys()
     real_version = neuron_export.version.installed_version
     monkeypatch.setattr(neuron_export.version, "installed_version",

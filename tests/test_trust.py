@@ -20,7 +20,7 @@ import pytest
 import torch
 from s3_server import make_bucket
 
-from conftest import run_cli, warnings
+from helpers import run_cli, warnings
 
 UPLOAD = "20260101000000-attacker0000"
 

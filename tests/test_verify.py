@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import export_tiny as export, run_cli
+from helpers import export_tiny as export
 
 from neuron_export.deploy import verify
 from neuron_export.deploy.instances import BY_NAME, GIB, INSTANCES
@@ -23,11 +23,6 @@ NO_SDK = RuntimeEnv(torch="2.13.0+cpu", diffusers="0.42.1", sdk_problem="ModuleN
 WITH_SDK = RuntimeEnv(torch="2.8.0", diffusers="0.35.2", torch_neuronx="2.8.0.2.10.0", neuronx_cc="2.21.18209.0",
                       sdk_problem=None, diffusers_pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"}))
 
-
-def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `neuron-export ARGS`, as the tests below read it."""
-    result = run_cli(*args)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +57,8 @@ def rewrite_manifest(directory: Path, change) -> None:
 
 # ------------------------------------------------------------------------------------------ integrity
 
-def test_clean_export_passes_with_exit_0_and_one_json_object(sd_export, capsys):
-    code, out, err = cli(capsys, "verify", sd_export, "--json")
+def test_clean_export_passes_with_exit_0_and_one_json_object(sd_export, cli):
+    code, out, err = cli("verify", sd_export, "--json")
     assert code == 0, err
     report = json.loads(out)  # exactly one object, nothing else on stdout
     assert report["ok"] is True and report["exit_code"] == 0
@@ -73,30 +68,30 @@ def test_clean_export_passes_with_exit_0_and_one_json_object(sd_export, capsys):
     assert report["checks"]["integrity"]["details"]["listed_files"] == on_disk >= 14
 
 
-def test_one_flipped_byte_fails_integrity_and_names_the_file(sd_export, copy, capsys):
+def test_one_flipped_byte_fails_integrity_and_names_the_file(sd_export, copy, cli):
     broken = copy(sd_export)
     artifact = broken / "unet" / "model.neuron"
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit of one byte
     artifact.write_bytes(bytes(data))
 
-    code, out, err = cli(capsys, "verify", broken)
+    code, out, err = cli("verify", broken)
     assert code == ExitCode.INTEGRITY == 3
     assert "unet/model.neuron" in out and "sha256" in out
     assert "text_encoder/model.neuron" not in out.split("exit code")[0].split("integrity")[1].split("compatibility")[0]
 
-    code, out, _ = cli(capsys, "verify", broken, "--json")
+    code, out, _ = cli("verify", broken, "--json")
     report = json.loads(out)
     assert code == 3 and report["exit_code"] == 3 and report["ok"] is False
     problems = report["checks"]["integrity"]["problems"]
     assert len(problems) == 1 and problems[0].startswith("unet/model.neuron: sha256")
 
 
-def test_missing_and_truncated_files_fail_integrity(sd_export, copy, capsys):
+def test_missing_and_truncated_files_fail_integrity(sd_export, copy, cli):
     broken = copy(sd_export)
     (broken / "vae_decoder" / "config.json").unlink()
     (broken / "tokenizer" / "vocab.json").write_text("{}")
-    code, out, _ = cli(capsys, "verify", broken, "--json")
+    code, out, _ = cli("verify", broken, "--json")
     assert code == 3
     problems = json.loads(out)["checks"]["integrity"]["problems"]
     assert "vae_decoder/config.json: missing" in problems
@@ -105,48 +100,48 @@ def test_missing_and_truncated_files_fail_integrity(sd_export, copy, capsys):
 
 @pytest.mark.parametrize("stray", ["unet/model-old.neuron", "vae/config.json", "text_encoder_2/config.json",
                                    "tokenizer/added_tokens.json", "controlnet_0/model.neuron"])
-def test_stray_files_the_loader_would_pick_up_fail_integrity(sd_export, copy, capsys, stray):
+def test_stray_files_the_loader_would_pick_up_fail_integrity(sd_export, copy, cli, stray):
     broken = copy(sd_export)
     (broken / stray).parent.mkdir(parents=True, exist_ok=True)
     (broken / stray).write_text("{}")
-    code, out, _ = cli(capsys, "verify", broken, "--json")
+    code, out, _ = cli("verify", broken, "--json")
     assert code == 3
     problems = json.loads(out)["checks"]["integrity"]["problems"]
     assert len(problems) == 1 and problems[0].startswith(f"{stray}: not in the manifest, and ")
 
 
-def test_harmless_extras_are_noted_and_hub_files_ignored(sd_export, copy, capsys):
+def test_harmless_extras_are_noted_and_hub_files_ignored(sd_export, copy, cli):
     extra = copy(sd_export)
     (extra / "README.md").write_text("# card\n")
     (extra / ".gitattributes").write_text("*.neuron filter=lfs\n")
     (extra / "notes.txt").write_text("benchmarks\n")
     (extra / ".cache" / "huggingface" / "download").mkdir(parents=True)  # what `hf download --local-dir` leaves
     (extra / ".cache" / "huggingface" / "download" / "unet.metadata").write_text("abc\n")
-    code, out, _ = cli(capsys, "verify", extra, "--json")
+    code, out, _ = cli("verify", extra, "--json")
     assert code == 0
     integrity = json.loads(out)["checks"]["integrity"]
     assert integrity["verdict"] == "ok"
     assert [n.split(":")[0] for n in integrity["notes"]] == ["notes.txt"]
 
 
-def test_no_manifest_or_a_broken_one_is_a_user_error(sd_export, copy, tmp_path, capsys):
-    code, _, err = cli(capsys, "verify", tmp_path)
+def test_no_manifest_or_a_broken_one_is_a_user_error(sd_export, copy, tmp_path, cli):
+    code, _, err = cli("verify", tmp_path)
     assert code == 2 and "has no manifest.json" in err and "Traceback" not in err
     broken = copy(sd_export)
     (broken / "manifest.json").write_text((broken / "manifest.json").read_text()[:200])
-    code, _, err = cli(capsys, "verify", broken)
+    code, _, err = cli("verify", broken)
     assert code == 2 and "not a valid neuron-export manifest" in err and len(err.strip().splitlines()) == 1
 
 
-def test_unknown_target_is_a_user_error(sd_export, capsys):
-    code, _, err = cli(capsys, "verify", sd_export, "--instance", "inf1.xlarge")
+def test_unknown_target_is_a_user_error(sd_export, cli):
+    code, _, err = cli("verify", sd_export, "--instance", "inf1.xlarge")
     assert code == 2 and "--instance inf1.xlarge" in err and "inf2.xlarge" in err
 
 
-def test_integrity_decides_the_exit_code_before_compatibility(sd_export, copy, capsys):
+def test_integrity_decides_the_exit_code_before_compatibility(sd_export, copy, cli):
     broken = copy(sd_export)
     (broken / "unet" / "config.json").unlink()
-    code, out, _ = cli(capsys, "verify", broken, "--instance", "inf2.xlarge", "--json")
+    code, out, _ = cli("verify", broken, "--instance", "inf2.xlarge", "--json")
     checks = json.loads(out)["checks"]
     assert checks["integrity"]["verdict"] == "failed" and checks["compatibility"]["verdict"] == "failed"
     assert code == 3
@@ -161,24 +156,24 @@ def as_neuron_export(data: dict, compiler: str = "2.21.18209.0", torch_neuronx: 
     data["environment"].update(torch="2.8.0", torch_neuronx=torch_neuronx, neuronx_cc=compiler)
 
 
-def test_cpu_export_cannot_run_on_a_neuroncore(sd_export, capsys):
-    code, out, _ = cli(capsys, "verify", sd_export, "--instance", "inf2.xlarge", "--json")
+def test_cpu_export_cannot_run_on_a_neuroncore(sd_export, cli):
+    code, out, _ = cli("verify", sd_export, "--instance", "inf2.xlarge", "--json")
     assert code == ExitCode.COMPATIBILITY == 4
     compat = json.loads(out)["checks"]["compatibility"]
     assert compat["verdict"] == "failed"
     assert compat["problems"][0].startswith("cpu-artifact-on-neuroncore: text_encoder, unet, vae_encoder, vae_decoder")
 
 
-def test_neuron_export_on_a_host_without_the_sdk_is_unchecked_not_passed(sd_export, copy, capsys):
+def test_neuron_export_on_a_host_without_the_sdk_is_unchecked_not_passed(sd_export, copy, cli):
     neuron = copy(sd_export)
     rewrite_manifest(neuron, as_neuron_export)
-    code, out, _ = cli(capsys, "verify", neuron, "--json")
+    code, out, _ = cli("verify", neuron, "--json")
     compat = json.loads(out)["checks"]["compatibility"]
     assert code == 0 and compat["verdict"] == "unchecked"
     assert "cannot be checked here" in compat["summary"]
-    code, out, _ = cli(capsys, "verify", neuron)
+    code, out, _ = cli("verify", neuron)
     assert "UNCHECKED" in out
-    code, _, _ = cli(capsys, "verify", neuron, "--strict")
+    code, _, _ = cli("verify", neuron, "--strict")
     assert code == 4
 
 
@@ -305,13 +300,13 @@ def real_counts(params: dict[str, int], height: int, width: int, mode: str = "un
 
 
 @pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=[d.name for d in DEPLOYMENTS])
-def test_verify_agrees_with_published_deployments(deployment, sd_export, sdxl_export, copy, capsys):
+def test_verify_agrees_with_published_deployments(deployment, sd_export, sdxl_export, copy, cli):
     target = BY_NAME[deployment.instance]
     if len(deployment.pipelines) == 1:  # one export: through the command, from a full-size manifest
         params, height, width = deployment.pipelines[0]
         directory = copy(sdxl_export if "text_encoder_2" in params else sd_export)
         rewrite_manifest(directory, real_counts(params, height, width))
-        code, out, _ = cli(capsys, "verify", directory, "--instance", target.name, "--json")
+        code, out, _ = cli("verify", directory, "--instance", target.name, "--json")
         fit = json.loads(out)["checks"]["fit"]
         assert code == 0 and json.loads(out)["checks"]["integrity"]["verdict"] == "ok", fit
         assert fit["verdict"] == "ok" and fit["details"]["smallest_fit"] == deployment.smallest
@@ -335,15 +330,15 @@ def test_sdxl_base_plus_refiner_does_not_fit_inf2_xlarge_host_ram():
     assert both.host_bytes == base.host_bytes + refiner.host_bytes - footprint.HOST_BASE_BYTES  # one process
 
 
-def test_a_tight_fit_exits_0_and_names_the_estimate_the_resource_and_the_assumption(sdxl_export, copy, capsys):
+def test_a_tight_fit_exits_0_and_names_the_estimate_the_resource_and_the_assumption(sdxl_export, copy, cli):
     directory = copy(sdxl_export)
     rewrite_manifest(directory, real_counts(SDXL, 1024, 1024))
-    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge")
+    code, out, _ = cli("verify", directory, "--instance", "inf2.xlarge")
     assert code == 0, out
     line = " ".join(out.split("\nfit ")[1].split("\n(--verbose")[0].split())  # the fit line, unwrapped
     assert line.startswith("OK fits, tight: 15.9 of 16 GiB host RAM on inf2.xlarge (assuming one fp32 host copy")
     assert line.endswith("; inf2.8xlarge has room")
-    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.8xlarge")
+    code, out, _ = cli("verify", directory, "--instance", "inf2.8xlarge")
     assert code == 0 and "fits inf2.8xlarge: the export needs about 15.9 GiB host RAM" in out
 
 
@@ -364,15 +359,15 @@ def test_models_on_one_core_share_the_largest_activation_scratchpad():
     assert len({c.activation_bytes for c in on_core_0}) > 1  # the VAEs need more scratch than the encoders
 
 
-def test_an_export_that_does_not_fit_exits_5_and_names_the_resource(sdxl_export, copy, capsys):
+def test_an_export_that_does_not_fit_exits_5_and_names_the_resource(sdxl_export, copy, cli):
     directory = copy(sdxl_export)  # fp32 weights on the device and batch 2: NeuronCore 0 overflows
     rewrite_manifest(directory, real_counts(SDXL, 1024, 1024, batch=2, auto_cast="none"))
-    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge", "--json")
+    code, out, _ = cli("verify", directory, "--instance", "inf2.xlarge", "--json")
     fit = json.loads(out)["checks"]["fit"]
     assert code == ExitCode.DOES_NOT_FIT == 5 and fit["verdict"] == "failed", fit["summary"]
     assert fit["problems"] == [fit["problems"][0]] and fit["problems"][0].startswith("device memory: NeuronCore 0 needs about 17")
     assert "smallest instance that fits: none in the table" in fit["summary"]
-    code, out, _ = cli(capsys, "verify", directory, "--instance", "inf2.xlarge")
+    code, out, _ = cli("verify", directory, "--instance", "inf2.xlarge")
     assert code == 5 and "does not fit inf2.xlarge" in out and "Traceback" not in out
 
 
@@ -394,17 +389,17 @@ def test_instance_table_rows():
     assert all(i.source for i in INSTANCES) and BY_NAME["inf2.xlarge"].device_memory_per_core_bytes == 16 * GIB
 
 
-def test_the_old_target_spelling_still_checks_the_fit_with_a_notice(sd_export, capsys):
-    new = cli(capsys, "verify", sd_export, "--instance", "inf2.xlarge", "--json")
-    code, out, err = cli(capsys, "verify", sd_export, "--target", "inf2.xlarge", "--json")
-    assert (code, out) == new[:2] and json.loads(out)["instance"] == "inf2.xlarge"
+def test_the_old_target_spelling_still_checks_the_fit_with_a_notice(sd_export, cli):
+    new = cli("verify", sd_export, "--instance", "inf2.xlarge", "--json")
+    code, out, err = cli("verify", sd_export, "--target", "inf2.xlarge", "--json")
+    assert (code, out) == (new.exit_code, new.stdout) and json.loads(out)["instance"] == "inf2.xlarge"
     assert "verify --target is now --instance" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_manifest_written_before_architecture_was_named_still_reads(sd_export, copy, capsys):
+def test_a_manifest_written_before_architecture_was_named_still_reads(sd_export, copy, cli):
     older = copy(sd_export)
     manifest = json.loads((older / "manifest.json").read_text())
     manifest["pipeline"]["kind"] = manifest["pipeline"].pop("architecture")
     (older / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    code, out, _ = cli(capsys, "inspect", older, "--json")
+    code, out, _ = cli("inspect", older, "--json")
     assert code == 0 and json.loads(out)["pipeline"]["architecture"] == "sd"

@@ -7,7 +7,6 @@ from typing import Any
 
 from neuron_export.backends.request import CompileRequest
 
-NAME = "cpu"
 COMPILER_TYPE = "torchscript-cpu"  # an honest marker: these files run on CPU, not on a NeuronCore
 
 

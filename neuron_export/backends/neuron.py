@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 from neuron_export.backends.request import CompileRequest
 
-NAME = "neuron"
 COMPILER_TYPE = "neuronx-cc"
 
 FAST_LOADING = "--enable-fast-loading-neuron-binaries"

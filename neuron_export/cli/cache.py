@@ -3,12 +3,17 @@ component cache and the shared remote cache, and make the key pair that signs it
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from neuron_export.cli.options import Json, RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey, RemoteCacheUrl
 from neuron_export.errors import ExitCode, ExportError
+
+if TYPE_CHECKING:
+    from neuron_export.exporter.cache import ComponentCache
+    from neuron_export.exporter.remote import RemoteCache
+    from neuron_export.manifest import ComponentRecord
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -25,14 +30,14 @@ def parse_duration(text: str) -> float:
     return float(number) * DURATION_UNITS[unit]
 
 
-def _cache(cache_dir: Optional[Path]):  # noqa: ANN202
+def _cache(cache_dir: Optional[Path]) -> "ComponentCache":
     from neuron_export.exporter.cache import ComponentCache, default_cache_dir
 
     return ComponentCache(cache_dir or default_cache_dir())
 
 
 def _remote(url: Optional[str], command: str, signing_key: Optional[Path] = None, trusted: Optional[list[str]] = None,
-            allow_unsigned: bool = False):  # noqa: ANN202
+            allow_unsigned: bool = False) -> "RemoteCache":
     """The remote cache a command names, with whom it trusts; it must be reachable (these commands have nothing
     else to do)."""
     import os
@@ -56,11 +61,11 @@ def _remote(url: Optional[str], command: str, signing_key: Optional[Path] = None
     return remote
 
 
-def _shapes(record) -> str:  # noqa: ANN001
+def _shapes(record: "ComponentRecord") -> str:
     return " ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
 
 
-def _local_only(remote_cache: Optional[str], cache) -> None:  # noqa: ANN001
+def _local_only(remote_cache: Optional[str], cache: "ComponentCache") -> None:
     """--remote-cache names the remote; only --remote acts on it. Say which cache this command acts on."""
     if remote_cache:
         print(f"neuron-export: note: acting on the local cache {cache.root}; add --remote to act on {remote_cache}.",

@@ -91,7 +91,7 @@ def verify_command(
     else:
         verify.render(report, _console(), verbose)
     if report.exit_code:
-        sys.exit(report.exit_code)  # typer.Exit's code is dropped in non-standalone mode; SystemExit is not
+        raise typer.Exit(report.exit_code)
 
 
 def push_command(

@@ -133,13 +133,14 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
             options.setdefault("output", output_dir)
         run(family, [], options, json_output)
 
-    tasks = Choice(f"{family.replace('-', '')}_tasks", {task.replace("-", "_"): task for task in FAMILY_TASKS[family]})
+    tasks = Choice(f"{family.replace('-', '')}_tasks", {task.replace("-", "_"): task for task in FAMILY_TASKS[family]})  # type: ignore[call-overload]
     task_option = typer.Option("--task", help="What the pipeline does [default: text-to-image].", rich_help_panel="Model")
     hints = {name: hint for name, hint in _template.__annotations__.items() if name not in FAMILY_REFUSES[family]}
-    hints["task"] = Annotated[Optional[tasks], task_option]  # type: ignore[valid-type]
-    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    hints["task"] = Annotated[Optional[tasks], task_option]
+    signature = inspect.Signature([
         parameter.replace(annotation=hints[name]) for name, parameter in inspect.signature(_template).parameters.items()
         if name in hints])
+    command.__signature__ = signature  # type: ignore[attr-defined]
     command.__annotations__ = hints
     command.__doc__ = FAMILY_HELP[family]
     return command

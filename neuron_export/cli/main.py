@@ -13,7 +13,7 @@ import typer
 try:  # typer vendors click since 0.2x and does not re-export this one
     from typer._click.exceptions import NoArgsIsHelpError
 except ImportError:
-    from click.exceptions import NoArgsIsHelpError
+    from click.exceptions import NoArgsIsHelpError  # type: ignore[assignment]
 
 from neuron_export.cli import cache, deploy, export, generate
 from neuron_export.cli.spellings import expand_list_options, pair_lora_options

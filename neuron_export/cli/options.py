@@ -14,7 +14,7 @@ class Choice(str, Enum):
 
 
 def choice(name: str, values: tuple[str, ...]) -> type[Choice]:
-    return Choice(name, {value.replace("-", "_"): value for value in values})  # type: ignore[return-value]
+    return Choice(name, {value.replace("-", "_"): value for value in values})  # type: ignore[call-overload]
 
 
 AutoCastChoice = choice("AutoCastChoice", ("none", "matmul", "all"))

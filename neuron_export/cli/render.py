@@ -167,7 +167,7 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
     """The jobs of each export: shapes, flags, cache hit or miss, estimated peak memory and time."""
     from neuron_export.exporter.estimate import schedule_seconds
 
-    summaries = []
+    summaries: list[dict[str, Any]] = []
     for plan in plans:
         to_build = [job for job in plan.jobs if not job.cached]
         # torch's CPU trace already uses every core, so parallel cpu jobs only share them (measured: 1.02x

@@ -20,7 +20,7 @@ def describe(name: str, facts: ModelFacts, batch_size: int) -> ComponentSpec:
     # SDXL pipelines read hidden_states[-2] from both encoders, so both must return all hidden states.
     hidden_states = facts.is_xl
     if name == "text_encoder":
-        outputs = ("last_hidden_state", "pooler_output")
+        outputs: tuple[str, ...] = ("last_hidden_state", "pooler_output")
         model_type = "clip-text-model"
     else:
         outputs = ("text_embeds", "last_hidden_state")

@@ -21,7 +21,7 @@ def residual_shapes(config: dict[str, Any], batch: int, height: int, width: int)
     channels = list(config["block_out_channels"])
     layers = config.get("layers_per_block", 2)
     layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * len(channels)
-    downs = [(batch, channels[0], height, width)]
+    downs: list[tuple[int, ...]] = [(batch, channels[0], height, width)]
     for index, (width_channels, count) in enumerate(zip(channels, layers)):
         downs += [(batch, width_channels, height, width)] * int(count)
         if index < len(channels) - 1:
@@ -97,7 +97,7 @@ def load_ip_adapter(unet: Any, weight_file: Path, scale: float) -> None:
 
 def _arguments(named: dict[str, Any]) -> dict[str, Any]:
     """The UNet's keyword arguments from the contract's named inputs."""
-    added = {key: named[key] for key in ("text_embeds", "time_ids") if key in named}
+    added: dict[str, Any] = {key: named[key] for key in ("text_embeds", "time_ids") if key in named}
     if IMAGE_EMBEDS in named:
         added[IMAGE_EMBEDS] = [named[IMAGE_EMBEDS]]  # one tensor per IP-Adapter
     downs = [named[name] for name in named if name.startswith(DOWN_RESIDUAL)]

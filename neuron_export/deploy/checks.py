@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-
-
 CPU_COMPILER = "torchscript-cpu"
 NEURON_COMPILER = "neuronx-cc"
 

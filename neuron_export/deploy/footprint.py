@@ -197,7 +197,8 @@ def smallest_fit(footprint: Footprint, target: str | None = None, roomy: bool = 
     """The smallest instance that fits (with roomy, without being tight), preferring the export's compile target."""
     fitting = [i for i in by_size() if (fits(footprint, i).roomy if roomy else fits(footprint, i).fits)]
     same = [i for i in fitting if i.target == target]
-    return (same or fitting or [None])[0]
+    found = same or fitting
+    return found[0] if found else None
 
 
 def footprint_of(manifest: Manifest, label: str = "") -> Footprint:

@@ -12,10 +12,6 @@ if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord, Manifest
 
 
-def shape_text(record: ComponentRecord) -> str:
-    return ", ".join(f"{t.name} {tuple(t.shape)} {t.dtype}" for t in record.inputs)
-
-
 def validation_text(record: ComponentRecord) -> str:
     v = record.validation
     by = f", as its {v.by} reported it" if v.by else ""  # a downloaded component: not checked on this host
@@ -123,13 +119,13 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
 
 
 def _yes_no(value: Any) -> str:
-    return {True: "yes", False: "no"}.get(value, str(value)) if isinstance(value, bool) or value is None else str(value)
+    return {True: "yes", False: "no"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 def _item_text(item: dict[str, Any]) -> str:
     """One LoRA or add-on: its first field, then the others that are set ("sha256 0102f0a1b2c3", "components unet+text_encoder")."""
     head, *rest = [(k, v) for k, v in item.items() if v not in (None, [], "")]
-    parts = []
+    parts: list[str] = []
     for key, value in rest:
         if isinstance(value, list):
             value = "+".join(map(str, value))
@@ -141,7 +137,7 @@ def _item_text(item: dict[str, Any]) -> str:
 
 def source_text(source: dict[str, Any]) -> str:
     """The source record in words: "model_id models/sd, lora a (weight name x.safetensors, scale 0.9, ...)"."""
-    parts = []
+    parts: list[str] = []
     for key, value in source.items():
         if isinstance(value, list):
             singular = key[:-1] if key.endswith("s") else key

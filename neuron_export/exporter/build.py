@@ -181,7 +181,7 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                 worker = next(w for w in running.values() if w.reader is reader)
                 name = worker.job.component
                 try:
-                    tag, payload = reader.recv()
+                    tag, payload = worker.reader.recv()
                 except EOFError:
                     raise _died(worker) from None
                 if tag == "stage":
@@ -189,8 +189,13 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
                     continue
                 worker.process.join()
                 del running[name]
-                built[name] = _finish(worker, tag, payload, cache,
-                                      lambda record: on_event(BuildEvent(name, index[name], total, "done", record)))
+                built[name] = _finish(
+                    worker,
+                    tag,
+                    payload,
+                    cache,
+                    lambda record: on_event(BuildEvent(name, index[name], total, "done", record)),  # noqa: B023 (called now)
+                )
     finally:
         for worker in running.values():
             _stop(worker)
@@ -269,7 +274,7 @@ def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[
     for index, job in enumerate(plan.jobs, start=1):
         entry = entries[job.component]
         if plan.config.disable_validation:
-            result = ValidationRecord(status="skipped", reason=DISABLED, atol=job.atol)
+            result: ValidationRecord | None = ValidationRecord(status="skipped", reason=DISABLED, atol=job.atol)
         elif origins[job.component] == BUILT:
             result = entry.record.validation
         else:

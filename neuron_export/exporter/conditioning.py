@@ -212,7 +212,7 @@ def check_replacement_unet(source: ModelSource) -> None:
             fix = f"export it into an SDXL pipeline with `neuron-export sd-xl --unet {source.unet_id}`"
         elif base.get("addition_embed_type") == "text_time" and replacement.get("addition_embed_type") != "text_time":
             family = "lcm" if replacement.get("time_cond_proj_dim") is not None else "sd"
-            model = SD_BASE_FOR_WIDTH.get(replacement.get("cross_attention_dim"))
+            model = SD_BASE_FOR_WIDTH.get(replacement.get("cross_attention_dim", 0))
             fix = (f"export it with `neuron-export {family} --model {model} --unet {source.unet_id}`" if model else
                    f"pass a UNet made for {source.model_id}, or export this one with `neuron-export {family}` and "
                    "the --model it was made for")

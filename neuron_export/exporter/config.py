@@ -29,7 +29,6 @@ Backend = Literal["auto", "neuron", "cpu"]
 ComponentName = str  # one of COMPONENT_NAMES, image_encoder or controlnet_N: checked in _known_components
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm")
-TASKS: tuple[str, ...] = ("text-to-image", "image-to-image", "inpainting", "instruct-pix2pix")
 COMPONENT_NAMES: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 # The checkpoint each command exports when --model is not given.

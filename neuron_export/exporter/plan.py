@@ -278,7 +278,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     for name in names:
         for weight_file in facts.weight_files[name]:
             if weight_file.suffix == ".safetensors":
-                hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)
+                hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)  # type: ignore[misc,func-returns-value]
         spec = describe(name, facts, config.batch_size, config.num_images_per_prompt, height, width)
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(spec, add_ons={"ip_adapter_file": str(source.ip_adapter.path),
@@ -290,7 +290,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         fusions = fusions_for(name, loras, facts.is_xl)
         key = cache_key(config, backend, compiler_version, spec, source.folder(name), weight_hashes, args,
                         after_trace, libraries, fusions)
-        per_file = [hashes.remember(f, f"stats:{name}", lambda f=f: list(weight_stats((f,), name)))
+        per_file = [hashes.remember(f, f"stats:{name}", lambda f=f, name=name: list(weight_stats((f,), name)))  # type: ignore[misc]
                     for f in facts.weight_files[name]]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
         batch = spec.static_shapes["batch_size"]

@@ -216,7 +216,7 @@ def find_weight_files(folder: Path, roots: tuple[Path, ...] | None = None) -> tu
             for shard in shards:
                 if not isinstance(shard, str) or not inside(folder / shard, roots).is_file():
                     raise ExportError(f"{index} names the shard {shard!r}, which is not a file in {folder}; re-download the model.")
-            return tuple(folder / shard for shard in shards)
+            return tuple(folder / str(shard) for shard in shards)
     raise ExportError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
 
 
@@ -280,7 +280,7 @@ def read_facts(source: ModelSource) -> ModelFacts:
         )
     unet = _read_json(unet_folder / "config.json", "unet/config.json", source.roots("unet"))
     unet_class = unet.get("_class_name", "UNet2DConditionModel")
-    if unet_class not in KNOWN_CLASSES["unet"][1]:  # a --unet has no model_index.json: its config names the class
+    if unet_class not in (KNOWN_CLASSES["unet"][1] or ()):  # a --unet has no model_index.json: its config names the class
         raise ExportError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
                         f"{unet_folder / 'config.json'} names the UNet class {unet_class}, which neuron-export cannot "
                         "export (custom code is never run); use a diffusers UNet2DConditionModel.")
@@ -412,7 +412,7 @@ def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]
         return _read_json(own, "vae/config.json", model_roots(source.path))
     vae = _read_json(source.vae_path / "config.json", "--vae config.json")
     name = f"--vae {source.vae_id}"
-    if vae.get("_class_name", "AutoencoderKL") not in KNOWN_CLASSES["vae"][1]:
+    if vae.get("_class_name", "AutoencoderKL") not in (KNOWN_CLASSES["vae"][1] or ()):
         raise ExportError(f"{name}: its config names the class {vae.get('_class_name')}, which neuron-export cannot export "
                           "(custom code is never run); use a diffusers AutoencoderKL.")
     latent, wanted = int(vae.get("latent_channels", 4)), int(unet.get("out_channels", 4))

@@ -273,6 +273,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         release_memory()
 
         if skip_reason is None:
+            assert validation_inputs is not None and expected is not None  # made above when validating
             on_stage("validating")
             loaded = backend.load(artifact)
             actual = flatten(loaded(*validation_inputs))

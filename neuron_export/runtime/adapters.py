@@ -30,8 +30,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 
-
-
 def _merge(parts: list[Any], count: int) -> Any:
     """Outputs of several chunk calls (tensors, tuples, dicts, nested) -> one output of `count` rows."""
     import torch
@@ -252,7 +250,7 @@ class CompiledControlNet(_DtypeMarker):
         super().__init__(config)
         self.runner = runner
 
-    @property
+    @property  # type: ignore[misc]
     def __class__(self) -> type:  # the ControlNet pipelines accept only ControlNetModel (or a list of them)
         from diffusers import ControlNetModel
 

@@ -49,7 +49,7 @@ def _class_default(manifest: Manifest, name: str) -> float:
     return float(parameter.default)
 
 
-def resolve_add_ons(manifest: Manifest, open_image: Callable[[Any, str, str], Any], *,
+def resolve_add_ons(manifest: Manifest, open_image: Callable[[Any, str, str | None], Any], *,
                     control_images: Sequence[Any] = (), controlnet_scale: float | Sequence[float] | None = None,
                     ip_adapter_image: Any = None, image_guidance_scale: float | None = None) -> AddOns:
     """Every add-on input checked against what the export was built with; `open_image(value, flag, mode)`."""

@@ -35,7 +35,7 @@ def call_defaults(manifest: Manifest) -> CallDefaults:
     uses_image = pipeline.task in ("image-to-image", "inpainting")  # the tasks with a strength
     if is_turbo(manifest):
         card = TURBO_DEFAULTS[pipeline.task]
-        return CallDefaults(card["num_inference_steps"], card["guidance_scale"], card.get("strength") if uses_image else None,
+        return CallDefaults(int(card["num_inference_steps"]), card["guidance_scale"], card.get("strength") if uses_image else None,
                             f"the {manifest.source.model_id} model card")
     import diffusers
 

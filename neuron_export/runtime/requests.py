@@ -136,8 +136,8 @@ def resolve_request(
     elif task == "instruct-pix2pix":
         if image is None:
             raise ExportError("--image is missing: this export is an InstructPix2Pix pipeline; pass --image IMAGE.png to edit.")
-        for flag, value in (("--mask", mask), ("--strength", strength)):
-            if value is not None:
+        for flag, given in (("--mask", mask), ("--strength", strength)):
+            if given is not None:
                 raise ExportError(f"{flag} does not apply to InstructPix2Pix exports; drop {flag} "
                                   "(--image-guidance-scale sets how closely the result follows --image).")
     elif task == "image-to-image":
@@ -147,8 +147,8 @@ def resolve_request(
             raise ExportError("--mask applies only to inpainting exports, but this export is image-to-image; "
                             "drop --mask or re-export with --task inpainting.")
     else:
-        for flag, value in (("--image", image), ("--mask", mask), ("--strength", strength)):
-            if value is not None:
+        for flag, given in (("--image", image), ("--mask", mask), ("--strength", strength)):
+            if given is not None:
                 raise ExportError(f"{flag} applies only to image-to-image and inpainting exports, but this export is "
                                 f"text-to-image; drop {flag} or re-export with --task image-to-image.")
     if negative_prompt is not None and pipeline.is_lcm:
@@ -169,7 +169,7 @@ def resolve_request(
     if pipeline.is_lcm:
         # LCMScheduler spaces the steps over original_inference_steps (times strength in the LCM img2img pipeline).
         original = _lcm_original_steps(export_dir)
-        usable = int(original * strength) if lcm_strength else original
+        usable = int(original * strength) if lcm_strength and strength is not None else original
         if steps > usable:
             raise ExportError(f"--steps {steps} is more than the LCM scheduler allows here ({usable}); "
                             f"pass --steps {usable} or fewer (LCM needs 2-8){' or a higher --strength' if lcm_strength else ''}.")
