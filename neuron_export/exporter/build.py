@@ -28,6 +28,7 @@ from neuron_export.exporter.supply import BUILT, CACHED, supply
 from neuron_export.exporter.validation import DISABLED, failure_message, remember, reuse
 from neuron_export.exporter.worker import WorkOrder, context, source_file_records, worker_main
 from neuron_export.backends.select import get_backend
+from neuron_export.roles import role_of
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def work_order(job: Job, plan: Plan, artifact: Path | None = None) -> WorkOrder:
     not the plan (whose config holds the token)."""
     source = plan.source
     root = source.unet_path if job.component == "unet" and source.unet_path else source.path
-    if job.component in ("vae_encoder", "vae_decoder") and source.vae_path:
+    if role_of(job.component).source_folder == "vae" and source.vae_path:
         root = source.vae_path
     return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
                      disable_validation=plan.config.disable_validation, source_root=root, artifact=artifact)

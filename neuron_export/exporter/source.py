@@ -16,15 +16,8 @@ from typing import Any
 
 from neuron_export.errors import ExportError
 from neuron_export.exporter.source_files import files_inside, inside, model_roots, read_header
+from neuron_export.roles import CONTROLNET, find_role, role_of, roles
 
-# Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
-SOURCE_FOLDER = {
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "unet": "unet",
-    "vae_encoder": "vae",
-    "vae_decoder": "vae",
-}
 # Files copied unchanged into the export so the runtime can tokenize and schedule.
 PROCESSOR_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -72,18 +65,19 @@ class ModelSource:
         """The directory whose config.json and weights a component is loaded from."""
         if component == "unet" and self.unet_path is not None:
             return self.unet_path
-        if component in ("vae_encoder", "vae_decoder") and self.vae_path is not None:
+        if role_of(component).source_folder == "vae" and self.vae_path is not None:
             return self.vae_path
-        if component.startswith("controlnet_"):
-            return self.controlnets[int(component.removeprefix("controlnet_"))].path
+        if CONTROLNET.matches(component):
+            return self.controlnets[CONTROLNET.index(component)].path
         if component == "image_encoder" and self.image_encoder_path is not None:
             return self.image_encoder_path
-        return self.path / SOURCE_FOLDER[component]
+        return self.path / (role_of(component).source_folder or component)
 
     def roots(self, component: str) -> tuple[Path, ...]:
         """Where the files a component reads may really be: the model, or the replacement's own folder."""
         folder = self.folder(component)
-        own = component in SOURCE_FOLDER and folder == self.path / SOURCE_FOLDER[component]
+        own_folder = role_of(component).source_folder
+        own = own_folder is not None and folder == self.path / own_folder
         return model_roots(self.path if own else folder)
 
 
@@ -139,12 +133,8 @@ class ModelFacts:
 
     @property
     def components(self) -> tuple[str, ...]:
-        names = [] if self.text_encoder is None else ["text_encoder"]
-        if self.text_encoder_2 is not None:
-            names.append("text_encoder_2")
-        added = [f"controlnet_{index}" for index in range(len(self.controlnets))]
-        added += ["image_encoder"] if self.image_encoder is not None else []
-        return (*names, "unet", "vae_encoder", "vae_decoder", *added)
+        """Every component this pipeline has, in export order: as many of each role as the role counts."""
+        return tuple(role.component(index) for role in roles() for index in range(role.count(self)))
 
 
 def _read_json(path: Path, what: str, roots: tuple[Path, ...] | None = None) -> dict[str, Any]:
@@ -314,7 +304,8 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     if looks_like_hub_id(model):
         replaced = ({"unet"} if unet else set()) | ({"vae"} if vae else set())
-        folders = sorted({SOURCE_FOLDER[name] for name in components if name in SOURCE_FOLDER} - replaced)
+        wanted = {role.source_folder for role in map(find_role, components) if role is not None and role.source_folder}
+        folders = sorted(wanted - replaced)
         patterns = ["model_index.json", "vae/config.json", "unet/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
         path, commit = hub_download(model, revision, patterns, token, cache_dir, offline)
