@@ -1,7 +1,7 @@
 """torch_neuronx.trace with explicit neuronx-cc flags per component role and model architecture.
 
-The flags come from the role registry (neuron_export/roles.py), never from a model's path or class name (the reference exporter's
-substring matching silently drops them for local paths).
+The flags come from the role registry (neuron_export/roles.py), never from a model's path or class name (the
+reference exporter's substring matching silently drops them for local paths).
 """
 
 from __future__ import annotations

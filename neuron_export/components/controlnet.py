@@ -1,5 +1,5 @@
-"""ControlNets (one component per --controlnet, numbered in that order): the noisy latents, text embeddings and a control image in,
-the residuals the UNet adds out (a tuple of down-block residuals, then the mid-block residual)."""
+"""ControlNets (one component per --controlnet, numbered in that order): the noisy latents, text embeddings and
+a control image in, the residuals the UNet adds out (a tuple of down-block residuals, then the mid-block residual)."""
 
 from __future__ import annotations
 
