@@ -70,7 +70,7 @@ def load(export_dir: str | Path) -> Any:
 
 def order_controlnets(pipe: Any) -> Any:
     """A multi-ControlNet pipeline loaded by optimum-neuron, its ControlNets put back in --controlnet order (its loader
-    takes the controlnet_* folders in directory-listing order, a hash order on ext4). Returns the pipeline."""
+    takes the ControlNet folders in directory-listing order, a hash order on ext4). Returns the pipeline."""
     from neuron_export.runtime.controlnets import order_controlnets as reorder
 
     return reorder(pipe)

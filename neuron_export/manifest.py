@@ -108,7 +108,7 @@ class SourceRecord(BaseModel):
     vae_id: str | None = None
     vae_commit: str | None = None
     loras: list[LoraRecord] = []
-    controlnets: list[AddOnRecord] = []  # controlnet_0, controlnet_1, ... in this order
+    controlnets: list[AddOnRecord] = []  # in component order (the first --controlnet first)
     ip_adapter: AddOnRecord | None = None
 
 

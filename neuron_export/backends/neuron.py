@@ -1,7 +1,7 @@
 """torch_neuronx.trace with explicit neuronx-cc flags per component role and model architecture.
 
-The flags come from a table, never from a model's path or class name (the reference exporter's
-substring matching silently drops them for local paths).
+The flags come from the role registry (neuron_export/roles.py), never from a model's path or class name (the
+reference exporter's substring matching silently drops them for local paths).
 """
 
 from __future__ import annotations
@@ -12,32 +12,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from neuron_export.backends.request import CompileRequest
+from neuron_export.roles import role_of
 
 COMPILER_TYPE = "neuronx-cc"
 
-FAST_LOADING = "--enable-fast-loading-neuron-binaries"
-# Per component role and model architecture: the model-type hint and whether fast loading is on.
-# The SDXL UNet is compiled without fast loading, as optimum-neuron does.
-MODEL_FLAGS: dict[tuple[str, bool], tuple[str, ...]] = {
-    ("text_encoder", False): ("--model-type=transformer", FAST_LOADING),
-    ("text_encoder", True): ("--model-type=transformer", FAST_LOADING),
-    ("text_encoder_2", True): ("--model-type=transformer", FAST_LOADING),
-    ("unet", False): (FAST_LOADING, "--model-type=unet-inference"),
-    ("unet", True): ("--model-type=unet-inference",),
-    ("vae_encoder", False): (FAST_LOADING, "--model-type=unet-inference"),
-    ("vae_encoder", True): (FAST_LOADING, "--model-type=unet-inference"),
-    ("vae_decoder", False): (FAST_LOADING, "--model-type=unet-inference"),
-    ("vae_decoder", True): (FAST_LOADING, "--model-type=unet-inference"),
-    # ControlNets compile like the SD UNet, with fast loading even for SDXL (as optimum-neuron does)
-    ("controlnet", False): (FAST_LOADING, "--model-type=unet-inference"),
-    ("controlnet", True): (FAST_LOADING, "--model-type=unet-inference"),
-    ("image_encoder", False): ("--model-type=transformer",),
-}
-
-
-def role(component: str) -> str:
-    """The flag-table row of a component: every controlnet_N compiles as "controlnet"."""
-    return "controlnet" if component.startswith("controlnet_") else component
 AUTO_CAST_FLAG = {"none": "none", "matmul": "matmult", "all": "all"}  # neuronx-cc spells it "matmult"
 # Set while tracing diffusion models: fused softmax in attention, the custom SiLU kernel, and no torchdynamo
 # (it does not work with torch_neuronx tracing).
@@ -52,7 +30,7 @@ def compiler_args(component: str, is_xl: bool, auto_cast: str, auto_cast_type: s
     if auto_cast != "none" and auto_cast_type:
         args += ["--auto-cast-type", auto_cast_type]
     args += ["--optlevel", str(optlevel), "--target", target]
-    return args + list(MODEL_FLAGS[(role(component), is_xl and component != "image_encoder")])
+    return args + list(role_of(component).compiler_flags(is_xl))
 
 
 def compiler_version() -> str:
@@ -92,12 +70,10 @@ def after_trace_calls(component: str, dynamic_batch: bool) -> list[str]:
     dynamic_batch lets the runtime split larger batches; async_load overlaps loading of every component,
     and lazy_load defers the UNet's weights until first use so loading streams them to the device.
     """
+    role = role_of(component)
     calls = ["dynamic_batch"] if dynamic_batch else []
-    if component == "image_encoder":
-        return calls  # optimum-neuron leaves the image encoder's loading as it is
-    calls.append("async_load")
-    if role(component) in ("unet", "controlnet"):
-        calls.append("lazy_load")
+    calls += ["async_load"] if role.async_load else []
+    calls += ["lazy_load"] if role.lazy_load else []
     return calls
 
 

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from neuron_export.roles import component_spellings
+
 
 class Choice(str, Enum):
     """A choice option's values: typer lists them in --help and shell completion offers them."""
@@ -43,7 +45,7 @@ Target = Annotated[Optional[TargetChoice], typer.Option("--target", help="inf2 |
 Backend = Annotated[Optional[BackendChoice], typer.Option("--backend", help="auto | neuron | cpu [default: auto: neuron when the SDK imports].", rich_help_panel="Compiler")]
 DisableValidation = Annotated[bool, typer.Option("--disable-validation", help="Skip comparing each artifact with the eager model.", rich_help_panel="Compiler")]
 Atol = Annotated[Optional[float], typer.Option("--atol", help="Largest allowed difference from the eager model [default: per backend and auto-cast].", rich_help_panel="Compiler")]
-Components = Annotated[Optional[str], typer.Option("--components", help="Comma list: text_encoder,text_encoder_2,unet,vae_encoder,vae_decoder (and controlnet_N, image_encoder).", rich_help_panel="Compiler")]
+Components = Annotated[Optional[str], typer.Option("--components", help=f"Comma list of {component_spellings()} [default: every component the model has].", rich_help_panel="Compiler")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output directory.", rich_help_panel="Output")]
 Json = Annotated[bool, typer.Option("--json", help="Print one machine-readable result object on stdout (progress lines go to stderr).", rich_help_panel="Output")]
 Token = Annotated[Optional[str], typer.Option("--token", envvar="HF_TOKEN", show_envvar=False, help="Hugging Face token for private models.", rich_help_panel="Model")]

@@ -1,13 +1,14 @@
-"""ControlNets (`controlnet_0` ... `controlnet_{N-1}`): the noisy latents, text embeddings and a control image in,
-the residuals the UNet adds out (a tuple of down-block residuals, then the mid-block residual)."""
+"""ControlNets (one component per --controlnet, numbered in that order): the noisy latents, text embeddings and
+a control image in, the residuals the UNet adds out (a tuple of down-block residuals, then the mid-block residual)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.components.spec import ComponentSpec, TensorSpec
+from neuron_export.components.spec import ComponentSpec, Shapes, TensorSpec
 from neuron_export.components.unet import SEQUENCE_LENGTH
+from neuron_export.roles import CONTROLNET
 
 if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
@@ -15,14 +16,11 @@ if TYPE_CHECKING:
 OUTPUTS = ("down_block_res_samples", "mid_block_res_sample")
 
 
-def index_of(name: str) -> int:
-    return int(name.removeprefix("controlnet_"))
-
-
-def describe(name: str, facts: ModelFacts, batch: int, height: int, width: int) -> ComponentSpec:
+def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
     """The runtime's order: sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, then the
     SDXL extras. The scale is one value per call (the runtime splits a [2] scale over the two NeuronCores)."""
-    config = facts.controlnets[index_of(name)]
+    config = facts.controlnets[CONTROLNET.index(name)]
+    batch, height, width = shapes.image_batch, shapes.height, shapes.width  # the UNet's batch, as the pipelines call it
     scale = facts.vae_scale_factor
     latent_h, latent_w = height // scale, width // scale
     channels = int(config.get("in_channels", 4))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.components.spec import ComponentSpec, TensorSpec
+from neuron_export.components.spec import ComponentSpec, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 MODEL_TYPE = "clip-vision-with-projection"
 
 
-def describe(facts: ModelFacts, batch: int) -> ComponentSpec:
+def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
+    batch = shapes.image_batch
     config = facts.image_encoder
     assert config is not None
     side, channels = int(config["image_size"]), int(config.get("num_channels", 3))

@@ -18,6 +18,21 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Shapes:
+    """The static shapes an export is built for: what every role's describe() reads."""
+
+    batch_size: int  # prompts per call
+    images_per_prompt: int
+    height: int
+    width: int
+
+    @property
+    def image_batch(self) -> int:
+        """The batch every component after the text encoders runs at, as the pipelines call them."""
+        return self.batch_size * self.images_per_prompt
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     """The contract of one exported component (see optimum-neuron-format.md)."""
 

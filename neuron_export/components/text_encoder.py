@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.components.spec import ComponentSpec, TensorSpec
+from neuron_export.components.spec import ComponentSpec, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 SEQUENCE_LENGTH = 77  # CLIP's tokenizer pads every prompt to 77 tokens
 
 
-def describe(name: str, facts: ModelFacts, batch_size: int) -> ComponentSpec:
+def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
+    batch_size = shapes.batch_size
     config = facts.text_encoder if name == "text_encoder" else facts.text_encoder_2
     assert config is not None, name
     sequence_length = int(config.get("max_position_embeddings", SEQUENCE_LENGTH))

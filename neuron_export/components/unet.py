@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.components.spec import ComponentSpec, TensorSpec
+from neuron_export.components.spec import ComponentSpec, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
@@ -30,7 +30,8 @@ def residual_shapes(config: dict[str, Any], batch: int, height: int, width: int)
     return downs, (batch, channels[-1], height, width)
 
 
-def describe(facts: ModelFacts, batch: int, height: int, width: int) -> ComponentSpec:
+def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
+    batch, height, width = shapes.image_batch, shapes.height, shapes.width
     config = facts.unet
     scale = facts.vae_scale_factor
     channels = facts.unet_in_channels

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuron_export.components.spec import ComponentSpec, TensorSpec
+from neuron_export.components.spec import ComponentSpec, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
 
 
-def describe(name: str, facts: ModelFacts, batch: int, height: int, width: int) -> ComponentSpec:
+def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
+    batch, height, width = shapes.image_batch, shapes.height, shapes.width
     scale = facts.vae_scale_factor
     if name == "vae_encoder":
         channels = int(facts.vae.get("in_channels", 3))

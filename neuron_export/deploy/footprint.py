@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.instances import GIB, INSTANCES, Instance, by_size
+from neuron_export.roles import Role, find_role
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
@@ -28,10 +29,8 @@ CORE_RESERVE_BYTES = GIB // 2
 ACTIVATION_FLOOR_BYTES = GIB // 4
 # ... or this many live copies of the model's widest full-resolution feature map (fp32).
 LIVE_FEATURE_MAPS = 4
-# Widest channel count at full resolution and its upscale from the 4-D input: UNet down/up blocks at the
-# latent size (320 channels in SD 1.x/2.x and SDXL); the VAE's outer blocks at the image size (128).
-PEAK_FEATURE_MAP = {"unet": (320, 1), "vae_encoder": (128, 1), "vae_decoder": (128, 8)}
-REPLICATED = {"unet": frozenset({"unet", "controlnet"}), "none": frozenset()}  # "all" (and unknown): every component
+# Each role's widest feature map (Role.feature_map) and whether it goes with the UNet (Role.with_unet) are in roles.py.
+NO_ROLE = Role("", "", None, "", "", {}, ())  # a component no registered role knows: no feature map, core 0 only
 # Above this share of a resource a fit is reported as tight: the evidence for SDXL on inf2.xlarge is mixed.
 TIGHT_SHARE = 0.85
 HOST_RAM = "host RAM"
@@ -106,7 +105,7 @@ def device_bytes_per_parameter(auto_cast: str | None, auto_cast_type: str | None
 
 
 def activation_bytes(name: str, input_shapes: Iterable[tuple[int, ...]]) -> int:
-    channels, scale = PEAK_FEATURE_MAP.get("unet" if name.startswith("controlnet_") else name, (0, 1))  # a UNet's encoder
+    channels, scale = (find_role(name) or NO_ROLE).feature_map
     largest = 0
     for shape in input_shapes:
         if len(shape) == 4:
@@ -131,12 +130,12 @@ def estimate(components: Iterable[ComponentFootprint], data_parallel_mode: str,
              auto_cast: str | None = "matmul", auto_cast_type: str | None = "bf16", label: str = "") -> Footprint:
     """Device memory per NeuronCore and host RAM to load the pipeline; see ASSUMPTIONS."""
     per_param = device_bytes_per_parameter(auto_cast, auto_cast_type)
-    replicated = REPLICATED.get(data_parallel_mode)
     cores = 1 if data_parallel_mode == "none" else 2
     needs = []
     for c in components:
-        role = "controlnet" if c.name.startswith("controlnet_") else c.name  # every controlnet_N goes with the UNet
-        on_all = replicated is None or role in replicated
+        # "unet": the UNet and what goes with it on every core; "none": one core; "all" (and unknown): every core
+        on_all = data_parallel_mode not in ("unet", "none") or (
+            data_parallel_mode == "unet" and (find_role(c.name) or NO_ROLE).with_unet)
         needs.append(ComponentNeed(
             name=f"{label}{c.name}", cores=tuple(range(cores)) if on_all else (0,),
             host_bytes=max(c.artifact_bytes, c.parameter_count * FP32_BYTES),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.instances import GIB
 from neuron_export.files import MANIFEST_NAME
+from neuron_export.roles import roles
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
@@ -20,10 +21,9 @@ if TYPE_CHECKING:
 # Files the Hub adds to a repository (and `push` uploads the model card as README.md): never a problem.
 HUB_FILES = frozenset({"README.md", ".gitattributes"})
 HUB_DIRS = frozenset({".cache", ".git", ".huggingface"})  # huggingface_hub's local-dir metadata, a git clone
-# Folders optimum-neuron's diffusion loader opens by name: a config.json or model.neuron in one is loaded.
-LOADER_FOLDERS = frozenset({"text_encoder", "text_encoder_2", "unet", "transformer", "vae_encoder",
-                            "vae_decoder", "image_encoder"})
-LOADER_FOLDER_PREFIXES = ("controlnet",)  # every controlnet* folder is loaded
+# Folders optimum-neuron's diffusion loader opens by name (a config.json or model.neuron in one is loaded): each
+# component role's (every numbered one's, by prefix), and a transformer's.
+OTHER_LOADER_FOLDERS = frozenset({"transformer"})
 # Folders diffusers/transformers load through model_index.json: every file in them is read by from_pretrained.
 PROCESSOR_FOLDERS = frozenset({"scheduler", "tokenizer", "tokenizer_2", "feature_extractor"})
 
@@ -51,7 +51,7 @@ def loader_trip_reason(relative: str, components: set[str], directory: Path) -> 
         return "it is a stray compiled artifact (*.neuron) that could be loaded or shipped instead of the recorded one"
     if top is None:
         return None
-    if top in LOADER_FOLDERS or top.startswith(LOADER_FOLDER_PREFIXES):
+    if top in OTHER_LOADER_FOLDERS or any(top == role.name or (role.numbered and top.startswith(role.name)) for role in roles()):
         if top not in components:
             return f"optimum-neuron's loader loads a {top}/ folder, but this export has no {top} component"
         return f"it sits in {top}/, a component folder optimum-neuron's loader reads"

@@ -28,6 +28,7 @@ from neuron_export.exporter.supply import BUILT, supply
 from neuron_export.exporter.validation import DISABLED, failure_message, remember, reuse
 from neuron_export.exporter.worker import WorkOrder, context, source_file_records, worker_main
 from neuron_export.backends.select import get_backend
+from neuron_export.roles import role_of
 
 
 @dataclass(frozen=True)

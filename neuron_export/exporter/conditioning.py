@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron_export.errors import ExportError
+from neuron_export.roles import CONTROLNET
 from neuron_export.exporter.source import (
     HUB_PICKLE_PATTERNS, HUB_WEIGHT_PATTERNS, AddOnSource, ModelFacts, ModelSource, hub_download, _read_json,
     find_weight_files, looks_like_hub_id,
@@ -152,7 +153,7 @@ def add_conditioning(config: Any, source: ModelSource, facts: ModelFacts) -> tup
     for item in controlnets:  # only now that they all fit
         fetch_controlnet_weights(item, **hub)
     weights = dict(facts.weight_files)
-    weights.update({f"controlnet_{index}": find_weight_files(item.path) for index, item in enumerate(controlnets)})
+    weights.update({CONTROLNET.component(index): find_weight_files(item.path) for index, item in enumerate(controlnets)})
     adapter = encoder_path = encoder = None
     tokens = 0
     if config.ip_adapter is not None:

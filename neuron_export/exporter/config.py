@@ -19,6 +19,7 @@ from neuron_export.errors import ExportError
 from neuron_export.exporter.add_on_options import conditioning_checks
 from neuron_export.exporter.config_messages import explain_validation_error, unknown_key
 from neuron_export.exporter.remote_trust import trust_checks
+from neuron_export.roles import component_spellings, find_role
 
 Family = Literal["sd", "sd-xl", "lcm"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
@@ -26,10 +27,9 @@ AutoCast = Literal["none", "matmul", "all"]
 AutoCastType = Literal["bf16", "fp16", "tf32"]
 Target = Literal["inf2", "trn1", "trn2"]
 Backend = Literal["auto", "neuron", "cpu"]
-ComponentName = str  # one of COMPONENT_NAMES, image_encoder or controlnet_N: checked in _known_components
+ComponentName = str  # a registered role's component (roles.py): checked in _known_components
 
 FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm")
-COMPONENT_NAMES: tuple[str, ...] = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 # The checkpoint each command exports when --model is not given.
 CANONICAL_MODELS = {
@@ -111,9 +111,8 @@ class ExportConfig(BaseModel):
     @classmethod
     def _known_components(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for name in value or ():
-            if name not in COMPONENT_NAMES and name != "image_encoder" and not re.fullmatch(r"controlnet_\d+", name):
-                raise ValueError(f"names {name!r}, which is not a component; use {', '.join(COMPONENT_NAMES)}, "
-                                 "image_encoder or controlnet_N")
+            if find_role(name) is None:
+                raise ValueError(f"names {name!r}, which is not a component; use {component_spellings()}")
         return value
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """Peak host memory and build time of a component, estimated before anything is loaded.
 
 Parameter counts and weight bytes come from the safetensors headers (exact, no weights read, no torch
-import). The factors below are backend-specific and were measured on a 2-core / 24 GiB host (cpu backend,
+import). The factors (below, and per role in roles.py) are backend-specific and were measured on a 2-core / 24 GiB host (cpu backend,
 full-size SD 1.5 at 512x512; `scripts/bench_cache_and_workers.py` prints estimate vs measured) or taken
 from public reports of neuronx-cc compiles (neuron backend; not measurable here, so deliberately generous).
 """
@@ -13,30 +13,17 @@ import struct
 from typing import NamedTuple
 from pathlib import Path
 
+from neuron_export.roles import role_of
+
 GIB = 2**30
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-# Which tensors of a shared weight file belong to a component (the two VAE halves share vae/).
-TENSOR_PREFIXES = {"vae_encoder": ("encoder.", "quant_conv."), "vae_decoder": ("decoder.", "post_quant_conv.")}
-
-# bytes = BASE + WEIGHT_FACTOR * weight bytes + PIXEL_BYTES * batch * height * width
+# bytes = BASE + weight_factor * weight bytes + pixel_bytes * batch * height * width (each role's BuildCost)
 BASE_BYTES = {"cpu": int(0.45 * GIB), "neuron": int(1.5 * GIB)}
-WEIGHT_FACTOR = {
-    "cpu": {"text_encoder": 1.05, "unet": 1.10, "vae_encoder": 1.10, "vae_decoder": 1.10},
-    # neuronx-cc holds several copies of the graph and weights while compiling (public reports:
-    # ~35 GB for an SD 1.5 CPU-only compile, 60-90 GB for SDXL).
-    "neuron": {"text_encoder": 6.0, "unet": 8.0, "vae_encoder": 8.0, "vae_decoder": 8.0},
-}
-PIXEL_BYTES = {
-    "cpu": {"text_encoder": 0, "unet": 0, "vae_encoder": 3200, "vae_decoder": 3600},
-    "neuron": {"text_encoder": 0, "unet": 2000, "vae_encoder": 16000, "vae_decoder": 24000},
-}
-# seconds = BASE_SECONDS + SECONDS_PER_PARAM * parameters + SECONDS_PER_PIXEL * batch * height * width
+# neuronx-cc holds several copies of the graph and weights while compiling (public reports: ~35 GB for an
+# SD 1.5 CPU-only compile, 60-90 GB for SDXL), hence the neuron rows' large weight factors (in roles.py).
+# seconds = BASE_SECONDS + SECONDS_PER_PARAM * parameters + seconds_per_pixel * batch * height * width
 BASE_SECONDS = {"cpu": 2.0, "neuron": 20.0}
 SECONDS_PER_PARAM = {"cpu": 7.5e-8, "neuron": 4.0e-7}  # neuron: SDXL UNet ~1026 s for 2.57B params (inf2.8xlarge)
-SECONDS_PER_PIXEL = {
-    "cpu": {"text_encoder": 0, "unet": 0, "vae_encoder": 1.2e-4, "vae_decoder": 1.3e-4},
-    "neuron": {"text_encoder": 0, "unet": 0, "vae_encoder": 3.5e-4, "vae_decoder": 6.6e-4},  # SDXL VAE at 1024x1024
-}
 
 # CPUs a build keeps busy, what a Ray task requests. torch's CPU trace runs one component's graph on one
 # worker; neuronx-cc runs its passes in parallel processes (a guess, not measurable without the SDK).
@@ -50,7 +37,7 @@ class WeightStats(NamedTuple):
 
 def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
     """Parameter count and bytes of the tensors a component uses, from the safetensors headers."""
-    prefixes = TENSOR_PREFIXES.get(component)
+    prefixes = role_of(component).tensor_prefixes
     parameters = size = 0
     for file in files:
         if file.suffix != ".safetensors":  # a pickle has no header to read: assume fp32, the whole file
@@ -71,23 +58,15 @@ def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
     return WeightStats(parameters, size)
 
 
-def _role(component: str) -> str:
-    """The measured role whose factors fit: a ControlNet is a UNet's encoder half, an image encoder a CLIP."""
-    if component.startswith("controlnet_"):
-        return "unet"
-    return "text_encoder" if component.startswith("text_encoder") or component == "image_encoder" else component
-
-
 def estimate_peak_bytes(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> int:
-    role = _role(component)
-    pixels = batch * height * width
-    return int(BASE_BYTES[backend] + WEIGHT_FACTOR[backend][role] * weights.bytes + PIXEL_BYTES[backend][role] * pixels)
+    cost = role_of(component).costs[backend]
+    return int(BASE_BYTES[backend] + cost.weight_factor * weights.bytes + cost.pixel_bytes * batch * height * width)
 
 
 def estimate_seconds(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> float:
-    role = _role(component)
+    cost = role_of(component).costs[backend]
     pixels = batch * height * width
-    return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + SECONDS_PER_PIXEL[backend][role] * pixels
+    return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + cost.seconds_per_pixel * pixels
 
 
 def estimate_cpus(backend: str, component: str) -> int:

@@ -11,6 +11,7 @@ from neuron_export.exporter.cache import CONTRACT_VERSION, component_key
 from neuron_export.exporter.config import ExportConfig
 from neuron_export.exporter.lora import LoraFusion
 from neuron_export.exporter.source import ModelSource
+from neuron_export.roles import CONTROLNET, role_of
 from neuron_export.version import __version__
 
 # Config keys that record where a config came from, not what the module computes.
@@ -55,10 +56,10 @@ def component_model(source: ModelSource, name: str) -> str:
     model_id = source.model_id
     if name == "unet" and source.unet_id:
         model_id = source.unet_id
-    elif name in ("vae_encoder", "vae_decoder") and source.vae_id:
+    elif role_of(name).source_folder == "vae" and source.vae_id:
         model_id = source.vae_id
-    elif name.startswith("controlnet_"):
-        model_id = source.controlnets[int(name.removeprefix("controlnet_"))].model_id
+    elif CONTROLNET.matches(name):
+        model_id = source.controlnets[CONTROLNET.index(name)].model_id
     elif name == "image_encoder" and source.ip_adapter is not None:
         model_id = source.ip_adapter.model_id
     local = Path(model_id).expanduser()

@@ -14,8 +14,7 @@ from neuron_export.backends.neuron import after_trace_calls
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
 from neuron_export.exporter.cache import ComponentCache, HashIndex, default_cache_dir
 from neuron_export.exporter.keys import cache_key, component_model, traced_library_versions
-from neuron_export.components.registry import describe
-from neuron_export.components.spec import ComponentSpec
+from neuron_export.components.spec import ComponentSpec, Shapes
 from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
 from neuron_export.errors import MemoryBudgetError, ExportError
 from neuron_export.exporter.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
@@ -24,6 +23,7 @@ from neuron_export.exporter.conditioning import add_conditioning, check_replacem
 from neuron_export.exporter.existing import check_output, default_output, difference, refusal, resolve_config
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 from neuron_export.pipelines import pipeline_for
+from neuron_export.roles import default_components, role_of
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
 # is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
@@ -50,6 +50,7 @@ class Job:
     estimated_seconds: float
     loras: tuple[LoraFusion, ...] = ()  # adapters fused into this component before tracing, in order
     model: str = ""  # the model (hub id or directory) its weights come from, as given
+    module_path: str = ""  # the module that loads, wraps and checks it (a worker may not know a role registered later)
 
     @property
     def component(self) -> str:
@@ -244,7 +245,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         if not planning:
             check_output(config.output, config.force)
     backend, notes = planned_backend(config, planning)
-    wanted = config.components or ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+    wanted = config.components or default_components()
     source = resolve_source(config.model or "", config.revision, config.unet, tuple(wanted),
                             token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
     check_replacement_unet(source)
@@ -279,7 +280,8 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         for weight_file in facts.weight_files[name]:
             if weight_file.suffix == ".safetensors":
                 hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)  # type: ignore[misc,func-returns-value]
-        spec = describe(name, facts, config.batch_size, config.num_images_per_prompt, height, width)
+        role = role_of(name)
+        spec = role.describe(name, facts, Shapes(config.batch_size, config.num_images_per_prompt, height, width))
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(spec, add_ons={"ip_adapter_file": str(source.ip_adapter.path),
                                                       "ip_adapter_scale": config.ip_adapter_scale})
@@ -300,7 +302,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             cached=cache.peek(key),
             estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
             estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
-            loras=fusions, model=component_model(source, name),
+            loras=fusions, model=component_model(source, name), module_path=role.module_path,
         ))
     hashes.save()
     budget = config.max_memory or available_memory_bytes()

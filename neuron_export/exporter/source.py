@@ -17,15 +17,8 @@ from typing import Any, NamedTuple
 from neuron_export.errors import ExportError
 from neuron_export.exporter.source_files import files_inside, inside, model_roots, read_header
 from neuron_export.pipelines import pipeline_for
+from neuron_export.roles import CONTROLNET, find_role, role_of, roles
 
-# Folders a diffusers pipeline keeps its traced parts in, and the folder each export component reads.
-SOURCE_FOLDER = {
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "unet": "unet",
-    "vae_encoder": "vae",
-    "vae_decoder": "vae",
-}
 # Files copied unchanged into the export so the runtime can tokenize and schedule.
 PROCESSOR_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -74,11 +67,11 @@ class ModelSource:
         if component == "unet" and self.unet_path is not None:
             repo, commit, folder = self.unet_id, self.unet_commit, self.unet_path
             root = folder
-        elif component in ("vae_encoder", "vae_decoder") and self.vae_path is not None:
+        elif role_of(component).source_folder == "vae" and self.vae_path is not None:
             repo, commit, folder = self.vae_id, self.vae_commit, self.vae_path
             root = folder
-        elif component.startswith("controlnet_"):
-            added = self.controlnets[int(component.removeprefix("controlnet_"))]
+        elif CONTROLNET.matches(component):
+            added = self.controlnets[CONTROLNET.index(component)]
             repo, commit, folder = added.model_id, added.commit, added.path
             root = folder
         elif component == "image_encoder" and self.image_encoder_path is not None:
@@ -87,7 +80,7 @@ class ModelSource:
             if self.ip_adapter is not None and not folder.is_relative_to(self.path):
                 repo, commit, root = self.ip_adapter.model_id, self.ip_adapter.commit, folder
         else:
-            repo, commit, folder, root = self.model_id, self.commit, self.path / SOURCE_FOLDER[component], self.path
+            repo, commit, folder, root = self.model_id, self.commit, self.path / (role_of(component).source_folder or component), self.path
         return ComponentOrigin(folder=folder, root=root, hub=_snapshot(repo, commit, folder))
 
     def folder(self, component: str) -> Path:
@@ -97,7 +90,8 @@ class ModelSource:
     def roots(self, component: str) -> tuple[Path, ...]:
         """Where the files a component reads may really be: the model, or the replacement's own folder."""
         folder = self.folder(component)
-        own = component in SOURCE_FOLDER and folder == self.path / SOURCE_FOLDER[component]
+        own_folder = role_of(component).source_folder
+        own = own_folder is not None and folder == self.path / own_folder
         return model_roots(self.path if own else folder)
 
 
@@ -178,12 +172,8 @@ class ModelFacts:
 
     @property
     def components(self) -> tuple[str, ...]:
-        names = [] if self.text_encoder is None else ["text_encoder"]
-        if self.text_encoder_2 is not None:
-            names.append("text_encoder_2")
-        added = [f"controlnet_{index}" for index in range(len(self.controlnets))]
-        added += ["image_encoder"] if self.image_encoder is not None else []
-        return (*names, "unet", "vae_encoder", "vae_decoder", *added)
+        """Every component this pipeline has, in export order: as many of each role as the role counts."""
+        return tuple(role.component(index) for role in roles() for index in range(role.count(self)))
 
 
 def _read_json(path: Path, what: str, roots: tuple[Path, ...] | None = None) -> dict[str, Any]:
@@ -353,7 +343,8 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     if looks_like_hub_id(model):
         replaced = ({"unet"} if unet else set()) | ({"vae"} if vae else set())
-        folders = sorted({SOURCE_FOLDER[name] for name in components if name in SOURCE_FOLDER} - replaced)
+        wanted = {role.source_folder for role in map(find_role, components) if role is not None and role.source_folder}
+        folders = sorted(wanted - replaced)
         patterns = ["model_index.json", "vae/config.json", "unet/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
         patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
         path, commit = hub_download(model, revision, patterns, token, cache_dir, offline)

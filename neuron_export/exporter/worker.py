@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib
 import multiprocessing
 import os
 import shutil
@@ -28,7 +29,6 @@ from neuron_export.backends.neuron import device_present
 from neuron_export.backends.request import CompileRequest
 from neuron_export.backends.select import get_backend
 from neuron_export.components import lora
-from neuron_export.components.registry import component_module
 from neuron_export.components.spec import flatten, make_inputs
 from neuron_export.errors import BuildError, ExportError
 from neuron_export.exporter.lifetime import die_with_parent
@@ -230,7 +230,7 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
     quiet_libraries()
     job = order.job
     spec = job.spec
-    module = component_module(spec.name)
+    module = importlib.import_module(job.module_path)
     backend = get_backend(order.backend)
     skip_reason = DISABLED if order.disable_validation else backend.validation_skip_reason()
     started = time.perf_counter()
@@ -321,7 +321,7 @@ def check_artifact(order: WorkOrder, on_stage: Callable[[str], None]) -> Validat
     limit_fragmentation()
     quiet_libraries()
     job, spec = order.job, order.job.spec
-    module = component_module(spec.name)
+    module = importlib.import_module(job.module_path)
     on_stage("loading")
     with torch.no_grad():
         model = module.load(job.source_folder, spec)

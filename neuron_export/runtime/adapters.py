@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.configuration_utils import FrozenDict
@@ -296,3 +296,40 @@ class CompiledImageEncoder(_DtypeMarker):
         out = CLIPVisionModelOutput(image_embeds=image_embeds, last_hidden_state=last_hidden_state,
                                     hidden_states=tuple(hidden_states))
         return out if return_dict is not False else out.to_tuple()
+
+
+class LoadedPart(NamedTuple):
+    """One loaded artifact of a pipeline slot: its component, runner, config.json and output names."""
+
+    name: str
+    runner: StaticRunner
+    config: dict[str, Any]
+    outputs: Sequence[str]
+
+
+# Each role's adapter (Role.adapter): the loaded parts of one slot, in role order -> what the pipeline is given.
+def text_encoder_slot(parts: Sequence[LoadedPart]) -> CompiledTextEncoder:
+    (part,) = parts
+    return CompiledTextEncoder(part.name, part.runner, part.config, part.outputs)
+
+
+def unet_slot(parts: Sequence[LoadedPart]) -> CompiledUNet:
+    (part,) = parts
+    return CompiledUNet(part.runner, part.config)
+
+
+def vae_slot(parts: Sequence[LoadedPart]) -> CompiledVae:
+    """Both halves in one module, as diffusers expects; the config of the last half loaded (the decoder's)."""
+    halves = {part.name: part.runner for part in parts}
+    return CompiledVae(halves.get("vae_encoder"), halves.get("vae_decoder"), parts[-1].config)
+
+
+def controlnet_slot(parts: Sequence[LoadedPart]) -> CompiledControlNet | list[CompiledControlNet]:
+    """In --controlnet order; the pipeline wraps several in a MultiControlNetModel."""
+    nets = [CompiledControlNet(part.runner, part.config) for part in parts]
+    return nets if len(nets) > 1 else nets[0]
+
+
+def image_encoder_slot(parts: Sequence[LoadedPart]) -> CompiledImageEncoder:
+    (part,) = parts
+    return CompiledImageEncoder(part.runner, part.config)

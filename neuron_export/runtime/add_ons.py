@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from neuron_export.errors import ExportError
 from neuron_export.manifest import Manifest
-from neuron_export.runtime.controlnets import PREFIX
+from neuron_export.roles import CONTROLNET
 
 CONTROLNET_SCALE_RANGE = (0.0, 2.0)  # diffusers' documented range for controlnet_conditioning_scale
 
@@ -39,7 +39,7 @@ class AddOns:
 
 
 def controlnet_count(manifest: Manifest) -> int:
-    return sum(1 for name in manifest.components if name.startswith(PREFIX))
+    return sum(1 for name in manifest.components if CONTROLNET.matches(name))
 
 
 def _class_default(manifest: Manifest, name: str) -> float:

@@ -1,9 +1,9 @@
 """The ControlNet order of a pipeline optimum-neuron loaded.
 
-optimum-neuron 0.4.5 reads an export's controlnet_* folders in directory-listing order, which on ext4 is a hash
-order (controlnet_2, controlnet_0, controlnet_1 on one filesystem, another order on the next), and pairs the
-control images and scales of each call with the ControlNets in that order. `order_controlnets` puts them back in
-the order they were exported (controlnet_0 first: the first --controlnet), so images pair as given.
+optimum-neuron 0.4.5 reads an export's ControlNet folders in directory-listing order, which on ext4 is a hash
+order (the third, first, second on one filesystem, another order on the next), and pairs the control images and
+scales of each call with the ControlNets in that order. `order_controlnets` puts them back in the order they were
+exported (the first --controlnet first), so images pair as given.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PREFIX = "controlnet_"
+from neuron_export.roles import CONTROLNET
 
 
 def folder_index(path: str | Path) -> int:
-    """controlnet_<N>/model.neuron or controlnet_<N> -> N (numeric: controlnet_10 comes after controlnet_9)."""
+    """A ControlNet's folder (or its model.neuron) -> its number in export order; -1 for any other folder."""
     path = Path(path)
     name = path.parent.name if path.suffix else path.name
-    suffix = name.removeprefix(PREFIX)
-    return int(suffix) if suffix.isdigit() else -1
+    return CONTROLNET.index(name) if CONTROLNET.matches(name) else -1
 
 
 def order_controlnets(pipe: Any) -> Any:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME, COMPONENT_CONFIG
 from neuron_export.manifest import Manifest
-from neuron_export.runtime.controlnets import PREFIX as CONTROLNET_PREFIX
-from neuron_export.runtime.controlnets import folder_index, order_controlnets
+from neuron_export.roles import find_role, roles
+from neuron_export.runtime.controlnets import order_controlnets
 from neuron_export.runtime.reading import (
     DATA_PARALLEL_MODES, NEURON_DEVICE_IDS, _read_json, check_export_complete, export_backend, read_export,
 )
@@ -31,8 +31,8 @@ def data_parallel_components(mode: str, names: Sequence[str]) -> tuple[str, ...]
         raise ExportError(f"data_parallel_mode {mode!r} in the manifest is not one of {', '.join(DATA_PARALLEL_MODES)}; re-export the model.")
     if mode == "all":
         return tuple(names)
-    if mode == "unet":  # ControlNets take the UNet's doubled batch, so they go where it goes (as optimum-neuron does)
-        return tuple(name for name in names if name == "unet" or name.startswith(CONTROLNET_PREFIX))
+    if mode == "unet":  # the UNet and what takes its doubled batch (ControlNets), as optimum-neuron places them
+        return tuple(name for name in names if (role := find_role(name)) is not None and role.with_unet)
     return ()
 
 
@@ -163,35 +163,24 @@ def _processor(export_dir: Path, index: dict[str, Any], name: str) -> Any:
     return cls.from_pretrained(folder)
 
 
+def load_components(export_dir: Path, manifest: Manifest, loader: Any) -> dict[str, Any]:
+    """Pipeline argument -> its stand-in: each role's adapter around the artifacts of the slot it fills."""
+    from neuron_export.runtime.adapters import LoadedPart  # imports torch: only when loading
+
+    slots: dict[str, tuple[Any, list[LoadedPart]]] = {}
+    for role in roles():
+        for name in sorted((n for n in manifest.components if role.matches(n)), key=role.index):
+            parts = slots.setdefault(role.slot, (role.make_adapter(), []))[1]
+            parts.append(LoadedPart(name, *_runner(export_dir, manifest, name, loader), manifest.components[name].outputs))
+    return {slot: adapter(parts) for slot, (adapter, parts) in slots.items()}
+
+
 def assemble_pipeline(export_dir: Path, manifest: Manifest, loader: Any) -> Any:
     """Adapters around each artifact + the export's processors -> manifest.pipeline.diffusers_pipeline."""
     import diffusers
 
-    from neuron_export.runtime import adapters  # imports torch: only when loading
-
     index = _read_json(export_dir / "model_index.json")
-    present = manifest.components
-    components: dict[str, Any] = {}
-    for name in ("text_encoder", "text_encoder_2"):
-        if name in present:
-            runner, config = _runner(export_dir, manifest, name, loader)
-            components[name] = adapters.CompiledTextEncoder(name, runner, config, present[name].outputs)
-    runner, config = _runner(export_dir, manifest, "unet", loader)
-    components["unet"] = adapters.CompiledUNet(runner, config)
-    encoder = decoder = None
-    vae_config: dict[str, Any] = {}
-    if "vae_encoder" in present:
-        encoder, vae_config = _runner(export_dir, manifest, "vae_encoder", loader)
-    if "vae_decoder" in present:
-        decoder, vae_config = _runner(export_dir, manifest, "vae_decoder", loader)
-    components["vae"] = adapters.CompiledVae(encoder, decoder, vae_config)
-    controlnets = [adapters.CompiledControlNet(*_runner(export_dir, manifest, name, loader))
-                   for name in sorted((n for n in present if n.startswith(CONTROLNET_PREFIX)), key=folder_index)]
-    if controlnets:  # in --controlnet order; the pipeline wraps several in a MultiControlNetModel
-        components["controlnet"] = controlnets if len(controlnets) > 1 else controlnets[0]
-    if "image_encoder" in present:
-        components["image_encoder"] = adapters.CompiledImageEncoder(*_runner(export_dir, manifest, "image_encoder", loader))
-
+    components = load_components(export_dir, manifest, loader)
     scheduler_entry = index.get("scheduler") or ["diffusers", "EulerDiscreteScheduler"]
     scheduler_cls = getattr(diffusers, scheduler_entry[1])
     scheduler = scheduler_cls.from_config(_read_json(export_dir / "scheduler" / "scheduler_config.json"))
