@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["ExportError", "__version__", "export", "load", "order_controlnets", "plan"]
 
 
-def plan(family_or_config: str | Path | Sequence[str | Path], *, overrides: Sequence[str] = (),
-         **options: Any) -> Plan | list[Plan]:
+def plan(
+    family_or_config: str | Path | Sequence[str | Path], *, overrides: Sequence[str] = (), **options: Any
+) -> Plan | list[Plan]:
     """What an export would build (jobs, shapes, flags, cache hits, memory and time estimates); loads no model.
     One Plan, or a list when height, width or batch_size name several values (a shape matrix) or when a list
     of YAML configs is given."""
@@ -42,8 +43,13 @@ def plan(family_or_config: str | Path | Sequence[str | Path], *, overrides: Sequ
     return plans[0] if len(plans) == 1 else plans
 
 
-def export(family_or_config: str | Path | Plan | Sequence[str | Path | Plan], *, overrides: Sequence[str] = (),
-           on_event: EventHandler | None = None, **options: Any) -> ExportResult | list[ExportResult]:
+def export(
+    family_or_config: str | Path | Plan | Sequence[str | Path | Plan],
+    *,
+    overrides: Sequence[str] = (),
+    on_event: EventHandler | None = None,
+    **options: Any,
+) -> ExportResult | list[ExportResult]:
     """Export (or find up to date) and return the result: output path, manifest, up_to_date, per-component origin.
     Takes a family name ("sd", "sd-xl", "lcm"), a YAML config path, a Plan from `plan()`, or a list of either
     (with executor="ray" their missing components are built on the cluster together, each once)."""

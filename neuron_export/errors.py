@@ -13,7 +13,9 @@ class ExitCode(IntEnum):
     """Every exit code the CLI uses, and only these."""
 
     OK = 0
-    BUILD_FAILED = 1  # a component failed to build or validate, the Hub refused a push, or a required remote cache failed
+    BUILD_FAILED = (
+        1  # a component failed to build or validate, the Hub refused a push, or a required remote cache failed
+    )
     USAGE = 2  # bad input: a flag, a config key, a path, a model the tool cannot export
     INTEGRITY = 3  # an export's (or a cache entry's) files do not match their record
     COMPATIBILITY = 4  # this host's software cannot run the export

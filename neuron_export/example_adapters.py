@@ -30,8 +30,9 @@ def save_controlnet(unet, directory: pathlib.Path) -> None:
     """A ControlNet shaped after `unet` (its own random weights), saved as a bare model directory."""
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_CONDITIONING_CHANNELS,
-                                           load_weights_from_unet=False)
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=TINY_CONDITIONING_CHANNELS, load_weights_from_unet=False
+    )
     _randomize_zeros(controlnet)
     controlnet.save_pretrained(directory, safe_serialization=True)
 
@@ -44,12 +45,14 @@ def _ip_adapter_layers(unet, image_embed_dim: int) -> dict:
 
     cross = int(unet.config.cross_attention_dim)
     channels = list(unet.config.block_out_channels)
-    image_proj = {"proj.0.weight": torch.randn(image_embed_dim, image_embed_dim) * 0.2,
-                  "proj.0.bias": torch.randn(image_embed_dim) * 0.1,
-                  "proj.2.weight": torch.randn(cross, image_embed_dim) * 0.2,
-                  "proj.2.bias": torch.randn(cross) * 0.1,
-                  "proj.3.weight": 1.0 + torch.randn(cross) * 0.1,
-                  "proj.3.bias": torch.randn(cross) * 0.1}
+    image_proj = {
+        "proj.0.weight": torch.randn(image_embed_dim, image_embed_dim) * 0.2,
+        "proj.0.bias": torch.randn(image_embed_dim) * 0.1,
+        "proj.2.weight": torch.randn(cross, image_embed_dim) * 0.2,
+        "proj.2.bias": torch.randn(cross) * 0.1,
+        "proj.3.weight": 1.0 + torch.randn(cross) * 0.1,
+        "proj.3.bias": torch.randn(cross) * 0.1,
+    }
     ip_adapter, key_id = {}, 1
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -72,9 +75,18 @@ def save_ip_adapter(unet, directory: pathlib.Path) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     folder = directory / IP_ADAPTER_SUBFOLDER
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=TINY_VISION_HIDDEN, intermediate_size=37, projection_dim=TINY_VISION_HIDDEN, num_hidden_layers=2,
-        num_attention_heads=4, image_size=TINY_IMAGE_SIZE, patch_size=8, hidden_act="quick_gelu"))
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=TINY_VISION_HIDDEN,
+            intermediate_size=37,
+            projection_dim=TINY_VISION_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=8,
+            hidden_act="quick_gelu",
+        )
+    )
     encoder.save_pretrained(folder / "image_encoder")
     layers = _ip_adapter_layers(unet, TINY_VISION_HIDDEN)
     flat = {f"{part}.{key}": value.contiguous() for part, tensors in layers.items() for key, value in tensors.items()}

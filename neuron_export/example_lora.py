@@ -14,9 +14,15 @@ LORA_TARGETS = {  # the layers each LoRA touches, by component: attention projec
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def build_lora(base: str | os.PathLike, directory: str | os.PathLike, components: Sequence[str] = ("unet", "text_encoder"),
-               rank: int = 4, seed: int = 0, targets: dict[str, Sequence[str]] | None = None,
-               weight_name: str = LORA_WEIGHT_NAME) -> pathlib.Path:
+def build_lora(
+    base: str | os.PathLike,
+    directory: str | os.PathLike,
+    components: Sequence[str] = ("unet", "text_encoder"),
+    rank: int = 4,
+    seed: int = 0,
+    targets: dict[str, Sequence[str]] | None = None,
+    weight_name: str = LORA_WEIGHT_NAME,
+) -> pathlib.Path:
     """A random LoRA for the pipeline saved in `base`, in diffusers' PEFT format (`unet.<layer>.lora_A.weight`),
     written to `directory/weight_name`. Shapes come from the base's safetensors headers, so a full-size base costs
     no more than the LoRA; Linear and Conv2d layers both get a low-rank pair. Returns the file."""

@@ -11,10 +11,28 @@ import sys
 from collections.abc import Callable, Sequence
 
 from neuron_export.example_adapters import save_controlnet, save_ip_adapter
-from neuron_export.example_tokenizer import BOS, EOS, TOKENIZER_MAX_LENGTH, make_tokenizer, tokenizer_vocab, write_tokenizer_files
+from neuron_export.example_tokenizer import (
+    BOS,
+    EOS,
+    TOKENIZER_MAX_LENGTH,
+    make_tokenizer,
+    tokenizer_vocab,
+    write_tokenizer_files,
+)
 
-EXAMPLE_NAMES = ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet", "sd-controlnet",
-                 "sdxl-controlnet", "sd-ip-adapter", "sd15-full")
+EXAMPLE_NAMES = (
+    "sd",
+    "sd-inpaint",
+    "sd-pix2pix",
+    "sdxl",
+    "sdxl-refiner",
+    "lcm",
+    "lcm-sdxl-unet",
+    "sd-controlnet",
+    "sdxl-controlnet",
+    "sd-ip-adapter",
+    "sd15-full",
+)
 
 # --- shared dimensions of the tiny examples -------------------------------------------------------
 
@@ -299,9 +317,18 @@ def _build_sd15_full(directory: pathlib.Path) -> None:
     del text_encoder
     gc.collect()
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
     vae.save_pretrained(directory / "vae", safe_serialization=True)
     del vae
     gc.collect()

@@ -115,7 +115,9 @@ class SourceRecord(BaseModel):
 class PipelineRecord(BaseModel):
     family: str
     task: str
-    architecture: str = Field(validation_alias=AliasChoices("architecture", "kind"))  # sd, sdxl, sdxl-refiner; older manifests say kind
+    architecture: str = Field(
+        validation_alias=AliasChoices("architecture", "kind")
+    )  # sd, sdxl, sdxl-refiner; older manifests say kind
     is_lcm: bool
     diffusers_pipeline: str
     optimum_pipeline: str
@@ -161,15 +163,18 @@ def read_manifest(directory: Path) -> Manifest:
         raise ExportError(f"EXPORT_DIR {directory} is a file, not a directory; pass the export's directory.")
     path = directory / MANIFEST_NAME
     if not path.is_file():
-        raise ExportError(f"EXPORT_DIR {directory} has no {MANIFEST_NAME}, so it is not a neuron-export export; "
-                        "export it with `neuron-export sd|sd-xl|lcm`.")
+        raise ExportError(
+            f"EXPORT_DIR {directory} has no {MANIFEST_NAME}, so it is not a neuron-export export; "
+            "export it with `neuron-export sd|sd-xl|lcm`."
+        )
     try:
         return Manifest.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first.get("loc", ())) or "(top level)"
-        raise ExportError(f"{path} is not a valid neuron-export manifest ({where}: {first.get('msg')}); "
-                        "restore it or re-export.") from None
+        raise ExportError(
+            f"{path} is not a valid neuron-export manifest ({where}: {first.get('msg')}); restore it or re-export."
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ExportError(f"{path} cannot be read ({exc}); check its permissions or re-export.") from None
 
@@ -222,9 +227,23 @@ def environment(backend: str) -> dict[str, str | None]:
 
 
 # How a build ran rather than what it built: left out so an unchanged export is byte-identical.
-NOT_RECORDED = {"token", "force", "jobs", "max_memory", "cache_dir", "hub_cache_dir", "offline", "output_root",
-                "remote_cache", "remote_cache_required", "executor", "ray_address", "remote_cache_signing_key",
-                "remote_cache_trusted_keys", "remote_cache_allow_unsigned"}
+NOT_RECORDED = {
+    "token",
+    "force",
+    "jobs",
+    "max_memory",
+    "cache_dir",
+    "hub_cache_dir",
+    "offline",
+    "output_root",
+    "remote_cache",
+    "remote_cache_required",
+    "executor",
+    "ray_address",
+    "remote_cache_signing_key",
+    "remote_cache_trusted_keys",
+    "remote_cache_allow_unsigned",
+}
 
 
 def normalized_config(config: Any) -> dict[str, Any]:
@@ -252,5 +271,7 @@ def refuse_unlisted(output: Path) -> None:
     extra = unlisted_files(output)
     if extra:
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-        raise ExportError(f"--output {output} holds files its manifest does not list ({shown}), so --force does not "
-                          "replace it; move them out, or choose another --output.")
+        raise ExportError(
+            f"--output {output} holds files its manifest does not list ({shown}), so --force does not "
+            "replace it; move them out, or choose another --output."
+        )

@@ -22,7 +22,9 @@ class PipelineKind:
     diffusers: str  # diffusers' pipeline class, recorded as the manifest's diffusers_pipeline
     optimum: str  # optimum-neuron's pipeline class, recorded as optimum_pipeline
     hub_tag: str  # the model card's pipeline_tag
-    images: tuple[str, ...]  # the images a call needs, by `generate`'s option (without --); control-image repeats per ControlNet
+    images: tuple[
+        str, ...
+    ]  # the images a call needs, by `generate`'s option (without --); control-image repeats per ControlNet
     prompt: str  # the examples' prompt
 
     @property
@@ -32,6 +34,7 @@ class PipelineKind:
     def example_call(self, controlnets: int = 1) -> str:
         """Python after `pipe = ...from_pretrained(...)` in the model card: open the images, call, keep the image
         (several ControlNets take a list of control images)."""
+
         def value(name: str) -> str:
             several = name == "control-image" and controlnets > 1
             return f"[{', '.join([_variable(name)] * controlnets)}]" if several else _variable(name)
@@ -62,10 +65,17 @@ def _argument(name: str) -> str:
 
 
 def _kind(family: str, task: str, diffusers: str, optimum: str, add_on: str | None = None) -> PipelineKind:
-    images = {"text-to-image": (), "image-to-image": ("image",), "inpainting": ("image", "mask"),
-              "instruct-pix2pix": ("image",)}[task] + (("control-image",) if add_on == "controlnet" else ())
-    prompt = {"image-to-image": "a fantasy landscape", "inpainting": "a cat on a bench",
-              "instruct-pix2pix": "turn it into a watercolor painting"}.get(task, ASTRONAUT)
+    images = {
+        "text-to-image": (),
+        "image-to-image": ("image",),
+        "inpainting": ("image", "mask"),
+        "instruct-pix2pix": ("image",),
+    }[task] + (("control-image",) if add_on == "controlnet" else ())
+    prompt = {
+        "image-to-image": "a fantasy landscape",
+        "inpainting": "a cat on a bench",
+        "instruct-pix2pix": "turn it into a watercolor painting",
+    }.get(task, ASTRONAUT)
     hub_tag = "text-to-image" if task == "text-to-image" else "image-to-image"
     return PipelineKind(family, task, add_on, diffusers, optimum, hub_tag, images, prompt)
 
@@ -80,11 +90,26 @@ PIPELINES: tuple[PipelineKind, ...] = (
     _kind("sd-xl", "text-to-image", "StableDiffusionXLPipeline", "NeuronStableDiffusionXLPipeline"),
     _kind("sd-xl", "image-to-image", "StableDiffusionXLImg2ImgPipeline", "NeuronStableDiffusionXLImg2ImgPipeline"),
     _kind("sd-xl", "inpainting", "StableDiffusionXLInpaintPipeline", "NeuronStableDiffusionXLInpaintPipeline"),
-    _kind("sd", "instruct-pix2pix", "StableDiffusionInstructPix2PixPipeline", "NeuronStableDiffusionInstructPix2PixPipeline"),
-    _kind("sd", "text-to-image", "StableDiffusionControlNetPipeline", "NeuronStableDiffusionControlNetPipeline",
-          add_on="controlnet"),
-    _kind("sd-xl", "text-to-image", "StableDiffusionXLControlNetPipeline", "NeuronStableDiffusionXLControlNetPipeline",
-          add_on="controlnet"),
+    _kind(
+        "sd",
+        "instruct-pix2pix",
+        "StableDiffusionInstructPix2PixPipeline",
+        "NeuronStableDiffusionInstructPix2PixPipeline",
+    ),
+    _kind(
+        "sd",
+        "text-to-image",
+        "StableDiffusionControlNetPipeline",
+        "NeuronStableDiffusionControlNetPipeline",
+        add_on="controlnet",
+    ),
+    _kind(
+        "sd-xl",
+        "text-to-image",
+        "StableDiffusionXLControlNetPipeline",
+        "NeuronStableDiffusionXLControlNetPipeline",
+        add_on="controlnet",
+    ),
 )
 
 DIFFUSERS_CLASSES = frozenset(kind.diffusers for kind in PIPELINES)

@@ -139,34 +139,106 @@ def component_spellings() -> str:
 
 
 ADAPTERS = "neuron_export.runtime.adapters"
-register(Role(
-    "text_encoder", "neuron_export.components.text_encoder", "text_encoder", "text_encoder",
-    f"{ADAPTERS}:text_encoder_slot", CLIP_COSTS, TRANSFORMER, default=True,
-    count=lambda facts: int(facts.text_encoder is not None)))  # an SDXL refiner has only the second
-register(Role(
-    "text_encoder_2", "neuron_export.components.text_encoder", "text_encoder_2", "text_encoder_2",
-    f"{ADAPTERS}:text_encoder_slot", CLIP_COSTS, TRANSFORMER, default=True,
-    count=lambda facts: int(facts.text_encoder_2 is not None)))
+register(
+    Role(
+        "text_encoder",
+        "neuron_export.components.text_encoder",
+        "text_encoder",
+        "text_encoder",
+        f"{ADAPTERS}:text_encoder_slot",
+        CLIP_COSTS,
+        TRANSFORMER,
+        default=True,
+        count=lambda facts: int(facts.text_encoder is not None),
+    )
+)  # an SDXL refiner has only the second
+register(
+    Role(
+        "text_encoder_2",
+        "neuron_export.components.text_encoder",
+        "text_encoder_2",
+        "text_encoder_2",
+        f"{ADAPTERS}:text_encoder_slot",
+        CLIP_COSTS,
+        TRANSFORMER,
+        default=True,
+        count=lambda facts: int(facts.text_encoder_2 is not None),
+    )
+)
 # The SDXL UNet compiles without fast loading, as optimum-neuron does.
-register(Role(
-    "unet", "neuron_export.components.unet", "unet", "unet", f"{ADAPTERS}:unet_slot", UNET_COSTS,
-    UNET_LIKE, xl_flags=("--model-type=unet-inference",), default=True, feature_map=(320, 1), with_unet=True, lazy_load=True))
-register(Role(
-    "vae_encoder", "neuron_export.components.vae", "vae", "vae", f"{ADAPTERS}:vae_slot",
-    _costs(BuildCost(1.10, 3200, 1.2e-4), BuildCost(8.0, 16000, 3.5e-4)), UNET_LIKE, default=True,
-    tensor_prefixes=("encoder.", "quant_conv."), feature_map=(128, 1)))
-register(Role(
-    "vae_decoder", "neuron_export.components.vae", "vae", "vae", f"{ADAPTERS}:vae_slot",
-    _costs(BuildCost(1.10, 3600, 1.3e-4), BuildCost(8.0, 24000, 6.6e-4)), UNET_LIKE, default=True,
-    tensor_prefixes=("decoder.", "post_quant_conv."), feature_map=(128, 8)))
+register(
+    Role(
+        "unet",
+        "neuron_export.components.unet",
+        "unet",
+        "unet",
+        f"{ADAPTERS}:unet_slot",
+        UNET_COSTS,
+        UNET_LIKE,
+        xl_flags=("--model-type=unet-inference",),
+        default=True,
+        feature_map=(320, 1),
+        with_unet=True,
+        lazy_load=True,
+    )
+)
+register(
+    Role(
+        "vae_encoder",
+        "neuron_export.components.vae",
+        "vae",
+        "vae",
+        f"{ADAPTERS}:vae_slot",
+        _costs(BuildCost(1.10, 3200, 1.2e-4), BuildCost(8.0, 16000, 3.5e-4)),
+        UNET_LIKE,
+        default=True,
+        tensor_prefixes=("encoder.", "quant_conv."),
+        feature_map=(128, 1),
+    )
+)
+register(
+    Role(
+        "vae_decoder",
+        "neuron_export.components.vae",
+        "vae",
+        "vae",
+        f"{ADAPTERS}:vae_slot",
+        _costs(BuildCost(1.10, 3600, 1.3e-4), BuildCost(8.0, 24000, 6.6e-4)),
+        UNET_LIKE,
+        default=True,
+        tensor_prefixes=("decoder.", "post_quant_conv."),
+        feature_map=(128, 8),
+    )
+)
 # A ControlNet is a UNet's encoder half: its costs and activations are the UNet's, it goes where the UNet goes
 # (it takes the UNet's doubled batch) and compiles like the SD UNet, with fast loading even for SDXL.
-CONTROLNET = register(Role(
-    "controlnet", "neuron_export.components.controlnet", None, "controlnet", f"{ADAPTERS}:controlnet_slot",
-    UNET_COSTS, UNET_LIKE, numbered=True, feature_map=(320, 1), with_unet=True, lazy_load=True,
-    count=lambda facts: len(facts.controlnets)))  # one per --controlnet
+CONTROLNET = register(
+    Role(
+        "controlnet",
+        "neuron_export.components.controlnet",
+        None,
+        "controlnet",
+        f"{ADAPTERS}:controlnet_slot",
+        UNET_COSTS,
+        UNET_LIKE,
+        numbered=True,
+        feature_map=(320, 1),
+        with_unet=True,
+        lazy_load=True,
+        count=lambda facts: len(facts.controlnets),
+    )
+)  # one per --controlnet
 # optimum-neuron leaves the image encoder's loading as it is, and compiles it as a plain transformer.
-register(Role(
-    "image_encoder", "neuron_export.components.image_encoder", None, "image_encoder",
-    f"{ADAPTERS}:image_encoder_slot", CLIP_COSTS, ("--model-type=transformer",), async_load=False,
-    count=lambda facts: int(facts.image_encoder is not None)))  # with an IP-Adapter
+register(
+    Role(
+        "image_encoder",
+        "neuron_export.components.image_encoder",
+        None,
+        "image_encoder",
+        f"{ADAPTERS}:image_encoder_slot",
+        CLIP_COSTS,
+        ("--model-type=transformer",),
+        async_load=False,
+        count=lambda facts: int(facts.image_encoder is not None),
+    )
+)  # with an IP-Adapter

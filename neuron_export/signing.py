@@ -40,8 +40,9 @@ def generate() -> tuple[bytes, str]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return pem, public_text(private)
 
 
@@ -64,7 +65,9 @@ def load_private(path: Path) -> Any:
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise ValueError("is not an unencrypted PEM private key (make one with `neuron-export cache keygen FILE`)") from None
+        raise ValueError(
+            "is not an unencrypted PEM private key (make one with `neuron-export cache keygen FILE`)"
+        ) from None
     if not isinstance(private, Ed25519PrivateKey):
         raise ValueError("holds a key that is not Ed25519 (make one with `neuron-export cache keygen FILE`)")
     return private
@@ -77,7 +80,7 @@ def parse_public(text: str) -> Any:
     if not text.startswith(PUBLIC_PREFIX):
         raise ValueError(f"does not start with {PUBLIC_PREFIX}")
     try:
-        raw = base64.b64decode(text[len(PUBLIC_PREFIX):], validate=True)
+        raw = base64.b64decode(text[len(PUBLIC_PREFIX) :], validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("is not base64 after ed25519:") from None
     if len(raw) != 32:

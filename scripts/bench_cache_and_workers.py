@@ -127,11 +127,22 @@ def run(label: str, command: list[str], env: dict[str, str], sample_memory: bool
     done.set()
     sampler.join()
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the direct child, exact once reaped
-    cpu[process.pid] = max(cpu.get(process.pid, 0.0), reaped.ru_utime + reaped.ru_stime - reaped0.ru_utime - reaped0.ru_stime)
+    cpu[process.pid] = max(
+        cpu.get(process.pid, 0.0), reaped.ru_utime + reaped.ru_stime - reaped0.ru_utime - reaped0.ru_stime
+    )
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     sampling = self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime
     others = (cpu_busy_seconds() - busy0) - sum(cpu.values()) - sampling
-    result = Run(label, seconds, process.returncode, stdout, stderr, peak, max(0.0, others / seconds), sum(cpu.values()) / seconds)
+    result = Run(
+        label,
+        seconds,
+        process.returncode,
+        stdout,
+        stderr,
+        peak,
+        max(0.0, others / seconds),
+        sum(cpu.values()) / seconds,
+    )
     if process.returncode != 0:
         print(f"\n{label} failed (exit {process.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}", flush=True)
         raise Failure(label)
@@ -139,8 +150,24 @@ def run(label: str, command: list[str], env: dict[str, str], sample_memory: bool
 
 
 def export_command(model: Path, output: Path, cache: Path, jobs: int = 1, json_mode: bool = True) -> list[str]:
-    command = [sys.executable, "-m", "neuron_export", "sd", "-m", str(model), "--backend", "cpu", "-o", str(output),
-               "--cache-dir", str(cache), "--jobs", str(jobs), "--max-memory", MAX_MEMORY]
+    command = [
+        sys.executable,
+        "-m",
+        "neuron_export",
+        "sd",
+        "-m",
+        str(model),
+        "--backend",
+        "cpu",
+        "-o",
+        str(output),
+        "--cache-dir",
+        str(cache),
+        "--jobs",
+        str(jobs),
+        "--max-memory",
+        MAX_MEMORY,
+    ]
     return command + (["--json"] if json_mode else [])
 
 
@@ -149,8 +176,26 @@ def environment(cache: Path) -> dict[str, str]:
 
 
 def plan_json(model: Path, output: Path, cache: Path, jobs: int) -> dict:
-    command = [sys.executable, "-m", "neuron_export", "plan", "sd", "-m", str(model), "--backend", "cpu",
-               "-o", str(output), "--cache-dir", str(cache), "--jobs", str(jobs), "--max-memory", MAX_MEMORY, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "neuron_export",
+        "plan",
+        "sd",
+        "-m",
+        str(model),
+        "--backend",
+        "cpu",
+        "-o",
+        str(output),
+        "--cache-dir",
+        str(cache),
+        "--jobs",
+        str(jobs),
+        "--max-memory",
+        MAX_MEMORY,
+        "--json",
+    ]
     return json.loads(run("plan", command, environment(cache)).stdout)
 
 
@@ -196,8 +241,20 @@ def strace_weight_opens(command: list[str], env: dict[str, str], work: Path, mod
     trace_dir = work / "strace"
     shutil.rmtree(trace_dir, ignore_errors=True)
     trace_dir.mkdir(parents=True)
-    traced = ["strace", "-f", "-ff", "-qq", "-y", "-s", "0", "-e", "trace=open,openat,openat2,read,pread64,readv,preadv,mmap",
-              "-o", str(trace_dir / "t"), *command]
+    traced = [
+        "strace",
+        "-f",
+        "-ff",
+        "-qq",
+        "-y",
+        "-s",
+        "0",
+        "-e",
+        "trace=open,openat,openat2,read,pread64,readv,preadv,mmap",
+        "-o",
+        str(trace_dir / "t"),
+        *command,
+    ]
     run("strace rerun", traced, env)
     weights = {str(p.resolve()): p.stat().st_size for p in weight_files(model)}
     check = OpenCheck("strace -f of a second rerun: openat/read/mmap", sizes=weights)
@@ -234,12 +291,12 @@ def atime_weight_opens(command: list[str], env: dict[str, str], model: Path) -> 
 def audit_callers(command: list[str], env: dict[str, str]) -> list[str]:
     """The project frames that opened weight files, from a Python audit hook in the rerun's interpreter."""
     index = command.index("neuron_export")
-    audited = [sys.executable, "-c", AUDIT_RUNNER, *command[index + 1:]]
+    audited = [sys.executable, "-c", AUDIT_RUNNER, *command[index + 1 :]]
     result = run("audited rerun", audited, env)
     seen: dict[str, int] = {}
     for line in result.stderr.splitlines():
         if line.startswith("AUDIT-OPEN "):
-            _, _, where = line[len("AUDIT-OPEN "):].partition(" | ")
+            _, _, where = line[len("AUDIT-OPEN ") :].partition(" | ")
             seen[where] = seen.get(where, 0) + 1
     return [f"{count}x {where}" for where, count in seen.items()]
 
@@ -306,7 +363,11 @@ def measure(name: str, model: Path, work: Path, use_strace: bool) -> SizeResult:
     reassembled = tree_state(out_a)
     reassembled_identical = {k: v[0] for k, v in reassembled.items()} == {k: v[0] for k, v in before.items()}
     manifest_reassembled = json.loads((out_a / "manifest.json").read_text())
-    rebuilt = [c for c, r in manifest_reassembled["components"].items() if r["built_at"] != manifest1["components"][c]["built_at"]]
+    rebuilt = [
+        c
+        for c, r in manifest_reassembled["components"].items()
+        if r["built_at"] != manifest1["components"][c]["built_at"]
+    ]
     if rebuilt:
         print(f"[{name}] WARNING: reassembly rebuilt {', '.join(rebuilt)} instead of taking them from the cache")
 
@@ -317,8 +378,25 @@ def measure(name: str, model: Path, work: Path, use_strace: bool) -> SizeResult:
     manifest2 = json.loads((out_b / "manifest.json").read_text())
     shutil.rmtree(out_b, ignore_errors=True)
     shutil.rmtree(cache_b, ignore_errors=True)
-    return SizeResult(name, cold, rerun, reassembly, up_to_date, identical, rewritten, differing, reassembled_identical,
-                      len(before), opens, cold, parallel, plan1, plan2, manifest1, manifest2)
+    return SizeResult(
+        name,
+        cold,
+        rerun,
+        reassembly,
+        up_to_date,
+        identical,
+        rewritten,
+        differing,
+        reassembled_identical,
+        len(before),
+        opens,
+        cold,
+        parallel,
+        plan1,
+        plan2,
+        manifest1,
+        manifest2,
+    )
 
 
 # --- printing -----------------------------------------------------------------------------------------
@@ -332,14 +410,20 @@ def report(result: SizeResult, memory_target: bool) -> None:
     r = result
     print(f"\n--- {r.name}: 1. cold export vs rerun vs reassembly from cache ---")
     print(f"  cold export      {r.cold.seconds:8.2f} s   ({r.cold.busy_note})")
-    print(f"  rerun            {r.rerun.seconds:8.2f} s   ({r.rerun.busy_note})  cold/rerun = {r.cold.seconds / r.rerun.seconds:.0f}x"
-          f"   target < {RERUN_TARGET_SECONDS:.0f} s: {'PASS' if r.rerun.seconds < RERUN_TARGET_SECONDS else 'FAIL'}")
-    print(f"  reassembly       {r.reassembly.seconds:8.2f} s   ({r.reassembly.busy_note})  cold/reassembly = "
-          f"{r.cold.seconds / r.reassembly.seconds:.1f}x, reassembly/rerun = {r.reassembly.seconds / r.rerun.seconds:.1f}x")
+    print(
+        f"  rerun            {r.rerun.seconds:8.2f} s   ({r.rerun.busy_note})  cold/rerun = {r.cold.seconds / r.rerun.seconds:.0f}x"
+        f"   target < {RERUN_TARGET_SECONDS:.0f} s: {'PASS' if r.rerun.seconds < RERUN_TARGET_SECONDS else 'FAIL'}"
+    )
+    print(
+        f"  reassembly       {r.reassembly.seconds:8.2f} s   ({r.reassembly.busy_note})  cold/reassembly = "
+        f"{r.cold.seconds / r.reassembly.seconds:.1f}x, reassembly/rerun = {r.reassembly.seconds / r.rerun.seconds:.1f}x"
+    )
     print(f"  rerun reported up to date: {'yes' if r.up_to_date else 'NO'}")
-    print(f"  rerun output byte-identical (sha256 of all {r.file_count} files, before/after both reruns): "
-          f"{'yes' if r.identical else 'NO: ' + ', '.join(r.differing)}; files rewritten (inode or mtime changed): "
-          f"{len(r.rewritten)}{' (' + ', '.join(r.rewritten) + ')' if r.rewritten else ''}")
+    print(
+        f"  rerun output byte-identical (sha256 of all {r.file_count} files, before/after both reruns): "
+        f"{'yes' if r.identical else 'NO: ' + ', '.join(r.differing)}; files rewritten (inode or mtime changed): "
+        f"{len(r.rewritten)}{' (' + ', '.join(r.rewritten) + ')' if r.rewritten else ''}"
+    )
     print(f"  reassembled output byte-identical to the cold export: {'yes' if r.reassembled_identical else 'no'}")
     o = r.opens
     if o.opened:
@@ -357,20 +441,32 @@ def report(result: SizeResult, memory_target: bool) -> None:
 
     speedup = r.serial.seconds / r.parallel.seconds
     print(f"\n--- {r.name}: 2. --jobs 1 vs --jobs 2, fresh cache each (--max-memory {MAX_MEMORY}) ---")
-    print(f"  --jobs 1  {r.serial.seconds:8.2f} s  (the cold export above; plan estimated {r.plan1['estimated_wall_seconds']} s;"
-          f" process-tree peak PSS {gib(r.serial.tree_peak_pss)}; {r.serial.busy_note})")
-    print(f"  --jobs 2  {r.parallel.seconds:8.2f} s  (plan estimated {r.plan2['estimated_wall_seconds']} s;"
-          f" process-tree peak PSS {gib(r.parallel.tree_peak_pss)}; {r.parallel.busy_note})")
-    print(f"  speed-up jobs1/jobs2 = {speedup:.2f}x  ({os.cpu_count()} cores; the export's own processes kept "
-          f"{r.serial.own_cores:.2f} cores busy with --jobs 1, {r.parallel.own_cores:.2f} with --jobs 2)")
+    print(
+        f"  --jobs 1  {r.serial.seconds:8.2f} s  (the cold export above; plan estimated {r.plan1['estimated_wall_seconds']} s;"
+        f" process-tree peak PSS {gib(r.serial.tree_peak_pss)}; {r.serial.busy_note})"
+    )
+    print(
+        f"  --jobs 2  {r.parallel.seconds:8.2f} s  (plan estimated {r.plan2['estimated_wall_seconds']} s;"
+        f" process-tree peak PSS {gib(r.parallel.tree_peak_pss)}; {r.parallel.busy_note})"
+    )
+    print(
+        f"  speed-up jobs1/jobs2 = {speedup:.2f}x  ({os.cpu_count()} cores; the export's own processes kept "
+        f"{r.serial.own_cores:.2f} cores busy with --jobs 1, {r.parallel.own_cores:.2f} with --jobs 2)"
+    )
     if abs(r.serial.other_cores - r.parallel.other_cores) > BUSY_CORES:
-        print("  CAUTION: other processes loaded the machine differently during the two runs; this speed-up is not "
-              "a fair comparison")
+        print(
+            "  CAUTION: other processes loaded the machine differently during the two runs; this speed-up is not "
+            "a fair comparison"
+        )
 
     estimates = {c["component"]: c for c in r.plan1["components"]}
-    print(f"\n--- {r.name}: 3. estimated vs measured per component (--jobs 1 run; peak RSS also from the --jobs 2 run) ---")
-    print(f"  {'component':<13}{'est. peak':>11}{'measured':>11}{'est/meas':>9}{'within 30%':>11}{'jobs2 meas':>12}"
-          f"{'est. s':>8}{'meas. s':>9}{'est/meas':>9}{'jobs2 s':>9}")
+    print(
+        f"\n--- {r.name}: 3. estimated vs measured per component (--jobs 1 run; peak RSS also from the --jobs 2 run) ---"
+    )
+    print(
+        f"  {'component':<13}{'est. peak':>11}{'measured':>11}{'est/meas':>9}{'within 30%':>11}{'jobs2 meas':>12}"
+        f"{'est. s':>8}{'meas. s':>9}{'est/meas':>9}{'jobs2 s':>9}"
+    )
     for name, record in r.manifest1["components"].items():
         estimated, measured = record["estimated_peak_bytes"], record["peak_rss_bytes"]
         ratio = estimated / measured
@@ -378,10 +474,14 @@ def report(result: SizeResult, memory_target: bool) -> None:
         verdict = ("PASS" if ok else "FAIL") if memory_target else ("yes" if ok else "no") + " (info)"
         est_s, meas_s = estimates[name]["estimated_seconds"], record["build_seconds"]
         other = r.manifest2["components"][name]
-        print(f"  {name:<13}{gib(estimated):>11}{gib(measured):>11}{ratio:>9.2f}{verdict:>11}{gib(other['peak_rss_bytes']):>12}"
-              f"{est_s:>8.1f}{meas_s:>9.1f}{est_s / meas_s:>9.2f}{other['build_seconds']:>9.1f}")
+        print(
+            f"  {name:<13}{gib(estimated):>11}{gib(measured):>11}{ratio:>9.2f}{verdict:>11}{gib(other['peak_rss_bytes']):>12}"
+            f"{est_s:>8.1f}{meas_s:>9.1f}{est_s / meas_s:>9.2f}{other['build_seconds']:>9.1f}"
+        )
         if memory_target and not ok:
-            r.missed.append(f"{r.name}: {name} peak estimate {gib(estimated)} vs measured {gib(measured)} (x{ratio:.2f})")
+            r.missed.append(
+                f"{r.name}: {name} peak estimate {gib(estimated)} vs measured {gib(measured)} (x{ratio:.2f})"
+            )
     if r.rerun.seconds >= RERUN_TARGET_SECONDS:
         r.missed.append(f"{r.name}: rerun took {r.rerun.seconds:.2f} s (target < {RERUN_TARGET_SECONDS:.0f} s)")
     if not r.up_to_date:
@@ -389,8 +489,10 @@ def report(result: SizeResult, memory_target: bool) -> None:
     if not r.identical:
         r.missed.append(f"{r.name}: rerun changed output files: {', '.join(r.differing)}")
     if o.opened:
-        r.missed.append(f"{r.name}: the rerun opened weight files ({', '.join(sorted(Path(p).parent.name + '/' + Path(p).name for p in o.opened))}; "
-                        f"{sum(o.opened.values())} opens)")
+        r.missed.append(
+            f"{r.name}: the rerun opened weight files ({', '.join(sorted(Path(p).parent.name + '/' + Path(p).name for p in o.opened))}; "
+            f"{sum(o.opened.values())} opens)"
+        )
 
 
 def main() -> int:
@@ -408,16 +510,24 @@ def main() -> int:
     results: list[tuple[SizeResult, bool]] = []
     try:
         tiny = work / "tiny-sd"
-        subprocess.run([sys.executable, "-m", "neuron_export.examples", "sd", str(tiny)], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "neuron_export.examples", "sd", str(tiny)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         results.append((measure("tiny-sd", tiny.resolve(), work, use_strace), False))
         report(*results[-1])
         if not args.skip_full:
             model = args.model_dir or work / "sd15-full"
             if not (model / "model_index.json").exists():
                 print(f"building full-size SD 1.5 (random weights) in {model} ...", flush=True)
-                subprocess.run([sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)], check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             results.append((measure("sd15-full", model.resolve(), work, use_strace), True))
             report(*results[-1])
     except Failure:

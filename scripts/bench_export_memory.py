@@ -85,13 +85,30 @@ def main() -> int:
     model = args.model_dir or work / "sd15-full"
     if not (model / "model_index.json").exists():
         print(f"building full-size SD 1.5 (random weights) in {model} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     output = work / "export"
     started = time.perf_counter()
-    result, sampled_peak = run_sampled([sys.executable, "-m", "neuron_export", "sd", "-m", str(model),
-                                        "--backend", "cpu", "-o", str(output), "--json",
-                                        "--cache-dir", str(work / "cache")])
+    result, sampled_peak = run_sampled(
+        [
+            sys.executable,
+            "-m",
+            "neuron_export",
+            "sd",
+            "-m",
+            str(model),
+            "--backend",
+            "cpu",
+            "-o",
+            str(output),
+            "--json",
+            "--cache-dir",
+            str(work / "cache"),
+        ]
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         print(result.stdout, result.stderr, sep="\n")
@@ -110,10 +127,14 @@ def main() -> int:
     component_peak = max(r["peak_rss_bytes"] for r in manifest["components"].values())
     overall = max(sampled_peak, component_peak)
     ratio = overall / largest
-    print(f"\noverall peak: {gib(overall)} (whole process tree sampled: {gib(sampled_peak)}; "
-          f"largest worker high-water RSS: {gib(component_peak)})")
-    print(f"overall peak / largest component's weights: {ratio:.2f}x (target <= {TARGET_RATIO}x): "
-          f"{'PASS' if ratio <= TARGET_RATIO else 'FAIL'}")
+    print(
+        f"\noverall peak: {gib(overall)} (whole process tree sampled: {gib(sampled_peak)}; "
+        f"largest worker high-water RSS: {gib(component_peak)})"
+    )
+    print(
+        f"overall peak / largest component's weights: {ratio:.2f}x (target <= {TARGET_RATIO}x): "
+        f"{'PASS' if ratio <= TARGET_RATIO else 'FAIL'}"
+    )
     if not args.keep:
         import shutil
 

@@ -31,9 +31,9 @@ def status_bytes(field: str) -> int:
 
 def child(model_dir: Path, lora_file: Path) -> None:
     """Runs in its own process: load the UNet alone, fuse, report memory as JSON on stdout."""
-    import torch  # noqa: F401  (imported before the baseline: every export worker has it already)
     import diffusers  # noqa: F401
     import peft  # noqa: F401
+    import torch  # noqa: F401  (imported before the baseline: every export worker has it already)
 
     from neuron_export.components import lora, unet
     from neuron_export.components.spec import ComponentSpec
@@ -49,16 +49,34 @@ def child(model_dir: Path, lora_file: Path) -> None:
     loaded = status_bytes("VmHWM")
     probe = next(m for name, m in model.named_modules() if name.endswith("attn1.to_q")).weight
     before = probe.detach().clone()
-    fusion = LoraFusion(path=lora_file, sha256="", adapter_name="bench", scale=0.8,
-                        key_prefixes=key_prefixes("unet"), unet_config_mapping=False)
+    fusion = LoraFusion(
+        path=lora_file,
+        sha256="",
+        adapter_name="bench",
+        scale=0.8,
+        key_prefixes=key_prefixes("unet"),
+        unet_config_mapping=False,
+    )
     lora.fuse(model, "unet", (fusion,))
-    changed = bool((next(m for name, m in model.named_modules() if name.endswith("attn1.to_q")).weight - before).abs().max() > 0)
+    changed = bool(
+        (next(m for name, m in model.named_modules() if name.endswith("attn1.to_q")).weight - before).abs().max() > 0
+    )
     fused = status_bytes("VmHWM")
     # Weights are mmapped: fusing pages in only the layers it changes. Reading every weight, as the trace does
     # next, pages in the rest: that peak shows whether a second copy of the UNet was made anywhere.
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
-    print(json.dumps({"baseline": baseline, "after_load": loaded - baseline, "fusion": fused - baseline,
-                      "peak": status_bytes("VmHWM") - baseline, "fused": changed, "checksum": checksum}))
+    print(
+        json.dumps(
+            {
+                "baseline": baseline,
+                "after_load": loaded - baseline,
+                "fusion": fused - baseline,
+                "peak": status_bytes("VmHWM") - baseline,
+                "fused": changed,
+                "checksum": checksum,
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -82,20 +100,27 @@ def main() -> int:
         build_example("sd15-full", model_dir)
     lora_file = build_lora(model_dir, work / "lora", components=("unet",), rank=args.rank)
     weights = sum(f.stat().st_size for f in (model_dir / "unet").glob("*.safetensors"))
-    run = subprocess.run([sys.executable, __file__, "--child", str(model_dir), str(lora_file)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, __file__, "--child", str(model_dir), str(lora_file)], capture_output=True, text=True
+    )
     if run.returncode != 0:
         print(run.stderr[-3000:], file=sys.stderr)
         return 1
     result = json.loads(run.stdout.strip().splitlines()[-1])
     ratio = result["peak"] / weights
     print(f"UNet weights {weights / 2**30:.2f} GiB; LoRA rank {args.rank}: {lora_file.stat().st_size / 2**20:.0f} MiB")
-    print(f"after loading the UNet: {result['after_load'] / 2**30:.2f} GiB above the baseline "
-          f"({result['baseline'] / 2**30:.2f} GiB with torch and diffusers imported)")
-    print(f"peak while loading and fusing: {result['fusion'] / 2**30:.2f} GiB = {result['fusion'] / weights:.2f}x "
-          f"the UNet's weights (mmapped: only the fused layers are paged in); weights changed: {result['fused']}")
-    print(f"peak once every weight is read too (as the trace does): {result['peak'] / 2**30:.2f} GiB = {ratio:.2f}x "
-          f"the UNet's weights (target {TARGET_RATIO}x)")
+    print(
+        f"after loading the UNet: {result['after_load'] / 2**30:.2f} GiB above the baseline "
+        f"({result['baseline'] / 2**30:.2f} GiB with torch and diffusers imported)"
+    )
+    print(
+        f"peak while loading and fusing: {result['fusion'] / 2**30:.2f} GiB = {result['fusion'] / weights:.2f}x "
+        f"the UNet's weights (mmapped: only the fused layers are paged in); weights changed: {result['fused']}"
+    )
+    print(
+        f"peak once every weight is read too (as the trace does): {result['peak'] / 2**30:.2f} GiB = {ratio:.2f}x "
+        f"the UNet's weights (target {TARGET_RATIO}x)"
+    )
     if not args.keep:
         import shutil
 

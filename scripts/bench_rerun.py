@@ -68,10 +68,21 @@ def main() -> int:
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     try:
         model, output = work / "tiny-sd", work / "out"
-        subprocess.run([sys.executable, "-m", "neuron_export.examples", "sd", str(model)], env=env, check=True,
-                       capture_output=True)  # library warnings are not this benchmark's output
-        command = [sys.executable, "-m", "neuron_export", "sd", "--model", str(model), "--backend", "cpu",
-                   "--output", str(output)]
+        subprocess.run(
+            [sys.executable, "-m", "neuron_export.examples", "sd", str(model)], env=env, check=True, capture_output=True
+        )  # library warnings are not this benchmark's output
+        command = [
+            sys.executable,
+            "-m",
+            "neuron_export",
+            "sd",
+            "--model",
+            str(model),
+            "--backend",
+            "cpu",
+            "--output",
+            str(output),
+        ]
         first = subprocess.run(command, env=env, capture_output=True, text=True)
         if first.returncode != 0:
             print(f"the first export failed (exit {first.returncode}):\n{first.stderr[-2000:]}", file=sys.stderr)
@@ -83,21 +94,28 @@ def main() -> int:
         for _ in range(args.runs):
             wall, cpu, result = timed(command, env)
             if result.returncode != 0 or "is up to date" not in result.stdout:
-                print(f"a rerun did not answer up to date (exit {result.returncode}):\n{result.stdout[-1000:]}"
-                      f"{result.stderr[-1000:]}", file=sys.stderr)
+                print(
+                    f"a rerun did not answer up to date (exit {result.returncode}):\n{result.stdout[-1000:]}"
+                    f"{result.stderr[-1000:]}",
+                    file=sys.stderr,
+                )
                 return 2
             walls.append(wall)
             cpus.append(cpu)
         load_after = os.getloadavg()
         median = statistics.median(walls)
-        print(f"{args.runs} reruns of `neuron-export sd` on the tiny SD pipeline "
-              f"({'cached bytecode' if not args.no_bytecode_cache else 'bytecode as the environment has it'}; "
-              f"{os.cpu_count()} cores, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)")
+        print(
+            f"{args.runs} reruns of `neuron-export sd` on the tiny SD pipeline "
+            f"({'cached bytecode' if not args.no_bytecode_cache else 'bytecode as the environment has it'}; "
+            f"{os.cpu_count()} cores, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after)"
+        )
         print(f"  wall  median {median:.3f} s, fastest {min(walls):.3f} s")
         print(f"  cpu   median {statistics.median(cpus):.3f} s, least {min(cpus):.3f} s")
         print(f"  interpreter start (python -c pass): median {statistics.median(start):.3f} s")
-        print(f"  target {TARGET_SECONDS} s: median / target = {median / TARGET_SECONDS:.2f} "
-              f"({'met' if median <= TARGET_SECONDS else 'missed'})")
+        print(
+            f"  target {TARGET_SECONDS} s: median / target = {median / TARGET_SECONDS:.2f} "
+            f"({'met' if median <= TARGET_SECONDS else 'missed'})"
+        )
         print("  costliest imports of one rerun (cumulative ms):")
         for milliseconds, name in costliest_imports(command, env):
             print(f"    {milliseconds:7.1f}  {name}")

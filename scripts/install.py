@@ -64,8 +64,10 @@ def main() -> None:
     if installed:
         sdk = ", ".join(f"{name} {found}" for name, found in installed.items())
         if torch is None:
-            sys.exit(f"make install: the Neuron SDK is installed ({sdk}) but torch is not; reinstall the SDK's torch "
-                     "(AWS's Neuron setup guide) first, since neuron-export never chooses torch for the SDK.")
+            sys.exit(
+                f"make install: the Neuron SDK is installed ({sdk}) but torch is not; reinstall the SDK's torch "
+                "(AWS's Neuron setup guide) first, since neuron-export never chooses torch for the SDK."
+            )
         print(f"make install: keeping the Neuron SDK ({sdk}) and its torch {torch}.")
     elif torch is not None:
         print(f"make install: keeping the installed torch {torch}.")

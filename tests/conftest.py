@@ -23,12 +23,31 @@ os.environ["NEURON_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="neuron-export-test-
 # each, or start processes, clusters, servers or side environments. The fast tier keeps what plans, checks and
 # refuses, and reads one export per module (verify, inspect, push). A test elsewhere joins it with @pytest.mark.slow.
 SLOW_FILES = {
-    "test_build_once.py", "test_cache.py", "test_cache_commands.py", "test_cache_keys.py", "test_cli_output.py",
-    "test_conditioning.py", "test_examples.py", "test_export.py", "test_fleet.py", "test_generate.py",
-    "test_generate_lcm_sdxl.py", "test_generate_refiner.py", "test_hostile_inputs.py", "test_lora.py",
-    "test_neuron_backend.py", "test_neuron_host.py", "test_output_paths.py", "test_ray_executor.py", "test_readme.py",
-    "test_remote_cache.py", "test_reproducible.py", "test_scripted_use.py", "test_trust.py",
-    "test_calls.py", "test_loader.py",  # tests/conformance: optimum-neuron in its own environment
+    "test_build_once.py",
+    "test_cache.py",
+    "test_cache_commands.py",
+    "test_cache_keys.py",
+    "test_cli_output.py",
+    "test_conditioning.py",
+    "test_examples.py",
+    "test_export.py",
+    "test_fleet.py",
+    "test_generate.py",
+    "test_generate_lcm_sdxl.py",
+    "test_generate_refiner.py",
+    "test_hostile_inputs.py",
+    "test_lora.py",
+    "test_neuron_backend.py",
+    "test_neuron_host.py",
+    "test_output_paths.py",
+    "test_ray_executor.py",
+    "test_readme.py",
+    "test_remote_cache.py",
+    "test_reproducible.py",
+    "test_scripted_use.py",
+    "test_trust.py",
+    "test_calls.py",
+    "test_loader.py",  # tests/conformance: optimum-neuron in its own environment
 }
 
 

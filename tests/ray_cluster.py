@@ -14,9 +14,10 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -59,10 +60,16 @@ def two_node_cluster(caches_root: Path, cpus: int = 1, env: dict[str, str] | Non
     temp = tempfile.mkdtemp(prefix="nxray-", dir="/tmp")  # short: Ray's socket paths live below it
     caches = {name: caches_root / name for name in ("head", "worker")}
     common = {"node_ip_address": LOOPBACK, "num_cpus": cpus, "temp_dir": temp}
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
-        **common, "include_dashboard": False, "env_vars": {**(env or {}), "NEURON_EXPORT_CACHE": str(caches["head"])},
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-    })
+    cluster = Cluster(
+        initialize_head=True,
+        shutdown_at_exit=True,
+        head_node_args={
+            **common,
+            "include_dashboard": False,
+            "env_vars": {**(env or {}), "NEURON_EXPORT_CACHE": str(caches["head"])},
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
     try:
         worker = cluster.add_node(**common, env_vars={**(env or {}), "NEURON_EXPORT_CACHE": str(caches["worker"])})
         yield RayCluster(cluster.address, cluster, cluster.head_node, worker, caches)

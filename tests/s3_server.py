@@ -40,8 +40,12 @@ def aws_environment(endpoint: str) -> dict[str, str]:
 def moto_server() -> Iterator[str]:
     """Start `python -m moto.server` on a free loopback port; yield its endpoint URL; kill that pid at the end."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 60
         while True:

@@ -28,10 +28,12 @@ def test_the_readme_example_runs(tiny_model, tmp_path, monkeypatch, capsys):
 def test_export_returns_the_origin_of_each_component(tiny_model, tmp_path):
     import neuron_export
 
-    first = neuron_export.export("sd", model=str(tiny_model("sd")), backend="cpu", output=tmp_path / "a",
-                                 components="vae_decoder")
-    again = neuron_export.export("sd", model=str(tiny_model("sd")), backend="cpu", output=tmp_path / "b",
-                                 components="vae_decoder")
+    first = neuron_export.export(
+        "sd", model=str(tiny_model("sd")), backend="cpu", output=tmp_path / "a", components="vae_decoder"
+    )
+    again = neuron_export.export(
+        "sd", model=str(tiny_model("sd")), backend="cpu", output=tmp_path / "b", components="vae_decoder"
+    )
     assert (first.up_to_date, first.origins) == (False, {"vae_decoder": "built"})
     assert (again.up_to_date, again.origins) == (False, {"vae_decoder": "cached"})
     assert again.manifest.components["vae_decoder"].cache_key == first.manifest.components["vae_decoder"].cache_key

@@ -19,8 +19,14 @@ NAMES = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 def start(*args: object, cache: Path) -> subprocess.Popen:
     """`neuron-export ARGS` in its own session (so everything it starts can be killed with it)."""
     command = [sys.executable, "-m", "neuron_export", *map(str, args), "--cache-dir", str(cache)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
 
 
 def read_until(process: subprocess.Popen, text: str, seen: list[str]) -> None:
@@ -65,16 +71,37 @@ def test_three_concurrent_exports_build_each_component_once(tiny_model, tmp_path
     assert third_text.count(": cached (") == len(NAMES)
     assert sorted(p.name for p in (cache / "components").glob("*/*")) == sorted(
         json.loads((tmp_path / name / "manifest.json").read_text())["components"][c]["cache_key"]
-        for name in ("a",) for c in NAMES)
+        for name in ("a",)
+        for c in NAMES
+    )
 
 
 def test_a_killed_lock_holder_does_not_block_the_others(tiny_model, tmp_path, cli):
     model, cache = tiny_model("sd"), tmp_path / "cache"
-    plan = json.loads(cli("plan", "sd", "-m", model, "--backend", "cpu", "--components", "vae_decoder",
-                          "-o", tmp_path / "out", "--cache-dir", cache, "--json").stdout)
+    plan = json.loads(
+        cli(
+            "plan",
+            "sd",
+            "-m",
+            model,
+            "--backend",
+            "cpu",
+            "--components",
+            "vae_decoder",
+            "-o",
+            tmp_path / "out",
+            "--cache-dir",
+            cache,
+            "--json",
+        ).stdout
+    )
     key = plan["components"][0]["cache_key"]
     # A process holding the key's lock as an exporter does, until it is killed.
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from pathlib import Path
         from neuron_export.exporter.cache import ComponentCache
@@ -83,11 +110,18 @@ def test_a_killed_lock_holder_does_not_block_the_others(tiny_model, tmp_path, cl
         lock.acquire()
         print("holding", flush=True)
         time.sleep(3600)
-    """)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     waiter = None
     try:
         assert holder.stdout.readline().strip() == "holding"
-        waiter = start("sd", "-m", model, "--backend", "cpu", "--components", "vae_decoder", "-o", tmp_path / "out", cache=cache)
+        waiter = start(
+            "sd", "-m", model, "--backend", "cpu", "--components", "vae_decoder", "-o", tmp_path / "out", cache=cache
+        )
         seen: list[str] = []
         read_until(waiter, "waiting", seen)
         time.sleep(1)

@@ -17,8 +17,11 @@ import pytest
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def origins(result) -> dict[str, str]:
@@ -35,7 +38,7 @@ def live_processes_in_session(session: int) -> dict[int, int]:
             stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
         if len(fields) > 3 and int(fields[3]) == session and fields[0] != "Z":
             found[int(entry.name)] = int(fields[1])
     return found
@@ -71,8 +74,9 @@ def test_a_deleted_output_is_reassembled_byte_identical_from_the_cache(cli, tiny
     shutil.rmtree(output)
     again = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "-o", output, "--json")
     assert origins(again) == dict.fromkeys(names, "cached")
-    assert {k: v for k, v in file_hashes(output).items() if k != "manifest.json"} == \
-        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert {k: v for k, v in file_hashes(output).items() if k != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
     # The manifest differs only in saying that each validation was measured by the earlier export.
     manifest = json.loads((output / "manifest.json").read_text())
     for record in first_manifest["components"].values():
@@ -85,8 +89,13 @@ def test_a_new_height_rebuilds_unet_and_vaes_but_not_the_text_encoders(cli, tiny
     model = tiny_model("sdxl")
     assert cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "a").exit_code == 0
     result = cli("sd-xl", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--height", "128", "--json")
-    assert origins(result) == {"text_encoder": "cached", "text_encoder_2": "cached",
-                               "unet": "built", "vae_encoder": "built", "vae_decoder": "built"}
+    assert origins(result) == {
+        "text_encoder": "cached",
+        "text_encoder_2": "cached",
+        "unet": "built",
+        "vae_encoder": "built",
+        "vae_decoder": "built",
+    }
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text())["components"] for d in ("a", "b"))
     assert a["text_encoder"]["cache_key"] == b["text_encoder"]["cache_key"]
     assert a["unet"]["cache_key"] != b["unet"]["cache_key"]
@@ -95,10 +104,36 @@ def test_a_new_height_rebuilds_unet_and_vaes_but_not_the_text_encoders(cli, tiny
 def test_flags_that_change_the_artifact_change_the_key(cli, tiny_model, tmp_path):
     model = tiny_model("sd")
     assert cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "a", "--components", "unet").exit_code == 0
-    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "b", "--components", "unet", "--batch-size", "2", "--json")
+    result = cli(
+        "sd",
+        "-m",
+        model,
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "b",
+        "--components",
+        "unet",
+        "--batch-size",
+        "2",
+        "--json",
+    )
     assert origins(result) == {"unet": "built"}
     # auto-cast does not change a CPU trace, so it must not force a rebuild there
-    result = cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "c", "--components", "unet", "--auto-cast", "all", "--json")
+    result = cli(
+        "sd",
+        "-m",
+        model,
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "c",
+        "--components",
+        "unet",
+        "--auto-cast",
+        "all",
+        "--json",
+    )
     assert origins(result) == {"unet": "cached"}
     assert json.loads((tmp_path / "c" / "unet" / "config.json").read_text())["neuron"]["auto_cast"] == "all"
 
@@ -113,7 +148,9 @@ def test_the_same_component_in_two_models_is_built_once(cli, tiny_model, tmp_pat
 
 def test_a_corrupted_cache_entry_is_discarded_and_rebuilt(cli, tiny_model, tmp_path, isolated_cache):
     model = tiny_model("sd")
-    assert cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "a", "--components", "vae_decoder").exit_code == 0
+    assert (
+        cli("sd", "-m", model, "--backend", "cpu", "-o", tmp_path / "a", "--components", "vae_decoder").exit_code == 0
+    )
     shutil.rmtree(tmp_path / "a")
     (artifact,) = isolated_cache.glob("components/*/*/model.neuron")
     data = bytearray(artifact.read_bytes())
@@ -131,7 +168,18 @@ def test_export_killed_with_sigkill_resumes_building_only_what_is_missing(tiny_m
     cache = tmp_path / "cache"
     output = tmp_path / "out"
     env = {**os.environ, "NEURON_EXPORT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "neuron_export", "sd-xl", "-m", str(tiny_model("sdxl")), "--backend", "cpu", "-o", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "neuron_export",
+        "sd-xl",
+        "-m",
+        str(tiny_model("sdxl")),
+        "--backend",
+        "cpu",
+        "-o",
+        str(output),
+    ]
     # A session of its own: every process the exporter starts (fork server, workers) is findable by session id.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
@@ -140,7 +188,11 @@ def test_export_killed_with_sigkill_resumes_building_only_what_is_missing(tiny_m
         while time.time() < deadline and not workers:
             time.sleep(0.02)
             if len(list(cache.glob("components/*/*/record.json"))) >= 2:  # workers are the exporter's grandchildren
-                workers = [pid for pid, parent in live_processes_in_session(process.pid).items() if parent != process.pid != pid]
+                workers = [
+                    pid
+                    for pid, parent in live_processes_in_session(process.pid).items()
+                    if parent != process.pid != pid
+                ]
         assert workers, "no worker was running when the exporter was to be killed"
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)  # a stopped worker cannot exit by itself: only dying with its parent ends it
@@ -163,21 +215,35 @@ def test_export_killed_with_sigkill_resumes_building_only_what_is_missing(tiny_m
     assert rerun.returncode == 0, rerun.stderr
     seen = {name: c["origin"] for name, c in json.loads(rerun.stdout)["components"].items()}
     assert {name for name, origin in seen.items() if origin == "cached"} == finished_before
-    assert {name for name, origin in seen.items() if origin == "built"} == {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"} - finished_before
+    assert {name for name, origin in seen.items() if origin == "built"} == {
+        "text_encoder",
+        "text_encoder_2",
+        "unet",
+        "vae_encoder",
+        "vae_decoder",
+    } - finished_before
     manifest = json.loads((output / "manifest.json").read_text())
     for record in manifest["components"].values():
-        assert hashlib.sha256((output / record["files"][0]["path"]).read_bytes()).hexdigest() == record["files"][0]["sha256"]
+        assert (
+            hashlib.sha256((output / record["files"][0]["path"]).read_bytes()).hexdigest()
+            == record["files"][0]["sha256"]
+        )
         assert record["validation"]["status"] == "passed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # no partial directory left
     assert not list((cache / "tmp").iterdir())  # the killed run's build directories were cleaned
 
 
 def test_shape_matrix_builds_the_text_encoders_once(cli, tiny_model, tmp_path, isolated_cache):
-    result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--height", "64,128", "-o", tmp_path / "matrix", "--json")
+    result = cli(
+        "sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--height", "64,128", "-o", tmp_path / "matrix", "--json"
+    )
     assert result.exit_code == 0, result
     exports = json.loads(result.stdout)["exports"]
     name = tiny_model("sdxl").name
-    assert [Path(e["output"]).name for e in exports] == [f"{name}-sd-xl-neuron-64x64-b1", f"{name}-sd-xl-neuron-128x64-b1"]
+    assert [Path(e["output"]).name for e in exports] == [
+        f"{name}-sd-xl-neuron-64x64-b1",
+        f"{name}-sd-xl-neuron-128x64-b1",
+    ]
     names = [r["name"] for r in cache_entries(isolated_cache)]
     assert names.count("text_encoder") == 1 and names.count("text_encoder_2") == 1
     assert names.count("unet") == 2 and names.count("vae_decoder") == 2
@@ -215,7 +281,12 @@ def test_plan_refuses_a_budget_smaller_than_the_largest_job_before_loading_anyth
         "except SystemExit as e:\n    print('EXIT', e.code)\n"
         "print('LOADED', [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "NEURON_EXPORT_CACHE": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NEURON_EXPORT_CACHE": str(tmp_path)},
+    )
     assert "EXIT 6" in result.stdout and "LOADED []" in result.stdout, result
     assert "--max-memory 0.1 GiB" in result.stderr and "estimated" in result.stderr and "Traceback" not in result.stderr
 
@@ -233,8 +304,11 @@ def test_cache_commands(cli, tiny_model, tmp_path, isolated_cache):
     usage = cli("cache", "du")
     assert usage.exit_code == 0 and "total" in usage.stdout and "unet" in usage.stdout
     assert cli("cache", "verify").exit_code == 0
-    (artifact,) = [p for p in isolated_cache.glob("components/*/*/model.neuron")
-                   if json.loads((p.parent / "record.json").read_text())["name"] == "unet"]
+    (artifact,) = [
+        p
+        for p in isolated_cache.glob("components/*/*/model.neuron")
+        if json.loads((p.parent / "record.json").read_text())["name"] == "unet"
+    ]
     artifact.write_bytes(b"broken")
     bad = cli("cache", "verify")
     assert bad.exit_code == 3 and "unet" in bad.stdout and "3 of 4 entries intact" in bad.stdout
@@ -245,7 +319,9 @@ def test_cache_commands(cli, tiny_model, tmp_path, isolated_cache):
 
 
 def test_cache_prune_needs_to_be_told_what_to_remove_and_can_list_it_first(cli, tiny_model, tmp_path, isolated_cache):
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet,vae_decoder")
+    result = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet,vae_decoder"
+    )
     assert result.exit_code == 0, result
     before = file_hashes(isolated_cache)
     for flags in ([], ["--dry-run"], ["--all", "--older-than", "30d"]):
@@ -296,6 +372,8 @@ def test_an_output_missing_a_file_is_not_up_to_date(cli, tiny_model, tmp_path):
     (output / "unet" / "model.neuron").unlink()
     rerun = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet")
     assert rerun.exit_code == 2 and "--force" in rerun.stderr
-    repaired = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force", "--json")
+    repaired = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force", "--json"
+    )
     assert origins(repaired) == {"unet": "cached"}
     assert (output / "unet" / "model.neuron").is_file()

@@ -25,7 +25,8 @@ def test_cache_ls_names_the_model_of_each_entry_and_filters_by_it(cli, tiny_mode
     export(cli, sdxl, "sd-xl", tmp_path / "xl", "vae_decoder,text_encoder_2")
     listed = entries(cli)
     assert sorted((e["component"], e["model"]) for e in listed) == sorted(
-        [("unet", str(sd)), ("vae_decoder", str(sdxl)), ("text_encoder_2", str(sdxl))])
+        [("unet", str(sd)), ("vae_decoder", str(sdxl)), ("text_encoder_2", str(sdxl))]
+    )
     assert all(len(e["key"]) == 64 and e["size_bytes"] > 0 and e["backend"] == "cpu" for e in listed)
 
     lines = cli("cache", "ls").stdout.splitlines()
@@ -49,8 +50,22 @@ def test_cache_rm_removes_the_entries_named_by_key(cli, tiny_model, tmp_path, is
     removed = cli("cache", "rm", listed["unet"][:12])
     assert removed.exit_code == 0 and removed.stdout.startswith(f"removed {listed['unet'][:12]}  unet"), removed
     assert [e["component"] for e in entries(cli)] == ["vae_decoder"]
-    rebuilt = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "again", "--components", "unet,vae_decoder", "--json")
-    assert {k: v["origin"] for k, v in json.loads(rebuilt.stdout)["components"].items()} == {"unet": "built", "vae_decoder": "cached"}
+    rebuilt = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "again",
+        "--components",
+        "unet,vae_decoder",
+        "--json",
+    )
+    assert {k: v["origin"] for k, v in json.loads(rebuilt.stdout)["components"].items()} == {
+        "unet": "built",
+        "vae_decoder": "cached",
+    }
 
 
 def test_prune_says_which_bytes_exports_still_hard_link(cli, tiny_model, tmp_path, isolated_cache):
@@ -64,13 +79,25 @@ def test_prune_says_which_bytes_exports_still_hard_link(cli, tiny_model, tmp_pat
 
     shutil.rmtree(tmp_path / "out")
     dry = cli("cache", "prune", "--all", "--dry-run").stdout.splitlines()
-    assert "hard-link" not in "\n".join(dry) and dry[-1].startswith(f"would remove 1 entries ({human_bytes(artifact_size)}) from {isolated_cache}")
+    assert "hard-link" not in "\n".join(dry) and dry[-1].startswith(
+        f"would remove 1 entries ({human_bytes(artifact_size)}) from {isolated_cache}"
+    )
 
 
-def test_a_remote_cache_url_alone_does_not_make_cache_commands_act_on_the_remote(cli, tiny_model, tmp_path, monkeypatch):
+def test_a_remote_cache_url_alone_does_not_make_cache_commands_act_on_the_remote(
+    cli, tiny_model, tmp_path, monkeypatch
+):
     url = f"file://{tmp_path / 'shared'}"
-    export(cli, tiny_model("sd"), "sd", tmp_path / "out", "vae_decoder", "--remote-cache", url,
-           "--remote-cache-allow-unsigned")  # a private bucket: this host uploads without a signing key
+    export(
+        cli,
+        tiny_model("sd"),
+        "sd",
+        tmp_path / "out",
+        "vae_decoder",
+        "--remote-cache",
+        url,
+        "--remote-cache-allow-unsigned",
+    )  # a private bucket: this host uploads without a signing key
     shutil.rmtree(tmp_path / "out")
     assert len(entries(cli, "--remote", "--remote-cache", url)) == 1
 

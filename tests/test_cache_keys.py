@@ -33,7 +33,9 @@ def manifest(directory: Path) -> dict:
 
 def test_an_lcm_unet_after_sdxl_builds_only_the_unet(cli, tiny_model, tmp_path):
     sdxl, lcm_unet = tiny_model("sdxl"), tiny_model("lcm-sdxl-unet")
-    assert origins(cli("sd-xl", "-m", sdxl, "--backend", "cpu", "-o", tmp_path / "base", "--json")) == dict.fromkeys(XL, "built")
+    assert origins(cli("sd-xl", "-m", sdxl, "--backend", "cpu", "-o", tmp_path / "base", "--json")) == dict.fromkeys(
+        XL, "built"
+    )
 
     base_args = ["sd-xl", "-m", sdxl, "--backend", "cpu", "-o", tmp_path / "strict"]
     assert plan_caches(cli, *base_args, "--atol", "1e-5") == dict.fromkeys(XL, "hit")  # 5 hits: the tolerance is no key
@@ -56,12 +58,25 @@ def test_an_lcm_unet_after_sdxl_builds_only_the_unet(cli, tiny_model, tmp_path):
 def test_base_and_refiner_share_their_byte_identical_vae(cli, tiny_model, tmp_path):
     vaes = ["--components", "vae_encoder,vae_decoder"]
     base, refiner = tiny_model("sdxl"), tiny_model("sdxl-refiner")
-    assert (base / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (refiner / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
-    assert origins(cli("sd-xl", "-m", base, "--backend", "cpu", "-o", tmp_path / "base", *vaes, "--json")) == \
-        dict.fromkeys(["vae_encoder", "vae_decoder"], "built")
-    result = cli("sd-xl", "-m", refiner, "--task", "image-to-image", "--backend", "cpu", "-o", tmp_path / "refiner",
-                 *vaes, "--json")
+    assert (base / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        refiner / "vae" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
+    assert origins(
+        cli("sd-xl", "-m", base, "--backend", "cpu", "-o", tmp_path / "base", *vaes, "--json")
+    ) == dict.fromkeys(["vae_encoder", "vae_decoder"], "built")
+    result = cli(
+        "sd-xl",
+        "-m",
+        refiner,
+        "--task",
+        "image-to-image",
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "refiner",
+        *vaes,
+        "--json",
+    )
     assert origins(result) == dict.fromkeys(["vae_encoder", "vae_decoder"], "cached")
     assert manifest(tmp_path / "refiner")["pipeline"]["architecture"] == "sdxl-refiner"
     # the refiner's manifest names its own weight files

@@ -41,7 +41,7 @@ def test_the_summary_has_origins_total_time_absolute_path_and_a_next_step_that_r
     assert len(summary) == 1 and summary[0].endswith(f"(4 built, 0 cached, 0 downloaded) to {absolute}"), result.stdout
     assert " in " in summary[0]
     next_line = [line for line in result.stdout.splitlines() if line.startswith("Next: ")][0]
-    command, _, alternative = next_line[len("Next: "):].partition("  (or: ")
+    command, _, alternative = next_line[len("Next: ") :].partition("  (or: ")
     assert alternative == f"neuron-export verify {absolute})"
     # the suggested command works as printed (written somewhere harmless)
     args = shlex.split(command)
@@ -85,8 +85,18 @@ def test_verify_prints_a_short_pass_and_details_with_verbose(tall):
 
 def test_inspect_prints_words_not_python_reprs(tiny_model, tmp_path):
     out = tmp_path / "export"
-    result = run_cli("sd", "-m", tiny_model("sd"), "--controlnet", tiny_model("sd-controlnet"), "--backend", "cpu",
-                     "--disable-validation", "-o", out)
+    result = run_cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--controlnet",
+        tiny_model("sd-controlnet"),
+        "--backend",
+        "cpu",
+        "--disable-validation",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result
     inspected = run_cli("inspect", out)
     assert inspected.exit_code == 0, inspected
@@ -107,8 +117,22 @@ def test_version():
 def test_sigterm_exits_143_and_cleans_up(tiny_model, tmp_path):
     output = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "neuron_export", "sd-xl", "-m", str(tiny_model("sdxl")), "--backend", "cpu", "-o", str(output)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [
+            sys.executable,
+            "-m",
+            "neuron_export",
+            "sd-xl",
+            "-m",
+            str(tiny_model("sdxl")),
+            "--backend",
+            "cpu",
+            "-o",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     for line in process.stdout:  # the first component has started: the build is under way
         if line.startswith("[1/"):
@@ -140,8 +164,18 @@ print("preloaded")
 
 def test_instruct_pix2pix_turns_on_dynamic_batch_and_says_so(tiny_model, tmp_path):
     out = tmp_path / "pix2pix"
-    result = run_cli("sd", "-m", tiny_model("sd-pix2pix"), "--task", "instruct-pix2pix", "--backend", "cpu",
-                     "--disable-validation", "-o", out)
+    result = run_cli(
+        "sd",
+        "-m",
+        tiny_model("sd-pix2pix"),
+        "--task",
+        "instruct-pix2pix",
+        "--backend",
+        "cpu",
+        "--disable-validation",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result
     said = [line for line in result.stdout.splitlines() if "--dynamic-batch-size is on" in line]
     assert len(said) == 1 and said[0].startswith("--task instruct-pix2pix"), result.stdout
@@ -169,17 +203,26 @@ def test_help_is_per_family_and_grouped(monkeypatch):
 def test_a_flag_of_another_family_says_which_family_takes_it(tmp_path):
     result = run_cli("sd-xl", "--ip-adapter", "h94/IP-Adapter", "-o", tmp_path / "out")
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("neuron-export: error: --ip-adapter is not available for `neuron-export sd-xl`; "
-                                     "only `neuron-export sd` takes it.")
+    assert result.stderr.strip() == (
+        "neuron-export: error: --ip-adapter is not available for `neuron-export sd-xl`; "
+        "only `neuron-export sd` takes it."
+    )
 
 
-@pytest.mark.parametrize("words, offered", [
-    ("sd --backend ", ["auto", "neuron", "cpu"]),
-    ("lcm --task ", ["text-to-image", "image-to-image"]),
-    ("sd-xl --auto-cast ", ["none", "matmul", "all"]),
-])
+@pytest.mark.parametrize(
+    "words, offered",
+    [
+        ("sd --backend ", ["auto", "neuron", "cpu"]),
+        ("lcm --task ", ["text-to-image", "image-to-image"]),
+        ("sd-xl --auto-cast ", ["none", "matmul", "all"]),
+    ],
+)
 def test_completion_offers_the_values_of_a_choice(words, offered):
-    env = {**os.environ, "_NEURON_EXPORT_COMPLETE": "complete_bash", "COMP_WORDS": f"neuron-export {words}",
-           "COMP_CWORD": str(len(words.split()) + 1)}
+    env = {
+        **os.environ,
+        "_NEURON_EXPORT_COMPLETE": "complete_bash",
+        "COMP_WORDS": f"neuron-export {words}",
+        "COMP_CWORD": str(len(words.split()) + 1),
+    }
     done = subprocess.run([sys.executable, "-m", "neuron_export"], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == offered, done

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from neuron_export.exporter.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
 from neuron_export.errors import ExportError
+from neuron_export.exporter.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -39,9 +39,19 @@ def test_every_shipped_config_is_valid(path):
 
 def test_the_shipped_configs_cover_the_seed_documents():
     names = {p.stem for p in CONFIGS}
-    assert {"sd15-512", "sd21-base-512", "sd21-768", "sd-inpainting-512", "sdxl-base-1024", "sdxl-refiner-1024",
-            "sdxl-turbo-512", "lcm-dreamshaper-768", "lcm-sdxl-1024", "sdxl-img2img-1024",
-            "sd15-controlnet-canny-512"} <= names
+    assert {
+        "sd15-512",
+        "sd21-base-512",
+        "sd21-768",
+        "sd-inpainting-512",
+        "sdxl-base-1024",
+        "sdxl-refiner-1024",
+        "sdxl-turbo-512",
+        "lcm-dreamshaper-768",
+        "lcm-sdxl-1024",
+        "sdxl-img2img-1024",
+        "sd15-controlnet-canny-512",
+    } <= names
 
 
 def test_build_command_runs_a_yaml_config(cli, tiny_model, tmp_path):
@@ -53,12 +63,15 @@ def test_build_command_runs_a_yaml_config(cli, tiny_model, tmp_path):
     assert (neuron["static_height"], neuron["static_width"]) == (16, 12)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("family: sd\nhieght: 512\n", ["hieght", "height"]),
-    ("family: sd\n  - broken: [\n", ["not valid YAML"]),
-    ("- just\n- a list\n", ["mapping"]),
-    ("height: 512\n", ["family"]),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("family: sd\nhieght: 512\n", ["hieght", "height"]),
+        ("family: sd\n  - broken: [\n", ["not valid YAML"]),
+        ("- just\n- a list\n", ["mapping"]),
+        ("height: 512\n", ["family"]),
+    ],
+)
 def test_bad_yaml_files_are_one_sentence(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -75,25 +88,37 @@ def test_set_option_needs_key_and_value():
 
 def test_help_does_not_import_torch():
     """`neuron-export --help` stays instant: nothing heavy is imported on that path."""
-    code = ("import sys\nfrom neuron_export.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys\nfrom neuron_export.cli.main import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out and "sd-xl" in out
 
 
 def test_shell_completion_is_enabled():
-    shown = subprocess.run([sys.executable, "-m", "neuron_export", "--show-completion", "bash"],
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "neuron_export", "--show-completion", "bash"], capture_output=True, text=True, check=True
+    ).stdout
     assert "_NEURON_EXPORT_COMPLETE" in shown
-    completing = {**os.environ, "_NEURON_EXPORT_COMPLETE": "complete_bash", "COMP_WORDS": "neuron-export sd --hei", "COMP_CWORD": "2"}
-    completed = subprocess.run([sys.executable, "-m", "neuron_export"], env=completing, capture_output=True, text=True).stdout
+    completing = {
+        **os.environ,
+        "_NEURON_EXPORT_COMPLETE": "complete_bash",
+        "COMP_WORDS": "neuron-export sd --hei",
+        "COMP_CWORD": "2",
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "neuron_export"], env=completing, capture_output=True, text=True
+    ).stdout
     assert completed.split() == ["--height"]
 
 
 def test_config_errors_do_not_import_torch():
-    code = ("import sys\nfrom neuron_export.cli.main import main\ntry:\n    main(['sd', '--height', '513'])\nexcept SystemExit as e:\n"
-            "    print('EXIT', e.code)\nprint('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])")
+    code = (
+        "import sys\nfrom neuron_export.cli.main import main\ntry:\n    main(['sd', '--height', '513'])\nexcept SystemExit as e:\n"
+        "    print('EXIT', e.code)\nprint('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "EXIT 2" in result.stdout and "HEAVY []" in result.stdout
     assert "multiple of 8" in result.stderr
@@ -107,7 +132,8 @@ def test_lists_in_yaml_or_commas_on_the_command_line_make_a_shape_matrix(tmp_pat
     configs = make_configs(read_config_file(path), {"width": "512,640", "output": tmp_path / "exports"})
     assert len(configs) == 8
     assert {(c.height, c.width, c.batch_size) for c in configs} == {
-        (h, w, b) for h in (512, 768) for w in (512, 640) for b in (1, 2)}
+        (h, w, b) for h in (512, 768) for w in (512, 640) for b in (1, 2)
+    }
     assert all(c.output is None and c.output_root == tmp_path / "exports" for c in configs)
     with pytest.raises(ExportError, match="height = 513"):
         make_configs({"family": "sd", "height": "512,513"})

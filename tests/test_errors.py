@@ -29,7 +29,10 @@ BAD_FLAGS = {
     "height-not-multiple-of-8": (["--height", "513"], ["--height 513", "multiple of 8", "512"]),
     "width-out-of-range": (["--width", "8192"], ["width", "8192", "between"]),
     "batch-size-zero": (["--batch-size", "0"], ["--batch-size 0", "1 or more"]),
-    "auto-cast-type-with-none": (["--auto-cast", "none", "--auto-cast-type", "bf16"], ["auto_cast_type", "bf16", "--auto-cast"]),
+    "auto-cast-type-with-none": (
+        ["--auto-cast", "none", "--auto-cast-type", "bf16"],
+        ["auto_cast_type", "bf16", "--auto-cast"],
+    ),
     "unknown-task": (["--task", "text2img"], ["task", "text2img", "text-to-image"]),
     "unknown-component": (["--components", "vae"], ["components", "vae", "vae_decoder"]),
     "height-not-a-number": (["--height", "big"], ["height", "big", "whole number"]),
@@ -58,12 +61,15 @@ def test_inpainting_model_without_inpainting_task(cli, tiny_model, tmp_path):
     assert_clean_failure(result, output, "--task inpainting")
 
 
-@pytest.mark.parametrize("command,kind,hint", [
-    ("sd", "sdxl", "neuron-export sd-xl"),
-    ("sd-xl", "sd", "neuron-export sd"),
-    ("sd", "lcm", "neuron-export lcm"),
-    ("lcm", "sd", "neuron-export sd"),
-])
+@pytest.mark.parametrize(
+    "command,kind,hint",
+    [
+        ("sd", "sdxl", "neuron-export sd-xl"),
+        ("sd-xl", "sd", "neuron-export sd"),
+        ("sd", "lcm", "neuron-export lcm"),
+        ("lcm", "sd", "neuron-export sd"),
+    ],
+)
 def test_command_that_does_not_fit_the_model(command, kind, hint, cli, tiny_model, tmp_path):
     output = tmp_path / "out"
     result = cli(command, "-m", tiny_model(kind), "--backend", "cpu", "-o", output)
@@ -147,11 +153,26 @@ def test_json_mode_reports_errors_as_one_object(cli, tiny_model, tmp_path):
 
 def test_failed_validation_fails_the_export_and_keeps_the_earlier_one(cli, tiny_model, tmp_path):
     output = tmp_path / "out"
-    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code == 0
+    assert (
+        cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code
+        == 0
+    )
     before = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
     # The UNet's CPU trace differs from eager by ~1e-6; an absurd tolerance makes its check fail.
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet",
-                 "--atol", "1e-30", "--force")
+    result = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "-o",
+        output,
+        "--components",
+        "unet",
+        "--atol",
+        "1e-30",
+        "--force",
+    )
     assert result.exit_code == 1
     assert "Validation of unet failed" in result.stderr and "Traceback" not in result.stderr
     assert {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
@@ -164,8 +185,22 @@ def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path, isolated_cache
     output = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "neuron_export", "sd-xl", "-m", str(tiny_model("sdxl")), "--backend", "cpu", "-o", str(output)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "neuron_export",
+            "sd-xl",
+            "-m",
+            str(tiny_model("sdxl")),
+            "--backend",
+            "cpu",
+            "-o",
+            str(output),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     deadline = time.time() + 180
     while time.time() < deadline and not list(isolated_cache.glob("components/*/*/record.json")):
@@ -185,7 +220,10 @@ def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path, isolated_cache
 
 def tree(directory: Path) -> dict[str, bytes | None]:
     """Every file (with its bytes) and folder (None) under `directory`, by relative path."""
-    return {p.relative_to(directory).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(directory.rglob("*"))}
+    return {
+        p.relative_to(directory).as_posix(): None if p.is_dir() else p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 def one_line(result) -> str:
@@ -216,7 +254,9 @@ def test_force_never_replaces_a_directory_that_is_not_an_export(contents, cli, t
 def test_force_uses_an_empty_directory(cli, tiny_model, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder", "--force")
+    result = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder", "--force"
+    )
     assert result.exit_code == 0, result
     assert (output / "vae_decoder" / "model.neuron").is_file()
 
@@ -239,13 +279,24 @@ def test_output_never_overlaps_the_model_or_the_cache(protected, relation, cli, 
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("component,entry,words", [
-    ("unet", ["my_pkg", "MyUNet"], ["unet", "my_pkg.MyUNet", "custom code"]),
-    ("unet", ["diffusers", "UNet2DConditionModelPlus"], ["unet", "diffusers.UNet2DConditionModelPlus", "UNet2DConditionModel"]),
-    ("text_encoder", ["transformers", "MyTextEncoder"], ["text_encoder", "transformers.MyTextEncoder", "CLIPTextModel"]),
-    ("scheduler", ["scheduler", "MyScheduler"], ["scheduler", "scheduler.MyScheduler", "custom code"]),
-    ("scheduler", ["diffusers", "NoSuchScheduler"], ["scheduler", "diffusers.NoSuchScheduler"]),
-])
+@pytest.mark.parametrize(
+    "component,entry,words",
+    [
+        ("unet", ["my_pkg", "MyUNet"], ["unet", "my_pkg.MyUNet", "custom code"]),
+        (
+            "unet",
+            ["diffusers", "UNet2DConditionModelPlus"],
+            ["unet", "diffusers.UNet2DConditionModelPlus", "UNet2DConditionModel"],
+        ),
+        (
+            "text_encoder",
+            ["transformers", "MyTextEncoder"],
+            ["text_encoder", "transformers.MyTextEncoder", "CLIPTextModel"],
+        ),
+        ("scheduler", ["scheduler", "MyScheduler"], ["scheduler", "scheduler.MyScheduler", "custom code"]),
+        ("scheduler", ["diffusers", "NoSuchScheduler"], ["scheduler", "diffusers.NoSuchScheduler"]),
+    ],
+)
 def test_a_class_that_is_not_the_library_own_is_refused(component, entry, words, cli, tiny_model, tmp_path):
     model = tmp_path / "custom"
     shutil.copytree(tiny_model("sd"), model)
@@ -291,12 +342,18 @@ def tiny_disk(tmp_path):
     def make(size: str) -> TinyDisk:
         mount_point = tmp_path / f"disk{len(holders)}"
         mount_point.mkdir()
-        script = ('mount -t tmpfs -o size="$1" tmpfs "$2" && echo ready && read _ && mount -o remount,ro "$2" '
-                  '&& echo read-only && exec sleep 3600')
+        script = (
+            'mount -t tmpfs -o size="$1" tmpfs "$2" && echo ready && read _ && mount -o remount,ro "$2" '
+            "&& echo read-only && exec sleep 3600"
+        )
         try:
-            holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
-                                       size, str(mount_point)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+            holder = subprocess.Popen(
+                ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", size, str(mount_point)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         except FileNotFoundError:
             pytest.skip("needs unshare(1) to mount a small filesystem")
         holders.append(holder)
@@ -313,7 +370,10 @@ def tiny_disk(tmp_path):
 def test_a_full_disk_fails_in_one_sentence_and_keeps_the_earlier_export(cli, tiny_model, tiny_disk):
     disk = tiny_disk("1m")  # room for the VAE decoder's export (0.4 MiB), not for the UNet's (3.5 MiB)
     output = disk.path / "out"
-    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code == 0
+    assert (
+        cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code
+        == 0
+    )
     before = tree(output)
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
     assert result.exit_code == 7
@@ -332,10 +392,15 @@ def test_a_full_disk_leaves_no_output(cli, tiny_model, tiny_disk):
     assert list(disk.path.iterdir()) == []
 
 
-def test_a_read_only_output_fails_before_building_and_keeps_the_earlier_export(cli, tiny_model, tiny_disk, isolated_cache):
+def test_a_read_only_output_fails_before_building_and_keeps_the_earlier_export(
+    cli, tiny_model, tiny_disk, isolated_cache
+):
     disk = tiny_disk("8m")
     output = disk.path / "out"
-    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code == 0
+    assert (
+        cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code
+        == 0
+    )
     before = tree(output)
     disk.make_read_only()
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
@@ -351,7 +416,9 @@ def test_a_full_cache_disk_fails_in_one_sentence(cli, tiny_model, tmp_path, tiny
     disk = tiny_disk("1m")  # the UNet's artifact (3.5 MiB) cannot be saved into the cache
     cache = disk.path / "cache"
     output = tmp_path / "out"
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--cache-dir", cache)
+    result = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--cache-dir", cache
+    )
     assert result.exit_code == 7
     assert_clean_failure(result, output, "unet", str(cache), "no space", "MiB needed")
     assert list((cache / "tmp").iterdir()) == [] and not list(cache.glob("components/*/*"))

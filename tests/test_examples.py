@@ -68,8 +68,19 @@ def generator():
 
 
 def test_all_names_are_listed():
-    assert EXAMPLE_NAMES == ("sd", "sd-inpaint", "sd-pix2pix", "sdxl", "sdxl-refiner", "lcm", "lcm-sdxl-unet",
-                             "sd-controlnet", "sdxl-controlnet", "sd-ip-adapter", "sd15-full")
+    assert EXAMPLE_NAMES == (
+        "sd",
+        "sd-inpaint",
+        "sd-pix2pix",
+        "sdxl",
+        "sdxl-refiner",
+        "lcm",
+        "lcm-sdxl-unet",
+        "sd-controlnet",
+        "sdxl-controlnet",
+        "sd-ip-adapter",
+        "sd15-full",
+    )
 
 
 def test_unknown_example_is_rejected_with_the_valid_names(tmp_path):
@@ -84,8 +95,12 @@ def test_each_tiny_example_is_saved_as_float32_safetensors_only(tiny_model, name
     from safetensors import safe_open
 
     folder = tiny_model(name)
-    index = {"lcm-sdxl-unet": "config.json", "sd-controlnet": "config.json", "sdxl-controlnet": "config.json",
-             "sd-ip-adapter": "models/image_encoder/config.json"}.get(name, "model_index.json")
+    index = {
+        "lcm-sdxl-unet": "config.json",
+        "sd-controlnet": "config.json",
+        "sdxl-controlnet": "config.json",
+        "sd-ip-adapter": "models/image_encoder/config.json",
+    }.get(name, "model_index.json")
     assert (folder / index).is_file()
     assert weight_files(folder) == EXPECTED_WEIGHTS[name]
     pickled = [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]

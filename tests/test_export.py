@@ -16,33 +16,88 @@ import torch
 # (case id, example kind, command, extra flags, expected component folders)
 CASES = {
     "sd-text-to-image": ("sd", "sd", [], {"text_encoder", "unet", "vae_encoder", "vae_decoder"}),
-    "sd-image-to-image": ("sd", "sd", ["--task", "image-to-image"], {"text_encoder", "unet", "vae_encoder", "vae_decoder"}),
-    "sd-inpainting": ("sd-inpaint", "sd", ["--task", "inpainting"], {"text_encoder", "unet", "vae_encoder", "vae_decoder"}),
-    "sdxl-text-to-image": ("sdxl", "sd-xl", [], {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
-    "sdxl-image-to-image": ("sdxl", "sd-xl", ["--task", "image-to-image", "--batch-size", "2"],
-                            {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
-    "sdxl-turbo-shape": ("sdxl", "sd-xl", ["--height", "128", "--width", "96"],
-                         {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
-    "sdxl-refiner": ("sdxl-refiner", "sd-xl", ["--task", "image-to-image"], {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
+    "sd-image-to-image": (
+        "sd",
+        "sd",
+        ["--task", "image-to-image"],
+        {"text_encoder", "unet", "vae_encoder", "vae_decoder"},
+    ),
+    "sd-inpainting": (
+        "sd-inpaint",
+        "sd",
+        ["--task", "inpainting"],
+        {"text_encoder", "unet", "vae_encoder", "vae_decoder"},
+    ),
+    "sdxl-text-to-image": (
+        "sdxl",
+        "sd-xl",
+        [],
+        {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"},
+    ),
+    "sdxl-image-to-image": (
+        "sdxl",
+        "sd-xl",
+        ["--task", "image-to-image", "--batch-size", "2"],
+        {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"},
+    ),
+    "sdxl-turbo-shape": (
+        "sdxl",
+        "sd-xl",
+        ["--height", "128", "--width", "96"],
+        {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"},
+    ),
+    "sdxl-refiner": (
+        "sdxl-refiner",
+        "sd-xl",
+        ["--task", "image-to-image"],
+        {"text_encoder_2", "unet", "vae_encoder", "vae_decoder"},
+    ),
     "lcm": ("lcm", "lcm", ["--num-images-per-prompt", "2"], {"text_encoder", "unet", "vae_encoder", "vae_decoder"}),
-    "lcm-sdxl": ("sdxl", "sd-xl", ["--unet", "LCM_SDXL_UNET"], {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}),
+    "lcm-sdxl": (
+        "sdxl",
+        "sd-xl",
+        ["--unet", "LCM_SDXL_UNET"],
+        {"text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"},
+    ),
 }
 
 NEURON_KEYS = {
-    "compiler_type", "compiler_version", "inline_weights_to_neff", "dynamic_batch_size", "tensor_parallel_size",
-    "optlevel", "auto_cast", "auto_cast_type", "int_dtype", "float_dtype", "model_type", "output_attentions",
-    "output_hidden_states", "task",
+    "compiler_type",
+    "compiler_version",
+    "inline_weights_to_neff",
+    "dynamic_batch_size",
+    "tensor_parallel_size",
+    "optlevel",
+    "auto_cast",
+    "auto_cast_type",
+    "int_dtype",
+    "float_dtype",
+    "model_type",
+    "output_attentions",
+    "output_hidden_states",
+    "task",
 }
 STATIC_KEYS = {
     "text_encoder": {"static_batch_size", "static_sequence_length"},
     "text_encoder_2": {"static_batch_size", "static_sequence_length"},
-    "unet": {"static_batch_size", "static_sequence_length", "static_num_channels", "static_height", "static_width",
-             "static_vae_scale_factor"},
+    "unet": {
+        "static_batch_size",
+        "static_sequence_length",
+        "static_num_channels",
+        "static_height",
+        "static_width",
+        "static_vae_scale_factor",
+    },
     "vae_encoder": {"static_batch_size", "static_num_channels", "static_height", "static_width"},
     "vae_decoder": {"static_batch_size", "static_num_channels", "static_height", "static_width"},
 }
-MODEL_TYPES = {"text_encoder": "clip-text-model", "text_encoder_2": "clip-text-with-projection", "unet": "unet",
-               "vae_encoder": "vae-encoder", "vae_decoder": "vae-decoder"}
+MODEL_TYPES = {
+    "text_encoder": "clip-text-model",
+    "text_encoder_2": "clip-text-with-projection",
+    "unet": "unet",
+    "vae_encoder": "vae-encoder",
+    "vae_decoder": "vae-decoder",
+}
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +160,20 @@ def eager_outputs(model, name: str, inputs: list[torch.Tensor], input_names: lis
     if name.startswith("text_encoder"):
         out = model(named["input_ids"], output_hidden_states=True)
         first = {"text_embeds": out.text_embeds} if name == "text_encoder_2" else {"pooler_output": out.pooler_output}
-        return {**first, "last_hidden_state": out.last_hidden_state,
-                **{f"hidden_states.{i}": t for i, t in enumerate(out.hidden_states)}}
+        return {
+            **first,
+            "last_hidden_state": out.last_hidden_state,
+            **{f"hidden_states.{i}": t for i, t in enumerate(out.hidden_states)},
+        }
     if name == "unet":
         added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
-        out = model(named["sample"], named["timestep"], encoder_hidden_states=named["encoder_hidden_states"],
-                    timestep_cond=named.get("timestep_cond"), added_cond_kwargs=added or None)
+        out = model(
+            named["sample"],
+            named["timestep"],
+            encoder_hidden_states=named["encoder_hidden_states"],
+            timestep_cond=named.get("timestep_cond"),
+            added_cond_kwargs=added or None,
+        )
         return {"sample": out.sample}
     if name == "vae_encoder":
         return {"latent_parameters": model.encode(named["sample"]).latent_dist.parameters}
@@ -143,13 +206,18 @@ def test_export_has_the_optimum_neuron_layout(case, exported):
     source, output, result = exported(case)
     expected_components = CASES[case][3]
     folders = {p.name for p in output.iterdir() if p.is_dir()}
-    processors = {name for name in ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor") if (source / name).is_dir()}
+    processors = {
+        name for name in ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor") if (source / name).is_dir()
+    }
     assert folders == expected_components | processors
     assert "vae" not in folders
     assert sorted(p.name for p in output.iterdir() if p.is_file()) == ["manifest.json", "model_index.json"]
     index, source_index = (json.loads((d / "model_index.json").read_text()) for d in (output, source))
     if case == "lcm-sdxl":  # the swapped-in LCM UNet needs the LCM scheduler
-        assert index.pop("scheduler") == ["diffusers", "LCMScheduler"] and source_index.pop("scheduler")[1] != "LCMScheduler"
+        assert (
+            index.pop("scheduler") == ["diffusers", "LCMScheduler"]
+            and source_index.pop("scheduler")[1] != "LCMScheduler"
+        )
     assert index == source_index
     for name in expected_components:
         assert sorted(p.name for p in (output / name).iterdir()) == ["config.json", "model.neuron"]
@@ -173,15 +241,30 @@ def test_component_configs_carry_the_neuron_section(case, exported):
         assert neuron["task"] == ("feature-extraction" if name.startswith("text_encoder") else "semantic-segmentation")
         assert neuron["dynamic_batch_size"] is False
         assert neuron["auto_cast"] == "matmul" and neuron["auto_cast_type"] == "bf16" and neuron["optlevel"] == "2"
-        batch = pipeline["batch_size"] if name.startswith("text_encoder") else pipeline["batch_size"] * pipeline["num_images_per_prompt"]
+        batch = (
+            pipeline["batch_size"]
+            if name.startswith("text_encoder")
+            else pipeline["batch_size"] * pipeline["num_images_per_prompt"]
+        )
         assert neuron["static_batch_size"] == batch
         if name == "unet":
-            assert (neuron["static_height"], neuron["static_width"]) == (pipeline["height"] // 8, pipeline["width"] // 8)
+            assert (neuron["static_height"], neuron["static_width"]) == (
+                pipeline["height"] // 8,
+                pipeline["width"] // 8,
+            )
             assert neuron["static_vae_scale_factor"] == 8
         if name == "vae_encoder":
-            assert (neuron["static_height"], neuron["static_width"], neuron["static_num_channels"]) == (pipeline["height"], pipeline["width"], 3)
+            assert (neuron["static_height"], neuron["static_width"], neuron["static_num_channels"]) == (
+                pipeline["height"],
+                pipeline["width"],
+                3,
+            )
         if name == "vae_decoder":
-            assert (neuron["static_height"], neuron["static_width"], neuron["static_num_channels"]) == (pipeline["height"] // 8, pipeline["width"] // 8, 4)
+            assert (neuron["static_height"], neuron["static_width"], neuron["static_num_channels"]) == (
+                pipeline["height"] // 8,
+                pipeline["width"] // 8,
+                4,
+            )
         if name.startswith("text_encoder"):
             # optimum-neuron names the outputs from the top-level key; its neuron key is the exporter option.
             assert config["output_hidden_states"] is (pipeline["architecture"] != "sd")
@@ -201,11 +284,17 @@ def test_every_artifact_matches_eager_on_fresh_inputs(case, exported, tiny_model
         with torch.no_grad():
             got = artifact_outputs(artifact(*inputs), record["outputs"])
             want = eager_outputs(eager, name, inputs, [i["name"] for i in record["inputs"]])
-        hidden = [key for key in want if key.startswith("hidden_states.")] if manifest["pipeline"]["architecture"] != "sd" else []
+        hidden = (
+            [key for key in want if key.startswith("hidden_states.")]
+            if manifest["pipeline"]["architecture"] != "sd"
+            else []
+        )
         assert sorted(got) == sorted(EXPECTED_OUTPUTS[name] + hidden), name  # none dropped, none extra
         for key, tensor in got.items():
             assert tensor.shape == want[key].shape, (name, key)
-            assert torch.allclose(tensor, want[key], atol=1e-4, rtol=0), f"{name}.{key}: max diff {(tensor - want[key]).abs().max()}"
+            assert torch.allclose(tensor, want[key], atol=1e-4, rtol=0), (
+                f"{name}.{key}: max diff {(tensor - want[key]).abs().max()}"
+            )
 
 
 @pytest.mark.parametrize("case", ["sd-text-to-image", "sdxl-refiner", "lcm-sdxl"])
@@ -223,7 +312,10 @@ def test_manifest_hashes_match_the_files(case, exported):
         assert component["source_files"], name
         for source_file in component["source_files"]:
             assert len(source_file["sha256"]) == 64
-    assert manifest["environment"]["torch"] == torch.__version__.split("+")[0] or manifest["environment"]["torch"] == torch.__version__
+    assert (
+        manifest["environment"]["torch"] == torch.__version__.split("+")[0]
+        or manifest["environment"]["torch"] == torch.__version__
+    )
     assert manifest["config"]["backend"] == "cpu" and "token" not in manifest["config"]
 
 
@@ -245,7 +337,13 @@ def test_lcm_sdxl_unet_takes_timestep_cond_before_the_sdxl_extras(exported):
     _, output, result = exported("lcm-sdxl")
     record = json.loads((output / "manifest.json").read_text())["components"]["unet"]
     assert [i["name"] for i in record["inputs"]] == [
-        "sample", "timestep", "encoder_hidden_states", "timestep_cond", "text_embeds", "time_ids"]
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "timestep_cond",
+        "text_embeds",
+        "time_ids",
+    ]
     assert result["pipeline"]["is_lcm"] is True and result["pipeline"]["data_parallel_mode"] == "all"
     scheduler = json.loads((output / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "LCMScheduler"
@@ -275,14 +373,19 @@ def test_unet_batch_is_batch_times_images_per_prompt(exported):
 
 
 def test_components_subset_builds_only_those(tiny_model, cli, tmp_path):
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet,vae_decoder")
+    result = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet,vae_decoder"
+    )
     assert result.exit_code == 0, result
     assert {p.name for p in (tmp_path / "out").iterdir() if (p / "model.neuron").exists()} == {"unet", "vae_decoder"}
 
 
 def test_force_replaces_an_existing_export(tiny_model, cli, tmp_path):
     output = tmp_path / "out"
-    assert cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code == 0
+    assert (
+        cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "vae_decoder").exit_code
+        == 0
+    )
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--components", "unet", "--force")
     assert result.exit_code == 0, result
     assert (output / "unet" / "model.neuron").exists() and not (output / "vae_decoder").exists()
@@ -290,7 +393,9 @@ def test_force_replaces_an_existing_export(tiny_model, cli, tmp_path):
 
 
 def test_plain_progress_lines_when_not_a_terminal(tiny_model, cli, tmp_path):
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "vae_decoder")
+    result = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "vae_decoder"
+    )
     assert result.exit_code == 0, result
     assert "[1/1] vae_decoder: tracing" in result.stdout
     assert "validation passed" in result.stdout
@@ -298,8 +403,19 @@ def test_plain_progress_lines_when_not_a_terminal(tiny_model, cli, tmp_path):
 
 
 def test_disable_validation_is_recorded_not_passed(tiny_model, cli, tmp_path):
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--components", "unet",
-                 "--disable-validation", "--json")
+    result = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "out",
+        "--components",
+        "unet",
+        "--disable-validation",
+        "--json",
+    )
     assert result.exit_code == 0, result
     validation = json.loads(result.stdout)["components"]["unet"]["validation"]
     assert validation["status"] == "skipped" and "disable-validation" in validation["reason"]
@@ -307,14 +423,31 @@ def test_disable_validation_is_recorded_not_passed(tiny_model, cli, tmp_path):
 
 def test_default_output_is_derived_from_model_family_and_shapes(tiny_model, cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = cli("sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--components", "vae_decoder", "--batch-size", "2")
+    result = cli(
+        "sd-xl", "-m", tiny_model("sdxl"), "--backend", "cpu", "--components", "vae_decoder", "--batch-size", "2"
+    )
     assert result.exit_code == 0, result
     assert (tmp_path / f"{tiny_model('sdxl').name}-sd-xl-neuron-64x64-b2" / "vae_decoder" / "model.neuron").exists()
 
 
 def test_optimum_cli_spellings_and_positional_output(tiny_model, cli, tmp_path):
-    result = cli("sd", "--model", tiny_model("sd"), "--backend", "cpu", "--batch_size", "2", "--auto_cast", "all",
-                 "--auto_cast_type", "fp16", "--components", "unet", "--json", tmp_path / "sd_neuron")
+    result = cli(
+        "sd",
+        "--model",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--auto_cast",
+        "all",
+        "--auto_cast_type",
+        "fp16",
+        "--components",
+        "unet",
+        "--json",
+        tmp_path / "sd_neuron",
+    )
     assert result.exit_code == 0, result
     neuron = json.loads((tmp_path / "sd_neuron" / "unet" / "config.json").read_text())["neuron"]
     assert (neuron["static_batch_size"], neuron["auto_cast"], neuron["auto_cast_type"]) == (2, "all", "fp16")

@@ -52,7 +52,8 @@ def test_plan_json_lists_each_key_once_and_ci_runners_build_exactly_those(cli, t
     # nothing built here: the first export downloads both, the second only its own VAE decoder
     assert [{n: c["origin"] for n, c in e["components"].items()} for e in exports] == [
         {"text_encoder": "downloaded", "vae_decoder": "downloaded"},
-        {"text_encoder": "cached", "vae_decoder": "downloaded"}]
+        {"text_encoder": "cached", "vae_decoder": "downloaded"},
+    ]
     assembled = {c["cache_key"] for m in manifests(tmp_path / "exports") for c in m["components"].values()}
     assert assembled == {b["cache_key"] for b in builds}
 
@@ -70,12 +71,34 @@ def test_executor_ray_without_ray_installed_fails_at_once_with_the_install_comma
     )
     cache = tmp_path / "cache"
     result = subprocess.run(
-        [sys.executable, "-c", hide_ray, "sd", "-m", str(tiny_model("sd")), "--backend", "cpu", "--executor", "ray",
-         "--ray-address", "127.0.0.1:1", "--remote-cache", f"file://{tmp_path / 'remote'}", "--cache-dir", str(cache),
-         "-o", str(tmp_path / "out")], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            hide_ray,
+            "sd",
+            "-m",
+            str(tiny_model("sd")),
+            "--backend",
+            "cpu",
+            "--executor",
+            "ray",
+            "--ray-address",
+            "127.0.0.1:1",
+            "--remote-cache",
+            f"file://{tmp_path / 'remote'}",
+            "--cache-dir",
+            str(cache),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip() == ("neuron-export: error: executor 'ray' needs Ray, which is not installed; run "
-                                     "pip install 'neuron-export[ray]', or use --executor local.")
+    assert result.stderr.strip() == (
+        "neuron-export: error: executor 'ray' needs Ray, which is not installed; run "
+        "pip install 'neuron-export[ray]', or use --executor local."
+    )
     assert not cache.exists() and not (tmp_path / "out").exists()  # refused before anything was read or written
 
 
@@ -98,8 +121,10 @@ def test_several_configs_plan_as_one_set_of_builds(cli, tiny_model, tmp_path):
     configs = []
     for side in (64, 128):
         config = tmp_path / f"sd-{side}.yaml"
-        config.write_text(f"family: sd\nmodel: {model}\nbackend: cpu\nheight: {side}\nwidth: {side}\n"
-                          f"components: [text_encoder, unet]\noutput: {tmp_path / f'out-{side}'}\n")
+        config.write_text(
+            f"family: sd\nmodel: {model}\nbackend: cpu\nheight: {side}\nwidth: {side}\n"
+            f"components: [text_encoder, unet]\noutput: {tmp_path / f'out-{side}'}\n"
+        )
         configs.append(config)
     planned = cli("plan", "build", *configs, "--json")
     assert planned.exit_code == 0, planned

@@ -70,20 +70,47 @@ CASES = {
         Case("sd-inpaint", "sd", "sd-inpaint", "StableDiffusionInpaintPipeline", "inpainting", call={"strength": 0.9}),
         Case("sdxl", "sd-xl", "sdxl", "StableDiffusionXLPipeline"),
         Case("sdxl-inpaint", "sd-xl", "sdxl", "StableDiffusionXLInpaintPipeline", "inpainting", call={"strength": 0.9}),
-        Case("sdxl-refiner", "sd-xl", "sdxl-refiner", "StableDiffusionXLImg2ImgPipeline", "image-to-image",
-             call={"strength": 0.7}),
+        Case(
+            "sdxl-refiner",
+            "sd-xl",
+            "sdxl-refiner",
+            "StableDiffusionXLImg2ImgPipeline",
+            "image-to-image",
+            call={"strength": 0.7},
+        ),
         Case("lcm", "lcm", "lcm", "LatentConsistencyModelPipeline"),
-        Case("lcm-img2img", "lcm", "lcm", "LatentConsistencyModelImg2ImgPipeline", "image-to-image",
-             call={"strength": 0.8}),
+        Case(
+            "lcm-img2img",
+            "lcm",
+            "lcm",
+            "LatentConsistencyModelImg2ImgPipeline",
+            "image-to-image",
+            call={"strength": 0.8},
+        ),
         # guidance given: the SDXL class's default (5.0) is not what generate uses for an LCM UNet (LCM's 8.5;
         # tests/test_generate_lcm_sdxl.py checks that default)
-        Case("lcm-sdxl", "sd-xl", "sdxl", "StableDiffusionXLPipeline", unet="lcm-sdxl-unet", lcm_scheduler=True,
-             call={"guidance_scale": 8.5}),
+        Case(
+            "lcm-sdxl",
+            "sd-xl",
+            "sdxl",
+            "StableDiffusionXLPipeline",
+            unet="lcm-sdxl-unet",
+            lcm_scheduler=True,
+            call={"guidance_scale": 8.5},
+        ),
         # 2 prompts x 2 images: the UNet is compiled at 4 and guidance hands it 8 (two chunks); the VAE
         # encoder is compiled at 4 and gets the one init image (padded, then the padding dropped).
-        Case("sd-img2img-b2n2", "sd", "sd", "StableDiffusionImg2ImgPipeline", "image-to-image",
-             flags=("--batch-size", "2", "--num-images-per-prompt", "2"), call={"strength": 0.7},
-             prompts=(PROMPT, "the cat"), images_per_prompt=2),
+        Case(
+            "sd-img2img-b2n2",
+            "sd",
+            "sd",
+            "StableDiffusionImg2ImgPipeline",
+            "image-to-image",
+            flags=("--batch-size", "2", "--num-images-per-prompt", "2"),
+            call={"strength": 0.7},
+            prompts=(PROMPT, "the cat"),
+            images_per_prompt=2,
+        ),
     )
 }
 
@@ -98,8 +125,19 @@ def export(tiny_model, tmp_path_factory, cli):
         if name not in built:
             case = CASES[name]
             out = root / name
-            args = [case.command, "-m", tiny_model(case.model), "--task", case.task, "--backend", "cpu",
-                    "--disable-validation", "-o", out, *case.flags]
+            args = [
+                case.command,
+                "-m",
+                tiny_model(case.model),
+                "--task",
+                case.task,
+                "--backend",
+                "cpu",
+                "--disable-validation",
+                "-o",
+                out,
+                *case.flags,
+            ]
             if case.unet:
                 args += ["--unet", tiny_model(case.unet)]
             done = cli(*args)
@@ -143,9 +181,14 @@ def eager_images(case: Case, tiny_model) -> np.ndarray:
         arguments["mask_image"] = arguments.pop("mask")
     if case.task == "text-to-image" or case.task == "inpainting":
         arguments.update(height=64, width=64)
-    return pipe(list(case.prompts), num_inference_steps=STEPS,
-                num_images_per_prompt=case.images_per_prompt, generator=torch.Generator("cpu").manual_seed(0),
-                output_type="np", **arguments).images
+    return pipe(
+        list(case.prompts),
+        num_inference_steps=STEPS,
+        num_images_per_prompt=case.images_per_prompt,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+        **arguments,
+    ).images
 
 
 def assert_only_compiled_shapes(pipe: Any, export_dir: pathlib.Path) -> None:
@@ -180,8 +223,16 @@ def test_cpu_export_matches_the_eager_pipeline(export, tiny_model, name):
     if case.lcm_scheduler or case.command == "lcm":
         assert isinstance(pipe.scheduler, diffusers.LCMScheduler)
     steps_seen: list[tuple[int, int]] = []
-    ours = generate_images(export_dir, list(case.prompts), steps=STEPS, seed=0, output_type="np", pipeline=pipe,
-                           on_step=lambda step, total: steps_seen.append((step, total)), **call_arguments(case))
+    ours = generate_images(
+        export_dir,
+        list(case.prompts),
+        steps=STEPS,
+        seed=0,
+        output_type="np",
+        pipeline=pipe,
+        on_step=lambda step, total: steps_seen.append((step, total)),
+        **call_arguments(case),
+    )
     reference = eager_images(case, tiny_model)
 
     assert ours.shape == reference.shape == (len(case.prompts) * case.images_per_prompt, 64, 64, 3)
@@ -271,8 +322,10 @@ def test_generate_without_flags_is_the_diffusers_default_call(export, tiny_model
     used = spy_on_defaults(pipe)
     reference = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), **extra).images[0]
     strength = f" strength={used['strength']}" if "strength" in used else ""
-    assert first_line == (f"generate: steps={used['steps']} guidance={float(pipe.guidance_scale)}{strength} seed=0 "
-                          f"size=64x64 (height x width) images=1 (defaults: {case.pipeline}.__call__)")
+    assert first_line == (
+        f"generate: steps={used['steps']} guidance={float(pipe.guidance_scale)}{strength} seed=0 "
+        f"size=64x64 (height x width) images=1 (defaults: {case.pipeline}.__call__)"
+    )
     ours, theirs = written_pixels(out), np.asarray(reference.convert("RGB")).astype(np.int16)
     assert ours.shape == theirs.shape == (64, 64, 3)
     assert np.abs(ours - theirs).max() <= 1  # float outputs agree to ~1e-6; 8-bit rounding can differ by one
@@ -290,8 +343,10 @@ def test_a_turbo_export_defaults_to_its_model_card(export, tiny_model, tmp_path,
     done = cli("generate", turbo, "--prompt", PROMPT, "-o", out)
     assert done.exit_code == 0, done
     first_line = done.stdout.splitlines()[0]
-    assert first_line == ("generate: steps=1 guidance=0.0 seed=0 size=64x64 (height x width) images=1 "
-                          "(defaults: the stabilityai/sdxl-turbo model card)")
+    assert first_line == (
+        "generate: steps=1 guidance=0.0 seed=0 size=64x64 (height x width) images=1 "
+        "(defaults: the stabilityai/sdxl-turbo model card)"
+    )
     pipe = eager_pipeline(CASES["sdxl"], tiny_model)
     card_call = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(0))
     assert np.abs(written_pixels(out) - np.asarray(card_call.images[0]).astype(np.int16)).max() <= 1
@@ -319,8 +374,22 @@ def test_several_images_become_one_grid(export, tmp_path, cli):
     init = tmp_path / "init.png"
     init_image().resize((96, 80)).save(init)
     out = tmp_path / "grid.png"
-    args = ["generate", export("sd-img2img-b2n2"), "-p", PROMPT, "-p", "the cat", "--image", init,
-            "--strength", "0.7", "--steps", "2", "-o", out]
+    args = [
+        "generate",
+        export("sd-img2img-b2n2"),
+        "-p",
+        PROMPT,
+        "-p",
+        "the cat",
+        "--image",
+        init,
+        "--strength",
+        "0.7",
+        "--steps",
+        "2",
+        "-o",
+        out,
+    ]
     done = cli(*args)
     assert done.exit_code == 0, done
     with Image.open(out) as written:
@@ -332,8 +401,18 @@ def test_several_images_become_one_grid(export, tmp_path, cli):
 
 def test_one_prompt_with_batch_size_fills_the_compiled_batch(export, tmp_path, cli, no_artifact_loads):
     out = tmp_path / "grid.png"
-    args = ["generate", export("sd-img2img-b2n2"), "-p", PROMPT, "--batch-size", "2", "--image", tmp_path / "missing.png",
-            "-o", out]
+    args = [
+        "generate",
+        export("sd-img2img-b2n2"),
+        "-p",
+        PROMPT,
+        "--batch-size",
+        "2",
+        "--image",
+        tmp_path / "missing.png",
+        "-o",
+        out,
+    ]
     done = cli(*args)
     assert done.exit_code == 2
     assert "--image" in done.stderr  # the batch fits; the missing image is what is refused
@@ -372,8 +451,11 @@ REFUSALS = [
     ("sd", {"prompt": [PROMPT, "the cat"]}, ["batch 2", "batch 1"]),
     ("sd", {"batch_size": 3}, ["batch 3", "batch 1"]),
     ("sd-img2img-b2n2", {"prompt": [PROMPT], "image": "init"}, ["batch 1", "batch 2"]),
-    ("sd-img2img-b2n2", {"prompt": [PROMPT, "the cat"], "image": "init", "num_images_per_prompt": 1},
-     ["--num-images-per-prompt 1", "num-images-per-prompt 2"]),
+    (
+        "sd-img2img-b2n2",
+        {"prompt": [PROMPT, "the cat"], "image": "init", "num_images_per_prompt": 1},
+        ["--num-images-per-prompt 1", "num-images-per-prompt 2"],
+    ),
     ("sd-inpaint", {"image": "init"}, ["--mask", "inpainting"]),
     ("sd-inpaint", {"mask": "mask"}, ["--image", "inpainting"]),
     ("sd-img2img", {}, ["--image", "image-to-image"]),
@@ -391,8 +473,9 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("name", "arguments", "words"), REFUSALS)
-def test_requests_that_do_not_fit_are_refused_before_loading(export, tmp_path, no_artifact_loads, name, arguments,
-                                                              words):
+def test_requests_that_do_not_fit_are_refused_before_loading(
+    export, tmp_path, no_artifact_loads, name, arguments, words
+):
     from neuron_export.runtime.generation import generate_images
 
     init = tmp_path / "init.png"
@@ -470,7 +553,7 @@ class RecordingTorchNeuronx(types.ModuleType):
         self.core_sets: list[tuple[Any, int, int]] = []
         self.experimental = types.SimpleNamespace(set_neuron_cores=self._set_neuron_cores)
 
-    def DataParallel(self, module: Any, device_ids: list[int], **kwargs: Any) -> RecordingDataParallel:  # noqa: N802
+    def DataParallel(self, module: Any, device_ids: list[int], **kwargs: Any) -> RecordingDataParallel:
         return RecordingDataParallel(self, module, device_ids, **kwargs)
 
     def move_trace_to_device(self, module: Any, device_id: int) -> None:
@@ -548,8 +631,11 @@ def test_neuron_non_inlined_weights_are_moved_to_the_first_core(export, tmp_path
     export_dir = as_neuron_export(export("sd"), tmp_path / "sd-separate", inline_weights=False)
     pipe = load_pipeline(export_dir, device_ids=(2, 3))
     moved = {id(module): device for module, device in fake_neuron_sdk.moved}
-    assert moved == {id(pipe.text_encoder.runner.module): 2, id(pipe.vae.encoder_runner.module): 2,
-                     id(pipe.vae.decoder_runner.module): 2}
+    assert moved == {
+        id(pipe.text_encoder.runner.module): 2,
+        id(pipe.vae.encoder_runner.module): 2,
+        id(pipe.vae.decoder_runner.module): 2,
+    }
     assert fake_neuron_sdk.data_parallel[0].device_ids == [2, 3]
 
 

@@ -21,8 +21,18 @@ def lcm_sdxl(tiny_model, tmp_path_factory):
     from helpers import run_cli
 
     out = tmp_path_factory.mktemp("lcm-sdxl") / "export"
-    result = run_cli("sd-xl", "-m", tiny_model("sdxl"), "--unet", tiny_model("lcm-sdxl-unet"), "--backend", "cpu",
-                     "--disable-validation", "-o", out)
+    result = run_cli(
+        "sd-xl",
+        "-m",
+        tiny_model("sdxl"),
+        "--unet",
+        tiny_model("lcm-sdxl-unet"),
+        "--backend",
+        "cpu",
+        "--disable-validation",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result
     return out
 
@@ -62,15 +72,16 @@ def test_the_scheduler_config_is_a_proper_lcm_scheduler(lcm_sdxl):
 def test_generate_takes_lcm_defaults_and_matches_diffusers_lcm_sdxl_recipe(lcm_sdxl, tiny_model, tmp_path):
     import diffusers
     import torch
-    from PIL import Image
-
     from helpers import run_cli
+    from PIL import Image
 
     out = tmp_path / "out.png"
     result = run_cli("generate", lcm_sdxl, "--prompt", PROMPT, "-o", out)
     assert result.exit_code == 0, result
-    steps, guidance = (inspect.signature(diffusers.LatentConsistencyModelPipeline.__call__).parameters[name].default
-                       for name in ("num_inference_steps", "guidance_scale"))
+    steps, guidance = (
+        inspect.signature(diffusers.LatentConsistencyModelPipeline.__call__).parameters[name].default
+        for name in ("num_inference_steps", "guidance_scale")
+    )
     assert (steps, guidance) == (4, 8.5)
     first_line = result.stdout.splitlines()[0]
     assert first_line.startswith(f"generate: steps={steps} guidance={guidance} seed=0")
@@ -81,8 +92,9 @@ def test_generate_takes_lcm_defaults_and_matches_diffusers_lcm_sdxl_recipe(lcm_s
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"), unet=unet)
     pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    reference = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance,
-                     generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    reference = pipe(
+        PROMPT, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0)
+    ).images[0]
     with Image.open(out) as written:
         ours = np.asarray(written.convert("RGB")).astype(np.int16)
     assert np.abs(ours - np.asarray(reference).astype(np.int16)).max() <= 1

@@ -25,8 +25,9 @@ def exports(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("refiner")
     base, refiner = root / "base", root / "refiner"
     for model, task, out in (("sdxl", "text-to-image", base), ("sdxl-refiner", "image-to-image", refiner)):
-        result = run_cli("sd-xl", "-m", tiny_model(model), "--task", task, "--backend", "cpu", "--disable-validation",
-                         "-o", out)
+        result = run_cli(
+            "sd-xl", "-m", tiny_model(model), "--task", task, "--backend", "cpu", "--disable-validation", "-o", out
+        )
         assert result.exit_code == 0, result
     return base, refiner
 
@@ -43,12 +44,24 @@ def diffusers_base_and_refiner(tiny_model, high_noise_frac):
     generator = torch.Generator("cpu").manual_seed(0)
     if high_noise_frac is None:
         latents = base(prompt=PROMPT, num_inference_steps=STEPS, output_type="latent", generator=generator).images
-        return refiner(prompt=PROMPT, num_inference_steps=STEPS, image=latents, generator=generator,
-                       output_type="np").images
-    latents = base(prompt=PROMPT, num_inference_steps=STEPS, denoising_end=high_noise_frac, output_type="latent",
-                   generator=generator).images
-    return refiner(prompt=PROMPT, num_inference_steps=STEPS, denoising_start=high_noise_frac, image=latents,
-                   generator=generator, output_type="np").images
+        return refiner(
+            prompt=PROMPT, num_inference_steps=STEPS, image=latents, generator=generator, output_type="np"
+        ).images
+    latents = base(
+        prompt=PROMPT,
+        num_inference_steps=STEPS,
+        denoising_end=high_noise_frac,
+        output_type="latent",
+        generator=generator,
+    ).images
+    return refiner(
+        prompt=PROMPT,
+        num_inference_steps=STEPS,
+        denoising_start=high_noise_frac,
+        image=latents,
+        generator=generator,
+        output_type="np",
+    ).images
 
 
 @pytest.mark.parametrize("high_noise_frac", [0.5, None])
@@ -56,7 +69,9 @@ def test_base_and_refiner_equal_diffusers_on_the_sources(exports, tiny_model, hi
     from neuron_export.runtime.generation import generate_images
 
     base, refiner = exports
-    ours = generate_images(base, PROMPT, steps=STEPS, refiner=refiner, high_noise_frac=high_noise_frac, output_type="np")
+    ours = generate_images(
+        base, PROMPT, steps=STEPS, refiner=refiner, high_noise_frac=high_noise_frac, output_type="np"
+    )
     theirs = diffusers_base_and_refiner(tiny_model, high_noise_frac)
     assert ours.shape == theirs.shape == (1, 64, 64, 3)
     assert np.abs(ours - theirs).max() <= ATOL
@@ -66,15 +81,31 @@ def test_base_and_refiner_equal_diffusers_on_the_sources(exports, tiny_model, hi
 
 
 def test_the_png_records_prompt_seed_steps_guidance_and_exports(exports, tmp_path):
+    from helpers import run_cli
     from PIL import Image
 
-    from helpers import run_cli
     from neuron_export.manifest import sha256_file
 
     base, refiner = exports
     out = tmp_path / "refined.png"
-    result = run_cli("generate", base, "--refiner", refiner, "--high-noise-frac", "0.5", "--prompt", PROMPT,
-                     "--steps", STEPS, "--seed", 7, "--guidance-scale", 6.5, "-o", out)
+    result = run_cli(
+        "generate",
+        base,
+        "--refiner",
+        refiner,
+        "--high-noise-frac",
+        "0.5",
+        "--prompt",
+        PROMPT,
+        "--steps",
+        STEPS,
+        "--seed",
+        7,
+        "--guidance-scale",
+        6.5,
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result
     assert f"refiner: {refiner} (base to 0.5 of the schedule, then the refiner)" in result.stdout
     with Image.open(out) as written:
@@ -89,9 +120,8 @@ def test_the_png_records_prompt_seed_steps_guidance_and_exports(exports, tmp_pat
 
 
 def test_a_plain_generate_records_its_request_too(exports, tmp_path):
-    from PIL import Image
-
     from helpers import run_cli
+    from PIL import Image
 
     base, _ = exports
     out = tmp_path / "plain.png"
@@ -138,6 +168,7 @@ def test_refiners_that_do_not_fit_are_refused_in_one_sentence(exports, tmp_path)
     from PIL import Image
 
     Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
-    result = run_cli("generate", refiner, "-p", PROMPT, "--image", tmp_path / "x.png", "-o", tmp_path / "n.png",
-                     "--refiner", refiner)
+    result = run_cli(
+        "generate", refiner, "-p", PROMPT, "--image", tmp_path / "x.png", "-o", tmp_path / "n.png", "--refiner", refiner
+    )
     assert result.exit_code == 2 and "--refiner follows an SDXL text-to-image export" in result.stderr, result

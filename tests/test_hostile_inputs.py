@@ -131,8 +131,9 @@ def test_prune_all_during_an_export_does_not_break_its_assembly(cli, tiny_model,
         if event.stage == "cached" and not pruned:
             pruned.append(cli("cache", "prune", "--all"))
 
-    result = neuron_export.export("sd", model=str(model), backend="cpu", output=tmp_path / "second",
-                                  on_event=prune_when_cached)
+    result = neuron_export.export(
+        "sd", model=str(model), backend="cpu", output=tmp_path / "second", on_event=prune_when_cached
+    )
     assert pruned and pruned[0].exit_code == 0, pruned
     assert "cached" in result.origins.values()  # held while it assembled; the others were pruned, then rebuilt
     assert all((tmp_path / "second" / name / "model.neuron").is_file() for name in result.origins)
@@ -185,8 +186,12 @@ def test_a_shard_index_naming_dev_zero_is_refused_not_read(tiny_model, tmp_path)
     model = model_copy(tiny_model, tmp_path)
     shard_index(model, ["/dev/zero"], pickled=True)
     try:  # run apart: reading /dev/zero never ends
-        done = subprocess.run([sys.executable, "-m", "neuron_export", "plan", "sd", "-m", str(model), "--backend", "cpu"],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "neuron_export", "plan", "sd", "-m", str(model), "--backend", "cpu"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("plan kept reading /dev/zero")
     assert done.returncode == 2, done
@@ -214,14 +219,14 @@ def test_a_config_sample_size_obeys_the_size_limits(cli, tiny_model, tmp_path):
     assert cli("plan", "sd", "-m", model, "--backend", "cpu", "--height", "64", "--width", "64").exit_code == 0
 
 
-def rewrite_header(path: Path, change) -> None:  # noqa: ANN001
+def rewrite_header(path: Path, change) -> None:
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
+    header = json.loads(data[8 : 8 + size])
     change(header)
     encoded = json.dumps(header).encode()
     encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size:])
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size :])
 
 
 def first_tensor(header: dict) -> dict:
@@ -254,8 +259,22 @@ def test_a_lora_with_a_lying_header_is_one_sentence(cli, tiny_model, tmp_path):
 
 def test_a_shape_matrix_has_a_cap(cli, tiny_model):
     sides = ",".join(str(64 + 8 * i) for i in range(5))
-    message = one_sentence_error(cli("plan", "sd", "-m", tiny_model("sd"), "--backend", "cpu", "--height", sides,
-                                     "--width", sides, "--batch-size", "1,2,3"))
+    message = one_sentence_error(
+        cli(
+            "plan",
+            "sd",
+            "-m",
+            tiny_model("sd"),
+            "--backend",
+            "cpu",
+            "--height",
+            sides,
+            "--width",
+            sides,
+            "--batch-size",
+            "1,2,3",
+        )
+    )
     assert "75" in message and "64" in message
 
 
@@ -269,7 +288,9 @@ def test_a_malformed_set_value_is_one_sentence(cli, tiny_model, value):
 def test_a_cache_dir_that_is_not_a_directory_is_one_sentence(cli, tiny_model, tmp_path):
     not_a_folder = tmp_path / "cache"
     not_a_folder.write_text("mine")
-    message = one_sentence_error(cli("plan", "sd", "-m", tiny_model("sd"), "--backend", "cpu", "--cache-dir", not_a_folder))
+    message = one_sentence_error(
+        cli("plan", "sd", "-m", tiny_model("sd"), "--backend", "cpu", "--cache-dir", not_a_folder)
+    )
     assert str(not_a_folder) in message and not_a_folder.read_text() == "mine"
 
 

@@ -9,7 +9,6 @@ import pytest
 from helpers import export_tiny as export
 
 
-
 @pytest.fixture(scope="module")
 def sd_export(tiny_model, tmp_path_factory) -> Path:
     return export(tiny_model("sd"), tmp_path_factory.mktemp("inspect") / "sd", "sd")
@@ -40,7 +39,10 @@ def test_summary_shows_pipeline_source_flags_versions_sizes_validation_and_times
     assert "64x64 pixels (height x width), batch 1" in out and "data-parallel mode unet" in out
     assert manifest["source"]["model_id"] in out
     assert "--model-type=unet-inference" in out and "--auto-cast matmult" in out  # compiler flags
-    assert f"torch {manifest['environment']['torch']}" in out and f"diffusers {manifest['environment']['diffusers']}" in out
+    assert (
+        f"torch {manifest['environment']['torch']}" in out
+        and f"diffusers {manifest['environment']['diffusers']}" in out
+    )
     assert "passed (max diff" in out  # validation
     assert "peak RSS" in out and "KiB" in out and "MiB" in out  # sizes, RSS
     assert "backend cpu" in out and "torchscript-cpu" in out
@@ -67,7 +69,8 @@ def test_summary_data_has_totals(sd_export):
     info = summary(manifest, sd_export)
     assert [c["name"] for c in info["components"]] == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
     assert info["totals"]["artifact_bytes"] == sum(
-        (sd_export / c / "model.neuron").stat().st_size for c in ("text_encoder", "unet", "vae_encoder", "vae_decoder"))
+        (sd_export / c / "model.neuron").stat().st_size for c in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+    )
     assert info["totals"]["files"] == sum(1 for p in sd_export.rglob("*") if p.is_file())
 
 

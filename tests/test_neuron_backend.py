@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conformance.calls import read_trace_calls  # tests/conformance/calls.py: the double's record, merged
 
 FAST = "--enable-fast-loading-neuron-binaries"
@@ -29,8 +28,13 @@ def neuron_sdk(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(DOUBLES))
     for name in double_modules():
         monkeypatch.delitem(sys.modules, name, raising=False)
-    for key in ("NEURON_FUSE_SOFTMAX", "NEURON_CUSTOM_SILU", "TORCHDYNAMO_DISABLE", "TORCH_NEURONX_RECORD",
-                "TORCH_NEURONX_FAIL_ON"):
+    for key in (
+        "NEURON_FUSE_SOFTMAX",
+        "NEURON_CUSTOM_SILU",
+        "TORCHDYNAMO_DISABLE",
+        "TORCH_NEURONX_RECORD",
+        "TORCH_NEURONX_FAIL_ON",
+    ):
         monkeypatch.delenv(key, raising=False)
     yield lambda: read_trace_calls(tmp_path / "torch_neuronx_calls.jsonl")
     for name in double_modules():
@@ -58,16 +62,22 @@ def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli,
     assert calls["vae_decoder"]["compiler_args"] == common + [FAST, "--model-type=unet-inference"]
     for call in calls.values():
         assert call["inline_weights_to_neff"] is True
-        assert call["environment"] == {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1",
-                                       "TORCHDYNAMO_DISABLE": "1"}
+        assert call["environment"] == {
+            "NEURON_FUSE_SOFTMAX": "1",
+            "NEURON_CUSTOM_SILU": "1",
+            "TORCHDYNAMO_DISABLE": "1",
+        }
         assert call["cpu_backend"] is True  # no Neuron device here: torch-neuronx compiles on the CPU
         workdir = Path(call["compiler_workdir"])
         assert not workdir.is_relative_to(output) and not workdir.exists()  # beside the export, removed after success
     assert calls["unet"]["input_shapes"] == [[1, 4, 8, 8], [1], [1, 77, 32]]
     assert calls["unet"]["input_dtypes"] == ["float32", "float32", "float32"]
     assert {name: call["after_trace"] for name, call in calls.items()} == {
-        "text_encoder": ["async_load"], "unet": ["async_load", "lazy_load"], "vae_encoder": ["async_load"],
-        "vae_decoder": ["async_load"]}
+        "text_encoder": ["async_load"],
+        "unet": ["async_load", "lazy_load"],
+        "vae_encoder": ["async_load"],
+        "vae_decoder": ["async_load"],
+    }
     assert "NEURON_FUSE_SOFTMAX" not in os.environ  # set only while compiling
 
     manifest = json.loads((output / "manifest.json").read_text())
@@ -75,8 +85,14 @@ def test_sd_export_passes_the_flag_table_to_torch_neuronx_trace(neuron_sdk, cli,
         assert record["backend"] == "neuron" and record["compiler_type"] == "neuronx-cc"
         assert record["compiler_version"] == "2.99.0+test.double"
         assert record["compiler_args"] == calls[name]["compiler_args"]
-        assert record["validation"] == {"status": "skipped", "reason": "skipped: no Neuron device",
-                                        "max_abs_diff": None, "atol": record["validation"]["atol"], "by": None, "reused": False}
+        assert record["validation"] == {
+            "status": "skipped",
+            "reason": "skipped: no Neuron device",
+            "max_abs_diff": None,
+            "atol": record["validation"]["atol"],
+            "by": None,
+            "reused": False,
+        }
         neuron = json.loads((output / name / "config.json").read_text())["neuron"]
         assert neuron["compiler_type"] == "neuronx-cc" and neuron["compiler_version"] == "2.99.0+test.double"
     assert not list(tmp_path.glob(".sd_neuron.*"))
@@ -87,19 +103,45 @@ def test_sdxl_unet_is_compiled_without_fast_loading(neuron_sdk, cli, tiny_model,
     assert result.exit_code == 0, result
     calls = calls_by_component(neuron_sdk())
     assert list(calls) == ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]
-    assert FAST not in calls["unet"]["compiler_args"] and "--model-type=unet-inference" in calls["unet"]["compiler_args"]
+    assert (
+        FAST not in calls["unet"]["compiler_args"] and "--model-type=unet-inference" in calls["unet"]["compiler_args"]
+    )
     assert calls["text_encoder_2"]["compiler_args"][-2:] == ["--model-type=transformer", FAST]
     assert calls["unet"]["input_shapes"] == [[1, 4, 8, 8], [1], [1, 77, 64], [1, 32], [1, 6]]
 
 
 def test_target_optlevel_auto_cast_and_inline_flags_reach_the_compiler(neuron_sdk, cli, tiny_model, tmp_path):
     output = tmp_path / "trn"
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "neuron", "-o", output, "--target", "trn1", "-O", "3",
-                 "--auto-cast", "none", "--no-inline-weights", "--components", "unet")
+    result = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "neuron",
+        "-o",
+        output,
+        "--target",
+        "trn1",
+        "-O",
+        "3",
+        "--auto-cast",
+        "none",
+        "--no-inline-weights",
+        "--components",
+        "unet",
+    )
     assert result.exit_code == 0, result
     (call,) = neuron_sdk()
-    assert call["compiler_args"] == ["--auto-cast", "none", "--optlevel", "3", "--target", "trn1", FAST,
-                                     "--model-type=unet-inference"]
+    assert call["compiler_args"] == [
+        "--auto-cast",
+        "none",
+        "--optlevel",
+        "3",
+        "--target",
+        "trn1",
+        FAST,
+        "--model-type=unet-inference",
+    ]
     assert call["inline_weights_to_neff"] is False
     neuron = json.loads((output / "unet" / "config.json").read_text())["neuron"]
     assert neuron["inline_weights_to_neff"] is False and neuron["optlevel"] == "3" and neuron["instance_type"] == "trn1"
@@ -150,19 +192,29 @@ def test_cpu_backend_is_passed_exactly_when_no_neuron_device_is_present(neuron_s
     devices.write_text("Character devices:\n  1 mem\n245 neuron\n")
     assert neuron.device_present() and neuron.validation_skip_reason() is None
 
-    request = CompileRequest(component="vae_decoder", compiler_args=("--optlevel", "2"), inline_weights=True,
-                             cpu_backend=not neuron.device_present(), after_trace=("async_load",),
-                             workdir=tmp_path / "work" / "vae_decoder")
+    request = CompileRequest(
+        component="vae_decoder",
+        compiler_args=("--optlevel", "2"),
+        inline_weights=True,
+        cpu_backend=not neuron.device_present(),
+        after_trace=("async_load",),
+        workdir=tmp_path / "work" / "vae_decoder",
+    )
     neuron.compile(torch.nn.Identity(), [torch.zeros(1, 4)], request)
     (call,) = neuron_sdk()
     assert call["cpu_backend"] is False and call["after_trace"] == ["async_load"]
 
 
-@pytest.mark.parametrize("family, kind, extra", [
-    ("sd-xl", "sdxl", []),
-    ("sd", "sd", ["--dynamic-batch-size"]),
-])
-def test_separate_weights_are_refused_where_neuronx_cc_cannot_build_them(cli, tiny_model, tmp_path, family, kind, extra):
+@pytest.mark.parametrize(
+    "family, kind, extra",
+    [
+        ("sd-xl", "sdxl", []),
+        ("sd", "sd", ["--dynamic-batch-size"]),
+    ],
+)
+def test_separate_weights_are_refused_where_neuronx_cc_cannot_build_them(
+    cli, tiny_model, tmp_path, family, kind, extra
+):
     """optimum-neuron silently inlines them; we say so before anything is loaded."""
     output = tmp_path / "out"
     result = cli(family, "-m", tiny_model(kind), "--backend", "cpu", "--no-inline-weights", *extra, "-o", output)

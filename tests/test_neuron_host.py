@@ -29,10 +29,14 @@ __version__ = "2.8.0.2.10"
 def wheel(folder: Path, name: str, version: str, module: str, source: str, requires: tuple[str, ...] = ()) -> Path:
     """A pure-Python wheel holding one package `module` whose __init__ is `source`."""
     dist_info = f"{name.replace('-', '_')}-{version}.dist-info"
-    metadata = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-                        *(f"Requires-Dist: {r}\n" for r in requires)])
-    files = {f"{module}/__init__.py": source, f"{dist_info}/METADATA": metadata,
-             f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    metadata = "".join(
+        [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", *(f"Requires-Dist: {r}\n" for r in requires)]
+    )
+    files = {
+        f"{module}/__init__.py": source,
+        f"{dist_info}/METADATA": metadata,
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
     record = []
     for path, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
@@ -46,22 +50,33 @@ def wheel(folder: Path, name: str, version: str, module: str, source: str, requi
 
 
 def run(*args: object, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=900, check=False,
-                          env=env or os.environ.copy())
+    return subprocess.run(
+        [str(a) for a in args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env=env or os.environ.copy(),
+    )
 
 
 def test_make_install_in_a_neuron_sdk_venv_keeps_its_torch(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    stand_ins = [wheel(wheels, "torch", "2.8.0", "torch", TORCH),
-                 wheel(wheels, "torch-neuronx", "2.8.0.2.10", "torch_neuronx", TORCH_NEURONX, ("torch==2.8.*",))]
+    stand_ins = [
+        wheel(wheels, "torch", "2.8.0", "torch", TORCH),
+        wheel(wheels, "torch-neuronx", "2.8.0.2.10", "torch_neuronx", TORCH_NEURONX, ("torch==2.8.*",)),
+    ]
     venv = tmp_path / "sdk-venv"
     assert run(sys.executable, "-m", "venv", "--system-site-packages", venv).returncode == 0
     python = venv / "bin" / "python"
     installed = run(python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", *stand_ins)
     assert installed.returncode == 0, installed.stderr
-    check = ("import torch, torch_neuronx; from importlib.metadata import version; "
-             "print(torch.__version__, version('torch'), torch_neuronx.__version__)")
+    check = (
+        "import torch, torch_neuronx; from importlib.metadata import version; "
+        "print(torch.__version__, version('torch'), torch_neuronx.__version__)"
+    )
     assert run(python, "-c", check).stdout.split() == ["2.8.0", "2.8.0", "2.8.0.2.10"]  # the SDK venv, as a host has it
 
     env = {key: value for key, value in os.environ.items() if key not in ("VIRTUAL_ENV", "PYTHONPATH")}

@@ -33,7 +33,12 @@ def sdk(monkeypatch, tmp_path):
     def install(name: str, version: str, *requires: str) -> None:
         folder = site / f"{name.replace('-', '_')}-{version}.dist-info"
         folder.mkdir()
-        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+        lines = [
+            "Metadata-Version: 2.1",
+            f"Name: {name}",
+            f"Version: {version}",
+            *(f"Requires-Dist: {r}" for r in requires),
+        ]
         (folder / "METADATA").write_text("\n".join(lines) + "\n")
 
     yield install
@@ -48,7 +53,8 @@ def test_a_torch_that_torch_neuronx_was_not_built_for_is_refused_before_any_work
     assert result.exit_code == 2, result
     assert result.stderr.strip() == (
         f"neuron-export: error: --backend neuron: torch-neuronx 2.8.0.2.10 requires torch==2.8.*, but torch {TORCH} "
-        "is installed; install that torch (pip install 'torch==2.8.*') or run in the Neuron SDK's own virtualenv.")
+        "is installed; install that torch (pip install 'torch==2.8.*') or run in the Neuron SDK's own virtualenv."
+    )
     assert result.stdout == "" and not output.exists()  # before the plan: nothing loaded, nothing built
     assert "torch_neuronx" not in sys.modules  # not even imported: a mismatched pair may crash on import
 
@@ -62,8 +68,10 @@ def test_a_torch_neuronx_outside_the_range_is_a_warning_not_a_refusal(sdk, cli, 
     result = cli("plan", "sd", "-m", tiny_model("sd"), "--backend", "neuron")
     assert result.exit_code == 0, result
     warnings = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert warnings == ["neuron-export: warning: torch-neuronx 2.10.0.1.0 is outside the range neuron-export "
-                        "supports (Neuron SDK 2.21 to 2.31: torch-neuronx 2.5 to 2.9); continuing."]
+    assert warnings == [
+        "neuron-export: warning: torch-neuronx 2.10.0.1.0 is outside the range neuron-export "
+        "supports (Neuron SDK 2.21 to 2.31: torch-neuronx 2.5 to 2.9); continuing."
+    ]
 
 
 def test_a_torch_neuronx_inside_the_range_and_matching_torch_is_silent(sdk, cli, tiny_model):
@@ -82,5 +90,8 @@ def test_the_manifest_records_the_sdk_versions(sdk, cli, tiny_model, tmp_path):
     assert result.exit_code == 0, result
     environment = json.loads((output / "manifest.json").read_text())["environment"]
     assert {key: environment[key] for key in ("torch", "torch_neuronx", "neuronx_cc", "neuronx_distributed")} == {
-        "torch": TORCH, "torch_neuronx": "2.8.0.2.10", "neuronx_cc": "2.21.18209.0",
-        "neuronx_distributed": "0.15.22404"}
+        "torch": TORCH,
+        "torch_neuronx": "2.8.0.2.10",
+        "neuronx_cc": "2.21.18209.0",
+        "neuronx_distributed": "0.15.22404",
+    }

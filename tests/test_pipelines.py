@@ -39,19 +39,34 @@ def card_generate_line(export: Path, repo_id: str) -> str:
 
 
 def export_controlnet(cli, m, out: Path) -> None:
-    result = cli("sd", "-m", m("sd"), "--controlnet", m("sd-controlnet"), "--backend", "cpu",
-                     "--disable-validation", "-o", out)
+    result = cli(
+        "sd", "-m", m("sd"), "--controlnet", m("sd-controlnet"), "--backend", "cpu", "--disable-validation", "-o", out
+    )
     assert result.exit_code == 0, result
 
 
 def export_pix2pix(cli, m, out: Path) -> None:
-    result = cli("sd", "-m", m("sd-pix2pix"), "--task", "instruct-pix2pix", "--dynamic-batch-size",
-                     "--backend", "cpu", "--disable-validation", "-o", out)
+    result = cli(
+        "sd",
+        "-m",
+        m("sd-pix2pix"),
+        "--task",
+        "instruct-pix2pix",
+        "--dynamic-batch-size",
+        "--backend",
+        "cpu",
+        "--disable-validation",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result
 
 
-@pytest.mark.parametrize("export, images", [(export_controlnet, ["control.png"]), (export_pix2pix, ["input.png"])],
-                         ids=["controlnet", "pix2pix"])
+@pytest.mark.parametrize(
+    "export, images",
+    [(export_controlnet, ["control.png"]), (export_pix2pix, ["input.png"])],
+    ids=["controlnet", "pix2pix"],
+)
 def test_the_model_cards_generate_line_runs(cli, tiny_model, tmp_path, monkeypatch, export, images):
     """The card's line as a user copies it after `hf download`: the export in ./NAME, the images it names made here."""
     from PIL import Image

@@ -22,7 +22,10 @@ def test_a_neuron_plan_needs_no_sdk_and_says_it_is_not_installed(cli, tiny_model
     plan = plan_json(cli, *args)
     assert plan["backend"] == "neuron" and plan["notes"][0].startswith("SDK not installed")
     unet = next(c for c in plan["components"] if c["component"] == "unet")
-    assert unet["compiler_args"][:2] == ["--auto-cast", "matmult"] and "--model-type=unet-inference" in unet["compiler_args"]
+    assert (
+        unet["compiler_args"][:2] == ["--auto-cast", "matmult"]
+        and "--model-type=unet-inference" in unet["compiler_args"]
+    )
     shown = cli("plan", *args)
     assert shown.exit_code == 0 and "note: SDK not installed" in shown.stdout, shown
 
@@ -43,7 +46,8 @@ def test_a_plan_reports_what_an_export_would_do_with_an_existing_output(cli, tin
     (note,) = other["notes"]
     assert note.startswith("an export would be refused: --output") and "--force" in note
     assert plan_json(cli, *args, "--height", "128", "--force")["notes"] == [
-        f"--output {output} exists; an export would replace it (--force)."]
+        f"--output {output} exists; an export would replace it (--force)."
+    ]
     assert cli(*args, "--height", "128").exit_code == 2  # the export refuses what the plan reported
 
     stranger = tmp_path / "not-an-export"
@@ -56,7 +60,12 @@ def test_a_plan_reports_what_an_export_would_do_with_an_existing_output(cli, tin
 def test_the_python_api_plans_an_existing_output_and_exports_refuse_it(tiny_model, tmp_path):
     import neuron_export
 
-    options = {"model": str(tiny_model("sd")), "backend": "cpu", "components": ["vae_decoder"], "output": str(tmp_path / "out")}
+    options = {
+        "model": str(tiny_model("sd")),
+        "backend": "cpu",
+        "components": ["vae_decoder"],
+        "output": str(tmp_path / "out"),
+    }
     neuron_export.export("sd", **options)
     plan = neuron_export.plan("sd", height=128, **options)
     assert plan.notes and "would be refused" in plan.notes[0]

@@ -14,7 +14,6 @@ from helpers import export_tiny as export
 from neuron_export.deploy import hub
 
 
-
 @pytest.fixture(scope="module")
 def sd_export(tiny_model, tmp_path_factory) -> Path:
     return export(tiny_model("sd"), tmp_path_factory.mktemp("push") / "sd", "sd")
@@ -24,6 +23,7 @@ def sd_export(tiny_model, tmp_path_factory) -> Path:
 def copy(tmp_path):
     def make(source: Path) -> Path:
         return Path(shutil.copytree(source, tmp_path / source.name))
+
     return make
 
 
@@ -58,8 +58,9 @@ class FakeHub:
         self._record("upload_folder", kwargs)
         root = Path(kwargs["folder_path"])
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-        for rel in filter_repo_objects(files, allow_patterns=kwargs.get("allow_patterns"),
-                                       ignore_patterns=kwargs.get("ignore_patterns")):
+        for rel in filter_repo_objects(
+            files, allow_patterns=kwargs.get("allow_patterns"), ignore_patterns=kwargs.get("ignore_patterns")
+        ):
             self.uploaded[rel] = (root / rel).read_bytes()
         return Commit("https://huggingface.co/commit/1")
 
@@ -84,7 +85,9 @@ def test_push_uploads_exactly_the_manifest_files_and_a_card(sd_export, copy):
     create = api.calls[0][1]
     assert create == {"repo_id": "acme/tiny-sd-neuron", "repo_type": "model", "private": True, "exist_ok": True}
     manifest = json.loads((directory / "manifest.json").read_text())
-    listed = {f["path"] for r in manifest["components"].values() for f in r["files"]} | {f["path"] for f in manifest["files"]}
+    listed = {f["path"] for r in manifest["components"].values() for f in r["files"]} | {
+        f["path"] for f in manifest["files"]
+    }
     assert set(api.uploaded) == listed | {"manifest.json", "README.md"}
     assert all(api.uploaded[p] == before[p] for p in listed)
     assert api.calls[2][1]["path_in_repo"] == "README.md" and api.calls[2][1]["repo_id"] == "acme/tiny-sd-neuron"
@@ -106,7 +109,11 @@ def test_card_names_shapes_flags_validation_and_loading_code(sd_export):
     assert "passed for every component" in card and "passed (max diff" in card
     assert "from optimum.neuron import NeuronStableDiffusionPipeline" in card
     assert 'NeuronStableDiffusionPipeline.from_pretrained("acme/tiny-sd-neuron", data_parallel_mode="unet")' in card
-    assert 'neuron-export generate ./tiny-sd-neuron --prompt "a photo of an astronaut riding a horse on mars" --output image.png' in card and "neuron-export verify ./tiny-sd-neuron --instance" in card
+    assert (
+        'neuron-export generate ./tiny-sd-neuron --prompt "a photo of an astronaut riding a horse on mars" --output image.png'
+        in card
+        and "neuron-export verify ./tiny-sd-neuron --instance" in card
+    )
     assert "Not for NeuronCores" in card  # a --backend cpu export says so loudly
 
 
@@ -206,4 +213,6 @@ def test_card_loading_code_follows_the_task_and_components(sd_export):
     assert "--image input.png --mask mask.png --output image.png" in card
     assert "pipeline_tag: image-to-image" in card and "cannot load a pipeline without `text_encoder`" not in card
     del manifest.components["text_encoder"]  # what an SDXL refiner export looks like
-    assert "optimum-neuron 0.4.5 cannot load a pipeline without `text_encoder`" in hub.model_card(manifest, "acme/inpaint")
+    assert "optimum-neuron 0.4.5 cannot load a pipeline without `text_encoder`" in hub.model_card(
+        manifest, "acme/inpaint"
+    )

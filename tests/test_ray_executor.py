@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from ray_cluster import LOCAL_ONLY, two_node_cluster
 
 
@@ -43,14 +42,33 @@ def entries(cache: Path) -> list[str]:
     return sorted(p.parent.name for p in cache.glob("components/*/*/record.json"))
 
 
-def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli, tiny_model, tmp_path, monkeypatch,
-                                                                signing_key):
+def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(
+    ray_cluster, cli, tiny_model, tmp_path, monkeypatch, signing_key
+):
     model = tiny_model("sd")
-    matrix = ("-m", model, "--backend", "cpu", "--height", "64,128", "--width", "64,128",
-              "--components", "text_encoder,vae_decoder")
+    matrix = (
+        "-m",
+        model,
+        "--backend",
+        "cpu",
+        "--height",
+        "64,128",
+        "--width",
+        "64,128",
+        "--components",
+        "text_encoder,vae_decoder",
+    )
     remote = tmp_path / "remote"
-    ray_options = ("--executor", "ray", "--ray-address", ray_cluster.address, "--remote-cache", f"file://{remote}",
-                   "--remote-cache-signing-key", signing_key)
+    ray_options = (
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--remote-cache",
+        f"file://{remote}",
+        "--remote-cache-signing-key",
+        signing_key,
+    )
     builds = json.loads(cli("plan", "sd", *matrix, *ray_options, "--json").stdout)["builds"]
     assert len(builds) == 5  # one text encoder for all four shapes, four VAE decoders
 
@@ -72,19 +90,53 @@ def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(ray_cluster, cli
         assert {c["origin"] for c in manifest["components"].values()} == {"downloaded"}
 
     # the bytes a cluster node built are the bytes a local build makes
-    local = cli("sd", "-m", model, "--backend", "cpu", "--height", "64", "--width", "64", "--components", "vae_decoder",
-                "-o", tmp_path / "local")
+    local = cli(
+        "sd",
+        "-m",
+        model,
+        "--backend",
+        "cpu",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--components",
+        "vae_decoder",
+        "-o",
+        tmp_path / "local",
+    )
     assert local.exit_code == 0, local
-    assert ((tmp_path / "local" / "vae_decoder" / "model.neuron").read_bytes()
-            == (tmp_path / "exports" / f"{model.name}-sd-neuron-64x64-b1" / "vae_decoder" / "model.neuron").read_bytes())
+    assert (tmp_path / "local" / "vae_decoder" / "model.neuron").read_bytes() == (
+        tmp_path / "exports" / f"{model.name}-sd-neuron-64x64-b1" / "vae_decoder" / "model.neuron"
+    ).read_bytes()
 
 
 def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_model, tmp_path, signing_key):
     worker_label = ray_cluster.node_label(ray_cluster.worker)
-    command = [sys.executable, "-m", "neuron_export", "sd", "-m", str(tiny_model("sd")), "--backend", "cpu",
-               "--height", "64,128", "--components", "unet,vae_encoder", "--executor", "ray",
-               "--ray-address", ray_cluster.address, "--remote-cache", f"file://{tmp_path / 'remote'}",
-               "--remote-cache-signing-key", str(signing_key), "-o", str(tmp_path / "exports")]
+    command = [
+        sys.executable,
+        "-m",
+        "neuron_export",
+        "sd",
+        "-m",
+        str(tiny_model("sd")),
+        "--backend",
+        "cpu",
+        "--height",
+        "64,128",
+        "--components",
+        "unet,vae_encoder",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--remote-cache",
+        f"file://{tmp_path / 'remote'}",
+        "--remote-cache-signing-key",
+        str(signing_key),
+        "-o",
+        str(tmp_path / "exports"),
+    ]
     env = {**os.environ, **LOCAL_ONLY, "PYTHONUNBUFFERED": "1", "NEURON_EXPORT_CACHE": str(tmp_path / "cache")}
     exporter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, lost = [], None
@@ -116,14 +168,17 @@ def hub_repository(cache: Path, repo: str, files: Path, commit: str) -> None:
 
 
 def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths(
-        ray_cluster, node_hub_cache, cli, tiny_model, tmp_path, monkeypatch, signing_key):
+    ray_cluster, node_hub_cache, cli, tiny_model, tmp_path, monkeypatch, signing_key
+):
     """This host's Hub snapshots are out of the nodes' sight while they build: each node fetches the --vae and the
     --controlnet from the Hub (its own cache here, offline) at the commits planned here."""
     from neuron_export.exporter import ray_executor
 
     here = tmp_path / "hub-cache"
-    repositories = {"acme/tiny-vae": (tiny_model("sd") / "vae", "1" * 40),
-                    "acme/tiny-controlnet": (tiny_model("sd-controlnet"), "2" * 40)}
+    repositories = {
+        "acme/tiny-vae": (tiny_model("sd") / "vae", "1" * 40),
+        "acme/tiny-controlnet": (tiny_model("sd-controlnet"), "2" * 40),
+    }
     for repo, (files, commit) in repositories.items():
         for cache in (here, node_hub_cache):
             hub_repository(cache, repo, files, commit)
@@ -137,13 +192,37 @@ def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths
             hidden.rename(here)
 
     monkeypatch.setattr(ray_executor, "build_on_cluster", with_snapshots_hidden)
-    result = cli("sd", "-m", tiny_model("sd"), "--vae", "acme/tiny-vae", "--controlnet", "acme/tiny-controlnet",
-                 "--hub-cache-dir", here, "--offline", "--backend", "cpu", "--components", "vae_decoder,controlnet_0",
-                 "--executor", "ray", "--ray-address", ray_cluster.address, "--remote-cache",
-                 f"file://{tmp_path / 'remote'}", "--remote-cache-signing-key", signing_key, "-o", tmp_path / "export")
+    result = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--vae",
+        "acme/tiny-vae",
+        "--controlnet",
+        "acme/tiny-controlnet",
+        "--hub-cache-dir",
+        here,
+        "--offline",
+        "--backend",
+        "cpu",
+        "--components",
+        "vae_decoder,controlnet_0",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--remote-cache",
+        f"file://{tmp_path / 'remote'}",
+        "--remote-cache-signing-key",
+        signing_key,
+        "-o",
+        tmp_path / "export",
+    )
     assert result.exit_code == 0, result
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert {name: c["origin"] for name, c in manifest["components"].items()} == {
-        "vae_decoder": "downloaded", "controlnet_0": "downloaded"}  # built on the nodes
+        "vae_decoder": "downloaded",
+        "controlnet_0": "downloaded",
+    }  # built on the nodes
     assert manifest["source"]["vae_commit"] == "1" * 40
     assert [c["commit"] for c in manifest["source"]["controlnets"]] == ["2" * 40]

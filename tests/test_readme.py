@@ -48,11 +48,20 @@ HUB_STAND_INS: dict[str, tuple[str, dict]] = {
     "lllyasviel/sd-controlnet-canny": ("sd-controlnet", {}),
     "lllyasviel/sd-controlnet-depth": ("sd-controlnet", {"seed": 1}),
     "diffusers/controlnet-canny-sdxl-1.0": ("sdxl-controlnet", {}),
-    "h94/IP-Adapter": ("sd-ip-adapter", {"seed": 0, "file_names": {
-        "models/ip-adapter-full-face_tiny.safetensors": "models/ip-adapter-full-face_sd15.safetensors"}}),
+    "h94/IP-Adapter": (
+        "sd-ip-adapter",
+        {
+            "seed": 0,
+            "file_names": {
+                "models/ip-adapter-full-face_tiny.safetensors": "models/ip-adapter-full-face_sd15.safetensors"
+            },
+        },
+    ),
     "latent-consistency/lcm-lora-sdv1-5": ("lora", {"base": "sd"}),
-    "ostris/super-cereal-sdxl-lora": ("lora", {"base": "sdxl", "weight_names": ["cereal_box_sdxl_v1.safetensors",
-                                                                              "cereal_box_sdxl_v1_alt.safetensors"]}),
+    "ostris/super-cereal-sdxl-lora": (
+        "lora",
+        {"base": "sdxl", "weight_names": ["cereal_box_sdxl_v1.safetensors", "cereal_box_sdxl_v1_alt.safetensors"]},
+    ),
 }
 BACKEND_COMMANDS = re.compile(r"\bneuron-export (plan )?(sd-xl|sd|lcm|build)\b")
 URL_STAND_INS: dict[str, Callable[[Path, str], str]] = {
@@ -154,15 +163,28 @@ def readme_world(tmp_path_factory, tiny_model, s3_endpoint) -> dict:
     s3 = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_endpoint})
     for bucket in S3_BUCKETS:
         s3.mkdir(bucket)
-    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "HOME": str(scratch / "home"),
-           "NEURON_EXPORT_CACHE": str(scratch / "cache"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_OFFLINE": "1",
+        "HOME": str(scratch / "home"),
+        "NEURON_EXPORT_CACHE": str(scratch / "cache"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     env.pop("NEURON_EXPORT_REMOTE_CACHE", None)
     # A CI runner's secret and repository variable (the Trust section's CI block): a key pair made here.
     (scratch / "runner").mkdir()
-    subprocess.run([sys.executable, "-m", "neuron_export", "cache", "keygen", str(scratch / "ci-secret")], env=env,
-                   check=True, capture_output=True)
-    env.update(RUNNER_TEMP=str(scratch / "runner"), CACHE_SIGNING_KEY=(scratch / "ci-secret").read_text(),
-               CACHE_PUBLIC_KEY=(scratch / "ci-secret.pub").read_text().strip())
+    subprocess.run(
+        [sys.executable, "-m", "neuron_export", "cache", "keygen", str(scratch / "ci-secret")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    env.update(
+        RUNNER_TEMP=str(scratch / "runner"),
+        CACHE_SIGNING_KEY=(scratch / "ci-secret").read_text(),
+        CACHE_PUBLIC_KEY=(scratch / "ci-secret.pub").read_text().strip(),
+    )
     return {"scratch": scratch, "env": env, "s3": s3_endpoint}
 
 

@@ -16,9 +16,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from s3_server import free_port, make_bucket
-
 from helpers import run_cli, warnings
+from s3_server import free_port, make_bucket
 
 NAMES = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
 
@@ -29,11 +28,14 @@ def origins(result) -> dict[str, str]:
 
 
 def file_hashes(directory: Path, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
-    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in leave_out}
+    return {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in leave_out
+    }
 
 
-def s3():  # noqa: ANN201
+def s3():
     import fsspec
 
     return fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
@@ -62,8 +64,21 @@ def warm(s3_endpoint, tiny_model, tmp_path_factory, signer):
     uploaded, signed. Returns its local cache, its output and the remote URL."""
     root = tmp_path_factory.mktemp("first-machine")
     url = make_bucket("warm")
-    result = run_cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", root / "out", "--cache-dir", root / "cache",
-                     "--remote-cache", url, *signs(signer), "--json")
+    result = run_cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "-o",
+        root / "out",
+        "--cache-dir",
+        root / "cache",
+        "--remote-cache",
+        url,
+        *signs(signer),
+        "--json",
+    )
     assert origins(result) == dict.fromkeys(NAMES, "built")
     return root / "cache", root / "out", url
 
@@ -71,8 +86,9 @@ def warm(s3_endpoint, tiny_model, tmp_path_factory, signer):
 def test_a_second_machine_downloads_every_component_and_writes_the_same_export(warm, cli, tiny_model, tmp_path, signer):
     _, first_output, url = warm
     output = tmp_path / "out"
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--remote-cache", url, *trusts(signer),
-                 "--json")
+    result = cli(
+        "sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", output, "--remote-cache", url, *trusts(signer), "--json"
+    )
     assert origins(result) == dict.fromkeys(NAMES, "downloaded")  # builds: 0
     assert "warning" not in result.stderr  # --json keeps progress on stderr; no remote entry was refused
     # Every file byte-identical; the manifest differs only in saying where each component came from, who
@@ -81,9 +97,18 @@ def test_a_second_machine_downloads_every_component_and_writes_the_same_export(w
     first, second = (json.loads((d / "manifest.json").read_text()) for d in (first_output, output))
     for name in NAMES:
         ours, theirs = first["components"][name], second["components"][name]
-        assert (ours.pop("origin"), ours.pop("remote"), ours.pop("signed_by"), ours.pop("signature")) == ("built", None, None, None)
+        assert (ours.pop("origin"), ours.pop("remote"), ours.pop("signed_by"), ours.pop("signature")) == (
+            "built",
+            None,
+            None,
+            None,
+        )
         assert (theirs.pop("origin"), theirs.pop("remote"), theirs.pop("signed_by")) == ("downloaded", url, signer[1])
-        assert theirs.pop("signature") and theirs["validation"].pop("by") == "signer" and ours["validation"].pop("by") is None
+        assert (
+            theirs.pop("signature")
+            and theirs["validation"].pop("by") == "signer"
+            and ours["validation"].pop("by") is None
+        )
         reused = [manifest["components"][name]["validation"].pop("reused") for manifest in (first, second)]
         assert reused == [False, True]
     second["config"]["output"] = first["config"]["output"]
@@ -101,11 +126,29 @@ def test_a_corrupted_remote_object_is_rejected_rebuilt_and_replaced(warm, cli, t
     data[len(data) // 2] ^= 0xFF
     s3().pipe_file(stored, bytes(data))
 
-    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out", "--remote-cache", url,
-                 *signs(signer), "--json")
-    assert origins(result) == {"text_encoder": "downloaded", "unet": "built", "vae_encoder": "downloaded", "vae_decoder": "downloaded"}
+    result = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "out",
+        "--remote-cache",
+        url,
+        *signs(signer),
+        "--json",
+    )
+    assert origins(result) == {
+        "text_encoder": "downloaded",
+        "unet": "built",
+        "vae_encoder": "downloaded",
+        "vae_decoder": "downloaded",
+    }
     (warning,) = warnings(result.stderr)
-    assert warning.startswith(f"neuron-export: warning: the remote cache entry {key[:12]} in {url} is bad (model.neuron does not match")
+    assert warning.startswith(
+        f"neuron-export: warning: the remote cache entry {key[:12]} in {url} is bad (model.neuron does not match"
+    )
     assert stored not in s3().find("corrupt")  # the bad upload is gone ...
     verify = cli("cache", "verify", "--remote", "--remote-cache", url)  # ... and a good one replaced it
     assert verify.exit_code == 0 and "4 of 4 entries intact" in verify.stdout, verify
@@ -126,10 +169,29 @@ def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, 
         from neuron_export.cli.main import main
         main(sys.argv[1:])
     """)
-    command = [sys.executable, "-c", driver, "sd", "-m", str(tiny_model("sd")), "--backend", "cpu", "--components",
-               "vae_decoder", "-o", str(tmp_path / "killed"), "--cache-dir", str(tmp_path / "cache-a"), "--remote-cache", url,
-               "--remote-cache-signing-key", str(signer[0])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-c",
+        driver,
+        "sd",
+        "-m",
+        str(tiny_model("sd")),
+        "--backend",
+        "cpu",
+        "--components",
+        "vae_decoder",
+        "-o",
+        str(tmp_path / "killed"),
+        "--cache-dir",
+        str(tmp_path / "cache-a"),
+        "--remote-cache",
+        url,
+        "--remote-cache-signing-key",
+        str(signer[0]),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         lines = []
         for line in process.stdout:
@@ -145,8 +207,21 @@ def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, 
     assert s3().glob("killed/cache/*/*/model.neuron")  # killed mid-upload: a file is there, its marker is not
     assert run_cli("cache", "ls", "--remote", "--remote-cache", url).stdout == ""
 
-    reader = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--components", "vae_decoder", "-o", tmp_path / "out",
-                 "--remote-cache", url, *signs(signer), "--json")
+    reader = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "--components",
+        "vae_decoder",
+        "-o",
+        tmp_path / "out",
+        "--remote-cache",
+        url,
+        *signs(signer),
+        "--json",
+    )
     assert origins(reader) == {"vae_decoder": "built"}  # nothing half-uploaded was used
     listing = cli("cache", "ls", "--remote", "--remote-cache", url).stdout.splitlines()
     assert len(listing) == 1 and "vae_decoder" in listing[0]  # the reader's own upload completed
@@ -154,10 +229,23 @@ def test_a_killed_upload_leaves_nothing_readers_accept(s3_endpoint, tiny_model, 
 
 def test_an_unreachable_remote_warns_once_and_builds_locally(s3_endpoint, cli, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    args = ["sd", "-m", tiny_model("sd"), "--backend", "cpu", "--components", "vae_decoder", "--remote-cache", "s3://gone/cache"]
+    args = [
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "--components",
+        "vae_decoder",
+        "--remote-cache",
+        "s3://gone/cache",
+    ]
     result = cli(*args, "--height", "64,72", "-o", tmp_path / "matrix", "--json")  # two exports, one warning
     assert result.exit_code == 0, result
-    assert [e["components"]["vae_decoder"]["origin"] for e in json.loads(result.stdout)["exports"]] == ["built", "built"]
+    assert [e["components"]["vae_decoder"]["origin"] for e in json.loads(result.stdout)["exports"]] == [
+        "built",
+        "built",
+    ]
     (warning,) = warnings(result.stderr)
     assert warning.startswith("neuron-export: warning: the remote cache s3://gone/cache cannot be used (connecting: ")
     assert warning.endswith("building locally without it.")
@@ -170,7 +258,9 @@ def test_an_unreachable_remote_warns_once_and_builds_locally(s3_endpoint, cli, t
     assert "loading" not in required.stdout and not (tmp_path / "required").exists()
 
 
-def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, tiny_model, tmp_path, monkeypatch, signer):
+def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(
+    warm, cli, tiny_model, tmp_path, monkeypatch, signer
+):
     first_cache, first_output, _ = warm
     url = f"file://{tmp_path / 'shared'}"
     pushed = cli("cache", "push", "--cache-dir", first_cache, "--remote-cache", url, *signs(signer))
@@ -188,8 +278,18 @@ def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, ti
     pulled = cli("cache", "pull", "--cache-dir", tmp_path / "pulled")
     assert pulled.stdout.splitlines()[-1].startswith("pulled 4 entries"), pulled
     monkeypatch.delenv("NEURON_EXPORT_REMOTE_CACHE")
-    offline = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "from-pulled", "--cache-dir",
-                  tmp_path / "pulled", "--json")
+    offline = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "from-pulled",
+        "--cache-dir",
+        tmp_path / "pulled",
+        "--json",
+    )
     assert origins(offline) == dict.fromkeys(NAMES, "cached")
 
     pruned = cli("cache", "prune", "--all", "--remote", "--remote-cache", url)
@@ -200,9 +300,14 @@ def test_a_file_remote_shares_exports_and_seeds_with_push_and_pull(warm, cli, ti
 def test_a_bad_remote_cache_url_is_refused_in_one_sentence(cli, tiny_model, tmp_path, monkeypatch):
     args = ["sd", "-m", tiny_model("sd"), "--backend", "cpu", "-o", tmp_path / "out"]
     cases = {
-        ("--remote-cache", "ftp2://host/x"): "remote_cache 'ftp2://host/x' has an unknown scheme 'ftp2'; use s3://bucket/prefix,",
+        (
+            "--remote-cache",
+            "ftp2://host/x",
+        ): "remote_cache 'ftp2://host/x' has an unknown scheme 'ftp2'; use s3://bucket/prefix,",
         ("--remote-cache", "/mnt/shared"): "remote_cache '/mnt/shared' has no scheme; write it as s3://bucket/prefix,",
-        ("--remote-cache-required",): "remote_cache_required is set but no remote cache is given; pass --remote-cache URL",
+        (
+            "--remote-cache-required",
+        ): "remote_cache_required is set but no remote cache is given; pass --remote-cache URL",
     }
     for flags, sentence in cases.items():
         result = cli(*args, *flags)

@@ -7,8 +7,17 @@ import shutil
 
 
 def test_an_sd_unet_in_sdxl_is_refused_naming_unet(cli, tiny_model, tmp_path):
-    result = cli("sd-xl", "-m", tiny_model("sdxl"), "--unet", tiny_model("sd") / "unet", "--backend", "cpu",
-                 "-o", tmp_path / "out")
+    result = cli(
+        "sd-xl",
+        "-m",
+        tiny_model("sdxl"),
+        "--unet",
+        tiny_model("sd") / "unet",
+        "--backend",
+        "cpu",
+        "-o",
+        tmp_path / "out",
+    )
     assert result.exit_code == 2, result
     assert result.stderr.startswith(f"neuron-export: error: --unet {tiny_model('sd') / 'unet'} is an SD 1.x/2.x UNet")
     assert "cross_attention_dim 32" in result.stderr and "with 64" in result.stderr

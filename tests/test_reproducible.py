@@ -21,8 +21,14 @@ def install_copy(root: Path) -> dict[str, str]:
     """The package copied under `root`, and the environment that runs that copy (and no other)."""
     shutil.copytree(PACKAGE, root / "neuron_export", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PYTHONPATH": str(root), "NEURON_EXPORT_CACHE": str(root / "cache")}
-    where = subprocess.run([sys.executable, "-c", "import neuron_export; print(neuron_export.__file__)"],
-                           env=env, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [sys.executable, "-c", "import neuron_export; print(neuron_export.__file__)"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(root)
     return env
 
@@ -32,10 +38,31 @@ def test_two_install_locations_build_byte_identical_artifacts(tiny_model, tmp_pa
     installs = [tmp_path / "a", tmp_path / "an-install-with-a-longer-path"]
     # a text encoder (transformers' code) and a VAE half (diffusers' and our wrapper's) cover every source;
     # both installs export at once, each into its own cache
-    exports = [subprocess.Popen([sys.executable, "-m", "neuron_export", "sd", "-m", str(model), "--backend", "cpu",
-                                 "--components", "text_encoder,vae_decoder", "-o", str(root / "out"), "--json"],
-                                env=install_copy(root), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for root in installs]
+    exports = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "neuron_export",
+                "sd",
+                "-m",
+                str(model),
+                "--backend",
+                "cpu",
+                "--components",
+                "text_encoder,vae_decoder",
+                "-o",
+                str(root / "out"),
+                "--json",
+            ],
+            env=install_copy(root),
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for root in installs
+    ]
     manifests = []
     for root, export in zip(installs, exports):
         stdout, stderr = export.communicate(timeout=600)
@@ -67,7 +94,8 @@ def test_another_version_of_a_traced_library_gets_other_keys(tiny_model, monkeyp
 
     before = keys()
     real_version = neuron_export.version.installed_version
-    monkeypatch.setattr(neuron_export.version, "installed_version",
-                        lambda name: "0.0.1" if name == "diffusers" else real_version(name))
+    monkeypatch.setattr(
+        neuron_export.version, "installed_version", lambda name: "0.0.1" if name == "diffusers" else real_version(name)
+    )
     after = keys()
     assert len(before) == 4 and all(a != b for a, b in zip(before, after))

@@ -8,16 +8,31 @@ import subprocess
 import sys
 
 # What a rerun must not import: the models' libraries, the build's processes, its caches' transfer, YAML, rich.
-NOT_NEEDED = ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "ray", "rich", "yaml",
-              "psutil", "multiprocessing", "neuron_export.exporter.build", "neuron_export.exporter.worker",
-              "neuron_export.exporter.supply", "neuron_export.exporter.remote")
+NOT_NEEDED = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "safetensors",
+    "ray",
+    "rich",
+    "yaml",
+    "psutil",
+    "multiprocessing",
+    "neuron_export.exporter.build",
+    "neuron_export.exporter.worker",
+    "neuron_export.exporter.supply",
+    "neuron_export.exporter.remote",
+)
 
 
 def rerun_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """`neuron-export ARGS` in a new interpreter, and which of NOT_NEEDED it imported."""
-    code = ("import json, sys\nfrom neuron_export.cli.main import main\n"
-            f"try:\n    main({list(args)!r})\nexcept SystemExit as exc:\n    print('EXIT', exc.code)\n"
-            f"print('IMPORTED', json.dumps([m for m in {NOT_NEEDED!r} if m in sys.modules]), file=sys.stderr)")
+    code = (
+        "import json, sys\nfrom neuron_export.cli.main import main\n"
+        f"try:\n    main({list(args)!r})\nexcept SystemExit as exc:\n    print('EXIT', exc.code)\n"
+        f"print('IMPORTED', json.dumps([m for m in {NOT_NEEDED!r} if m in sys.modules]), file=sys.stderr)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     imported = [line for line in result.stderr.splitlines() if line.startswith("IMPORTED ")]
     assert len(imported) == 1, result

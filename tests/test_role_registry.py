@@ -57,8 +57,11 @@ def describe(name: str, facts: Any, shapes: Shapes) -> ComponentSpec:
     channels, scale = int(facts.vae.get("latent_channels", 4)), facts.vae_scale_factor
     height, width = shapes.height // scale, shapes.width // scale
     return ComponentSpec(
-        name=name, model_type="vae-post-quant", task="semantic-segmentation",
-        inputs=(TensorSpec("latent_sample", (shapes.image_batch, channels, height, width)),), outputs=("latents",),
+        name=name,
+        model_type="vae-post-quant",
+        task="semantic-segmentation",
+        inputs=(TensorSpec("latent_sample", (shapes.image_batch, channels, height, width)),),
+        outputs=("latents",),
         static_shapes={"batch_size": shapes.image_batch, "num_channels": channels, "height": height, "width": width},
     )
 
@@ -84,8 +87,13 @@ def adapter(parts: list[Any]) -> Any:
 
 
 POST_QUANT = Role(
-    "vae_post_quant", __name__, "vae", "vae_post_quant", f"{__name__}:adapter",
-    {"cpu": BuildCost(1.10, 3600, 1.3e-4), "neuron": BuildCost(8.0, 24000, 6.6e-4)}, UNET_LIKE,
+    "vae_post_quant",
+    __name__,
+    "vae",
+    "vae_post_quant",
+    f"{__name__}:adapter",
+    {"cpu": BuildCost(1.10, 3600, 1.3e-4), "neuron": BuildCost(8.0, 24000, 6.6e-4)},
+    UNET_LIKE,
     tensor_prefixes=("post_quant_conv.",),
 )
 

@@ -36,10 +36,22 @@ exec(compile(open("cell.py").read(), "<cell>", "exec"), main.__dict__)
 TIMEOUT = 600  # a worker that re-ran an unguarded script waited for its own parent's lock: fail, do not hang
 
 
-def run(args: list[str], cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None,
-        ) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=TIMEOUT,
-                          env={**os.environ, **(env or {})}, check=False)
+def run(
+    args: list[str],
+    cwd: Path,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def assert_exported(process: subprocess.CompletedProcess, cwd: Path) -> None:
@@ -53,8 +65,12 @@ def assert_exported(process: subprocess.CompletedProcess, cwd: Path) -> None:
 def test_the_api_runs_from_a_script(shape, tiny_model, tmp_path):
     code = SCRIPT.format(model=str(tiny_model("sd")))
     (tmp_path / "export_tiny.py").write_text(code)
-    args = {"file": [sys.executable, "export_tiny.py"], "-c": [sys.executable, "-c", code],
-            "heredoc": [sys.executable, "-"], "-m": [sys.executable, "-m", "export_tiny"]}[shape]
+    args = {
+        "file": [sys.executable, "export_tiny.py"],
+        "-c": [sys.executable, "-c", code],
+        "heredoc": [sys.executable, "-"],
+        "-m": [sys.executable, "-m", "export_tiny"],
+    }[shape]
     process = run(args, tmp_path, stdin=code if shape == "heredoc" else None, env={"PYTHONPATH": str(tmp_path)})
     assert_exported(process, tmp_path)
 
@@ -68,21 +84,37 @@ def test_the_api_runs_from_a_notebook_cell(runner, tiny_model, tmp_path):
     assert_exported(process, tmp_path)
 
 
-@pytest.mark.parametrize("error", ["ImportError", "OSError"])  # an OSError (a broken shared library) used to kill the fork server
+@pytest.mark.parametrize(
+    "error", ["ImportError", "OSError"]
+)  # an OSError (a broken shared library) used to kill the fork server
 def test_a_fork_server_that_cannot_import_torch_is_reported_as_that(error, tiny_model, tmp_path):
     planted = tmp_path / "planted" / "torch"
     planted.mkdir(parents=True)
     (planted / "__init__.py").write_text(f'raise {error}("libtorch_cpu.so: cannot open shared object file")\n')
-    args = [sys.executable, "-m", "neuron_export", "sd", "-m", str(tiny_model("sd")), "--backend", "cpu",
-            "-o", "out", "--components", "vae_decoder"]
+    args = [
+        sys.executable,
+        "-m",
+        "neuron_export",
+        "sd",
+        "-m",
+        str(tiny_model("sd")),
+        "--backend",
+        "cpu",
+        "-o",
+        "out",
+        "--components",
+        "vae_decoder",
+    ]
     env = {"PYTHONPATH": str(tmp_path / "planted")}  # the exporter itself never imports torch: only its workers do
 
     process = run(args, tmp_path, env=env)
     assert process.returncode == 1, process
     last = process.stderr.strip().splitlines()[-1]
-    assert last == (f"neuron-export: error: The worker building vae_decoder could not start: importing torch failed "
-                    f"({error}: libtorch_cpu.so: cannot open shared object file); fix that installation "
-                    "(NEURON_EXPORT_DEBUG=1 shows the traceback); nothing was written."), process.stderr
+    assert last == (
+        f"neuron-export: error: The worker building vae_decoder could not start: importing torch failed "
+        f"({error}: libtorch_cpu.so: cannot open shared object file); fix that installation "
+        "(NEURON_EXPORT_DEBUG=1 shows the traceback); nothing was written."
+    ), process.stderr
     assert "Traceback" not in process.stderr and "interrupted" not in process.stderr
     assert not (tmp_path / "out").exists()
 

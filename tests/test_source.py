@@ -23,7 +23,7 @@ def test_hub_id_downloads_only_what_the_components_need(monkeypatch, tiny_model,
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     source = resolve_source("org/sdxl", "v1", None, ("unet", "vae_decoder"), token="secret", offline=False)
-    (repo_id, kwargs), = calls
+    ((repo_id, kwargs),) = calls
     assert repo_id == "org/sdxl" and kwargs["revision"] == "v1" and kwargs["token"] == "secret"
     patterns = kwargs["allow_patterns"]
     assert "unet/diffusion_pytorch_model.safetensors" in patterns and "vae/config.json" in patterns
@@ -54,10 +54,16 @@ def test_replacement_unet_from_a_directory(tiny_model):
     assert source.folder("unet") == tiny_model("lcm-sdxl-unet")
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("sd", ("sd", False, 4)), ("sd-inpaint", ("sd", False, 9)), ("lcm", ("sd", True, 4)),
-    ("sdxl", ("sdxl", False, 4)), ("sdxl-refiner", ("sdxl-refiner", False, 4)),
-])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("sd", ("sd", False, 4)),
+        ("sd-inpaint", ("sd", False, 9)),
+        ("lcm", ("sd", True, 4)),
+        ("sdxl", ("sdxl", False, 4)),
+        ("sdxl-refiner", ("sdxl-refiner", False, 4)),
+    ],
+)
 def test_models_are_recognised_from_their_configs(tiny_model, kind, expected):
     facts = read_facts(resolve_source(str(tiny_model(kind)), None, None, ("unet",)))
     assert (facts.architecture, facts.is_lcm, facts.unet_in_channels) == expected

@@ -10,19 +10,27 @@ from pathlib import Path
 import pytest
 from helpers import export_tiny as export
 
-from neuron_export.deploy import verify
-from neuron_export.deploy.instances import BY_NAME, GIB, INSTANCES
-from neuron_export.errors import ExitCode
-from neuron_export.deploy import compatibility, footprint
+from neuron_export.deploy import compatibility, footprint, verify
 from neuron_export.deploy.compatibility import RuntimeEnv
 from neuron_export.deploy.footprint import ComponentFootprint, estimate, fits, smallest_fit, together
+from neuron_export.deploy.instances import BY_NAME, GIB, INSTANCES
+from neuron_export.errors import ExitCode
 
 REAL_PROBE = verify.probe_environment
-NO_SDK = RuntimeEnv(torch="2.13.0+cpu", diffusers="0.42.1", sdk_problem="ModuleNotFoundError: No module named 'torch_neuronx'",
-                    diffusers_pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"}))
-WITH_SDK = RuntimeEnv(torch="2.8.0", diffusers="0.35.2", torch_neuronx="2.8.0.2.10.0", neuronx_cc="2.21.18209.0",
-                      sdk_problem=None, diffusers_pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"}))
-
+NO_SDK = RuntimeEnv(
+    torch="2.13.0+cpu",
+    diffusers="0.42.1",
+    sdk_problem="ModuleNotFoundError: No module named 'torch_neuronx'",
+    diffusers_pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"}),
+)
+WITH_SDK = RuntimeEnv(
+    torch="2.8.0",
+    diffusers="0.35.2",
+    torch_neuronx="2.8.0.2.10.0",
+    neuronx_cc="2.21.18209.0",
+    sdk_problem=None,
+    diffusers_pipelines=frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"}),
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,7 @@ def sdxl_export(tiny_model, tmp_path_factory) -> Path:
 def copy(tmp_path):
     def make(source: Path) -> Path:
         return Path(shutil.copytree(source, tmp_path / source.name))
+
     return make
 
 
@@ -57,13 +66,17 @@ def rewrite_manifest(directory: Path, change) -> None:
 
 # ------------------------------------------------------------------------------------------ integrity
 
+
 def test_clean_export_passes_with_exit_0_and_one_json_object(sd_export, cli):
     code, out, err = cli("verify", sd_export, "--json")
     assert code == 0, err
     report = json.loads(out)  # exactly one object, nothing else on stdout
     assert report["ok"] is True and report["exit_code"] == 0
     assert {name: c["verdict"] for name, c in report["checks"].items()} == {
-        "integrity": "ok", "compatibility": "ok", "fit": "skipped"}
+        "integrity": "ok",
+        "compatibility": "ok",
+        "fit": "skipped",
+    }
     on_disk = sum(1 for f in sd_export.rglob("*") if f.is_file() and f.name != "manifest.json")
     assert report["checks"]["integrity"]["details"]["listed_files"] == on_disk >= 14
 
@@ -98,8 +111,16 @@ def test_missing_and_truncated_files_fail_integrity(sd_export, copy, cli):
     assert any(p.startswith("tokenizer/vocab.json: 2 bytes, the manifest records") for p in problems)
 
 
-@pytest.mark.parametrize("stray", ["unet/model-old.neuron", "vae/config.json", "text_encoder_2/config.json",
-                                   "tokenizer/added_tokens.json", "controlnet_0/model.neuron"])
+@pytest.mark.parametrize(
+    "stray",
+    [
+        "unet/model-old.neuron",
+        "vae/config.json",
+        "text_encoder_2/config.json",
+        "tokenizer/added_tokens.json",
+        "controlnet_0/model.neuron",
+    ],
+)
 def test_stray_files_the_loader_would_pick_up_fail_integrity(sd_export, copy, cli, stray):
     broken = copy(sd_export)
     (broken / stray).parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +170,15 @@ def test_integrity_decides_the_exit_code_before_compatibility(sd_export, copy, c
 
 # ------------------------------------------------------------------------------------------ compatibility
 
+
 def as_neuron_export(data: dict, compiler: str = "2.21.18209.0", torch_neuronx: str | None = "2.8.0.2.10.0") -> None:
     for record in data["components"].values():
-        record.update(backend="neuron", compiler_type="neuronx-cc", compiler_version=compiler,
-                      compiler_args=record["neuron_compiler_args"])
+        record.update(
+            backend="neuron",
+            compiler_type="neuronx-cc",
+            compiler_version=compiler,
+            compiler_args=record["neuron_compiler_args"],
+        )
     data["environment"].update(torch="2.8.0", torch_neuronx=torch_neuronx, neuronx_cc=compiler)
 
 
@@ -187,17 +213,25 @@ def test_rules_on_a_neuron_host(sd_export):
 
     other_cc = RuntimeEnv(**{**WITH_SDK.__dict__, "neuronx_cc": "2.22.1.0"})
     result = compatibility.check_compatibility(manifest, other_cc)
-    assert result.verdict == "failed" and result.problems[0].startswith("neuronx-cc-release: text_encoder (neuronx-cc 2.21")
+    assert result.verdict == "failed" and result.problems[0].startswith(
+        "neuronx-cc-release: text_encoder (neuronx-cc 2.21"
+    )
 
     other_tnx = RuntimeEnv(**{**WITH_SDK.__dict__, "torch_neuronx": "2.9.0.2.11.0"})
-    assert [p.split(":")[0] for p in compatibility.check_compatibility(manifest, other_tnx).problems] == ["torch-neuronx-release"]
+    assert [p.split(":")[0] for p in compatibility.check_compatibility(manifest, other_tnx).problems] == [
+        "torch-neuronx-release"
+    ]
 
     old_torch = RuntimeEnv(**{**WITH_SDK.__dict__, "torch": "2.7.1"})
     problems = compatibility.check_compatibility(manifest, old_torch).problems
-    assert [p.split(":")[0] for p in problems] == ["torchscript-newer-torch"] and "torch 2.8.0, newer than" in problems[0]
+    assert [p.split(":")[0] for p in problems] == ["torchscript-newer-torch"] and "torch 2.8.0, newer than" in problems[
+        0
+    ]
 
     old_diffusers = RuntimeEnv(**{**WITH_SDK.__dict__, "diffusers": "0.29.0"})
-    assert [p.split(":")[0] for p in compatibility.check_compatibility(manifest, old_diffusers).problems] == ["diffusers-pipeline-class"]
+    assert [p.split(":")[0] for p in compatibility.check_compatibility(manifest, old_diffusers).problems] == [
+        "diffusers-pipeline-class"
+    ]
     no_class = RuntimeEnv(**{**WITH_SDK.__dict__, "diffusers_pipelines": frozenset({"StableDiffusionXLPipeline"})})
     assert "has no StableDiffusionPipeline" in compatibility.check_compatibility(manifest, no_class).problems[0]
 
@@ -210,7 +244,11 @@ def test_every_rule_has_a_one_line_reason():
 def test_probe_environment_here_reports_the_missing_sdk():
     real = REAL_PROBE()  # the autouse fixture replaced verify.probe_environment for CLI runs
     assert real.torch and real.diffusers and not real.has_sdk and real.sdk_problem
-    assert {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline"} <= real.diffusers_pipelines
+    assert {
+        "StableDiffusionPipeline",
+        "StableDiffusionXLPipeline",
+        "LatentConsistencyModelPipeline",
+    } <= real.diffusers_pipelines
 
 
 # ------------------------------------------------------------------------------------------ fit
@@ -229,13 +267,19 @@ SDXL = {"text_encoder": CLIP_L, "text_encoder_2": OPENCLIP_BIGG, "unet": 2_567_4
 SDXL_REFINER = {"text_encoder_2": OPENCLIP_BIGG, "unet": 2_259_526_660, **VAE}
 
 
-def full_size(params: dict[str, int], height: int, width: int | None = None,
-              artifact_bytes: int = 0, batch: int = 1) -> list[ComponentFootprint]:
+def full_size(
+    params: dict[str, int], height: int, width: int | None = None, artifact_bytes: int = 0, batch: int = 1
+) -> list[ComponentFootprint]:
     """Real models' parameter counts at real shapes (artifact sizes 0: the estimate then uses 4 bytes/param)."""
     width = width or height
     h, w = height // 8, width // 8
-    shapes = {"text_encoder": ((batch, 77),), "text_encoder_2": ((batch, 77),), "unet": ((batch, 4, h, w), (batch,)),
-              "vae_encoder": ((batch, 3, height, width),), "vae_decoder": ((batch, 4, h, w),)}
+    shapes = {
+        "text_encoder": ((batch, 77),),
+        "text_encoder_2": ((batch, 77),),
+        "unet": ((batch, 4, h, w), (batch,)),
+        "vae_encoder": ((batch, 3, height, width),),
+        "vae_decoder": ((batch, 4, h, w),),
+    }
     return [ComponentFootprint(name, count, artifact_bytes, shapes[name]) for name, count in params.items()]
 
 
@@ -243,14 +287,17 @@ def full_size(params: dict[str, int], height: int, width: int | None = None,
 AWS_INF2_BENCHMARKS = (
     "AWS Neuron documentation, Inf2 Inference Performance, Stable Diffusion models "
     "(https://awsdocs-neuron.readthedocs-hosted.com/en/latest/general/benchmarks/inf2/inf2-performance.html; "
-    "data file aws-neuron-sdk general/benchmarks/inf2/throughput_data_vision_sd.csv, batch 1, bf16 matmul auto-cast)")
+    "data file aws-neuron-sdk general/benchmarks/inf2/throughput_data_vision_sd.csv, batch 1, bf16 matmul auto-cast)"
+)
 DIFFUSERS_NEURON_DOC = (
     "diffusers documentation, AWS Neuron (https://huggingface.co/docs/diffusers/optimization/neuron; seed document "
-    "001): SDXL 1024 compiled on inf2.8xlarge, 'switch to the cheaper inf2.xlarge' once compiled")
+    "001): SDXL 1024 compiled on inf2.8xlarge, 'switch to the cheaper inf2.xlarge' once compiled"
+)
 HOST_OOM_REPORTS = "shared/reference/field-notes.md: users report SDXL on inf2.xlarge running out of host memory"
 OPTIMUM_REFINER_DOC = (
     "optimum-neuron Stable Diffusion tutorial (seed document 000): deletes the SDXL base before loading the "
-    "refiner 'to avoid Neuron device OOM'")
+    "refiner 'to avoid Neuron device OOM'"
+)
 
 
 @dataclass(frozen=True)
@@ -269,20 +316,45 @@ DEPLOYMENTS = (
     Deployment("SD 1.5 512x512", ((SD15, 512, 512),), "inf2.xlarge", "fits", "inf2.xlarge", (AWS_INF2_BENCHMARKS,)),
     Deployment("SD 2.1 512x512", ((SD21, 512, 512),), "inf2.xlarge", "fits", "inf2.xlarge", (AWS_INF2_BENCHMARKS,)),
     Deployment("SD 2.1 768x768", ((SD21, 768, 768),), "inf2.xlarge", "fits", "inf2.xlarge", (AWS_INF2_BENCHMARKS,)),
-    Deployment("SD 2 inpainting 936x624", ((SD2_INPAINT, 624, 936),), "inf2.xlarge", "fits", "inf2.xlarge",
-               (AWS_INF2_BENCHMARKS,)),
+    Deployment(
+        "SD 2 inpainting 936x624",
+        ((SD2_INPAINT, 624, 936),),
+        "inf2.xlarge",
+        "fits",
+        "inf2.xlarge",
+        (AWS_INF2_BENCHMARKS,),
+    ),
     # AWS ~12 s/image on inf2.xlarge and the diffusers doc say it runs; users report host OOM there: tight.
-    Deployment("SDXL base 1024x1024", ((SDXL, 1024, 1024),), "inf2.xlarge", "tight", "inf2.xlarge",
-               (AWS_INF2_BENCHMARKS, DIFFUSERS_NEURON_DOC, HOST_OOM_REPORTS)),
+    Deployment(
+        "SDXL base 1024x1024",
+        ((SDXL, 1024, 1024),),
+        "inf2.xlarge",
+        "tight",
+        "inf2.xlarge",
+        (AWS_INF2_BENCHMARKS, DIFFUSERS_NEURON_DOC, HOST_OOM_REPORTS),
+    ),
     # AWS runs both in one process on inf2.8xlarge; optimum-neuron unloads the base first to avoid device OOM: tight.
-    Deployment("SDXL base + refiner 1024x1024", ((SDXL, 1024, 1024), (SDXL_REFINER, 1024, 1024)), "inf2.8xlarge",
-               "tight", "inf2.8xlarge", (AWS_INF2_BENCHMARKS, OPTIMUM_REFINER_DOC)),
+    Deployment(
+        "SDXL base + refiner 1024x1024",
+        ((SDXL, 1024, 1024), (SDXL_REFINER, 1024, 1024)),
+        "inf2.8xlarge",
+        "tight",
+        "inf2.8xlarge",
+        (AWS_INF2_BENCHMARKS, OPTIMUM_REFINER_DOC),
+    ),
 )
 
 
-def real_counts(params: dict[str, int], height: int, width: int, mode: str = "unet", batch: int | None = None,
-                auto_cast: str | None = None):
+def real_counts(
+    params: dict[str, int],
+    height: int,
+    width: int,
+    mode: str = "unet",
+    batch: int | None = None,
+    auto_cast: str | None = None,
+):
     """Turn a tiny export's manifest into a full-size one: real parameter counts and shapes, a Neuron build."""
+
     def change(data: dict) -> None:
         as_neuron_export(data)
         data["pipeline"].update(height=height, width=width, data_parallel_mode=mode)
@@ -296,6 +368,7 @@ def real_counts(params: dict[str, int], height: int, width: int, mode: str = "un
                 if tensor["name"] in ("sample", "latent_sample") and len(tensor["shape"]) == 4:
                     scale = 1 if name == "vae_encoder" else 8
                     tensor["shape"][2:] = [height // scale, width // scale]
+
     return change
 
 
@@ -314,8 +387,12 @@ def test_verify_agrees_with_published_deployments(deployment, sd_export, sdxl_ex
         assert tight == (deployment.verdict == "tight"), fit["summary"]
         return
     # pipelines loaded together (verify takes one export): the fit function on their footprints
-    footprint = together(*(estimate(full_size(params, height, width), "unet", label=f"{index}/")
-                           for index, (params, height, width) in enumerate(deployment.pipelines)))
+    footprint = together(
+        *(
+            estimate(full_size(params, height, width), "unet", label=f"{index}/")
+            for index, (params, height, width) in enumerate(deployment.pipelines)
+        )
+    )
     verdict = fits(footprint, target)
     assert verdict.fits and bool(verdict.tight) == (deployment.verdict == "tight"), (verdict.reasons, verdict.tight)
     assert smallest_fit(footprint, "inf2").name == deployment.smallest
@@ -326,7 +403,11 @@ def test_sdxl_base_plus_refiner_does_not_fit_inf2_xlarge_host_ram():
     both = together(base, refiner)
     assert fits(base, BY_NAME["inf2.xlarge"]).fits and fits(refiner, BY_NAME["inf2.xlarge"]).fits  # each alone
     verdict = fits(both, BY_NAME["inf2.xlarge"])
-    assert not verdict.fits and len(verdict.reasons) == 1 and verdict.reasons[0].startswith("host RAM: loading needs about 27")
+    assert (
+        not verdict.fits
+        and len(verdict.reasons) == 1
+        and verdict.reasons[0].startswith("host RAM: loading needs about 27")
+    )
     assert both.host_bytes == base.host_bytes + refiner.host_bytes - footprint.HOST_BASE_BYTES  # one process
 
 
@@ -348,14 +429,20 @@ def test_a_component_on_both_cores_is_held_once_on_the_host():
     assert {c.name: c.copies for c in two_cores.components}["unet"] == 2
     assert two_cores.host_bytes == one_core.host_bytes
     assert two_cores.core_bytes[0] == one_core.core_bytes[0]  # core 1 holds only the second UNet replica
-    assert two_cores.core_bytes[1] == footprint.CORE_RESERVE_BYTES + {c.name: c for c in two_cores.components}["unet"].device_bytes
+    assert (
+        two_cores.core_bytes[1]
+        == footprint.CORE_RESERVE_BYTES + {c.name: c for c in two_cores.components}["unet"].device_bytes
+    )
 
 
 def test_models_on_one_core_share_the_largest_activation_scratchpad():
     sdxl = estimate(full_size(SDXL, 1024), "unet")
     on_core_0 = [c for c in sdxl.components if 0 in c.cores]
-    assert sdxl.core_bytes[0] == (footprint.CORE_RESERVE_BYTES + sum(c.device_weight_bytes for c in on_core_0)
-                                  + max(c.activation_bytes for c in on_core_0))
+    assert sdxl.core_bytes[0] == (
+        footprint.CORE_RESERVE_BYTES
+        + sum(c.device_weight_bytes for c in on_core_0)
+        + max(c.activation_bytes for c in on_core_0)
+    )
     assert len({c.activation_bytes for c in on_core_0}) > 1  # the VAEs need more scratch than the encoders
 
 
@@ -365,7 +452,9 @@ def test_an_export_that_does_not_fit_exits_5_and_names_the_resource(sdxl_export,
     code, out, _ = cli("verify", directory, "--instance", "inf2.xlarge", "--json")
     fit = json.loads(out)["checks"]["fit"]
     assert code == ExitCode.DOES_NOT_FIT == 5 and fit["verdict"] == "failed", fit["summary"]
-    assert fit["problems"] == [fit["problems"][0]] and fit["problems"][0].startswith("device memory: NeuronCore 0 needs about 17")
+    assert fit["problems"] == [fit["problems"][0]] and fit["problems"][0].startswith(
+        "device memory: NeuronCore 0 needs about 17"
+    )
     assert "smallest instance that fits: none in the table" in fit["summary"]
     code, out, _ = cli("verify", directory, "--instance", "inf2.xlarge")
     assert code == 5 and "does not fit inf2.xlarge" in out and "Traceback" not in out

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from neuron_export.backends.request import CompileRequest
 from neuron_export.roles import role_of
@@ -24,8 +25,9 @@ COMPILE_ENVIRONMENT = {"NEURON_FUSE_SOFTMAX": "1", "NEURON_CUSTOM_SILU": "1", "T
 DEVICES_FILE = Path("/proc/devices")
 
 
-def compiler_args(component: str, is_xl: bool, auto_cast: str, auto_cast_type: str | None,
-                  optlevel: int, target: str) -> list[str]:
+def compiler_args(
+    component: str, is_xl: bool, auto_cast: str, auto_cast_type: str | None, optlevel: int, target: str
+) -> list[str]:
     args = ["--auto-cast", AUTO_CAST_FLAG[auto_cast]]
     if auto_cast != "none" and auto_cast_type:
         args += ["--auto-cast-type", auto_cast_type]

@@ -46,8 +46,9 @@ def torch_requirement(requirements: list[str]) -> str | None:
             requirement = Requirement(line)
         except InvalidRequirement:
             continue
-        if requirement.name.lower() == "torch" and (requirement.marker is None
-                                                    or requirement.marker.evaluate({"extra": ""})):
+        if requirement.name.lower() == "torch" and (
+            requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+        ):
             return str(requirement.specifier) or None
     return None
 
@@ -69,8 +70,10 @@ def check_torch_match(flag: str) -> None:
         fits = False
     if not fits:
         found = f"torch {torch} is installed" if torch else "torch is not installed"
-        raise ExportError(f"{flag}: torch-neuronx {neuronx} requires torch{wanted}, but {found}; install that "
-                          f"torch (pip install 'torch{wanted}') or run in the Neuron SDK's own virtualenv.")
+        raise ExportError(
+            f"{flag}: torch-neuronx {neuronx} requires torch{wanted}, but {found}; install that "
+            f"torch (pip install 'torch{wanted}') or run in the Neuron SDK's own virtualenv."
+        )
 
 
 def warn_outside_range() -> None:
@@ -86,11 +89,15 @@ def warn_outside_range() -> None:
         _warn_once(neuronx)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(neuronx: str) -> None:
     low, high = (".".join(map(str, part)) for part in SUPPORTED_TORCH_NEURONX)
-    print(f"neuron-export: warning: torch-neuronx {neuronx} is outside the range neuron-export supports "
-          f"({SUPPORTED_SDK}: torch-neuronx {low} to {high}); continuing.", file=sys.stderr, flush=True)
+    print(
+        f"neuron-export: warning: torch-neuronx {neuronx} is outside the range neuron-export supports "
+        f"({SUPPORTED_SDK}: torch-neuronx {low} to {high}); continuing.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def resolve_backend(requested: str) -> str:
@@ -103,7 +110,9 @@ def resolve_backend(requested: str) -> str:
     if problem is None:
         warn_outside_range()
         return "neuron"
-    raise ExportError(f"{flag} needs the AWS Neuron SDK, but torch_neuronx does not import ({problem}); {INSTALL_HINT}.")
+    raise ExportError(
+        f"{flag} needs the AWS Neuron SDK, but torch_neuronx does not import ({problem}); {INSTALL_HINT}."
+    )
 
 
 def get_backend(name: str) -> ModuleType:

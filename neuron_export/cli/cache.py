@@ -3,11 +3,17 @@ component cache and the shared remote cache, and make the key pair that signs it
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
-from neuron_export.cli.options import Json, RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey, RemoteCacheUrl
+from neuron_export.cli.options import (
+    Json,
+    RemoteCacheAllowUnsigned,
+    RemoteCacheSigningKey,
+    RemoteCacheTrustedKey,
+    RemoteCacheUrl,
+)
 from neuron_export.errors import ExitCode, ExportError
 
 if TYPE_CHECKING:
@@ -17,9 +23,17 @@ if TYPE_CHECKING:
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
-cache_app = typer.Typer(help="Inspect, clean and share the component cache (--remote: the shared remote cache).", no_args_is_help=True)
-CacheDir = typer.Option(None, "--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export].")
-Remote = typer.Option(False, "--remote", help="Act on the remote cache (--remote-cache URL or $NEURON_EXPORT_REMOTE_CACHE), not the local one.")
+cache_app = typer.Typer(
+    help="Inspect, clean and share the component cache (--remote: the shared remote cache).", no_args_is_help=True
+)
+CacheDir = typer.Option(
+    None, "--cache-dir", help="Component cache [default: $NEURON_EXPORT_CACHE or ~/.cache/neuron-export]."
+)
+Remote = typer.Option(
+    False,
+    "--remote",
+    help="Act on the remote cache (--remote-cache URL or $NEURON_EXPORT_REMOTE_CACHE), not the local one.",
+)
 
 
 def parse_duration(text: str) -> float:
@@ -30,14 +44,19 @@ def parse_duration(text: str) -> float:
     return float(number) * DURATION_UNITS[unit]
 
 
-def _cache(cache_dir: Optional[Path]) -> "ComponentCache":
+def _cache(cache_dir: Path | None) -> "ComponentCache":
     from neuron_export.exporter.cache import ComponentCache, default_cache_dir
 
     return ComponentCache(cache_dir or default_cache_dir())
 
 
-def _remote(url: Optional[str], command: str, signing_key: Optional[Path] = None, trusted: Optional[list[str]] = None,
-            allow_unsigned: bool = False) -> "RemoteCache":
+def _remote(
+    url: str | None,
+    command: str,
+    signing_key: Path | None = None,
+    trusted: list[str] | None = None,
+    allow_unsigned: bool = False,
+) -> "RemoteCache":
     """The remote cache a command names, with whom it trusts; it must be reachable (these commands have nothing
     else to do)."""
     import os
@@ -65,19 +84,29 @@ def _shapes(record: "ComponentRecord") -> str:
     return " ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
 
 
-def _local_only(remote_cache: Optional[str], cache: "ComponentCache") -> None:
+def _local_only(remote_cache: str | None, cache: "ComponentCache") -> None:
     """--remote-cache names the remote; only --remote acts on it. Say which cache this command acts on."""
     if remote_cache:
-        print(f"neuron-export: note: acting on the local cache {cache.root}; add --remote to act on {remote_cache}.",
-              file=sys.stderr, flush=True)
+        print(
+            f"neuron-export: note: acting on the local cache {cache.root}; add --remote to act on {remote_cache}.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-ModelFilter = typer.Option(None, "--model", help="Only entries built from a model whose hub id or path contains this text.")
+ModelFilter = typer.Option(
+    None, "--model", help="Only entries built from a model whose hub id or path contains this text."
+)
 
 
 @cache_app.command("ls")
-def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None,
-               model: Optional[str] = ModelFilter, json_output: Json = False) -> None:
+def ls_command(
+    cache_dir: Path | None = CacheDir,
+    remote: bool = Remote,
+    remote_cache: RemoteCacheUrl = None,
+    model: str | None = ModelFilter,
+    json_output: Json = False,
+) -> None:
     """One line per cached component: key, component, backend, size, last use (--remote: upload time), model, shapes."""
     import json
     import time
@@ -94,23 +123,44 @@ def ls_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remo
     else:
         cache = _cache(cache_dir)
         _local_only(remote_cache, cache)
-        rows = [(entry.key, entry.record, cache.size(entry), "used", cache.last_used(entry)) for entry in cache.entries()]
+        rows = [
+            (entry.key, entry.record, cache.size(entry), "used", cache.last_used(entry)) for entry in cache.entries()
+        ]
     if model is not None:
         rows = [row for row in rows if model.lower() in (row[1].model or "").lower()]
     if json_output:
-        print(json.dumps([{"key": key, "component": record.name, "model": record.model, "backend": record.backend,
-                           "size_bytes": size, when: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stamp)),
-                           "inputs": [t.model_dump() for t in record.inputs]}
-                          for key, record, size, when, stamp in rows]), flush=True)
+        print(
+            json.dumps(
+                [
+                    {
+                        "key": key,
+                        "component": record.name,
+                        "model": record.model,
+                        "backend": record.backend,
+                        "size_bytes": size,
+                        when: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stamp)),
+                        "inputs": [t.model_dump() for t in record.inputs],
+                    }
+                    for key, record, size, when, stamp in rows
+                ]
+            ),
+            flush=True,
+        )
         return
     for key, record, size, when, stamp in rows:
-        print(f"{key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(size):>10}  "
-              f"{when} {time.strftime('%Y-%m-%d %H:%M', time.localtime(stamp))}  {record.model or '-'}  {_shapes(record)}")
+        print(
+            f"{key[:12]}  {record.name:<14} {record.backend:<6} {human_bytes(size):>10}  "
+            f"{when} {time.strftime('%Y-%m-%d %H:%M', time.localtime(stamp))}  {record.model or '-'}  {_shapes(record)}"
+        )
 
 
 @cache_app.command("rm")
-def rm_command(keys: list[str] = typer.Argument(..., metavar="KEY...", help="Entry keys, or their start as `cache ls` prints it."),
-               cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
+def rm_command(
+    keys: list[str] = typer.Argument(..., metavar="KEY...", help="Entry keys, or their start as `cache ls` prints it."),
+    cache_dir: Path | None = CacheDir,
+    remote: bool = Remote,
+    remote_cache: RemoteCacheUrl = None,
+) -> None:
     """Remove cached components by key (the next export that needs one builds it again)."""
     from neuron_export.format import human_bytes
 
@@ -141,7 +191,7 @@ def rm_command(keys: list[str] = typer.Argument(..., metavar="KEY...", help="Ent
 
 
 @cache_app.command("du")
-def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
+def du_command(cache_dir: Path | None = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
     """Total size of the cache, per component role."""
     from neuron_export.format import human_bytes
 
@@ -166,17 +216,23 @@ def du_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remo
 
 @cache_app.command("prune")
 def prune_command(
-    older_than: Optional[str] = typer.Option(None, "--older-than", help="Remove entries unused (--remote: uploaded) this long ago, e.g. 30d."),
+    older_than: str | None = typer.Option(
+        None, "--older-than", help="Remove entries unused (--remote: uploaded) this long ago, e.g. 30d."
+    ),
     remove_all: bool = typer.Option(False, "--all", help="Remove every entry."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; delete nothing."),
-    cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None,
+    cache_dir: Path | None = CacheDir,
+    remote: bool = Remote,
+    remote_cache: RemoteCacheUrl = None,
 ) -> None:
     """Remove cached components: --all, or those unused --older-than a duration (--dry-run lists them first)."""
     from neuron_export.format import human_bytes
 
     if remove_all == (older_than is not None):  # deleting every build is never a default
-        raise ExportError("cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
-                        "to remove; add --dry-run to list it without deleting.")
+        raise ExportError(
+            "cache prune needs exactly one of --all or --older-than (e.g. --older-than 30d) to say what "
+            "to remove; add --dry-run to list it without deleting."
+        )
     seconds = parse_duration(older_than) if older_than else None
     linked: dict[str, int] = {}  # bytes an export still hard-links: removing the entry does not free them
     if remote:
@@ -202,14 +258,22 @@ def prune_command(
         print(f"{verb} {key[:12]}  {name:<14} {human_bytes(size):>10}{note}")
     total = sum(size for _, _, size in found)
     kept = sum(linked.get(key, 0) for key, _, _ in found)
-    freed = f"; {human_bytes(total - kept)} {'would be ' if dry_run else ''}freed, {human_bytes(kept)} stays in use by " \
-            "exports that hard-link it (freed when they are deleted)" if kept else ""
-    print(f"{verb} {len(found)} entries ({human_bytes(total)}) from {where}{freed}"
-          + ("; nothing was deleted" if dry_run else ""))
+    freed = (
+        f"; {human_bytes(total - kept)} {'would be ' if dry_run else ''}freed, {human_bytes(kept)} stays in use by "
+        "exports that hard-link it (freed when they are deleted)"
+        if kept
+        else ""
+    )
+    print(
+        f"{verb} {len(found)} entries ({human_bytes(total)}) from {where}{freed}"
+        + ("; nothing was deleted" if dry_run else "")
+    )
 
 
 @cache_app.command("verify")
-def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None) -> None:
+def verify_command(
+    cache_dir: Path | None = CacheDir, remote: bool = Remote, remote_cache: RemoteCacheUrl = None
+) -> None:
     """Hash-check every entry; bad ones are removed (and rebuilt by the next export that needs them). Exits 3 if any was bad."""
     if remote:
         from neuron_export.exporter.remote_upkeep import verify
@@ -230,9 +294,12 @@ def verify_command(cache_dir: Optional[Path] = CacheDir, remote: bool = Remote, 
 
 
 @cache_app.command("push")
-def push_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None,
-                 remote_cache_signing_key: RemoteCacheSigningKey = None,
-                 remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False) -> None:
+def push_command(
+    cache_dir: Path | None = CacheDir,
+    remote_cache: RemoteCacheUrl = None,
+    remote_cache_signing_key: RemoteCacheSigningKey = None,
+    remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
+) -> None:
     """Upload, signed, every intact local entry the remote cache has no trusted entry for (seeds it for other hosts)."""
     from neuron_export.exporter.remote_trust import SIGNING_KEY_ENV
     from neuron_export.exporter.remote_upkeep import push
@@ -240,18 +307,25 @@ def push_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCache
 
     shared = _remote(remote_cache, "push", remote_cache_signing_key, None, remote_cache_allow_unsigned)
     if not shared.trust.can_upload:
-        raise ExportError(f"cache push signs what it uploads; pass --remote-cache-signing-key FILE (or set "
-                          f"{SIGNING_KEY_ENV}), or --remote-cache-allow-unsigned for a private bucket.")
+        raise ExportError(
+            f"cache push signs what it uploads; pass --remote-cache-signing-key FILE (or set "
+            f"{SIGNING_KEY_ENV}), or --remote-cache-allow-unsigned for a private bucket."
+        )
     pushed = push(_cache(cache_dir), shared)
     for entry in pushed:
-        print(f"pushed {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
+        print(
+            f"pushed {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}"
+        )
     print(f"pushed {len(pushed)} entries to {shared.url}")
 
 
 @cache_app.command("pull")
-def pull_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCacheUrl = None,
-                 remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
-                 remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False) -> None:
+def pull_command(
+    cache_dir: Path | None = CacheDir,
+    remote_cache: RemoteCacheUrl = None,
+    remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+    remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
+) -> None:
     """Download every remote entry the local cache does not have that a trusted key signed, each hash-checked."""
     from neuron_export.exporter.remote_upkeep import pull
     from neuron_export.format import human_bytes
@@ -260,14 +334,22 @@ def pull_command(cache_dir: Optional[Path] = CacheDir, remote_cache: RemoteCache
     cache = _cache(cache_dir)
     pulled = pull(cache, shared)
     for entry in pulled:
-        print(f"pulled {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}")
+        print(
+            f"pulled {entry.key[:12]}  {entry.record.name:<14} {human_bytes(sum(f.size for f in entry.record.files)):>10}"
+        )
     print(f"pulled {len(pulled)} entries from {shared.url} into {cache.root}")
 
 
 @cache_app.command("keygen")
 def keygen_command(
-    key_file: Path = typer.Argument(..., metavar="FILE", help="Where to write the private key (mode 0600); the public key goes to FILE.pub."),
-    force: bool = typer.Option(False, "--force", help="Replace existing key files (entries signed with the old key are then trusted by nobody who drops it)."),
+    key_file: Path = typer.Argument(
+        ..., metavar="FILE", help="Where to write the private key (mode 0600); the public key goes to FILE.pub."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace existing key files (entries signed with the old key are then trusted by nobody who drops it).",
+    ),
 ) -> None:
     """Make an Ed25519 key pair for signing remote cache entries; prints the public key to trust them with."""
     from neuron_export.signing import generate, write_private
@@ -275,8 +357,9 @@ def keygen_command(
     public_file = key_file.with_name(key_file.name + ".pub")
     for path in (key_file, public_file):
         if (path.exists() or path.is_symlink()) and not force:
-            raise ExportError(f"cache keygen {key_file}: {path} already exists; pass --force to replace it, or "
-                              "choose another FILE.")
+            raise ExportError(
+                f"cache keygen {key_file}: {path} already exists; pass --force to replace it, or choose another FILE."
+            )
         if path.is_dir():
             raise ExportError(f"cache keygen {key_file}: {path} is a directory; choose a file name.")
     pem, public = generate()
@@ -286,11 +369,15 @@ def keygen_command(
         public_file.unlink(missing_ok=True)
         public_file.write_text(public + "\n")
     except OSError as error:
-        raise ExportError(f"cache keygen {key_file}: cannot write it ({error.strerror or error}); choose a writable "
-                          "folder.") from None
+        raise ExportError(
+            f"cache keygen {key_file}: cannot write it ({error.strerror or error}); choose a writable folder."
+        ) from None
     print(public)
-    print(f"private key: {key_file} (keep it secret: pass it as --remote-cache-signing-key); public key: {public_file} "
-          "(pass it or the line above as --remote-cache-trusted-key)", file=sys.stderr)
+    print(
+        f"private key: {key_file} (keep it secret: pass it as --remote-cache-signing-key); public key: {public_file} "
+        "(pass it or the line above as --remote-cache-trusted-key)",
+        file=sys.stderr,
+    )
 
 
 def register(app: typer.Typer) -> None:

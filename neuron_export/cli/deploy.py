@@ -6,7 +6,7 @@ Thin: parse, call inspection / verify / hub, render. Nothing heavy is imported u
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -61,13 +61,26 @@ def inspect_command(
 
 def verify_command(
     export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
-    instance_name: Optional[str] = typer.Option(None, "--instance", help="Instance to check the fit on: inf2.xlarge | inf2.8xlarge | "
-                                                "inf2.24xlarge | inf2.48xlarge | trn1.2xlarge | trn1.32xlarge | trn1n.32xlarge."),
+    instance_name: str | None = typer.Option(
+        None,
+        "--instance",
+        help="Instance to check the fit on: inf2.xlarge | inf2.8xlarge | "
+        "inf2.24xlarge | inf2.48xlarge | trn1.2xlarge | trn1.32xlarge | trn1n.32xlarge.",
+    ),
     # "target" means the neuronx-cc compile target everywhere else; the old spelling still works, with a notice.
-    old_target: Optional[str] = typer.Option(None, "--target", hidden=True),
-    strict: bool = typer.Option(False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object with each check's verdict and details."),
-    trusted_keys: Optional[list[str]] = typer.Option(None, "--remote-cache-trusted-key", metavar="KEY", help="Downloaded components must be signed by one of these public keys (ed25519:... or a .pub file; repeatable) [default: $NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS, else any signer whose signature matches]."),
+    old_target: str | None = typer.Option(None, "--target", hidden=True),
+    strict: bool = typer.Option(
+        False, "--strict", help="Fail (exit 4) when compatibility cannot be checked on this host."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print one JSON object with each check's verdict and details."
+    ),
+    trusted_keys: list[str] | None = typer.Option(
+        None,
+        "--remote-cache-trusted-key",
+        metavar="KEY",
+        help="Downloaded components must be signed by one of these public keys (ed25519:... or a .pub file; repeatable) [default: $NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS, else any signer whose signature matches].",
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the memory estimate and its assumptions."),
 ) -> None:
     from neuron_export.deploy import verify
@@ -81,8 +94,11 @@ def verify_command(
         raise ExportError(f"{problem}.") from None
 
     if old_target is not None:
-        print("verify --target is now --instance (--target is the compile target of an export); "
-              f"use --instance {old_target}.", file=sys.stderr)
+        print(
+            "verify --target is now --instance (--target is the compile target of an export); "
+            f"use --instance {old_target}.",
+            file=sys.stderr,
+        )
         instance_name = instance_name or old_target
     instance = get_instance(instance_name) if instance_name else None
     report = verify.verify(export_dir, instance, strict=strict, trusted=frozenset(trusted) if trusted else None)
@@ -98,8 +114,12 @@ def push_command(
     export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="A directory written by neuron-export."),
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repository, org/name (created if missing)."),
     private: bool = typer.Option(False, "--private", help="Create the repository as private."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to push to (created if missing) [default: main]."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token [default: HF_TOKEN or the saved login]."),
+    revision: str | None = typer.Option(
+        None, "--revision", help="Branch to push to (created if missing) [default: main]."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", help="Hugging Face token [default: HF_TOKEN or the saved login]."
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object describing the upload."),
 ) -> None:
     """Upload an export to the Hugging Face Hub with a generated model card (README.md).
@@ -114,8 +134,11 @@ def push_command(
     if json_output:
         print(json.dumps(result), flush=True)
         return
-    print(f"Pushed {len(result['files'])} files and {result['card']} to {result['repo_url'] or repo_id} "
-          f"(revision {result['revision']}{', private' if private else ''}).", flush=True)
+    print(
+        f"Pushed {len(result['files'])} files and {result['card']} to {result['repo_url'] or repo_id} "
+        f"(revision {result['revision']}{', private' if private else ''}).",
+        flush=True,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -2,21 +2,62 @@
 
 import inspect
 import time
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
 from neuron_export.cli.options import (
-    Atol, AutoCast, AutoCastType, Backend, BatchSize, CacheDir, Components, ConfigFiles, DisableValidation, Executor, RayAddress,
-    DynamicBatchSize, Force, Height, HubCacheDir, ImagesPerPrompt, InlineWeights, Jobs, Json, MaxMemory, Model,
-    Offline, Optlevel, Output, OutputArgument, RemoteCacheRequired, RemoteCacheUrl, Revision, SetOptions, Target, Task,
-    Token, Unet, Width,
+    Atol,
+    AutoCast,
+    AutoCastType,
+    Backend,
+    BatchSize,
+    CacheDir,
+    Choice,
+    Components,
+    ConfigFiles,
+    ControlNet,
+    DisableValidation,
+    DynamicBatchSize,
+    Executor,
+    Force,
+    Height,
+    HubCacheDir,
+    ImagesPerPrompt,
+    InlineWeights,
+    IpAdapter,
+    IpAdapterScale,
+    IpAdapterSubfolder,
+    IpAdapterWeightName,
+    Jobs,
+    Json,
+    Lora,
+    LoraAdapterName,
+    LoraScale,
+    LoraWeightName,
+    MaxMemory,
+    Model,
+    Offline,
+    Optlevel,
+    Output,
+    OutputArgument,
+    RayAddress,
+    RemoteCacheAllowUnsigned,
+    RemoteCacheRequired,
+    RemoteCacheSigningKey,
+    RemoteCacheTrustedKey,
+    RemoteCacheUrl,
+    Revision,
+    SetOptions,
+    Target,
+    Task,
+    Token,
+    Unet,
+    Vae,
+    Width,
 )
-from neuron_export.cli.options import RemoteCacheAllowUnsigned, RemoteCacheSigningKey, RemoteCacheTrustedKey
-from neuron_export.cli.options import Lora, LoraAdapterName, LoraScale, LoraWeightName, Vae
-from neuron_export.cli.options import ControlNet, IpAdapter, IpAdapterScale, IpAdapterSubfolder, IpAdapterWeightName
-from neuron_export.cli.options import Choice
 
 FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
@@ -26,15 +67,24 @@ FAMILY_HELP = {
 BUILD_HELP = "Export from YAML config files (several: one set of jobs, shared components built once): defaults < file < --set < flags."
 
 # On/off flags whose absence must not override a YAML file's `true`.
-_PLAIN_FLAGS = {"dynamic_batch_size", "disable_validation", "force", "offline", "remote_cache_required",
-                "remote_cache_allow_unsigned"}
+_PLAIN_FLAGS = {
+    "dynamic_batch_size",
+    "disable_validation",
+    "force",
+    "offline",
+    "remote_cache_required",
+    "remote_cache_allow_unsigned",
+}
 
 
 def given_options(values: dict[str, Any]) -> dict[str, Any]:
     """The options the user actually gave on the command line (a repeatable option never given is an empty list),
     choices as their plain values."""
-    return {key: value.value if isinstance(value, Enum) else value for key, value in values.items()
-            if value is not None and value != [] and not (key in _PLAIN_FLAGS and value is False)}
+    return {
+        key: value.value if isinstance(value, Enum) else value
+        for key, value in values.items()
+        if value is not None and value != [] and not (key in _PLAIN_FLAGS and value is False)
+    }
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -67,7 +117,9 @@ def export_and_render(family_or_config: Any, overrides: list[str], options: dict
             finally:
                 reporter.close()
             reporter.summary(result.manifest, plan.output, result.origins, time.monotonic() - started)
-        results.append({**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date})
+        results.append(
+            {**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date}
+        )
     if json_mode:
         import json
 
@@ -95,30 +147,62 @@ FAMILY_REFUSES = {"sd": set(), "sd-xl": IP_ADAPTER_OPTIONS, "lcm": IP_ADAPTER_OP
 
 
 def _template(  # in help-panel order: model, shapes, compiler, add-ons, cache, output
-    output_dir: OutputArgument = None, model: Model = None, task: Task = None, revision: Revision = None,
-    unet: Unet = None, token: Token = None, hub_cache_dir: HubCacheDir = None, offline: Offline = False,
-    batch_size: BatchSize = None, height: Height = None, width: Width = None,
-    num_images_per_prompt: ImagesPerPrompt = None, dynamic_batch_size: DynamicBatchSize = False,
-    auto_cast: AutoCast = None, auto_cast_type: AutoCastType = None, optlevel: Optlevel = None,
-    inline_weights: InlineWeights = None, target: Target = None, backend: Backend = None,
-    disable_validation: DisableValidation = False, atol: Atol = None, components: Components = None,
-    jobs: Jobs = None, max_memory: MaxMemory = None, executor: Executor = None, ray_address: RayAddress = None,
-    vae: Vae = None, lora: Lora = None, lora_weight_name: LoraWeightName = None,
-    lora_adapter_name: LoraAdapterName = None, lora_scale: LoraScale = None,
-    controlnet: ControlNet = None, ip_adapter: IpAdapter = None, ip_adapter_subfolder: IpAdapterSubfolder = None,
-    ip_adapter_weight_name: IpAdapterWeightName = None, ip_adapter_scale: IpAdapterScale = None,
-    cache_dir: CacheDir = None, remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
-    remote_cache_signing_key: RemoteCacheSigningKey = None, remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+    output_dir: OutputArgument = None,
+    model: Model = None,
+    task: Task = None,
+    revision: Revision = None,
+    unet: Unet = None,
+    token: Token = None,
+    hub_cache_dir: HubCacheDir = None,
+    offline: Offline = False,
+    batch_size: BatchSize = None,
+    height: Height = None,
+    width: Width = None,
+    num_images_per_prompt: ImagesPerPrompt = None,
+    dynamic_batch_size: DynamicBatchSize = False,
+    auto_cast: AutoCast = None,
+    auto_cast_type: AutoCastType = None,
+    optlevel: Optlevel = None,
+    inline_weights: InlineWeights = None,
+    target: Target = None,
+    backend: Backend = None,
+    disable_validation: DisableValidation = False,
+    atol: Atol = None,
+    components: Components = None,
+    jobs: Jobs = None,
+    max_memory: MaxMemory = None,
+    executor: Executor = None,
+    ray_address: RayAddress = None,
+    vae: Vae = None,
+    lora: Lora = None,
+    lora_weight_name: LoraWeightName = None,
+    lora_adapter_name: LoraAdapterName = None,
+    lora_scale: LoraScale = None,
+    controlnet: ControlNet = None,
+    ip_adapter: IpAdapter = None,
+    ip_adapter_subfolder: IpAdapterSubfolder = None,
+    ip_adapter_weight_name: IpAdapterWeightName = None,
+    ip_adapter_scale: IpAdapterScale = None,
+    cache_dir: CacheDir = None,
+    remote_cache: RemoteCacheUrl = None,
+    remote_cache_required: RemoteCacheRequired = False,
+    remote_cache_signing_key: RemoteCacheSigningKey = None,
+    remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
     remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
-    output: Output = None, force: Force = False, json_output: Json = False,
+    output: Output = None,
+    force: Force = False,
+    json_output: Json = False,
 ) -> None:
     """Every export flag; each family's command takes the ones it accepts (family_command)."""
 
 
 def family_options(family: str) -> set[str]:
     """The long flags `neuron-export FAMILY` takes."""
-    return {"--" + name.replace("_", "-") for name in inspect.signature(_template).parameters
-            if name not in FAMILY_REFUSES[family]} - {"--output-dir", "--json-output"} | {"--json"}
+    return {
+        "--" + name.replace("_", "-")
+        for name in inspect.signature(_template).parameters
+        if name not in FAMILY_REFUSES[family]
+    } - {"--output-dir", "--json-output"} | {"--json"}
 
 
 def family_command(family: str, run: Runner) -> Callable[..., None]:
@@ -128,18 +212,26 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
         if output_dir is not None and values.get("output") is not None and output_dir != values["output"]:
             from neuron_export.errors import ExportError
 
-            raise ExportError(f"OUTPUT {output_dir} and --output {values['output']} are both given; name the output directory once.")
+            raise ExportError(
+                f"OUTPUT {output_dir} and --output {values['output']} are both given; name the output directory once."
+            )
         if output_dir is not None:
             options.setdefault("output", output_dir)
         run(family, [], options, json_output)
 
     tasks = Choice(f"{family.replace('-', '')}_tasks", {task.replace("-", "_"): task for task in FAMILY_TASKS[family]})  # type: ignore[call-overload]
-    task_option = typer.Option("--task", help="What the pipeline does [default: text-to-image].", rich_help_panel="Model")
+    task_option = typer.Option(
+        "--task", help="What the pipeline does [default: text-to-image].", rich_help_panel="Model"
+    )
     hints = {name: hint for name, hint in _template.__annotations__.items() if name not in FAMILY_REFUSES[family]}
-    hints["task"] = Annotated[Optional[tasks], task_option]
-    signature = inspect.Signature([
-        parameter.replace(annotation=hints[name]) for name, parameter in inspect.signature(_template).parameters.items()
-        if name in hints])
+    hints["task"] = Annotated[tasks | None, task_option]
+    signature = inspect.Signature(
+        [
+            parameter.replace(annotation=hints[name])
+            for name, parameter in inspect.signature(_template).parameters.items()
+            if name in hints
+        ]
+    )
     command.__signature__ = signature  # type: ignore[attr-defined]
     command.__annotations__ = hints
     command.__doc__ = FAMILY_HELP[family]
@@ -148,21 +240,42 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
 
 def build_command(run: Runner) -> Callable[..., None]:
     def command(
-        config_files: ConfigFiles, set_options: SetOptions = None, output: Output = None, backend: Backend = None,
-        disable_validation: DisableValidation = False, jobs: Jobs = None, max_memory: MaxMemory = None,
-        cache_dir: CacheDir = None, force: Force = False, json_output: Json = False,
-        remote_cache: RemoteCacheUrl = None, remote_cache_required: RemoteCacheRequired = False,
-        remote_cache_signing_key: RemoteCacheSigningKey = None, remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
+        config_files: ConfigFiles,
+        set_options: SetOptions = None,
+        output: Output = None,
+        backend: Backend = None,
+        disable_validation: DisableValidation = False,
+        jobs: Jobs = None,
+        max_memory: MaxMemory = None,
+        cache_dir: CacheDir = None,
+        force: Force = False,
+        json_output: Json = False,
+        remote_cache: RemoteCacheUrl = None,
+        remote_cache_required: RemoteCacheRequired = False,
+        remote_cache_signing_key: RemoteCacheSigningKey = None,
+        remote_cache_trusted_keys: RemoteCacheTrustedKey = None,
         remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
-        executor: Executor = None, ray_address: RayAddress = None,
+        executor: Executor = None,
+        ray_address: RayAddress = None,
     ) -> None:
-        options = given_options({"output": output, "backend": backend, "disable_validation": disable_validation,
-                                 "jobs": jobs, "max_memory": max_memory, "cache_dir": cache_dir, "force": force,
-                                 "remote_cache": remote_cache, "remote_cache_required": remote_cache_required,
-                                 "remote_cache_signing_key": remote_cache_signing_key,
-                                 "remote_cache_trusted_keys": remote_cache_trusted_keys,
-                                 "remote_cache_allow_unsigned": remote_cache_allow_unsigned,
-                                 "executor": executor, "ray_address": ray_address})
+        options = given_options(
+            {
+                "output": output,
+                "backend": backend,
+                "disable_validation": disable_validation,
+                "jobs": jobs,
+                "max_memory": max_memory,
+                "cache_dir": cache_dir,
+                "force": force,
+                "remote_cache": remote_cache,
+                "remote_cache_required": remote_cache_required,
+                "remote_cache_signing_key": remote_cache_signing_key,
+                "remote_cache_trusted_keys": remote_cache_trusted_keys,
+                "remote_cache_allow_unsigned": remote_cache_allow_unsigned,
+                "executor": executor,
+                "ray_address": ray_address,
+            }
+        )
         run(config_files if len(config_files) > 1 else config_files[0], list(set_options or []), options, json_output)
 
     command.__doc__ = BUILD_HELP
@@ -173,7 +286,7 @@ def register(app: typer.Typer) -> None:
     """The export commands on `app`, and the same flags under `plan`."""
     plan_app = typer.Typer(
         help="Show what an export would build, from cache or not, with memory and time estimates; exits 6 when "
-             "the largest job cannot fit --max-memory. Takes the export commands' flags.",
+        "the largest job cannot fit --max-memory. Takes the export commands' flags.",
         no_args_is_help=True,
     )
     app.add_typer(plan_app, name="plan")

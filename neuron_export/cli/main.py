@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -67,11 +67,13 @@ TERMINATED: list[int] = []  # set by the SIGTERM handler: the parser may wrap ou
 
 def _stopped() -> tuple[int, str]:
     code, word = (ExitCode.TERMINATED, "terminated") if TERMINATED else (ExitCode.INTERRUPTED, "interrupted")
-    return code, (f"{word}; the output was left as it was (components finished before this stay in the cache, "
-                  "so a rerun resumes).")
+    return code, (
+        f"{word}; the output was left as it was (components finished before this stay in the cache, "
+        "so a rerun resumes)."
+    )
 
 
-def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
+def exit_status(exc: BaseException) -> tuple[int, str | None]:
     """An exception's exit code and the one sentence to show (None: nothing more to say). Unknown ones are bugs."""
     if isinstance(exc, ExportError):
         return exc.exit_code, str(exc)
@@ -83,8 +85,10 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
         print(exc.format_message())
         return ExitCode.OK, None
     if isinstance(exc, OSError) and exc.filename is not None:  # a path no check foresaw: name it, no traceback
-        return ExitCode.USAGE, (f"Cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}; check that path or "
-                                f"choose another (set {DEBUG_VARIABLE}=1 to see where it failed).")
+        return ExitCode.USAGE, (
+            f"Cannot use {exc.filename}: {(exc.strerror or str(exc)).lower()}; check that path or "
+            f"choose another (set {DEBUG_VARIABLE}=1 to see where it failed)."
+        )
     if isinstance(exc, typer.TyperException):  # usage errors from the command-line parser
         other_family = _other_family_option(exc)
         if other_family:
@@ -95,7 +99,7 @@ def exit_status(exc: BaseException) -> tuple[int, Optional[str]]:
     raise exc
 
 
-def _other_family_option(exc: Exception) -> Optional[str]:
+def _other_family_option(exc: Exception) -> str | None:
     """An export flag that another family takes ("--ip-adapter" given to sd-xl): say which family does."""
     option, ctx = getattr(exc, "option_name", None), getattr(exc, "ctx", None)
     family = getattr(ctx, "info_name", None)
@@ -104,8 +108,10 @@ def _other_family_option(exc: Exception) -> Optional[str]:
     takers = [name for name in export.FAMILY_TASKS if option in export.family_options(name)]
     if not takers or family in takers:
         return None
-    return (f"{option} is not available for `neuron-export {family}`; "
-            f"only `neuron-export {'` and `neuron-export '.join(takers)}` {'takes' if len(takers) == 1 else 'take'} it.")
+    return (
+        f"{option} is not available for `neuron-export {family}`; "
+        f"only `neuron-export {'` and `neuron-export '.join(takers)}` {'takes' if len(takers) == 1 else 'take'} it."
+    )
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -122,8 +128,11 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
+) -> None:
     """Compile Stable Diffusion pipelines for AWS Inferentia2 / Trainium into optimum-neuron's layout, with a manifest."""
 
 
@@ -143,14 +152,17 @@ def known_long_options(args: list[str], command: Any) -> set[str]:
     """The long flags whose underscore spelling is mapped: the command's own, or every command's when a flag
     is not the command's own (so an error names it as before)."""
     known = _known_long_options(command)
-    foreign = [arg for arg in args if arg.startswith("--") and "_" in arg
-               and arg.partition("=")[0].replace("_", "-") not in known]
+    foreign = [
+        arg
+        for arg in args
+        if arg.startswith("--") and "_" in arg and arg.partition("=")[0].replace("_", "-") not in known
+    ]
     if foreign:
         known = _known_long_options(typer.main.get_command(app))
     return known
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: one sentence and a non-zero exit for every user error, never a traceback
     (unless NEURON_EXPORT_DEBUG=1, which prints the full traceback, the worker's too)."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -9,13 +9,14 @@ from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.deploy.inspection import validation_text
-from neuron_export.format import human_bytes
 from neuron_export.files import MANIFEST_NAME
+from neuron_export.format import human_bytes
+from neuron_export.roles import CONTROLNET
 
 if TYPE_CHECKING:
     from neuron_export.exporter.build import BuildEvent
-    from neuron_export.manifest import Manifest
     from neuron_export.exporter.plan import Plan
+    from neuron_export.manifest import Manifest
 
 
 # What the stages around a build mean, in words (the build's own stages print as their names).
@@ -38,11 +39,15 @@ class Reporter:
 
     def plan(self, plan: Plan) -> None:
         names = ", ".join(job.component for job in plan.jobs)
-        self.line(f"Exporting {plan.source.model_id} ({plan.facts.architecture}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
-                  f"at {plan.height}x{plan.width} (height x width), batch {plan.config.batch_size}, backend {plan.backend}: {names}")
+        self.line(
+            f"Exporting {plan.source.model_id} ({plan.facts.architecture}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
+            f"at {plan.height}x{plan.width} (height x width), batch {plan.config.batch_size}, backend {plan.backend}: {names}"
+        )
         if plan.config.task == "instruct-pix2pix":
-            self.line("--task instruct-pix2pix: --dynamic-batch-size is on (its UNet runs three times the prompt batch "
-                      "over two NeuronCores).")
+            self.line(
+                "--task instruct-pix2pix: --dynamic-batch-size is on (its UNet runs three times the prompt batch "
+                "over two NeuronCores)."
+            )
 
     def line(self, text: str) -> None:
         if self._progress is not None:
@@ -67,8 +72,10 @@ class Reporter:
             self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}{node}")
         elif event.stage == "done" and event.record is not None:
             r = event.record
-            self.line(f"{prefix}: done{node} in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
-                      f"validation {validation_text(r)}")
+            self.line(
+                f"{prefix}: done{node} in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
+                f"validation {validation_text(r)}"
+            )
         else:
             self.line(f"{prefix}: {event.stage}{node}")
 
@@ -77,8 +84,12 @@ class Reporter:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         if self._progress is None:
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                      console=Console(file=self.stream))
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+            )
             self._progress.start()
         progress = self._progress
         label = f"[{event.index}/{event.total}] {event.component}"
@@ -100,8 +111,9 @@ class Reporter:
             self._progress = None
         self._tasks.clear()  # their ids belonged to the stopped display
 
-    def summary(self, manifest: Manifest, output: Any, origins: dict[str, str] | None = None,
-                seconds: float | None = None) -> None:
+    def summary(
+        self, manifest: Manifest, output: Any, origins: dict[str, str] | None = None, seconds: float | None = None
+    ) -> None:
         """The components' table (--json: the object on stdout holds it), then totals and the next command."""
         self.close()
         origins = origins or {}
@@ -116,11 +128,19 @@ class Reporter:
             for record in manifest.components.values():
                 shapes = ", ".join(f"{t.name}{tuple(t.shape)}" for t in record.inputs)
                 size = sum(f.size for f in record.files)
-                table.add_row(record.name, origins.get(record.name, ""), shapes, f"{record.build_seconds:.1f}",
-                              human_bytes(record.peak_rss_bytes), human_bytes(size), validation_text(record))
+                table.add_row(
+                    record.name,
+                    origins.get(record.name, ""),
+                    shapes,
+                    f"{record.build_seconds:.1f}",
+                    human_bytes(record.peak_rss_bytes),
+                    human_bytes(size),
+                    validation_text(record),
+                )
             Console(file=self.stream, width=None if self.interactive else 160).print(table)
-        counts = ", ".join(f"{sum(origin == kind for origin in origins.values())} {kind}"
-                           for kind in ("built", "cached", "downloaded"))
+        counts = ", ".join(
+            f"{sum(origin == kind for origin in origins.values())} {kind}" for kind in ("built", "cached", "downloaded")
+        )
         took = f" in {seconds:.1f}s" if seconds is not None else ""
         self.line(f"Exported {len(manifest.components)} component(s){took} ({counts}) to {absolute}")
         self.line(f"Next: {next_command(manifest, absolute)}  (or: neuron-export verify {quote(str(absolute))})")
@@ -129,9 +149,12 @@ class Reporter:
 def next_command(manifest: Manifest, export_dir: Path) -> str:
     """The `generate` call that runs this export, with the inputs its task needs."""
     task = manifest.pipeline.task
-    extra = {"image-to-image": " --image INIT.png", "inpainting": " --image INIT.png --mask MASK.png",
-             "instruct-pix2pix": " --image IMAGE.png"}.get(task, "")
-    extra += " --control-image CONTROL.png" * sum(name.startswith("controlnet") for name in manifest.components)
+    extra = {
+        "image-to-image": " --image INIT.png",
+        "inpainting": " --image INIT.png --mask MASK.png",
+        "instruct-pix2pix": " --image IMAGE.png",
+    }.get(task, "")
+    extra += " --control-image CONTROL.png" * sum(CONTROLNET.matches(name) for name in manifest.components)
     if "image_encoder" in manifest.components:
         extra += " --ip-adapter-image STYLE.png"
     prompts = " --prompt 'a photo of a cat'" * (1 if manifest.pipeline.batch_size == 1 else 0)
@@ -173,31 +196,40 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
         # torch's CPU trace already uses every core, so parallel cpu jobs only share them (measured: 1.02x
         # faster with --jobs 2 on 2 cores); neuronx-cc compiles gain from parallel jobs.
         parallel = 1 if plan.backend == "cpu" else plan.config.jobs
-        wall = schedule_seconds([(job.estimated_seconds, job.estimated_peak_bytes) for job in to_build],
-                                parallel, plan.memory_budget)
-        summaries.append({
-            "output": str(plan.output),
-            "backend": plan.backend,
-            "up_to_date": plan.up_to_date,
-            "jobs": plan.config.jobs,
-            "memory_budget_bytes": plan.memory_budget,
-            "estimated_wall_seconds": round(wall, 1),
-            "notes": list(plan.notes),
-            "components": [{
-                "component": job.component,
-                "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
-                "compiler_args": list(job.compiler_args),
-                "cache": "hit" if job.cached else "miss",
-                "cache_key": job.cache_key,
-                "loras": [lora.adapter_name for lora in job.loras],  # fused into this component, in order
-                "parameters": job.weights.parameters,
-                "estimated_peak_bytes": job.estimated_peak_bytes,
-                "estimated_seconds": round(job.estimated_seconds, 1),
-            } for job in plan.jobs],
-        })
+        wall = schedule_seconds(
+            [(job.estimated_seconds, job.estimated_peak_bytes) for job in to_build], parallel, plan.memory_budget
+        )
+        summaries.append(
+            {
+                "output": str(plan.output),
+                "backend": plan.backend,
+                "up_to_date": plan.up_to_date,
+                "jobs": plan.config.jobs,
+                "memory_budget_bytes": plan.memory_budget,
+                "estimated_wall_seconds": round(wall, 1),
+                "notes": list(plan.notes),
+                "components": [
+                    {
+                        "component": job.component,
+                        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
+                        "compiler_args": list(job.compiler_args),
+                        "cache": "hit" if job.cached else "miss",
+                        "cache_key": job.cache_key,
+                        "loras": [lora.adapter_name for lora in job.loras],  # fused into this component, in order
+                        "parameters": job.weights.parameters,
+                        "estimated_peak_bytes": job.estimated_peak_bytes,
+                        "estimated_seconds": round(job.estimated_seconds, 1),
+                    }
+                    for job in plan.jobs
+                ],
+            }
+        )
     if json_mode:
         builds = {"builds": build_list(plans)}  # one per cache key: what a CI matrix fans out
-        print(json.dumps({**summaries[0], **builds} if len(summaries) == 1 else {"plans": summaries, **builds}), flush=True)
+        print(
+            json.dumps({**summaries[0], **builds} if len(summaries) == 1 else {"plans": summaries, **builds}),
+            flush=True,
+        )
         return
     from rich.console import Console
     from rich.table import Table
@@ -208,14 +240,23 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
         for column in ("component", "inputs", "compiler args", "cache", "est. peak", "est. time"):
             table.add_column(column)
         for job in summary["components"]:
-            table.add_row(job["component"], ", ".join(f"{t['name']}{tuple(t['shape'])}" for t in job["inputs"]),
-                          " ".join(job["compiler_args"]), job["cache"], human_bytes(job["estimated_peak_bytes"]),
-                          f"{job['estimated_seconds']:.0f} s")
+            table.add_row(
+                job["component"],
+                ", ".join(f"{t['name']}{tuple(t['shape'])}" for t in job["inputs"]),
+                " ".join(job["compiler_args"]),
+                job["cache"],
+                human_bytes(job["estimated_peak_bytes"]),
+                f"{job['estimated_seconds']:.0f} s",
+            )
         console.print(table)
         misses = sum(job["cache"] == "miss" for job in summary["components"])
-        state = ("up to date, nothing to build" if summary["up_to_date"] else
-                 "every component is cached; assembling only" if not misses else
-                 f"{misses} to build, about {summary['estimated_wall_seconds']:.0f} s")
+        state = (
+            "up to date, nothing to build"
+            if summary["up_to_date"]
+            else "every component is cached; assembling only"
+            if not misses
+            else f"{misses} to build, about {summary['estimated_wall_seconds']:.0f} s"
+        )
         console.print(f"with --jobs {summary['jobs']} within {human_bytes(summary['memory_budget_bytes'])}: {state}")
         for note in summary["notes"]:
             console.print(f"note: {note}", markup=False, highlight=False)

@@ -51,7 +51,9 @@ def expand_list_options(argv: list[str]) -> list[str]:
             continue
         flag, repeatable = LIST_SPELLINGS[name]
         values = [inline] if sep else []
-        while not sep and index < len(argv) and (not argv[index].startswith("-") or _NEGATIVE_NUMBER.match(argv[index])):
+        while (
+            not sep and index < len(argv) and (not argv[index].startswith("-") or _NEGATIVE_NUMBER.match(argv[index]))
+        ):
             values.append(argv[index])
             index += 1
         if not values:
@@ -69,8 +71,10 @@ def renamed_option(name: str, value: str | None) -> list[str]:
         raise ExportError(f"{name} has no value; give one after it, e.g. {name} VALUE.")
     if name == "--instance_type":
         if value not in INSTANCE_TYPES:
-            raise ExportError(f"--instance_type {value} is not one of optimum-cli's {', '.join(INSTANCE_TYPES)}; "
-                              "pass one of them, or --target inf2|trn1|trn2.")
+            raise ExportError(
+                f"--instance_type {value} is not one of optimum-cli's {', '.join(INSTANCE_TYPES)}; "
+                "pass one of them, or --target inf2|trn1|trn2."
+            )
         value = INSTANCE_TYPES[value]
     return [RENAMED[name], value]
 

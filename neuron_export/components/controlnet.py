@@ -34,12 +34,25 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
     ]
     if config.get("addition_embed_type") == "text_time":
         time_values = 6
-        pooled = int(config["projection_class_embeddings_input_dim"]) - time_values * int(config["addition_time_embed_dim"])
+        pooled = int(config["projection_class_embeddings_input_dim"]) - time_values * int(
+            config["addition_time_embed_dim"]
+        )
         inputs += [TensorSpec("text_embeds", (batch, pooled)), TensorSpec("time_ids", (batch, time_values))]
     return ComponentSpec(
-        name=name, model_type="controlnet", task="semantic-segmentation", inputs=tuple(inputs), outputs=OUTPUTS,
-        static_shapes={"batch_size": batch, "sequence_length": SEQUENCE_LENGTH, "num_channels": channels,
-                       "height": latent_h, "width": latent_w, "vae_scale_factor": scale, "encoder_hidden_size": cross},
+        name=name,
+        model_type="controlnet",
+        task="semantic-segmentation",
+        inputs=tuple(inputs),
+        outputs=OUTPUTS,
+        static_shapes={
+            "batch_size": batch,
+            "sequence_length": SEQUENCE_LENGTH,
+            "num_channels": channels,
+            "height": latent_h,
+            "width": latent_w,
+            "vae_scale_factor": scale,
+            "encoder_hidden_size": cross,
+        },
     )
 
 
@@ -51,9 +64,15 @@ def load(folder: Path, spec: ComponentSpec) -> Any:
 
 def _arguments(named: dict[str, Any]) -> dict[str, Any]:
     added = {key: named[key] for key in ("text_embeds", "time_ids") if key in named}
-    return {"sample": named["sample"], "timestep": named["timestep"], "encoder_hidden_states": named["encoder_hidden_states"],
-            "controlnet_cond": named["controlnet_cond"], "conditioning_scale": named["conditioning_scale"],
-            "added_cond_kwargs": added or None, "guess_mode": False}
+    return {
+        "sample": named["sample"],
+        "timestep": named["timestep"],
+        "encoder_hidden_states": named["encoder_hidden_states"],
+        "controlnet_cond": named["controlnet_cond"],
+        "conditioning_scale": named["conditioning_scale"],
+        "added_cond_kwargs": added or None,
+        "guess_mode": False,
+    }
 
 
 def wrap(model: Any, spec: ComponentSpec) -> Any:

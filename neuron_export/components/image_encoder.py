@@ -20,7 +20,9 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
     assert config is not None
     side, channels = int(config["image_size"]), int(config.get("num_channels", 3))
     return ComponentSpec(
-        name="image_encoder", model_type=MODEL_TYPE, task="feature-extraction",
+        name="image_encoder",
+        model_type=MODEL_TYPE,
+        task="feature-extraction",
         inputs=(TensorSpec("pixel_values", (batch, channels, side, side)),),
         outputs=("image_embeds", "last_hidden_state", "hidden_states"),
         static_shapes={"batch_size": batch, "num_channels": channels, "height": side, "width": side},

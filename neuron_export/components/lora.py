@@ -37,7 +37,11 @@ def fuse(model: Any, component: str, fusions: tuple[LoraFusion, ...]) -> None:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     warnings.filterwarnings("ignore", module=r"peft\..*")  # "several adapters in one model" is what we mean to do
-    mixin = StableDiffusionXLLoraLoaderMixin if any(f.unet_config_mapping for f in fusions) else StableDiffusionLoraLoaderMixin
+    mixin = (
+        StableDiffusionXLLoraLoaderMixin
+        if any(f.unet_config_mapping for f in fusions)
+        else StableDiffusionLoraLoaderMixin
+    )
     for fusion in fusions:
         tensors, metadata = read_layers(fusion)
         options = {"unet_config": model.config} if fusion.unet_config_mapping else {}
@@ -46,8 +50,14 @@ def fuse(model: Any, component: str, fusions: tuple[LoraFusion, ...]) -> None:
         if component == "unet":
             mixin.load_lora_into_unet(state_dict, network_alphas, unet=model, adapter_name=fusion.adapter_name, **extra)
         else:
-            mixin.load_lora_into_text_encoder(state_dict, network_alphas, text_encoder=model, prefix=component,
-                                              adapter_name=fusion.adapter_name, **extra)
+            mixin.load_lora_into_text_encoder(
+                state_dict,
+                network_alphas,
+                text_encoder=model,
+                prefix=component,
+                adapter_name=fusion.adapter_name,
+                **extra,
+            )
         del tensors, state_dict
     names = [fusion.adapter_name for fusion in fusions]
     scales = [fusion.scale for fusion in fusions]
@@ -57,7 +67,9 @@ def fuse(model: Any, component: str, fusions: tuple[LoraFusion, ...]) -> None:
         model.unload_lora()
     else:
         from diffusers.loaders.lora_base import (
-            _remove_text_encoder_monkey_patch, fuse_text_encoder_lora, set_adapters_for_text_encoder,
+            _remove_text_encoder_monkey_patch,
+            fuse_text_encoder_lora,
+            set_adapters_for_text_encoder,
         )
 
         set_adapters_for_text_encoder(names, model, scales)

@@ -12,10 +12,16 @@ if TYPE_CHECKING:
     from neuron_export.exporter.source import ModelFacts
 
 SEQUENCE_LENGTH = 77
-MID_RESIDUAL, DOWN_RESIDUAL, IMAGE_EMBEDS = "mid_block_additional_residual", "down_block_additional_residuals", "image_embeds"
+MID_RESIDUAL, DOWN_RESIDUAL, IMAGE_EMBEDS = (
+    "mid_block_additional_residual",
+    "down_block_additional_residuals",
+    "image_embeds",
+)
 
 
-def residual_shapes(config: dict[str, Any], batch: int, height: int, width: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+def residual_shapes(
+    config: dict[str, Any], batch: int, height: int, width: int
+) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     """The down-block residuals (conv_in, each resnet, each downsampler) and the mid-block residual a ControlNet
     returns and the UNet adds, at latent size height x width."""
     channels = list(config["block_out_channels"])
@@ -50,7 +56,9 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
         inputs += [TensorSpec(f"{DOWN_RESIDUAL}_{index}", shape) for index, shape in enumerate(downs)]
     if config.get("addition_embed_type") == "text_time":
         time_embed_dim = int(config["addition_time_embed_dim"])
-        time_values = 5 if facts.architecture == "sdxl-refiner" else 6  # the refiner's aesthetic score replaces 2 size values
+        time_values = (
+            5 if facts.architecture == "sdxl-refiner" else 6
+        )  # the refiner's aesthetic score replaces 2 size values
         pooled_dim = int(config["projection_class_embeddings_input_dim"]) - time_values * time_embed_dim
         inputs.append(TensorSpec("text_embeds", (batch, pooled_dim)))
         inputs.append(TensorSpec("time_ids", (batch, time_values)))
@@ -88,8 +96,10 @@ def load_ip_adapter(unet: Any, weight_file: Path, scale: float) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(weight_file))
-    state = {part: {key.removeprefix(f"{part}."): value for key, value in tensors.items() if key.startswith(f"{part}.")}
-             for part in ("image_proj", "ip_adapter")}
+    state = {
+        part: {key.removeprefix(f"{part}."): value for key, value in tensors.items() if key.startswith(f"{part}.")}
+        for part in ("image_proj", "ip_adapter")
+    }
     unet._load_ip_adapter_weights([state])
     for processor in unet.attn_processors.values():
         if hasattr(processor, "scale") and isinstance(processor.scale, list):
@@ -102,13 +112,18 @@ def _arguments(named: dict[str, Any]) -> dict[str, Any]:
     if IMAGE_EMBEDS in named:
         added[IMAGE_EMBEDS] = [named[IMAGE_EMBEDS]]  # one tensor per IP-Adapter
     downs = [named[name] for name in named if name.startswith(DOWN_RESIDUAL)]
-    return {"timestep_cond": named.get("timestep_cond"), "added_cond_kwargs": added or None,
-            "down_block_additional_residuals": tuple(downs) if downs else None,
-            "mid_block_additional_residual": named.get(MID_RESIDUAL)}
+    return {
+        "timestep_cond": named.get("timestep_cond"),
+        "added_cond_kwargs": added or None,
+        "down_block_additional_residuals": tuple(downs) if downs else None,
+        "mid_block_additional_residual": named.get(MID_RESIDUAL),
+    }
 
 
 def _call(unet: Any, named: dict[str, Any]) -> Any:
-    return unet(named["sample"], named["timestep"], named["encoder_hidden_states"], return_dict=False, **_arguments(named))
+    return unet(
+        named["sample"], named["timestep"], named["encoder_hidden_states"], return_dict=False, **_arguments(named)
+    )
 
 
 def wrap(model: Any, spec: ComponentSpec) -> Any:
@@ -130,6 +145,10 @@ def wrap(model: Any, spec: ComponentSpec) -> Any:
 
 def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:
     named = {tensor.name: value for tensor, value in zip(spec.inputs, inputs)}
-    out = model(sample=named["sample"], timestep=named["timestep"], encoder_hidden_states=named["encoder_hidden_states"],
-                **_arguments(named))
+    out = model(
+        sample=named["sample"],
+        timestep=named["timestep"],
+        encoder_hidden_states=named["encoder_hidden_states"],
+        **_arguments(named),
+    )
     return [out.sample]

@@ -17,7 +17,9 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
     if name == "vae_encoder":
         channels = int(facts.vae.get("in_channels", 3))
         return ComponentSpec(
-            name=name, model_type="vae-encoder", task="semantic-segmentation",
+            name=name,
+            model_type="vae-encoder",
+            task="semantic-segmentation",
             inputs=(TensorSpec("sample", (batch, channels, height, width)),),
             outputs=("latent_parameters",),
             static_shapes={"batch_size": batch, "num_channels": channels, "height": height, "width": width},
@@ -25,7 +27,9 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
     channels = int(facts.vae.get("latent_channels", 4))
     latent_h, latent_w = height // scale, width // scale
     return ComponentSpec(
-        name=name, model_type="vae-decoder", task="semantic-segmentation",
+        name=name,
+        model_type="vae-decoder",
+        task="semantic-segmentation",
         inputs=(TensorSpec("latent_sample", (batch, channels, latent_h, latent_w)),),
         outputs=("sample",),
         static_shapes={"batch_size": batch, "num_channels": channels, "height": latent_h, "width": latent_w},

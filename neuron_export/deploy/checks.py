@@ -1,11 +1,9 @@
-"""What each of verify's checks returns, and the compiler names the manifest records.
-"""
+"""What each of verify's checks returns, and the compiler names the manifest records."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
 
 CPU_COMPILER = "torchscript-cpu"
 NEURON_COMPILER = "neuronx-cc"

@@ -5,11 +5,12 @@ manifest, by the rules in RULES (exit 4).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from neuron_export.deploy.checks import CPU_COMPILER, CheckResult, NEURON_COMPILER
+from neuron_export.deploy.checks import CPU_COMPILER, NEURON_COMPILER, CheckResult
 from neuron_export.deploy.instances import Instance
 
 if TYPE_CHECKING:
@@ -56,10 +57,12 @@ def probe_environment() -> RuntimeEnv:
         except OSError:
             pipelines = None
     return RuntimeEnv(
-        torch=version("torch"), diffusers=version("diffusers"),
+        torch=version("torch"),
+        diffusers=version("diffusers"),
         torch_neuronx=version("torch-neuronx") if problem is None else None,
         neuronx_cc=version("neuronx-cc") if problem is None else None,
-        sdk_problem=problem, diffusers_pipelines=pipelines,
+        sdk_problem=problem,
+        diffusers_pipelines=pipelines,
     )
 
 
@@ -89,8 +92,11 @@ def _components_by(manifest: Manifest, compiler_type: str) -> list[str]:
 
 
 def _no_sdk(env: RuntimeEnv) -> RuleOutcome:
-    return RuleOutcome("unchecked", f"this host has no usable Neuron SDK (torch_neuronx: {env.sdk_problem}), so a neuron "
-                                    "export's runtime compatibility cannot be checked here; run verify on the inf2/trn1 host")
+    return RuleOutcome(
+        "unchecked",
+        f"this host has no usable Neuron SDK (torch_neuronx: {env.sdk_problem}), so a neuron "
+        "export's runtime compatibility cannot be checked here; run verify on the inf2/trn1 host",
+    )
 
 
 def _rule_cpu_artifact(manifest: Manifest, env: RuntimeEnv, on_neuron: bool) -> RuleOutcome:
@@ -99,8 +105,11 @@ def _rule_cpu_artifact(manifest: Manifest, env: RuntimeEnv, on_neuron: bool) -> 
         return RuleOutcome("n/a", "no CPU-traced components")
     names = ", ".join(cpu)
     if on_neuron:
-        return RuleOutcome("failed", f"{names}: compiler_type {CPU_COMPILER} (exported with --backend cpu) cannot run on a "
-                                     "NeuronCore; re-export with --backend neuron on an inf2/trn1 host")
+        return RuleOutcome(
+            "failed",
+            f"{names}: compiler_type {CPU_COMPILER} (exported with --backend cpu) cannot run on a "
+            "NeuronCore; re-export with --backend neuron on an inf2/trn1 host",
+        )
     return RuleOutcome("ok", f"{names}: CPU TorchScript traces; they run on this host's CPU, never on a NeuronCore")
 
 
@@ -111,12 +120,20 @@ def _rule_neuronx_cc(manifest: Manifest, env: RuntimeEnv, on_neuron: bool) -> Ru
     if not env.has_sdk:
         return _no_sdk(env)
     if env.neuronx_cc is None:
-        return RuleOutcome("unchecked", "torch_neuronx imports but no neuronx-cc distribution is installed to compare with")
-    bad = [f"{n} (neuronx-cc {manifest.components[n].compiler_version})" for n in neuron
-           if release(manifest.components[n].compiler_version) != release(env.neuronx_cc)]
+        return RuleOutcome(
+            "unchecked", "torch_neuronx imports but no neuronx-cc distribution is installed to compare with"
+        )
+    bad = [
+        f"{n} (neuronx-cc {manifest.components[n].compiler_version})"
+        for n in neuron
+        if release(manifest.components[n].compiler_version) != release(env.neuronx_cc)
+    ]
     if bad:
-        return RuleOutcome("failed", f"{', '.join(bad)} compiled by a different neuronx-cc major.minor than this host's "
-                                     f"{env.neuronx_cc}; re-export on this SDK or install the recorded neuronx-cc release")
+        return RuleOutcome(
+            "failed",
+            f"{', '.join(bad)} compiled by a different neuronx-cc major.minor than this host's "
+            f"{env.neuronx_cc}; re-export on this SDK or install the recorded neuronx-cc release",
+        )
     return RuleOutcome("ok", f"neuronx-cc {env.neuronx_cc} matches the compiler of {', '.join(neuron)}")
 
 
@@ -129,56 +146,81 @@ def _rule_torch_neuronx(manifest: Manifest, env: RuntimeEnv, on_neuron: bool) ->
     if recorded is None:
         return RuleOutcome("unchecked", "the manifest does not record the torch-neuronx that traced the export")
     if release(recorded) != release(env.torch_neuronx):
-        return RuleOutcome("failed", f"traced with torch-neuronx {recorded}, this host has {env.torch_neuronx}; "
-                                     "install the recorded torch-neuronx release or re-export here")
+        return RuleOutcome(
+            "failed",
+            f"traced with torch-neuronx {recorded}, this host has {env.torch_neuronx}; "
+            "install the recorded torch-neuronx release or re-export here",
+        )
     return RuleOutcome("ok", f"torch-neuronx {env.torch_neuronx} matches the recorded {recorded}")
 
 
 def _rule_torch(manifest: Manifest, env: RuntimeEnv, on_neuron: bool) -> RuleOutcome:
     recorded = manifest.environment.get("torch")
     if env.torch is None:
-        return RuleOutcome("failed", "torch is not installed on this host; install the torch the manifest records "
-                                     f"({recorded}) or newer")
+        return RuleOutcome(
+            "failed",
+            f"torch is not installed on this host; install the torch the manifest records ({recorded}) or newer",
+        )
     saved, here = release(recorded), release(env.torch)
     if saved is None or here is None:
         return RuleOutcome("unchecked", f"cannot compare torch versions (recorded {recorded}, this host {env.torch})")
     if saved > here:
-        return RuleOutcome("failed", f"model.neuron files were saved by torch {recorded}, newer than this host's "
-                                     f"{env.torch}; upgrade torch here or re-export with this torch")
+        return RuleOutcome(
+            "failed",
+            f"model.neuron files were saved by torch {recorded}, newer than this host's "
+            f"{env.torch}; upgrade torch here or re-export with this torch",
+        )
     return RuleOutcome("ok", f"torch {env.torch} can read TorchScript saved by torch {recorded}")
 
 
 def _rule_diffusers(manifest: Manifest, env: RuntimeEnv, on_neuron: bool) -> RuleOutcome:
     wanted = manifest.pipeline.diffusers_pipeline
     if env.diffusers is None:
-        return RuleOutcome("failed", f"diffusers is not installed on this host; install diffusers>={'.'.join(map(str, MIN_DIFFUSERS))}")
+        return RuleOutcome(
+            "failed", f"diffusers is not installed on this host; install diffusers>={'.'.join(map(str, MIN_DIFFUSERS))}"
+        )
     if (release(env.diffusers) or (0,)) < MIN_DIFFUSERS:
-        return RuleOutcome("failed", f"diffusers {env.diffusers} is older than {'.'.join(map(str, MIN_DIFFUSERS))}, the "
-                                     f"oldest this export's runtime supports; upgrade diffusers")
+        return RuleOutcome(
+            "failed",
+            f"diffusers {env.diffusers} is older than {'.'.join(map(str, MIN_DIFFUSERS))}, the "
+            f"oldest this export's runtime supports; upgrade diffusers",
+        )
     if env.diffusers_pipelines is not None and wanted not in env.diffusers_pipelines:
-        return RuleOutcome("failed", f"diffusers {env.diffusers} has no {wanted}, the pipeline class this export needs; "
-                                     "upgrade diffusers")
+        return RuleOutcome(
+            "failed",
+            f"diffusers {env.diffusers} has no {wanted}, the pipeline class this export needs; upgrade diffusers",
+        )
     return RuleOutcome("ok", f"diffusers {env.diffusers} provides {wanted}")
 
 
 # The rules, in order. Each names what breaks loading and why, in one line.
 RULES: tuple[Rule, ...] = (
-    Rule("cpu-artifact-on-neuroncore",
-         "a --backend cpu export is a plain TorchScript trace with no NEFF inside: a NeuronCore cannot execute it",
-         _rule_cpu_artifact),
-    Rule("neuronx-cc-release",
-         "a NEFF compiled by one neuronx-cc major.minor is not guaranteed to load under another SDK release's runtime "
-         "('Could not load the model status=2')",
-         _rule_neuronx_cc),
-    Rule("torch-neuronx-release",
-         "torch-neuronx deserialises the NEFF wrapper it wrote; another major.minor may not load it",
-         _rule_torch_neuronx),
-    Rule("torchscript-newer-torch",
-         "torch.jit.load cannot read TorchScript written by a newer torch (newer file format and operator versions)",
-         _rule_torch),
-    Rule("diffusers-pipeline-class",
-         "the runtime builds the diffusers pipeline class the manifest records; a diffusers without it cannot",
-         _rule_diffusers),
+    Rule(
+        "cpu-artifact-on-neuroncore",
+        "a --backend cpu export is a plain TorchScript trace with no NEFF inside: a NeuronCore cannot execute it",
+        _rule_cpu_artifact,
+    ),
+    Rule(
+        "neuronx-cc-release",
+        "a NEFF compiled by one neuronx-cc major.minor is not guaranteed to load under another SDK release's runtime "
+        "('Could not load the model status=2')",
+        _rule_neuronx_cc,
+    ),
+    Rule(
+        "torch-neuronx-release",
+        "torch-neuronx deserialises the NEFF wrapper it wrote; another major.minor may not load it",
+        _rule_torch_neuronx,
+    ),
+    Rule(
+        "torchscript-newer-torch",
+        "torch.jit.load cannot read TorchScript written by a newer torch (newer file format and operator versions)",
+        _rule_torch,
+    ),
+    Rule(
+        "diffusers-pipeline-class",
+        "the runtime builds the diffusers pipeline class the manifest records; a diffusers without it cannot",
+        _rule_diffusers,
+    ),
 )
 
 
@@ -189,19 +231,33 @@ def check_compatibility(manifest: Manifest, env: RuntimeEnv, instance: Instance 
     problems = [f"{rule.id}: {o.message} ({rule.reason})" for rule, o in outcomes if o.status == "failed"]
     unchecked = [f"{rule.id}: {o.message}" for rule, o in outcomes if o.status == "unchecked"]
     notes = [f"{rule.id}: {o.message}" for rule, o in outcomes if o.status == "ok"]
-    where = f"a NeuronCore ({instance.name})" if instance else ("this host's NeuronCores" if env.has_sdk else "this host's CPU")
+    where = (
+        f"a NeuronCore ({instance.name})"
+        if instance
+        else ("this host's NeuronCores" if env.has_sdk else "this host's CPU")
+    )
     if problems:
-        verdict, summary = "failed", f"{len(problems)} rule(s) say this export will not load on {where}: " + \
-            ", ".join(rule.id for rule, o in outcomes if o.status == "failed")
+        verdict, summary = (
+            "failed",
+            f"{len(problems)} rule(s) say this export will not load on {where}: "
+            + ", ".join(rule.id for rule, o in outcomes if o.status == "failed"),
+        )
     elif unchecked:
         verdict, summary = "unchecked", "not fully checked: " + "; ".join(unchecked)
     else:
         verdict, summary = "ok", f"loads on {where} by every rule that applies"
     details = {
         "runs_on": where,
-        "host": {"torch": env.torch, "diffusers": env.diffusers, "torch_neuronx": env.torch_neuronx,
-                 "neuronx_cc": env.neuronx_cc, "neuron_sdk": "imports" if env.has_sdk else env.sdk_problem},
+        "host": {
+            "torch": env.torch,
+            "diffusers": env.diffusers,
+            "torch_neuronx": env.torch_neuronx,
+            "neuronx_cc": env.neuronx_cc,
+            "neuron_sdk": "imports" if env.has_sdk else env.sdk_problem,
+        },
         "recorded": {k: manifest.environment.get(k) for k in ("torch", "diffusers", "torch_neuronx", "neuronx_cc")},
-        "rules": [{"id": rule.id, "status": o.status, "message": o.message, "reason": rule.reason} for rule, o in outcomes],
+        "rules": [
+            {"id": rule.id, "status": o.status, "message": o.message, "reason": rule.reason} for rule, o in outcomes
+        ],
     }
     return CheckResult("compatibility", verdict, summary, problems, unchecked + notes, details)

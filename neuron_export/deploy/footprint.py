@@ -5,8 +5,9 @@ it passes as "fits, tight", naming the estimate.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.instances import GIB, INSTANCES, Instance, by_size
@@ -126,8 +127,13 @@ def _totals(mode: str, needs: tuple[ComponentNeed, ...]) -> Footprint:
     return Footprint(mode, needs, tuple(core_bytes), host)
 
 
-def estimate(components: Iterable[ComponentFootprint], data_parallel_mode: str,
-             auto_cast: str | None = "matmul", auto_cast_type: str | None = "bf16", label: str = "") -> Footprint:
+def estimate(
+    components: Iterable[ComponentFootprint],
+    data_parallel_mode: str,
+    auto_cast: str | None = "matmul",
+    auto_cast_type: str | None = "bf16",
+    label: str = "",
+) -> Footprint:
     """Device memory per NeuronCore and host RAM to load the pipeline; see ASSUMPTIONS."""
     per_param = device_bytes_per_parameter(auto_cast, auto_cast_type)
     cores = 1 if data_parallel_mode == "none" else 2
@@ -135,13 +141,17 @@ def estimate(components: Iterable[ComponentFootprint], data_parallel_mode: str,
     for c in components:
         # "unet": the UNet and what goes with it on every core; "none": one core; "all" (and unknown): every core
         on_all = data_parallel_mode not in ("unet", "none") or (
-            data_parallel_mode == "unet" and (find_role(c.name) or NO_ROLE).with_unet)
-        needs.append(ComponentNeed(
-            name=f"{label}{c.name}", cores=tuple(range(cores)) if on_all else (0,),
-            host_bytes=max(c.artifact_bytes, c.parameter_count * FP32_BYTES),
-            device_weight_bytes=c.parameter_count * per_param,
-            activation_bytes=activation_bytes(c.name, c.input_shapes),
-        ))
+            data_parallel_mode == "unet" and (find_role(c.name) or NO_ROLE).with_unet
+        )
+        needs.append(
+            ComponentNeed(
+                name=f"{label}{c.name}",
+                cores=tuple(range(cores)) if on_all else (0,),
+                host_bytes=max(c.artifact_bytes, c.parameter_count * FP32_BYTES),
+                device_weight_bytes=c.parameter_count * per_param,
+                activation_bytes=activation_bytes(c.name, c.input_shapes),
+            )
+        )
     return _totals(data_parallel_mode, tuple(needs))
 
 
@@ -167,17 +177,23 @@ def fits(footprint: Footprint, instance: Instance) -> FitVerdict:
     reasons = []
     tight = []
     if instance.neuron_cores < footprint.cores_needed:
-        reasons.append(f"NeuronCores: the placement needs {footprint.cores_needed}, {instance.name} has {instance.neuron_cores}")
+        reasons.append(
+            f"NeuronCores: the placement needs {footprint.cores_needed}, {instance.name} has {instance.neuron_cores}"
+        )
     if footprint.host_bytes > instance.host_memory_bytes:
-        reasons.append(f"host RAM: loading needs about {footprint.host_bytes / GIB:.1f} GiB, "
-                       f"{instance.name} has {instance.host_memory_gib} GiB")
+        reasons.append(
+            f"host RAM: loading needs about {footprint.host_bytes / GIB:.1f} GiB, "
+            f"{instance.name} has {instance.host_memory_gib} GiB"
+        )
     elif footprint.host_bytes > TIGHT_SHARE * instance.host_memory_bytes:
         tight.append((HOST_RAM, footprint.host_bytes, instance.host_memory_bytes))
     per_core = instance.device_memory_per_core_bytes
     for core, need in enumerate(footprint.core_bytes):
         if need > per_core:
-            reasons.append(f"device memory: NeuronCore {core} needs about {need / GIB:.1f} GiB, "
-                           f"{instance.name} has {per_core / GIB:.0f} GiB per NeuronCore")
+            reasons.append(
+                f"device memory: NeuronCore {core} needs about {need / GIB:.1f} GiB, "
+                f"{instance.name} has {per_core / GIB:.0f} GiB per NeuronCore"
+            )
         elif need > TIGHT_SHARE * per_core:
             tight.append((f"{DEVICE_MEMORY} (NeuronCore {core})", need, per_core))
     return FitVerdict(instance, not reasons, tuple(reasons), tuple(tight))
@@ -202,12 +218,18 @@ def smallest_fit(footprint: Footprint, target: str | None = None, roomy: bool = 
 
 def footprint_of(manifest: Manifest, label: str = "") -> Footprint:
     components = [
-        ComponentFootprint(name, r.parameter_count, sum(f.size for f in r.files),
-                           tuple(tuple(t.shape) for t in r.inputs))
+        ComponentFootprint(
+            name, r.parameter_count, sum(f.size for f in r.files), tuple(tuple(t.shape) for t in r.inputs)
+        )
         for name, r in manifest.components.items()
     ]
-    return estimate(components, manifest.pipeline.data_parallel_mode,
-                    manifest.config.get("auto_cast", "matmul"), manifest.config.get("auto_cast_type", "bf16"), label)
+    return estimate(
+        components,
+        manifest.pipeline.data_parallel_mode,
+        manifest.config.get("auto_cast", "matmul"),
+        manifest.config.get("auto_cast_type", "bf16"),
+        label,
+    )
 
 
 def check_fit(manifest: Manifest, instance: Instance | None) -> CheckResult:
@@ -226,14 +248,27 @@ def check_fit(manifest: Manifest, instance: Instance | None) -> CheckResult:
         "smallest_fit": smallest.name if smallest else None,
         "assumptions": list(ASSUMPTIONS),
     }
-    needs = (f"needs about {footprint.host_bytes / GIB:.1f} GiB host RAM and "
-             f"{max(footprint.core_bytes) / GIB:.1f} GiB on the busiest of {footprint.cores_needed} NeuronCore(s)")
+    needs = (
+        f"needs about {footprint.host_bytes / GIB:.1f} GiB host RAM and "
+        f"{max(footprint.core_bytes) / GIB:.1f} GiB on the busiest of {footprint.cores_needed} NeuronCore(s)"
+    )
     if instance is None:
-        return CheckResult("fit", "skipped", f"no --instance given; the export {needs}; smallest instance that fits: "
-                                             f"{smallest_text}", [], [], details)
+        return CheckResult(
+            "fit",
+            "skipped",
+            f"no --instance given; the export {needs}; smallest instance that fits: {smallest_text}",
+            [],
+            [],
+            details,
+        )
     verdict = fits(footprint, instance)
-    details["instance"] = {"name": instance.name, "neuron_cores": instance.neuron_cores, "host_memory_gib": instance.host_memory_gib,
-                         "device_memory_gib": instance.device_memory_gib, "source": instance.source}
+    details["instance"] = {
+        "name": instance.name,
+        "neuron_cores": instance.neuron_cores,
+        "host_memory_gib": instance.host_memory_gib,
+        "device_memory_gib": instance.device_memory_gib,
+        "source": instance.source,
+    }
     if verdict.fits and verdict.tight:
         roomy = smallest_fit(footprint, target, roomy=True)
         room = f"; {roomy.name} has room" if roomy and roomy != instance else ""
@@ -241,5 +276,7 @@ def check_fit(manifest: Manifest, instance: Instance | None) -> CheckResult:
     if verdict.fits:
         return CheckResult("fit", "ok", f"fits {instance.name}: the export {needs}", [], [], details)
     problems = list(verdict.reasons)
-    summary = f"does not fit {instance.name} ({'; '.join(verdict.reasons)}); smallest instance that fits: {smallest_text}"
+    summary = (
+        f"does not fit {instance.name} ({'; '.join(verdict.reasons)}); smallest instance that fits: {smallest_text}"
+    )
     return CheckResult("fit", "failed", summary, problems, [], details)

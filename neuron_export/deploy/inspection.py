@@ -32,26 +32,43 @@ def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
     return {
         "export": str(directory),
         "pipeline": {
-            "architecture": p.architecture, "family": p.family, "task": p.task, "lcm": p.is_lcm,
-            "diffusers_pipeline": p.diffusers_pipeline, "optimum_pipeline": p.optimum_pipeline,
-            "size": f"{p.height}x{p.width}", "batch_size": p.batch_size,
-            "num_images_per_prompt": p.num_images_per_prompt, "data_parallel_mode": p.data_parallel_mode,
+            "architecture": p.architecture,
+            "family": p.family,
+            "task": p.task,
+            "lcm": p.is_lcm,
+            "diffusers_pipeline": p.diffusers_pipeline,
+            "optimum_pipeline": p.optimum_pipeline,
+            "size": f"{p.height}x{p.width}",
+            "batch_size": p.batch_size,
+            "num_images_per_prompt": p.num_images_per_prompt,
+            "data_parallel_mode": p.data_parallel_mode,
         },
         "source": {k: v for k, v in s.model_dump().items() if v is not None},
         "build": {
-            "tool": f"{manifest.tool} {manifest.tool_version}", "created_at": manifest.created_at,
-            "backend": ", ".join(backends), "target": c.get("target"), "auto_cast": c.get("auto_cast"),
-            "auto_cast_type": c.get("auto_cast_type"), "optlevel": c.get("optlevel"),
-            "inline_weights": c.get("inline_weights"), "dynamic_batch_size": c.get("dynamic_batch_size"),
+            "tool": f"{manifest.tool} {manifest.tool_version}",
+            "created_at": manifest.created_at,
+            "backend": ", ".join(backends),
+            "target": c.get("target"),
+            "auto_cast": c.get("auto_cast"),
+            "auto_cast_type": c.get("auto_cast_type"),
+            "optlevel": c.get("optlevel"),
+            "inline_weights": c.get("inline_weights"),
+            "dynamic_batch_size": c.get("dynamic_batch_size"),
         },
         "components": [
             {
-                "name": r.name, "model_type": r.model_type, "compiler": f"{r.compiler_type} {r.compiler_version}",
+                "name": r.name,
+                "model_type": r.model_type,
+                "compiler": f"{r.compiler_type} {r.compiler_version}",
                 "inputs": [{"name": t.name, "shape": t.shape, "dtype": t.dtype} for t in r.inputs],
-                "outputs": r.outputs, "parameters": r.parameter_count, "artifact_bytes": artifact_bytes(r),
-                "build_seconds": r.build_seconds, "peak_rss_bytes": r.peak_rss_bytes,
+                "outputs": r.outputs,
+                "parameters": r.parameter_count,
+                "artifact_bytes": artifact_bytes(r),
+                "build_seconds": r.build_seconds,
+                "peak_rss_bytes": r.peak_rss_bytes,
                 "validation": validation_text(r),
-                "compiler_args": r.compiler_args, "neuron_compiler_args": r.neuron_compiler_args,
+                "compiler_args": r.compiler_args,
+                "neuron_compiler_args": r.neuron_compiler_args,
             }
             for r in components
         ],
@@ -83,29 +100,67 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
     facts.add_column(style="bold")
     facts.add_column()
     lcm = ", LCM" if p["lcm"] else ""
-    facts.add_row("pipeline", Text(f"{p['architecture']} {p['task']}{lcm}: {p['optimum_pipeline']} (diffusers {p['diffusers_pipeline']})"))
-    facts.add_row("shapes", Text(f"{p['size']} pixels (height x width), batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
-                                 f"data-parallel mode {p['data_parallel_mode']}"))
+    facts.add_row(
+        "pipeline",
+        Text(f"{p['architecture']} {p['task']}{lcm}: {p['optimum_pipeline']} (diffusers {p['diffusers_pipeline']})"),
+    )
+    facts.add_row(
+        "shapes",
+        Text(
+            f"{p['size']} pixels (height x width), batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
+            f"data-parallel mode {p['data_parallel_mode']}"
+        ),
+    )
     facts.add_row("source", Text(source_text(info["source"])))
-    facts.add_row("built", Text(f"{b['tool']} at {b['created_at']}, backend {b['backend']}, target {b['target']}, "
-                                f"auto-cast {b['auto_cast']}/{b['auto_cast_type']}, -O{b['optlevel']}, "
-                                f"inline weights {_yes_no(b['inline_weights'])}, dynamic batch {_yes_no(b['dynamic_batch_size'])}"))
-    facts.add_row("versions", Text(", ".join(f"{k} {v}" for k, v in info["environment"].items() if v is not None)
-                                   + _missing_versions(info["environment"])))
-    facts.add_row("totals", Text(f"{t['files']} files, {human_bytes(t['bytes'])} ({human_bytes(t['artifact_bytes'])} of artifacts), "
-                                 f"{human_count(t['parameters'])} parameters, built in {t['build_seconds']:.1f}s, "
-                                 f"peak RSS {human_bytes(t['peak_rss_bytes'])}"))
+    facts.add_row(
+        "built",
+        Text(
+            f"{b['tool']} at {b['created_at']}, backend {b['backend']}, target {b['target']}, "
+            f"auto-cast {b['auto_cast']}/{b['auto_cast_type']}, -O{b['optlevel']}, "
+            f"inline weights {_yes_no(b['inline_weights'])}, dynamic batch {_yes_no(b['dynamic_batch_size'])}"
+        ),
+    )
+    facts.add_row(
+        "versions",
+        Text(
+            ", ".join(f"{k} {v}" for k, v in info["environment"].items() if v is not None)
+            + _missing_versions(info["environment"])
+        ),
+    )
+    facts.add_row(
+        "totals",
+        Text(
+            f"{t['files']} files, {human_bytes(t['bytes'])} ({human_bytes(t['artifact_bytes'])} of artifacts), "
+            f"{human_count(t['parameters'])} parameters, built in {t['build_seconds']:.1f}s, "
+            f"peak RSS {human_bytes(t['peak_rss_bytes'])}"
+        ),
+    )
     console.print(facts)
 
     table = Table(title="Components", title_justify="left")
-    for column in ("component", "model type", "inputs (name shape dtype)", "params", "artifact", "seconds",
-                   "peak RSS", "validation"):
+    for column in (
+        "component",
+        "model type",
+        "inputs (name shape dtype)",
+        "params",
+        "artifact",
+        "seconds",
+        "peak RSS",
+        "validation",
+    ):
         table.add_column(column, no_wrap=column in ("component", "inputs (name shape dtype)"))  # shapes read whole
     for c in info["components"]:
         inputs = "\n".join(f"{i['name']} {tuple(i['shape'])} {i['dtype']}" for i in c["inputs"])
-        table.add_row(Text(c["name"]), Text(c["model_type"]), Text(inputs), human_count(c["parameters"]),
-                      human_bytes(c["artifact_bytes"]), f"{c['build_seconds']:.1f}", human_bytes(c["peak_rss_bytes"]),
-                      Text(c["validation"]))
+        table.add_row(
+            Text(c["name"]),
+            Text(c["model_type"]),
+            Text(inputs),
+            human_count(c["parameters"]),
+            human_bytes(c["artifact_bytes"]),
+            f"{c['build_seconds']:.1f}",
+            human_bytes(c["peak_rss_bytes"]),
+            Text(c["validation"]),
+        )
     console.print(table)
 
     console.print(Text("Compiler", style="bold"))
@@ -113,8 +168,10 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
         if c["compiler_args"]:
             line = f"  {c['name']} ({c['compiler']}): {' '.join(c['compiler_args'])}"
         else:
-            line = (f"  {c['name']} ({c['compiler']}): no compiler flags; a Neuron build of this component would pass "
-                    f"{' '.join(c['neuron_compiler_args'])}")
+            line = (
+                f"  {c['name']} ({c['compiler']}): no compiler flags; a Neuron build of this component would pass "
+                f"{' '.join(c['neuron_compiler_args'])}"
+            )
         console.print(Text(line))
 
 

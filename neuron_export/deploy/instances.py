@@ -45,13 +45,76 @@ class Instance:
 
 
 INSTANCES: tuple[Instance, ...] = (
-    Instance("inf2.xlarge", "inf2", "Inferentia2", chips=1, vcpus=4, host_memory_gib=16, device_memory_gib=32, source=INF2_SOURCE),
-    Instance("inf2.8xlarge", "inf2", "Inferentia2", chips=1, vcpus=32, host_memory_gib=128, device_memory_gib=32, source=INF2_SOURCE),
-    Instance("inf2.24xlarge", "inf2", "Inferentia2", chips=6, vcpus=96, host_memory_gib=384, device_memory_gib=192, source=INF2_SOURCE),
-    Instance("inf2.48xlarge", "inf2", "Inferentia2", chips=12, vcpus=192, host_memory_gib=768, device_memory_gib=384, source=INF2_SOURCE),
-    Instance("trn1.2xlarge", "trn1", "Trainium", chips=1, vcpus=8, host_memory_gib=32, device_memory_gib=32, source=TRN1_SOURCE),
-    Instance("trn1.32xlarge", "trn1", "Trainium", chips=16, vcpus=128, host_memory_gib=512, device_memory_gib=512, source=TRN1_SOURCE),
-    Instance("trn1n.32xlarge", "trn1", "Trainium", chips=16, vcpus=128, host_memory_gib=512, device_memory_gib=512, source=TRN1_SOURCE),
+    Instance(
+        "inf2.xlarge",
+        "inf2",
+        "Inferentia2",
+        chips=1,
+        vcpus=4,
+        host_memory_gib=16,
+        device_memory_gib=32,
+        source=INF2_SOURCE,
+    ),
+    Instance(
+        "inf2.8xlarge",
+        "inf2",
+        "Inferentia2",
+        chips=1,
+        vcpus=32,
+        host_memory_gib=128,
+        device_memory_gib=32,
+        source=INF2_SOURCE,
+    ),
+    Instance(
+        "inf2.24xlarge",
+        "inf2",
+        "Inferentia2",
+        chips=6,
+        vcpus=96,
+        host_memory_gib=384,
+        device_memory_gib=192,
+        source=INF2_SOURCE,
+    ),
+    Instance(
+        "inf2.48xlarge",
+        "inf2",
+        "Inferentia2",
+        chips=12,
+        vcpus=192,
+        host_memory_gib=768,
+        device_memory_gib=384,
+        source=INF2_SOURCE,
+    ),
+    Instance(
+        "trn1.2xlarge",
+        "trn1",
+        "Trainium",
+        chips=1,
+        vcpus=8,
+        host_memory_gib=32,
+        device_memory_gib=32,
+        source=TRN1_SOURCE,
+    ),
+    Instance(
+        "trn1.32xlarge",
+        "trn1",
+        "Trainium",
+        chips=16,
+        vcpus=128,
+        host_memory_gib=512,
+        device_memory_gib=512,
+        source=TRN1_SOURCE,
+    ),
+    Instance(
+        "trn1n.32xlarge",
+        "trn1",
+        "Trainium",
+        chips=16,
+        vcpus=128,
+        host_memory_gib=512,
+        device_memory_gib=512,
+        source=TRN1_SOURCE,
+    ),
 )
 BY_NAME = {instance.name: instance for instance in INSTANCES}
 
@@ -65,7 +128,9 @@ def get_instance(name: str) -> Instance:
 
     instance = BY_NAME.get(name.strip().lower())
     if instance is None:
-        raise ExportError(f"--instance {name} is not an instance type neuron-export knows; use one of {', '.join(instance_names())}.")
+        raise ExportError(
+            f"--instance {name} is not an instance type neuron-export knows; use one of {', '.join(instance_names())}."
+        )
     return instance
 
 

@@ -6,8 +6,9 @@ trusted key when keys are given (exit 3).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.instances import GIB
@@ -51,7 +52,9 @@ def loader_trip_reason(relative: str, components: set[str], directory: Path) -> 
         return "it is a stray compiled artifact (*.neuron) that could be loaded or shipped instead of the recorded one"
     if top is None:
         return None
-    if top in OTHER_LOADER_FOLDERS or any(top == role.name or (role.numbered and top.startswith(role.name)) for role in roles()):
+    if top in OTHER_LOADER_FOLDERS or any(
+        top == role.name or (role.numbered and top.startswith(role.name)) for role in roles()
+    ):
         if top not in components:
             return f"optimum-neuron's loader loads a {top}/ folder, but this export has no {top} component"
         return f"it sits in {top}/, a component folder optimum-neuron's loader reads"
@@ -106,7 +109,9 @@ def check_integrity(directory: Path, manifest: Manifest, trusted: frozenset[str]
         digest = sha256_file(path)
         hashed += size
         if digest != record.sha256:
-            problems.append(f"{rel}: sha256 {digest[:16]}..., the manifest records {record.sha256[:16]}... (content changed)")
+            problems.append(
+                f"{rel}: sha256 {digest[:16]}..., the manifest records {record.sha256[:16]}... (content changed)"
+            )
     problems.extend(signature_problems(manifest, trusted))
     components = set(manifest.components)
     unlisted = 0
@@ -120,10 +125,18 @@ def check_integrity(directory: Path, manifest: Manifest, trusted: frozenset[str]
         else:
             notes.append(f"{rel}: not in the manifest; the loader ignores it and `push` does not upload it")
     if problems:
-        summary = f"{len(problems)} problem(s) in {len(records)} listed files: " + "; ".join(p.split(':')[0] for p in problems)
+        summary = f"{len(problems)} problem(s) in {len(records)} listed files: " + "; ".join(
+            p.split(":")[0] for p in problems
+        )
         verdict = "failed"
     else:
         summary = f"{len(records)} files match the manifest ({hashed / GIB:.2f} GiB hashed)"
         verdict = "ok"
-    return CheckResult("integrity", verdict, summary, problems, notes,
-                       {"listed_files": len(records), "hashed_bytes": hashed, "unlisted_files": unlisted})
+    return CheckResult(
+        "integrity",
+        verdict,
+        summary,
+        problems,
+        notes,
+        {"listed_files": len(records), "hashed_bytes": hashed, "unlisted_files": unlisted},
+    )

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.compatibility import RuntimeEnv, check_compatibility, probe_environment
 from neuron_export.deploy.footprint import check_fit
-from neuron_export.deploy.integrity import check_integrity
 from neuron_export.deploy.instances import Instance
+from neuron_export.deploy.integrity import check_integrity
 from neuron_export.errors import ExitCode, IntegrityError
 
 if TYPE_CHECKING:
@@ -57,8 +57,13 @@ class Report:
         }
 
 
-def verify(directory: Path, instance: Instance | None = None, env: RuntimeEnv | None = None,
-           strict: bool = False, trusted: frozenset[str] | None = None) -> Report:
+def verify(
+    directory: Path,
+    instance: Instance | None = None,
+    env: RuntimeEnv | None = None,
+    strict: bool = False,
+    trusted: frozenset[str] | None = None,
+) -> Report:
     from neuron_export.manifest import read_manifest
 
     manifest = read_manifest(directory)
@@ -75,8 +80,10 @@ def require_integrity(directory: Path, manifest: Manifest) -> CheckResult:
     """For push: an export that does not match its manifest is refused (exit 3)."""
     result = check_integrity(directory, manifest)
     if result.failed:
-        raise IntegrityError(f"{directory} does not match its manifest ({'; '.join(result.problems)}); "
-                             "refusing it: re-export or restore the files, then run `neuron-export verify`.")
+        raise IntegrityError(
+            f"{directory} does not match its manifest ({'; '.join(result.problems)}); "
+            "refusing it: re-export or restore the files, then run `neuron-export verify`."
+        )
     return result
 
 
@@ -111,10 +118,20 @@ def render(report: Report, console: Any, verbose: bool = False) -> None:
         for column in ("component", "cores", "host", "device weights", "activations"):
             table.add_column(column)
         for c in fit["components"]:
-            table.add_row(c["name"], ",".join(map(str, c["cores"])), human_bytes(c["host_bytes"]),
-                          human_bytes(c["device_weight_bytes"]), human_bytes(c["activation_bytes"]))
-        table.add_row("total", "", human_bytes(fit["host_bytes"]) + " host",
-                      " / ".join(human_bytes(b) for b in fit["core_bytes"]) + " per core", "")
+            table.add_row(
+                c["name"],
+                ",".join(map(str, c["cores"])),
+                human_bytes(c["host_bytes"]),
+                human_bytes(c["device_weight_bytes"]),
+                human_bytes(c["activation_bytes"]),
+            )
+        table.add_row(
+            "total",
+            "",
+            human_bytes(fit["host_bytes"]) + " host",
+            " / ".join(human_bytes(b) for b in fit["core_bytes"]) + " per core",
+            "",
+        )
         console.print(table)
     if verbose:  # the fit line names the smallest instance that fits; this lists them all
         console.print(Text(f"fits: {', '.join(fitting) or 'no instance in the table'}"))

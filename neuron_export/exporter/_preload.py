@@ -22,12 +22,15 @@ failure: tuple[str, str, str] | None = None  # (the library, "Type: message", th
 library = "torch"
 try:
     import torch  # noqa: F401
+
     library = "diffusers"
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+
     library = "transformers"
     from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
+
     library = "neuron_export"
     import neuron_export.exporter.worker  # noqa: F401
     from neuron_export.components import text_encoder, unet, vae  # noqa: F401
-except BaseException as exc:  # noqa: BLE001 (an OSError from a broken shared library is as likely as an ImportError)
+except BaseException as exc:
     failure = (library, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}", traceback.format_exc())

@@ -6,29 +6,36 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from neuron_export.version import __version__
-from neuron_export.exporter.cache import CacheEntry, ComponentCache, link_or_copy
+from neuron_export.backends.select import get_backend
 from neuron_export.errors import BuildError, ExportError
-from neuron_export.files import ARTIFACT_NAME
+from neuron_export.exporter.cache import CacheEntry, ComponentCache, link_or_copy
 from neuron_export.exporter.layout import check_writable, claim_output, publish, staging_directory, write_layout
-from neuron_export.manifest import (
-    AddOnRecord, ComponentRecord, LoraRecord, Manifest, PipelineRecord, SourceRecord, ValidationRecord,
-    environment, file_record,
-)
 from neuron_export.exporter.plan import Job, Plan
-from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.remote import RemoteCache
 from neuron_export.exporter.remote_trust import trust_of
+from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.storage import writing
 from neuron_export.exporter.supply import BUILT, supply
 from neuron_export.exporter.validation import DISABLED, failure_message, remember, reuse
 from neuron_export.exporter.worker import WorkOrder, context, source_file_records, worker_main
-from neuron_export.backends.select import get_backend
-from neuron_export.roles import role_of
+from neuron_export.files import ARTIFACT_NAME
+from neuron_export.manifest import (
+    AddOnRecord,
+    ComponentRecord,
+    LoraRecord,
+    Manifest,
+    PipelineRecord,
+    SourceRecord,
+    ValidationRecord,
+    environment,
+    file_record,
+)
+from neuron_export.version import __version__
 
 
 @dataclass(frozen=True)
@@ -48,27 +55,52 @@ class BuildEvent:
 EventHandler = Callable[[BuildEvent], None]
 
 
-def make_manifest(plan: Plan, directory: Path, records: dict[str, ComponentRecord], component_files: set[str]) -> Manifest:
+def make_manifest(
+    plan: Plan, directory: Path, records: dict[str, ComponentRecord], component_files: set[str]
+) -> Manifest:
     config = plan.config
-    other_files = sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in component_files)
+    other_files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in component_files
+    )
     return Manifest(
         tool_version=__version__,
         created_at=max((record.built_at for record in records.values()), default=""),
         config=plan.resolved_config,
         pipeline=PipelineRecord(
-            family=config.family, task=config.task, architecture=plan.facts.architecture, is_lcm=plan.facts.is_lcm,
-            diffusers_pipeline=plan.diffusers_pipeline, optimum_pipeline=plan.optimum_pipeline,
-            data_parallel_mode=plan.data_parallel_mode, height=plan.height, width=plan.width,
-            batch_size=config.batch_size, num_images_per_prompt=config.num_images_per_prompt,
+            family=config.family,
+            task=config.task,
+            architecture=plan.facts.architecture,
+            is_lcm=plan.facts.is_lcm,
+            diffusers_pipeline=plan.diffusers_pipeline,
+            optimum_pipeline=plan.optimum_pipeline,
+            data_parallel_mode=plan.data_parallel_mode,
+            height=plan.height,
+            width=plan.width,
+            batch_size=config.batch_size,
+            num_images_per_prompt=config.num_images_per_prompt,
         ),
-        source=SourceRecord(model_id=plan.source.model_id, revision=plan.source.revision, commit=plan.source.commit,
-                            unet_id=plan.source.unet_id, unet_commit=plan.source.unet_commit,
-                            vae_id=plan.source.vae_id, vae_commit=plan.source.vae_commit,
-                            loras=[LoraRecord(source=a.source, weight_name=a.weight_name, adapter_name=a.adapter_name,
-                                              scale=a.scale, sha256=a.sha256, commit=a.commit,
-                                              components=[c for c in a.components if c in records])
-                                   for a in plan.loras],
-                            **add_on_records(plan)),
+        source=SourceRecord(
+            model_id=plan.source.model_id,
+            revision=plan.source.revision,
+            commit=plan.source.commit,
+            unet_id=plan.source.unet_id,
+            unet_commit=plan.source.unet_commit,
+            vae_id=plan.source.vae_id,
+            vae_commit=plan.source.vae_commit,
+            loras=[
+                LoraRecord(
+                    source=a.source,
+                    weight_name=a.weight_name,
+                    adapter_name=a.adapter_name,
+                    scale=a.scale,
+                    sha256=a.sha256,
+                    commit=a.commit,
+                    components=[c for c in a.components if c in records],
+                )
+                for a in plan.loras
+            ],
+            **add_on_records(plan),
+        ),
         environment=environment(plan.backend),
         components=records,
         files=[file_record(p, directory) for p in other_files],
@@ -82,8 +114,10 @@ def add_on_records(plan: Plan) -> dict[str, Any]:
     if source.ip_adapter is not None:
         file = "/".join(part for part in (config.ip_adapter_subfolder, config.ip_adapter_weight_name) if part)
         adapter = AddOnRecord(model_id=source.ip_adapter.model_id, commit=source.ip_adapter.commit, file=file)
-    return {"controlnets": [AddOnRecord(model_id=item.model_id, commit=item.commit) for item in source.controlnets],
-            "ip_adapter": adapter}
+    return {
+        "controlnets": [AddOnRecord(model_id=item.model_id, commit=item.commit) for item in source.controlnets],
+        "ip_adapter": adapter,
+    }
 
 
 class _Worker:
@@ -97,8 +131,14 @@ def work_order(job: Job, plan: Plan, artifact: Path | None = None) -> WorkOrder:
     """What the worker building `job` (or checking its cached `artifact`) receives: the job and a few settings,
     not the plan (whose config holds the token)."""
     root = plan.source.origin(job.component).root
-    return WorkOrder(job=job, backend=plan.backend, inline_weights=plan.config.inline_weights,
-                     disable_validation=plan.config.disable_validation, source_root=root, artifact=artifact)
+    return WorkOrder(
+        job=job,
+        backend=plan.backend,
+        inline_weights=plan.config.inline_weights,
+        disable_validation=plan.config.disable_validation,
+        source_root=root,
+        artifact=artifact,
+    )
 
 
 @contextlib.contextmanager
@@ -122,8 +162,9 @@ def _start(order: WorkOrder, cache: ComponentCache, workdir: Path) -> _Worker:
         build_dir = cache.new_build_dir(job.cache_key)
     # One pipe per worker, not a shared queue: no named semaphores to outlive an interrupted parent.
     reader, writer = context().Pipe(duplex=False)
-    process = context().Process(target=worker_main, args=(order, build_dir, workdir, writer), daemon=True,
-                                name=f"neuron-export-{job.component}")
+    process = context().Process(
+        target=worker_main, args=(order, build_dir, workdir, writer), daemon=True, name=f"neuron-export-{job.component}"
+    )
     try:
         with _interrupts_deferred():
             process.start()
@@ -133,8 +174,10 @@ def _start(order: WorkOrder, cache: ComponentCache, workdir: Path) -> _Worker:
             process.join()
         shutil.rmtree(build_dir, ignore_errors=True)
         if isinstance(exc, (EOFError, ConnectionError)):  # not an interrupt (click would call an EOFError one)
-            raise BuildError(f"The worker building {job.component} could not start: the fork server that starts "
-                             f"workers is gone ({type(exc).__name__}: {exc}); nothing was written.") from exc
+            raise BuildError(
+                f"The worker building {job.component} could not start: the fork server that starts "
+                f"workers is gone ({type(exc).__name__}: {exc}); nothing was written."
+            ) from exc
         raise
     finally:
         writer.close()  # the worker holds the only write end now, so its exit shows as EOF here
@@ -157,8 +200,9 @@ def _died(worker: _Worker) -> BuildError:
     return BuildError(f"The worker building {worker.job.component} died with {how}{hint}; nothing was written.")
 
 
-def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: Path,
-                  on_event: EventHandler) -> dict[str, CacheEntry]:
+def build_missing(
+    plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: Path, on_event: EventHandler
+) -> dict[str, CacheEntry]:
     """Build jobs in worker processes, at most --jobs at once and only while their estimated peaks fit
     the memory budget together; each finished component is stored in the cache at once."""
     from multiprocessing.connection import wait
@@ -203,8 +247,9 @@ def build_missing(plan: Plan, jobs: list[Job], cache: ComponentCache, workdir: P
     return built
 
 
-def _finish(worker: _Worker, tag: str, payload: Any, cache: ComponentCache,
-            done: Callable[[ComponentRecord], None]) -> CacheEntry:
+def _finish(
+    worker: _Worker, tag: str, payload: Any, cache: ComponentCache, done: Callable[[ComponentRecord], None]
+) -> CacheEntry:
     """A worker's final message: its build stored in the cache, or its error raised (nothing kept)."""
     if tag == "error":
         shutil.rmtree(worker.build_dir, ignore_errors=True)
@@ -254,7 +299,9 @@ def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: 
         raise
 
 
-def check_cached(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]) -> ValidationRecord:
+def check_cached(
+    order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]
+) -> ValidationRecord:
     """A cached artifact compared with the eager model in a worker process (nothing is built)."""
     worker = _start(order, cache, workdir)
     try:
@@ -266,8 +313,14 @@ def check_cached(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stag
     return ValidationRecord.model_validate_json(payload)
 
 
-def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[str, str], cache: ComponentCache,
-                      workdir: Path, on_event: EventHandler) -> dict[str, ComponentRecord]:
+def settle_validation(
+    plan: Plan,
+    entries: dict[str, CacheEntry],
+    origins: dict[str, str],
+    cache: ComponentCache,
+    workdir: Path,
+    on_event: EventHandler,
+) -> dict[str, ComponentRecord]:
     """Each component's record for this export: its validation at this export's tolerance (measured by the
     build, reused from a stored measurement, or checked again now), and the source files of this pipeline."""
     skip_reason = get_backend(plan.backend).validation_skip_reason()
@@ -280,16 +333,24 @@ def settle_validation(plan: Plan, entries: dict[str, CacheEntry], origins: dict[
             result = entry.record.validation
         else:
             result = reuse(entry, job.atol) or (
-                ValidationRecord(status="skipped", reason=skip_reason, atol=job.atol) if skip_reason else None)
+                ValidationRecord(status="skipped", reason=skip_reason, atol=job.atol) if skip_reason else None
+            )
         if result is None:
+
             def stage(name: str, job: Job = job, index: int = index) -> None:
                 on_event(BuildEvent(job.component, index, len(plan.jobs), name))
 
             result = check_cached(work_order(job, plan, entry.artifact), cache, workdir, stage)
             remember(entry, result)
-        record = entry.record.model_copy(update={"validation": result, "neuron_compiler_args": list(job.compiler_args),
-                                                 "source_files": source_file_records(work_order(job, plan)),
-                                                 "model": job.model or None, "inline_weights": plan.config.inline_weights})
+        record = entry.record.model_copy(
+            update={
+                "validation": result,
+                "neuron_compiler_args": list(job.compiler_args),
+                "source_files": source_file_records(work_order(job, plan)),
+                "model": job.model or None,
+                "inline_weights": plan.config.inline_weights,
+            }
+        )
         if result.status == "failed":
             raise BuildError(failure_message(job.component, result))
         if origins[job.component] != BUILT:  # its build's own result was not this export's
@@ -319,8 +380,9 @@ def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> t
         on_event(BuildEvent(job.component, number[job.component], len(plan.jobs), stage, record, url))
 
     workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"  # kept when a compile fails
-    entries, origins = supply(list(plan.jobs), cache, remote, notify,
-                              lambda jobs: build_missing(plan, jobs, cache, workdir, on_event))
+    entries, origins = supply(
+        list(plan.jobs), cache, remote, notify, lambda jobs: build_missing(plan, jobs, cache, workdir, on_event)
+    )
     checked = settle_validation(plan, entries, origins, cache, workdir, on_event)
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -343,14 +405,20 @@ def open_remote(plan: Plan) -> RemoteCache | None:
     """The plan's remote cache, checked once: unreachable, it warns once and is left out (an error when required)."""
     if not plan.config.remote_cache:
         return None
-    remote = RemoteCache(plan.config.remote_cache, required=plan.config.remote_cache_required,
-                         trust=trust_of(plan.config))
+    remote = RemoteCache(
+        plan.config.remote_cache, required=plan.config.remote_cache_required, trust=trust_of(plan.config)
+    )
     remote.check()
     return remote
 
 
 def export_bytes(plan: Plan, artifacts: int) -> int:
     """The finished export's size when nothing can be hard-linked: artifacts, processors and configs."""
-    copied = sum(p.stat().st_size for name in PROCESSOR_FOLDERS if (plan.source.path / name).is_dir()
-                 for p in (plan.source.path / name).rglob("*") if p.is_file())
+    copied = sum(
+        p.stat().st_size
+        for name in PROCESSOR_FOLDERS
+        if (plan.source.path / name).is_dir()
+        for p in (plan.source.path / name).rglob("*")
+        if p.is_file()
+    )
     return artifacts + copied + 2**20  # configs, model_index.json and the manifest

@@ -17,9 +17,10 @@ import shutil
 import time
 import uuid
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME
@@ -62,7 +63,12 @@ class HashIndex:
         stat = file.stat()
         key = str(file.resolve())
         # ctime and inode too: a file rewritten with its old size and mtime put back is still hashed again.
-        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+        identity = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino,
+        }
         known = self._known.get(key)
         if not known or any(known.get(name) != value for name, value in identity.items()):
             known = self._known[key] = dict(identity)
@@ -174,7 +180,9 @@ class ComponentCache:
         final = self.entry_dir(key)
         try:
             (build_dir / RECORD_NAME).write_text(record.model_dump_json(indent=2))
-            (build_dir / MARKER_NAME).write_text("made by neuron-export: `neuron-export cache prune` may delete this entry\n")
+            (build_dir / MARKER_NAME).write_text(
+                "made by neuron-export: `neuron-export cache prune` may delete this entry\n"
+            )
             final.parent.mkdir(parents=True, exist_ok=True)
         except BaseException:  # a full or read-only cache: no half-stored build is left in tmp/
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -184,12 +192,16 @@ class ComponentCache:
         except OSError:  # another run stored the same key first: theirs is as good as ours
             shutil.rmtree(build_dir, ignore_errors=True)
             if not self._hold(final):
-                raise ExportError(f"{final} is in the way of a cache entry and was not made by neuron-export; move it "
-                                  "away or pass another --cache-dir.") from None
+                raise ExportError(
+                    f"{final} is in the way of a cache entry and was not made by neuron-export; move it "
+                    "away or pass another --cache-dir."
+                ) from None
             entry = self._read(key, final)
             if entry is None:
-                raise ExportError(f"{final} is in the way of a cache entry and was not made by neuron-export; move it "
-                                  "away or pass another --cache-dir.") from None
+                raise ExportError(
+                    f"{final} is in the way of a cache entry and was not made by neuron-export; move it "
+                    "away or pass another --cache-dir."
+                ) from None
             return entry
         self._hold(final)
         return CacheEntry(key, final, record)
@@ -331,8 +343,11 @@ class ComponentCache:
     def unused_for(self, older_than_seconds: float | None) -> list[CacheEntry]:
         """Entries not used for that long (every entry for None): what `prune` would remove."""
         now = time.time()
-        return [entry for entry in self.entries()
-                if older_than_seconds is None or now - self.last_used(entry) > older_than_seconds]
+        return [
+            entry
+            for entry in self.entries()
+            if older_than_seconds is None or now - self.last_used(entry) > older_than_seconds
+        ]
 
     def prune(self, older_than_seconds: float | None) -> list[CacheEntry]:
         """Remove unused entries, except those a running export holds; returns the ones removed."""

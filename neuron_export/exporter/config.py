@@ -164,8 +164,10 @@ class ExportConfig(BaseModel):
     def _scale_range(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         for scale in value:
             if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
-                raise ValueError(f"{scale} is out of range; each scale must be finite, from -{MAX_LORA_SCALE:g} to "
-                                 f"{MAX_LORA_SCALE:g} (1.0 applies the LoRA as trained)")
+                raise ValueError(
+                    f"{scale} is out of range; each scale must be finite, from -{MAX_LORA_SCALE:g} to "
+                    f"{MAX_LORA_SCALE:g} (1.0 applies the LoRA as trained)"
+                )
         return value
 
     @model_validator(mode="after")
@@ -191,8 +193,10 @@ class ExportConfig(BaseModel):
         if remote:
             check_remote_url(remote, where)
         elif self.remote_cache_required:
-            raise ValueError(f"remote_cache_required is set but no remote cache is given; pass --remote-cache URL "
-                             f"(or set {REMOTE_ENV}), or drop --remote-cache-required")
+            raise ValueError(
+                f"remote_cache_required is set but no remote cache is given; pass --remote-cache URL "
+                f"(or set {REMOTE_ENV}), or drop --remote-cache-required"
+            )
         if self.executor == "ray":
             check_ray_executor(self)
         trust_checks(self)
@@ -208,26 +212,36 @@ def check_ray_executor(config: ExportConfig) -> None:
     except (ImportError, ValueError):
         installed = False
     if not installed:
-        raise ValueError(f"executor 'ray' needs Ray, which is not installed; run {RAY_INSTALL}, "
-                         "or use --executor local")
+        raise ValueError(
+            f"executor 'ray' needs Ray, which is not installed; run {RAY_INSTALL}, or use --executor local"
+        )
     if not config.ray_address and os.environ.get(RAY_ADDRESS_ENV):
         object.__setattr__(config, "ray_address", os.environ[RAY_ADDRESS_ENV])
     if not config.ray_address:
-        raise ValueError(f"executor 'ray' needs a cluster; pass --ray-address HOST:PORT (or 'auto' for the one "
-                         f"started on this host), or set {RAY_ADDRESS_ENV}")
+        raise ValueError(
+            f"executor 'ray' needs a cluster; pass --ray-address HOST:PORT (or 'auto' for the one "
+            f"started on this host), or set {RAY_ADDRESS_ENV}"
+        )
     if not config.remote_cache:
-        raise ValueError("executor 'ray' needs --remote-cache URL (or "
-                         f"{REMOTE_ENV}): cluster nodes hand their builds back through it")
+        raise ValueError(
+            "executor 'ray' needs --remote-cache URL (or "
+            f"{REMOTE_ENV}): cluster nodes hand their builds back through it"
+        )
 
 
 def check_lora_lists(config: ExportConfig) -> None:
     """--lora-weight-name, --lora-adapter-name and --lora-scale each come once per --lora (or not at all)."""
     count = len(config.lora)
-    for flag, values in (("--lora-weight-name", config.lora_weight_name), ("--lora-adapter-name", config.lora_adapter_name),
-                         ("--lora-scale", config.lora_scale)):
+    for flag, values in (
+        ("--lora-weight-name", config.lora_weight_name),
+        ("--lora-adapter-name", config.lora_adapter_name),
+        ("--lora-scale", config.lora_scale),
+    ):
         if values and len(values) != count:
-            raise ValueError(f"{flag} is given {len(values)} time(s) for {count} --lora; give it after the --lora it "
-                             "belongs to (at most once each), or once per --lora in the same order, or leave it out")
+            raise ValueError(
+                f"{flag} is given {len(values)} time(s) for {count} --lora; give it after the --lora it "
+                "belongs to (at most once each), or once per --lora in the same order, or leave it out"
+            )
     names = tuple(name for name in config.lora_adapter_name if name)  # '': that adapter's default name
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -243,20 +257,42 @@ def check_remote_url(url: str, where: str) -> None:
 
     protocol = fsspec.core.split_protocol(url)[0]
     if protocol is None:
-        raise ValueError(f"{where} {url!r} has no scheme; write it as s3://bucket/prefix, file:///shared/path "
-                         "or hf://datasets/org/name")
+        raise ValueError(
+            f"{where} {url!r} has no scheme; write it as s3://bucket/prefix, file:///shared/path "
+            "or hf://datasets/org/name"
+        )
     if protocol not in fsspec.available_protocols():
-        raise ValueError(f"{where} {url!r} has an unknown scheme {protocol!r}; use s3://bucket/prefix, "
-                         "file:///shared/path or hf://datasets/org/name")
+        raise ValueError(
+            f"{where} {url!r} has an unknown scheme {protocol!r}; use s3://bucket/prefix, "
+            "file:///shared/path or hf://datasets/org/name"
+        )
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError:
-        extra = "pip install 'neuron-export[s3]'" if protocol in ("s3", "s3a") else f"install fsspec's {protocol} filesystem"
+        extra = (
+            "pip install 'neuron-export[s3]'"
+            if protocol in ("s3", "s3a")
+            else f"install fsspec's {protocol} filesystem"
+        )
         raise ValueError(f"{where} {url!r} needs the {protocol} filesystem, which is not installed; {extra}") from None
 
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
-              "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 10**3,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 10**6,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 10**9,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 10**12,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -287,11 +323,15 @@ def read_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise ExportError(f"Config file {path} does not exist; pass a path to a YAML file such as configs/sd15-512.yaml.")
+        raise ExportError(
+            f"Config file {path} does not exist; pass a path to a YAML file such as configs/sd15-512.yaml."
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, RecursionError):
-        raise ExportError(f"Config file {path} cannot be read as text; pass a YAML file such as configs/sd15-512.yaml.") from None
+        raise ExportError(
+            f"Config file {path} cannot be read as text; pass a YAML file such as configs/sd15-512.yaml."
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -315,7 +355,9 @@ def parse_set_options(pairs: list[str]) -> dict[str, Any]:
         try:
             result[key.strip()] = yaml.safe_load(raw) if raw else None
         except (yaml.YAMLError, RecursionError):
-            raise ExportError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set {key.strip()}='...'.") from None
+            raise ExportError(
+                f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set {key.strip()}='...'."
+            ) from None
     return _normalize_keys(result, "--set")
 
 
@@ -353,14 +395,21 @@ def make_configs(*layers: dict[str, Any], labels: tuple[str | None, ...] = ()) -
     width and batch_size make a shape matrix: one config per combination, all validated up front.
     `labels` name each layer for messages: "flags", "--set" or a YAML file's path."""
     merged = _merge(layers)
-    origins = {key: label for layer, label in zip(layers, labels) if label is not None
-               for key, value in layer.items() if value is not None}
+    origins = {
+        key: label
+        for layer, label in zip(layers, labels)
+        if label is not None
+        for key, value in layer.items()
+        if value is not None
+    }
     axes = {key: _as_list(merged[key]) for key in MATRIX_KEYS if key in merged}
     count = math.prod(len(values) for values in axes.values())
     if count > MAX_MATRIX:
         sizes = " x ".join(f"{len(values)} {key}" for key, values in axes.items())
-        raise ExportError(f"{sizes} make {count} exports, more than the {MAX_MATRIX} one command may start; split the "
-                          "shape matrix over several commands.")
+        raise ExportError(
+            f"{sizes} make {count} exports, more than the {MAX_MATRIX} one command may start; split the "
+            "shape matrix over several commands."
+        )
     combinations = [dict(zip(axes, values)) for values in itertools.product(*axes.values())] or [{}]
     if len(combinations) == 1:
         return [_validate({**merged, **combinations[0]}, origins)]

@@ -21,7 +21,9 @@ def spelled(field: str, value: Any, where: str | None) -> str:
     return f"{field} = {value!r}"
 
 
-def explain_validation_error(error: ValidationError, valid_keys: list[str], origins: dict[str, str] | None = None) -> str:
+def explain_validation_error(
+    error: ValidationError, valid_keys: list[str], origins: dict[str, str] | None = None
+) -> str:
     """Turn pydantic's report into one sentence naming the option as given (flag, --set or YAML key and file),
     the value and the fix. `origins` says where each key came from (see spelled)."""
     first = error.errors()[0]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 from neuron_export.roles import role_of
 

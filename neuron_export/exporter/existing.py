@@ -23,7 +23,11 @@ NOT_COMPARED = {"output"}
 
 def model_name(value: str) -> str:
     """The last part of a hub id or directory (`models/sd/` -> `sd`; a pipeline's `unet/` folder -> the pipeline's)."""
-    path = Path(os.path.abspath(Path(value).expanduser())) if Path(value).expanduser().exists() else Path(value.rstrip("/"))
+    path = (
+        Path(os.path.abspath(Path(value).expanduser()))
+        if Path(value).expanduser().exists()
+        else Path(value.rstrip("/"))
+    )
     name = path.parent.name if path.name == "unet" and path.parent.name else path.name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
@@ -50,8 +54,10 @@ def check_output(output: Path, force: bool) -> None:
     if above is not None and not above.is_dir():
         raise ExportError(f"--output {output}: {above} is a file, not a directory; choose another --output.")
     if output.is_symlink():  # dangling or not: publishing would replace the link, not what it points to
-        raise ExportError(f"--output {output} is a symbolic link (to {os.readlink(output)}); pass the directory itself "
-                          "or another --output.")
+        raise ExportError(
+            f"--output {output} is a symbolic link (to {os.readlink(output)}); pass the directory itself "
+            "or another --output."
+        )
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a directory; choose another --output.")
     if not output.exists():
@@ -66,7 +72,9 @@ def check_output(output: Path, force: bool) -> None:
             "so it is not replaced even with --force; choose another --output, or empty that directory yourself."
         )
     if not force:
-        raise ExportError(f"--output {output} already exists (empty); pass --force to use it, or choose another --output.")
+        raise ExportError(
+            f"--output {output} already exists (empty); pass --force to use it, or choose another --output."
+        )
 
 
 def _local(value: Any) -> Any:
@@ -77,8 +85,9 @@ def _local(value: Any) -> Any:
     return value
 
 
-def resolve_config(recorded: dict[str, Any], *, height: int, width: int, backend: str, atol: float | None,
-                   components: list[str]) -> dict[str, Any]:
+def resolve_config(
+    recorded: dict[str, Any], *, height: int, width: int, backend: str, atol: float | None, components: list[str]
+) -> dict[str, Any]:
     """A normalized config with what the export resolved spelled out: the native height and width, the backend
     `auto` chose, the default tolerance, the components built, and local paths made absolute."""
     resolved = dict(recorded)
@@ -98,9 +107,14 @@ def recorded_config(manifest: Manifest) -> dict[str, Any]:
     """The manifest's config resolved the same way (manifests written before recorded it as typed)."""
     validations = [record.validation.atol for record in manifest.components.values()]
     backends = [record.backend for record in manifest.components.values()]
-    return resolve_config(manifest.config, height=manifest.pipeline.height, width=manifest.pipeline.width,
-                          backend=backends[0] if backends else "auto", atol=validations[0] if validations else None,
-                          components=list(manifest.components))
+    return resolve_config(
+        manifest.config,
+        height=manifest.pipeline.height,
+        width=manifest.pipeline.width,
+        backend=backends[0] if backends else "auto",
+        atol=validations[0] if validations else None,
+        components=list(manifest.components),
+    )
 
 
 def _flag(key: str) -> str:
@@ -121,12 +135,16 @@ def difference(output: Path, resolved: dict[str, Any], keys: dict[str, str]) -> 
     recorded = {name: record.cache_key for name, record in manifest.components.items()}
     for name in sorted(set(recorded) | set(keys)):
         if recorded.get(name) != keys.get(name):
-            return (f"holds a different export (its {name} was built from other inputs: weights, configs, add-ons "
-                    "or tool and library versions)")
+            return (
+                f"holds a different export (its {name} was built from other inputs: weights, configs, add-ons "
+                "or tool and library versions)"
+            )
     # A stat per file, no hashing: a rerun stays instant; `neuron-export verify` hashes everything.
-    damaged = [f"{f.path} missing" if not (output / f.path).is_file() else f"{f.path} changed"
-               for f in manifest.all_files()
-               if not (output / f.path).is_file() or (output / f.path).stat().st_size != f.size]
+    damaged = [
+        f"{f.path} missing" if not (output / f.path).is_file() else f"{f.path} changed"
+        for f in manifest.all_files()
+        if not (output / f.path).is_file() or (output / f.path).stat().st_size != f.size
+    ]
     if damaged:
         return f"is incomplete: {damaged[0]}{f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''}"
     return None

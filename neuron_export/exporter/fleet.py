@@ -58,15 +58,17 @@ def ci_jobs(plans: list[Plan], remote: Any = None) -> list[dict[str, Any]]:
         # only an entry a trusted key signed counts: an export would skip any other and build it
         in_remote = None if remote is None else (remote.has_trusted(job.cache_key) if not local else None)
         config = {**normalized_config(plan.config), "components": [job.component], "output": None}
-        found.append({
-            "cache_key": job.cache_key,
-            "component": job.component,
-            "cached": local or bool(in_remote),
-            "cached_where": "local" if local else "remote" if in_remote else None,
-            "estimated_peak_bytes": job.estimated_peak_bytes,
-            "estimated_seconds": round(job.estimated_seconds, 1),
-            "estimated_cpus": fleet_job.cpus,
-            "outputs": list(fleet_job.outputs),
-            "config": {key: value for key, value in config.items() if value is not None},
-        })
+        found.append(
+            {
+                "cache_key": job.cache_key,
+                "component": job.component,
+                "cached": local or bool(in_remote),
+                "cached_where": "local" if local else "remote" if in_remote else None,
+                "estimated_peak_bytes": job.estimated_peak_bytes,
+                "estimated_seconds": round(job.estimated_seconds, 1),
+                "estimated_cpus": fleet_job.cpus,
+                "outputs": list(fleet_job.outputs),
+                "config": {key: value for key, value in config.items() if value is not None},
+            }
+        )
     return found

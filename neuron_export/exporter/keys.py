@@ -18,10 +18,18 @@ from neuron_export.version import __version__
 CONFIG_PROVENANCE = ("_name_or_path", "_commit_hash", "_diffusers_version", "transformers_version")
 
 
-def cache_key(config: ExportConfig, backend: str, compiler_version: str, spec: ComponentSpec,
-              source_folder: Path, weight_hashes: tuple[str, ...], compiler_args: list[str],
-              after_trace: tuple[str, ...], libraries: dict[str, str | None],
-              loras: tuple[LoraFusion, ...] = ()) -> str:
+def cache_key(
+    config: ExportConfig,
+    backend: str,
+    compiler_version: str,
+    spec: ComponentSpec,
+    source_folder: Path,
+    weight_hashes: tuple[str, ...],
+    compiler_args: list[str],
+    after_trace: tuple[str, ...],
+    libraries: dict[str, str | None],
+    loras: tuple[LoraFusion, ...] = (),
+) -> str:
     """Exactly what decides a component artifact's bytes: its weights and config, its traced inputs and
     outputs, its compiler and arguments, the traced libraries' versions and its fused add-ons. Not the
     pipeline around it (architecture, LCM-ness: they enter only through the traced inputs) and not the
@@ -67,8 +75,10 @@ def component_model(source: ModelSource, name: str) -> str:
 
 
 # The libraries whose code is traced into an artifact: another version may trace a different graph.
-TRACED_LIBRARIES = {"cpu": ("torch", "diffusers", "transformers"),
-                    "neuron": ("torch", "torch-neuronx", "diffusers", "transformers")}
+TRACED_LIBRARIES = {
+    "cpu": ("torch", "diffusers", "transformers"),
+    "neuron": ("torch", "torch-neuronx", "diffusers", "transformers"),
+}
 
 
 def traced_library_versions(backend: str) -> dict[str, str | None]:

@@ -13,20 +13,21 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
+from neuron_export.components.image_encoder import MODEL_TYPE as IMAGE_ENCODER_TYPE
 from neuron_export.errors import ExportError
-from neuron_export.files import COMPONENT_CONFIG
-from neuron_export.manifest import is_export, refuse_unlisted
 from neuron_export.exporter.source import PROCESSOR_FOLDERS
 from neuron_export.exporter.source_files import files_inside, model_roots
 from neuron_export.exporter.storage import storage_error, writing
-from neuron_export.components.image_encoder import MODEL_TYPE as IMAGE_ENCODER_TYPE
+from neuron_export.files import COMPONENT_CONFIG
+from neuron_export.manifest import is_export, refuse_unlisted
 
 if TYPE_CHECKING:
-    from neuron_export.manifest import ComponentRecord
     from neuron_export.exporter.plan import Plan
+    from neuron_export.manifest import ComponentRecord
 
 # optimum-neuron 0.4.5 runs a UNet as LCM when its config's _name_or_path contains one of these.
 LCM_NAME_MARKERS = ("lcm", "latent-consistency")
@@ -59,8 +60,10 @@ def claim_output(output: Path) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(handle)
-                raise ExportError(f"--output {output} is being written by another export right now; wait for it to "
-                                  "finish, or choose another --output.") from None
+                raise ExportError(
+                    f"--output {output} is being written by another export right now; wait for it to "
+                    "finish, or choose another --output."
+                ) from None
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(path).st_ino == os.fstat(handle).st_ino:
                     break
@@ -104,8 +107,9 @@ def check_writable(output: Path, needed: int, fix: str) -> None:
     except OSError as exc:
         error = storage_error(exc, "the export", output, needed, fix)
         if error is None:  # e.g. /proc or /sys: a place that takes no directories of ours
-            raise ExportError(f"{fix} {output}: a directory cannot be created there ({exc.strerror}); "
-                              f"choose another {fix}.") from None
+            raise ExportError(
+                f"{fix} {output}: a directory cannot be created there ({exc.strerror}); choose another {fix}."
+            ) from None
         raise error from None
 
 
@@ -117,8 +121,10 @@ def publish(staging: Path, output: Path, force: bool) -> None:
         if not force:
             raise ExportError(f"--output {output} appeared while exporting; pass --force to replace it.")
         if output.is_symlink() or not (is_export(output) or (output.is_dir() and not any(output.iterdir()))):
-            raise ExportError(f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
-                            "not replaced; choose another --output.")
+            raise ExportError(
+                f"--output {output} is no longer a neuron-export export or an empty directory, so it is "
+                "not replaced; choose another --output."
+            )
         if is_export(output):
             refuse_unlisted(output)
         retired = _sibling(output, f"old-{uuid.uuid4().hex[:8]}")
@@ -201,12 +207,24 @@ def add_image_encoder(index: dict[str, Any], directory: Path, encoder: dict[str,
     if (directory / "feature_extractor").is_dir():
         return
     side = int(encoder["image_size"])
-    processor = {"crop_size": {"height": side, "width": side}, "do_center_crop": True, "do_convert_rgb": True,
-                 "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": CLIP_IMAGE_MEAN,
-                 "image_processor_type": "CLIPImageProcessor", "image_std": CLIP_IMAGE_STD, "resample": 3,
-                 "rescale_factor": 1 / 255, "size": {"shortest_edge": side}}
+    processor = {
+        "crop_size": {"height": side, "width": side},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_IMAGE_MEAN,
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": CLIP_IMAGE_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": side},
+    }
     (directory / "feature_extractor").mkdir()
-    (directory / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    (directory / "feature_extractor" / "preprocessor_config.json").write_text(
+        json.dumps(processor, indent=2, sort_keys=True) + "\n"
+    )
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
 
 

@@ -9,28 +9,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuron_export.backends.select import get_backend, neuron_sdk_error, resolve_backend
 from neuron_export.backends.neuron import after_trace_calls
 from neuron_export.backends.neuron import compiler_args as neuron_compiler_args
-from neuron_export.exporter.cache import ComponentCache, HashIndex, default_cache_dir
-from neuron_export.exporter.keys import cache_key, component_model, traced_library_versions
+from neuron_export.backends.select import get_backend, neuron_sdk_error, resolve_backend
 from neuron_export.components.spec import ComponentSpec, Shapes
-from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
-from neuron_export.errors import MemoryBudgetError, ExportError
-from neuron_export.exporter.estimate import WeightStats, available_memory_bytes, estimate_peak_bytes, estimate_seconds, weight_stats
-from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
+from neuron_export.errors import ExportError, MemoryBudgetError
+from neuron_export.exporter.cache import ComponentCache, HashIndex, default_cache_dir
 from neuron_export.exporter.conditioning import add_conditioning, check_replacement_unet
+from neuron_export.exporter.config import MAX_SIDE, MIN_SIDE, ExportConfig
+from neuron_export.exporter.estimate import (
+    WeightStats,
+    available_memory_bytes,
+    estimate_peak_bytes,
+    estimate_seconds,
+    weight_stats,
+)
 from neuron_export.exporter.existing import check_output, default_output, difference, refusal, resolve_config
+from neuron_export.exporter.keys import cache_key, component_model, traced_library_versions
 from neuron_export.exporter.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
+from neuron_export.exporter.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
 from neuron_export.pipelines import pipeline_for
 from neuron_export.roles import default_components, role_of
 
 # Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
 # is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
 DEFAULT_ATOL = {
-    ("cpu", "none"): 1e-4, ("cpu", "matmul"): 1e-4, ("cpu", "all"): 1e-4,
-    ("neuron", "none"): 1e-3, ("neuron", "matmul"): 5e-2, ("neuron", "all"): 1e-1,
+    ("cpu", "none"): 1e-4,
+    ("cpu", "matmul"): 1e-4,
+    ("cpu", "all"): 1e-4,
+    ("neuron", "none"): 1e-3,
+    ("neuron", "matmul"): 5e-2,
+    ("neuron", "all"): 1e-1,
 }
+
 
 @dataclass(frozen=True)
 class Job:
@@ -79,9 +90,14 @@ class Plan:
         """The config the manifest records: as normalized, with native sizes, backend and local paths resolved."""
         from neuron_export.manifest import normalized_config
 
-        return resolve_config(normalized_config(self.config), height=self.height, width=self.width,
-                              backend=self.backend, atol=self.jobs[0].atol if self.jobs else None,
-                              components=[job.component for job in self.jobs])
+        return resolve_config(
+            normalized_config(self.config),
+            height=self.height,
+            width=self.width,
+            backend=self.backend,
+            atol=self.jobs[0].atol if self.jobs else None,
+            components=[job.component for job in self.jobs],
+        )
 
     @functools.cached_property  # decided once, before anything is built
     def existing(self) -> str | None:
@@ -104,8 +120,12 @@ def protected_directories(config: ExportConfig, source: ModelSource | None = Non
     found = [("the component cache", config.cache_dir or default_cache_dir())]
     if config.hub_cache_dir is not None:
         found.append(("the hub cache", config.hub_cache_dir))
-    for what, value in (("the source model directory", config.model), ("the --unet directory", config.unet),
-                        ("the --vae directory", config.vae), *(("the --lora directory", lora) for lora in config.lora)):
+    for what, value in (
+        ("the source model directory", config.model),
+        ("the --unet directory", config.unet),
+        ("the --vae directory", config.vae),
+        *(("the --lora directory", lora) for lora in config.lora),
+    ):
         if value and Path(value).expanduser().is_dir():
             found.append((what, Path(value).expanduser()))
     if source is not None:
@@ -134,8 +154,10 @@ def check_output_location(output: Path, protected: list[tuple[str, Path]]) -> No
             relation = "is inside"
         else:
             continue
-        raise ExportError(f"--output {output} {relation} {what} {directory}; neuron-export never writes over what it "
-                        "reads or keeps, so choose an --output outside it.")
+        raise ExportError(
+            f"--output {output} {relation} {what} {directory}; neuron-export never writes over what it "
+            "reads or keeps, so choose an --output outside it."
+        )
 
 
 def refuse_existing_output(plan: Plan) -> None:
@@ -150,13 +172,17 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
         raise ExportError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
     if config.family == "sd-xl" and not facts.is_xl:
         command = "lcm" if facts.is_lcm else "sd"
-        raise ExportError(f"--model {model} is not an SDXL pipeline (no text_encoder_2 / text_time UNet); export it with `neuron-export {command}`.")
+        raise ExportError(
+            f"--model {model} is not an SDXL pipeline (no text_encoder_2 / text_time UNet); export it with `neuron-export {command}`."
+        )
     if config.family == "sd" and facts.is_lcm:
         where = f"--unet {config.unet} is" if config.unet else f"--model {model} has"
         raise ExportError(f"{where} an LCM UNet (time_cond_proj_dim is set); export it with `neuron-export lcm`.")
     if config.family == "lcm" and not facts.is_lcm and config.unet:
-        raise ExportError(f"--unet {config.unet} is not a latent consistency UNet (no time_cond_proj_dim); pass an LCM "
-                          "UNet, or export with `neuron-export sd`.")
+        raise ExportError(
+            f"--unet {config.unet} is not a latent consistency UNet (no time_cond_proj_dim); pass an LCM "
+            "UNet, or export with `neuron-export sd`."
+        )
     if config.family == "lcm" and not facts.is_lcm:
         raise ExportError(
             f"--model {model} is not a latent consistency model (its UNet has no time_cond_proj_dim); "
@@ -164,23 +190,33 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
         )
     channels = facts.unet_in_channels
     if config.task == "instruct-pix2pix" and not facts.is_pix2pix:
-        raise ExportError(f"--task instruct-pix2pix needs an InstructPix2Pix model (8-channel UNet), but {model} has "
-                          f"{channels} channels; pass one such as timbrooks/instruct-pix2pix.")
+        raise ExportError(
+            f"--task instruct-pix2pix needs an InstructPix2Pix model (8-channel UNet), but {model} has "
+            f"{channels} channels; pass one such as timbrooks/instruct-pix2pix."
+        )
     if facts.is_pix2pix and config.task != "instruct-pix2pix":
-        raise ExportError(f"--task {config.task}: {model} is an InstructPix2Pix model (8-channel UNet, "
-                          f"{facts.pipeline_class or 'its pipeline class'}); pass --task instruct-pix2pix --dynamic-batch-size.")
+        raise ExportError(
+            f"--task {config.task}: {model} is an InstructPix2Pix model (8-channel UNet, "
+            f"{facts.pipeline_class or 'its pipeline class'}); pass --task instruct-pix2pix --dynamic-batch-size."
+        )
     if config.task == "inpainting":
         if config.family == "lcm":
-            raise ExportError("--task inpainting is not available for `neuron-export lcm`; use --task text-to-image or image-to-image.")
+            raise ExportError(
+                "--task inpainting is not available for `neuron-export lcm`; use --task text-to-image or image-to-image."
+            )
         if config.family == "sd" and channels != 9:
             raise ExportError(
                 f"--task inpainting needs an inpainting UNet with 9 input channels, but {model} has {channels}; "
                 "pass an inpainting checkpoint such as stable-diffusion-v1-5/stable-diffusion-inpainting."
             )
     elif channels == 9:
-        raise ExportError(f"--task {config.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting.")
+        raise ExportError(
+            f"--task {config.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting."
+        )
     if facts.architecture == "sdxl-refiner" and config.task == "text-to-image":
-        raise ExportError(f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image.")
+        raise ExportError(
+            f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image."
+        )
 
 
 def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[str]) -> None:
@@ -188,11 +224,15 @@ def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[
     if config.inline_weights:
         return
     if config.dynamic_batch_size:
-        raise ExportError("--no-inline-weights cannot be combined with --dynamic-batch-size (a dynamically batched "
-                        "module needs its weights inside the NEFF); drop one of the two.")
+        raise ExportError(
+            "--no-inline-weights cannot be combined with --dynamic-batch-size (a dynamically batched "
+            "module needs its weights inside the NEFF); drop one of the two."
+        )
     if facts.is_xl and "unet" in names:
-        raise ExportError("--no-inline-weights: the SDXL UNet does not compile with separate weights (Neuron SDK 2.18 "
-                        "and later); drop --no-inline-weights, or export the other components with --components.")
+        raise ExportError(
+            "--no-inline-weights: the SDXL UNet does not compile with separate weights (Neuron SDK 2.18 "
+            "and later); drop --no-inline-weights, or export the other components with --components."
+        )
 
 
 def native_side(config: ExportConfig, facts: ModelFacts) -> int:
@@ -203,8 +243,10 @@ def native_side(config: ExportConfig, facts: ModelFacts) -> int:
     except (TypeError, ValueError, OverflowError):
         side = 0
     if not MIN_SIDE <= side <= MAX_SIDE or side % 8:
-        raise ExportError(f"--model {config.model}: its unet/config.json sample_size {sample_size!r} does not give an "
-                          f"image side from {MIN_SIDE} to {MAX_SIDE} pixels in multiples of 8; pass --height and --width.")
+        raise ExportError(
+            f"--model {config.model}: its unet/config.json sample_size {sample_size!r} does not give an "
+            f"image side from {MIN_SIDE} to {MAX_SIDE} pixels in multiples of 8; pass --height and --width."
+        )
     return side
 
 
@@ -213,9 +255,11 @@ def planned_backend(config: ExportConfig, planning: bool) -> tuple[str, list[str
     problem = neuron_sdk_error() if planning and config.backend == "neuron" else None
     if problem is None:
         return resolve_backend(config.backend), []
-    return "neuron", [f"SDK not installed: torch_neuronx does not import here ({problem}); the compiler flags are exact, "
-                      "but the cache keys assume no torch-neuronx or neuronx-cc version, so a host with the SDK "
-                      "computes other keys (its hits and misses may differ)."]
+    return "neuron", [
+        f"SDK not installed: torch_neuronx does not import here ({problem}); the compiler flags are exact, "
+        "but the cache keys assume no torch-neuronx or neuronx-cc version, so a host with the SDK "
+        "computes other keys (its hits and misses may differ)."
+    ]
 
 
 def output_note(plan: Plan) -> str | None:
@@ -246,8 +290,16 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             check_output(config.output, config.force)
     backend, notes = planned_backend(config, planning)
     wanted = config.components or default_components()
-    source = resolve_source(config.model or "", config.revision, config.unet, tuple(wanted),
-                            token=config.token, cache_dir=config.hub_cache_dir, offline=config.offline, vae=config.vae)
+    source = resolve_source(
+        config.model or "",
+        config.revision,
+        config.unet,
+        tuple(wanted),
+        token=config.token,
+        cache_dir=config.hub_cache_dir,
+        offline=config.offline,
+        vae=config.vae,
+    )
     check_replacement_unet(source)
     facts = read_facts(source)
     check_family_and_task(config, facts)
@@ -255,7 +307,9 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     if config.components is not None:
         missing = [name for name in config.components if name not in facts.components]
         if missing:
-            raise ExportError(f"--components {missing[0]}: {config.model} has no such component; it has {', '.join(facts.components)}.")
+            raise ExportError(
+                f"--components {missing[0]}: {config.model} has no such component; it has {', '.join(facts.components)}."
+            )
     names = [name for name in facts.components if config.components is None or name in config.components]
     check_weight_placement(config, facts, names)
 
@@ -268,8 +322,10 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
 
     cache_dir = config.cache_dir or default_cache_dir()
     if os.path.lexists(cache_dir) and not cache_dir.is_dir():
-        raise ExportError(f"--cache-dir {cache_dir} is not a directory (a file or a dangling link); pass a directory, "
-                          "which is created when missing.")
+        raise ExportError(
+            f"--cache-dir {cache_dir} is not a directory (a file or a dangling link); pass a directory, "
+            "which is created when missing."
+        )
     hashes = HashIndex(cache_dir, config.hub_cache_dir)
     cache = ComponentCache(cache_dir)
     loras = plan_loras(config, facts, hashes)
@@ -283,27 +339,54 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         role = role_of(name)
         spec = role.describe(name, facts, Shapes(config.batch_size, config.num_images_per_prompt, height, width))
         if name == "unet" and source.ip_adapter is not None:
-            spec = dataclasses.replace(spec, add_ons={"ip_adapter_file": str(source.ip_adapter.path),
-                                                      "ip_adapter_scale": config.ip_adapter_scale})
-        args = neuron_compiler_args(name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target)
+            spec = dataclasses.replace(
+                spec,
+                add_ons={"ip_adapter_file": str(source.ip_adapter.path), "ip_adapter_scale": config.ip_adapter_scale},
+            )
+        args = neuron_compiler_args(
+            name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target
+        )
         atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
         fusions = fusions_for(name, loras, facts.is_xl)
-        key = cache_key(config, backend, compiler_version, spec, source.folder(name), weight_hashes, args,
-                        after_trace, libraries, fusions)
-        per_file = [hashes.remember(f, f"stats:{name}", lambda f=f, name=name: list(weight_stats((f,), name)))  # type: ignore[misc]
-                    for f in facts.weight_files[name]]
+        key = cache_key(
+            config,
+            backend,
+            compiler_version,
+            spec,
+            source.folder(name),
+            weight_hashes,
+            args,
+            after_trace,
+            libraries,
+            fusions,
+        )
+        per_file = [
+            hashes.remember(f, f"stats:{name}", lambda f=f, name=name: list(weight_stats((f,), name)))  # type: ignore[misc]
+            for f in facts.weight_files[name]
+        ]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
         batch = spec.static_shapes["batch_size"]
-        jobs.append(Job(
-            spec=spec, source_folder=source.folder(name), weight_files=facts.weight_files[name],
-            weight_hashes=weight_hashes, weights=weights, compiler_args=tuple(args), after_trace=after_trace, atol=atol, cache_key=key,
-            cached=cache.peek(key),
-            estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
-            estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
-            loras=fusions, model=component_model(source, name), module_path=role.module_path,
-        ))
+        jobs.append(
+            Job(
+                spec=spec,
+                source_folder=source.folder(name),
+                weight_files=facts.weight_files[name],
+                weight_hashes=weight_hashes,
+                weights=weights,
+                compiler_args=tuple(args),
+                after_trace=after_trace,
+                atol=atol,
+                cache_key=key,
+                cached=cache.peek(key),
+                estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
+                estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
+                loras=fusions,
+                model=component_model(source, name),
+                module_path=role.module_path,
+            )
+        )
     hashes.save()
     budget = config.max_memory or available_memory_bytes()
     to_build = [job for job in jobs if not job.cached]
@@ -316,10 +399,21 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             "free memory, or compile on a larger host."
         )
     pipeline = pipeline_for(config.family, config.task, "controlnet" if config.controlnet else None)
-    plan = Plan(config=config, source=source, facts=facts, backend=backend, output=output, height=height,
-                width=width, jobs=tuple(jobs), diffusers_pipeline=pipeline.diffusers,
-                optimum_pipeline=pipeline.optimum, cache_dir=cache_dir, memory_budget=budget,
-                loras=loras)
+    plan = Plan(
+        config=config,
+        source=source,
+        facts=facts,
+        backend=backend,
+        output=output,
+        height=height,
+        width=width,
+        jobs=tuple(jobs),
+        diffusers_pipeline=pipeline.diffusers,
+        optimum_pipeline=pipeline.optimum,
+        cache_dir=cache_dir,
+        memory_budget=budget,
+        loras=loras,
+    )
     if not planning:
         refuse_existing_output(plan)
         return plan

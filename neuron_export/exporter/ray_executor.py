@@ -40,8 +40,11 @@ def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str
     trust = trust_of(plans[0].config)
     remote = RemoteCache(url, required=True, trust=trust)
     remote.check()
-    todo = [fleet_job for fleet_job in unique_jobs(plans)  # an untrusted remote entry is no help: built again
-            if not ComponentCache(fleet_job.plan.cache_dir).peek(fleet_job.key) and not remote.has_trusted(fleet_job.key)]
+    todo = [
+        fleet_job
+        for fleet_job in unique_jobs(plans)  # an untrusted remote entry is no help: built again
+        if not ComponentCache(fleet_job.plan.cache_dir).peek(fleet_job.key) and not remote.has_trusted(fleet_job.key)
+    ]
     if not todo:
         return {}
     import ray
@@ -60,8 +63,10 @@ def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str
 def _one_cluster(plans: list[Plan]) -> tuple[str, str]:
     pairs = {(plan.config.ray_address, plan.config.remote_cache) for plan in plans}
     if len(pairs) > 1:
-        raise ExportError("The exports name different Ray clusters or remote caches (ray_address, remote_cache); "
-                          "build them in separate runs, or give them the same ones.")
+        raise ExportError(
+            "The exports name different Ray clusters or remote caches (ray_address, remote_cache); "
+            "build them in separate runs, or give them the same ones."
+        )
     address, url = pairs.pop()
     assert address and url  # config.check_ray_executor refused anything else
     return address, url
@@ -71,8 +76,10 @@ def _connect(ray: Any, address: str) -> None:
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ExportError(f"--ray-address {address}: no Ray cluster answered there ({str(error).splitlines()[0][:200]}); "
-                          "start one (ray start --head) or pass the address of a running one.") from None
+        raise ExportError(
+            f"--ray-address {address}: no Ray cluster answered there ({str(error).splitlines()[0][:200]}); "
+            "start one (ray start --head) or pass the address of a running one."
+        ) from None
 
 
 def _check_fits(ray: Any, todo: list[FleetJob], address: str) -> None:
@@ -85,11 +92,13 @@ def _check_fits(ray: Any, todo: list[FleetJob], address: str) -> None:
         if peak > most_memory:
             raise MemoryBudgetError(
                 f"Building {fleet_job.label} needs about {peak / 2**30:.1f} GiB (estimated), more than any node of the "
-                f"Ray cluster at {address} offers ({most_memory / 2**30:.1f} GiB at most); add a node with more memory.")
+                f"Ray cluster at {address} offers ({most_memory / 2**30:.1f} GiB at most); add a node with more memory."
+            )
         if fleet_job.cpus > most_cpus:
             raise ExportError(
                 f"Building {fleet_job.label} needs {fleet_job.cpus} CPUs, more than any node of the Ray cluster at "
-                f"{address} has ({most_cpus:g} at most); add a larger node.")
+                f"{address} has ({most_cpus:g} at most); add a larger node."
+            )
 
 
 class Board:
@@ -108,8 +117,11 @@ class Board:
 
 def build_versions(backend: str) -> dict[str, str | None]:
     """What the cache keys were computed with; a node with other versions would build other bytes."""
-    return {"neuron-export": __version__, "compiler": get_backend(backend).compiler_version(),
-            **traced_library_versions(backend)}
+    return {
+        "neuron-export": __version__,
+        "compiler": get_backend(backend).compiler_version(),
+        **traced_library_versions(backend),
+    }
 
 
 def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: EventHandler) -> dict[str, str]:
@@ -121,13 +133,19 @@ def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: Event
     submitted: dict[Any, tuple[int, FleetJob]] = {}
     by_key = {fleet_job.key: (index, fleet_job) for index, fleet_job in enumerate(todo, start=1)}
     for index, fleet_job in by_key.values():
-        options = {"memory": max(1, fleet_job.job.estimated_peak_bytes), "num_cpus": fleet_job.cpus,
-                   "max_retries": RETRIES, "retry_exceptions": False,
-                   "name": f"neuron-export {fleet_job.label}"}
+        options = {
+            "memory": max(1, fleet_job.job.estimated_peak_bytes),
+            "num_cpus": fleet_job.cpus,
+            "max_retries": RETRIES,
+            "retry_exceptions": False,
+            "name": f"neuron-export {fleet_job.label}",
+        }
         versions = build_versions(fleet_job.plan.backend)
         # a node without the job's files on its disks downloads them from the hub snapshot they came from
         hub = fleet_job.plan.source.origin(fleet_job.job.component).hub
-        ref = task.options(**options).remote(work_order(fleet_job.job, fleet_job.plan), hub, versions, url, trust, board)
+        ref = task.options(**options).remote(
+            work_order(fleet_job.job, fleet_job.plan), hub, versions, url, trust, board
+        )
         submitted[ref] = (index, fleet_job)
         on_event(BuildEvent(fleet_job.label, index, total, "queued"))
     supplied: dict[str, str] = {}
@@ -175,18 +193,22 @@ def _result(ray: Any, ref: Any, fleet_job: FleetJob) -> dict[str, Any]:
         if isinstance(cause, ExportError):
             raise cause from None
         first = (str(cause).splitlines() or [""])[0][:300]
-        raise BuildError(f"Building {fleet_job.label} on the Ray cluster crashed: {type(cause).__name__}: {first}; "
-                         "nothing was kept.") from None
+        raise BuildError(
+            f"Building {fleet_job.label} on the Ray cluster crashed: {type(cause).__name__}: {first}; nothing was kept."
+        ) from None
     except ray.exceptions.RayError as error:  # its node or worker died more often than retried, or it was cancelled
-        raise BuildError(f"Building {fleet_job.label} on the Ray cluster failed after {RETRIES + 1} attempts "
-                         f"({type(error).__name__}); nothing was kept.") from None
+        raise BuildError(
+            f"Building {fleet_job.label} on the Ray cluster failed after {RETRIES + 1} attempts "
+            f"({type(error).__name__}); nothing was kept."
+        ) from None
 
 
 # -- the node's side --------------------------------------------------------------------------------------------
 
 
-def node_build(order: WorkOrder, hub: HubSnapshot | None, versions: dict[str, str | None], url: str, trust: Trust,
-               board: Any) -> dict[str, str]:
+def node_build(
+    order: WorkOrder, hub: HubSnapshot | None, versions: dict[str, str | None], url: str, trust: Trust, board: Any
+) -> dict[str, str]:
     """A Ray task: the component in this node's cache (downloaded, or built in a worker process under the node's
     per-key lock), then in the remote cache. Returns the node, where it came from, and its record."""
     import ray
@@ -202,20 +224,29 @@ def node_build(order: WorkOrder, hub: HubSnapshot | None, versions: dict[str, st
     mine = build_versions(order.backend)
     for name, wanted in versions.items():
         if mine.get(name) != wanted:
-            raise ExportError(f"Cluster node {node} has {name} {mine.get(name)} where this export was planned with "
-                              f"{wanted}; install the same versions on every node (the cache keys assume them).")
+            raise ExportError(
+                f"Cluster node {node} has {name} {mine.get(name)} where this export was planned with "
+                f"{wanted}; install the same versions on every node (the cache keys assume them)."
+            )
     order = on_this_node(order, hub, node)
     cache = ComponentCache(default_cache_dir())  # the node's own ($NEURON_EXPORT_CACHE there)
     try:  # the signing key is read from the same path on every node (or an unsigned bucket is allowed)
         trust.private_key()
     except ValueError as problem:
-        raise ExportError(f"Cluster node {node} cannot use the signing key {trust.signing_key}: it {problem}; put it "
-                          "at the same path on every node.") from None
+        raise ExportError(
+            f"Cluster node {node} cannot use the signing key {trust.signing_key}: it {problem}; put it "
+            "at the same path on every node."
+        ) from None
     remote = RemoteCache(url, required=True, trust=trust)
     workdir = cache.work_dir(key)  # named so remove_orphans keeps it while we live
     try:
-        entries, origins = supply([order.job], cache, remote, lambda job, stage, record: report(stage),
-                                  lambda jobs: {order.job.component: build_one(order, cache, workdir, report)})
+        entries, origins = supply(
+            [order.job],
+            cache,
+            remote,
+            lambda job, stage, record: report(stage),
+            lambda jobs: {order.job.component: build_one(order, cache, workdir, report)},
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     entry = entries[order.job.component]
@@ -229,14 +260,17 @@ def on_this_node(order: WorkOrder, hub: HubSnapshot | None, node: str) -> WorkOr
     job = order.job
     unread = [fusion.path for fusion in job.loras if not fusion.path.is_file()]
     if unread:
-        raise ExportError(f"Cluster node {node} cannot read the LoRA {unread[0]}; put it where every node mounts it at "
-                          "the same path.")
+        raise ExportError(
+            f"Cluster node {node} cannot read the LoRA {unread[0]}; put it where every node mounts it at the same path."
+        )
     needed = (job.source_folder / "config.json", *job.weight_files)
     if all(path.is_file() for path in needed):
         return order
     if hub is None:
-        raise ExportError(f"Cluster node {node} cannot read {job.source_folder} ({job.component}'s weights); put the "
-                          "model where every node mounts it at the same path, or export it from the Hub.")
+        raise ExportError(
+            f"Cluster node {node} cannot read {job.source_folder} ({job.component}'s weights); put the "
+            "model where every node mounts it at the same path, or export it from the Hub."
+        )
     from neuron_export.exporter.source import hub_download
 
     repo, commit, root = hub
@@ -245,6 +279,7 @@ def on_this_node(order: WorkOrder, hub: HubSnapshot | None, node: str) -> WorkOr
     def moved(path: Path) -> Path:
         return here / path.relative_to(root)
 
-    job = dataclasses.replace(job, source_folder=moved(job.source_folder),
-                              weight_files=tuple(moved(path) for path in job.weight_files))
+    job = dataclasses.replace(
+        job, source_folder=moved(job.source_folder), weight_files=tuple(moved(path) for path in job.weight_files)
+    )
     return dataclasses.replace(order, job=job, source_root=moved(order.source_root))

@@ -26,9 +26,10 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel
@@ -151,11 +152,13 @@ class RemoteCache:
         if self.required:
             raise RemoteCacheError(
                 f"The remote cache {self.url} cannot be used ({doing}: {_short(error)}); check the URL, the network "
-                "and the credentials, or drop --remote-cache-required to build locally.") from None
+                "and the credentials, or drop --remote-cache-required to build locally."
+            ) from None
         if self.available and self.url not in RemoteCache.warned:  # once per process: a shape matrix warns once
             RemoteCache.warned.add(self.url)
-            self.warn(f"the remote cache {self.url} cannot be used ({doing}: {_short(error)}); "
-                      "building locally without it.")
+            self.warn(
+                f"the remote cache {self.url} cannot be used ({doing}: {_short(error)}); building locally without it."
+            )
         self.available = False
 
     @contextlib.contextmanager
@@ -165,7 +168,7 @@ class RemoteCache:
             yield
         except (ExportError, KeyboardInterrupt):
             raise
-        except Exception as error:  # noqa: BLE001  (any failure of any filesystem means: not usable)
+        except Exception as error:
             self._unreachable(error, doing)
 
     def check(self) -> bool:
@@ -203,13 +206,20 @@ class RemoteCache:
             marker = RemoteMarker.model_validate_json(raw)
         except ValueError:
             raise _Bad("its record.json is not a valid record") from None
-        if marker.format != MARKER_FORMAT or not re.fullmatch(r"[0-9a-z-]+", marker.upload) or marker.record.cache_key != key:
+        if (
+            marker.format != MARKER_FORMAT
+            or not re.fullmatch(r"[0-9a-z-]+", marker.upload)
+            or marker.record.cache_key != key
+        ):
             raise _Bad("its record.json does not describe this key")
         names = [Path(file.path).name for file in marker.record.files]
         if not names:
             raise _Bad("its record.json lists no files")
-        if ARTIFACT_NAME not in names or len(set(names)) != len(names) or any(
-                file.size < 0 or not SHA256_PATTERN.fullmatch(file.sha256) for file in marker.record.files):
+        if (
+            ARTIFACT_NAME not in names
+            or len(set(names)) != len(names)
+            or any(file.size < 0 or not SHA256_PATTERN.fullmatch(file.sha256) for file in marker.record.files)
+        ):
             raise _Bad(f"its record.json does not list one {ARTIFACT_NAME} and distinct files with sizes and sha256")
         return marker
 
@@ -232,15 +242,20 @@ class RemoteCache:
         if wanted is not None:
             inputs = tuple((t.name, tuple(t.shape), t.dtype) for t in marker.record.inputs)
             if marker.record.name != wanted.component or inputs != wanted.inputs:
-                raise _Bad(f"its record is for {marker.record.name}, not {wanted.component}"
-                           if marker.record.name != wanted.component else
-                           f"its record's inputs are not the {wanted.component} inputs this key is fetched for")
+                raise _Bad(
+                    f"its record is for {marker.record.name}, not {wanted.component}"
+                    if marker.record.name != wanted.component
+                    else f"its record's inputs are not the {wanted.component} inputs this key is fetched for"
+                )
         return marker
 
     def _skip_untrusted(self, why: str) -> None:
-        self._warn_once("untrusted", f"the remote cache {self.url} holds entries no trusted key signed ({why}); they are "
-                        "skipped and built here: pass --remote-cache-trusted-key with their signer's public key, or "
-                        "--remote-cache-allow-unsigned for a private bucket.")
+        self._warn_once(
+            "untrusted",
+            f"the remote cache {self.url} holds entries no trusted key signed ({why}); they are "
+            "skipped and built here: pass --remote-cache-trusted-key with their signer's public key, or "
+            "--remote-cache-allow-unsigned for a private bucket.",
+        )
 
     def has(self, key: str) -> bool:
         """Whether a completed entry exists (its files are not checked: for plans, which must stay quick)."""
@@ -286,17 +301,25 @@ class RemoteCache:
             for file in marker.record.files:
                 name = Path(file.path).name
                 try:
-                    digest = stream(self.fs, self.root, self.path(key, marker.upload, name), file.size, build_dir / name)
+                    digest = stream(
+                        self.fs, self.root, self.path(key, marker.upload, name), file.size, build_dir / name
+                    )
                 except FileNotFoundError:
                     raise _Bad(f"{name} is missing") from None
                 if digest != file.sha256:
                     raise _Bad(f"{name} does not match its recorded sha256")
             by = "signer" if marker.signature is not None and marker.signed_by in (self._trusted or ()) else "uploader"
             signed = by == "signer"
-            record = marker.record.model_copy(update={
-                "origin": "downloaded", "remote": self.url, "cache_key": key,
-                "signed_by": marker.signed_by if signed else None, "signature": marker.signature if signed else None,
-                "validation": marker.record.validation.model_copy(update={"by": by})})
+            record = marker.record.model_copy(
+                update={
+                    "origin": "downloaded",
+                    "remote": self.url,
+                    "cache_key": key,
+                    "signed_by": marker.signed_by if signed else None,
+                    "signature": marker.signature if signed else None,
+                    "validation": marker.record.validation.model_copy(update={"by": by}),
+                }
+            )
             entry = cache.store(key, build_dir, record)
             build_dir = None
             return entry
@@ -308,7 +331,7 @@ class RemoteCache:
             return None
         except (ExportError, KeyboardInterrupt):
             raise
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if isinstance(error, OSError) and _local(error, cache.root):
                 raise  # the local cache is full or not writable: the caller's storage handling names the path
             self._unreachable(error, f"downloading {key[:12]}")
@@ -322,7 +345,7 @@ class RemoteCache:
         try:
             self.delete(key)
             outcome = "and is removed so it is rebuilt and replaced"
-        except Exception as error:  # noqa: BLE001  (any failure of any filesystem: the remote stays as it is)
+        except Exception as error:
             outcome = f"and could not be removed there ({_short(error)}): it is built here; remove it from {self.url}"
         self.warn(f"the remote cache entry {key[:12]} in {self.url} is bad ({problem}); it is not used, {outcome}.")
 
@@ -339,12 +362,17 @@ class RemoteCache:
 
     def _upload(self, key: str, entry: CacheEntry) -> None:
         upload = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}"
-        record = entry.record.model_copy(update={"origin": None, "remote": None, "cache_key": key,
-                                                 "signed_by": None, "signature": None})
+        record = entry.record.model_copy(
+            update={"origin": None, "remote": None, "cache_key": key, "signed_by": None, "signature": None}
+        )
         private = self.trust.private_key()
-        marker = RemoteMarker(upload=upload, uploaded_from=socket.gethostname(), record=record,
-                              signed_by=public_text(private) if private is not None else None,
-                              signature=sign(private, key, record) if private is not None else None)
+        marker = RemoteMarker(
+            upload=upload,
+            uploaded_from=socket.gethostname(),
+            record=record,
+            signed_by=public_text(private) if private is not None else None,
+            signature=sign(private, key, record) if private is not None else None,
+        )
         with self.guarded(f"uploading {key[:12]}"):
             self.fs.makedirs(self.path(key, upload), exist_ok=True)  # local and NFS; nothing on object stores
             for file in entry.record.files:

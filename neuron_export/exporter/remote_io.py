@@ -8,8 +8,9 @@ import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from neuron_export.manifest import HASH_CHUNK
 
@@ -33,7 +34,7 @@ def open_file(fs: Any, root: str, path: str) -> Iterator[BinaryIO]:
         with fs.open(path, "rb", block_size=HASH_CHUNK) as handle:
             yield handle
         return
-    relative = path[len(root):].strip("/").split("/")
+    relative = path[len(root) :].strip("/").split("/")
     current = root
     for part in relative:
         current = f"{current}/{part}"

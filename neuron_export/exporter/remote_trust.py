@@ -37,8 +37,7 @@ class Trust:
         return self.signing_key is not None or self.allow_unsigned
 
 
-def resolve_trust(signing_key: Path | str | None, trusted: tuple[str, ...] | list[str],
-                  allow_unsigned: bool) -> Trust:
+def resolve_trust(signing_key: Path | str | None, trusted: tuple[str, ...] | list[str], allow_unsigned: bool) -> Trust:
     """The settings as given, else from the environment; each key checked (ValueError: one sentence)."""
     from neuron_export.signing import load_private
 
@@ -66,23 +65,28 @@ def resolve_trusted(trusted: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         try:
             keys.append(read_public(value))
         except ValueError as problem:
-            raise ValueError(f"{where} {value!r} {problem}; pass the public key `cache keygen` printed, "
-                             "or its .pub file") from None
+            raise ValueError(
+                f"{where} {value!r} {problem}; pass the public key `cache keygen` printed, or its .pub file"
+            ) from None
     return tuple(dict.fromkeys(keys))
 
 
 def trust_checks(config: Any) -> None:
     """ExportConfig's remote_cache_signing_key / _trusted_keys / _allow_unsigned, resolved in place."""
-    trust = resolve_trust(config.remote_cache_signing_key, config.remote_cache_trusted_keys,
-                          config.remote_cache_allow_unsigned)
+    trust = resolve_trust(
+        config.remote_cache_signing_key, config.remote_cache_trusted_keys, config.remote_cache_allow_unsigned
+    )
     object.__setattr__(config, "remote_cache_signing_key", trust.signing_key)
     object.__setattr__(config, "remote_cache_trusted_keys", trust.trusted)
     if config.executor == "ray" and not trust.can_upload:
-        raise ValueError("executor 'ray' needs --remote-cache-signing-key FILE (cluster nodes sign what they upload; "
-                         f"set {SIGNING_KEY_ENV} on every node, or the same path), or --remote-cache-allow-unsigned "
-                         "for a private bucket")
+        raise ValueError(
+            "executor 'ray' needs --remote-cache-signing-key FILE (cluster nodes sign what they upload; "
+            f"set {SIGNING_KEY_ENV} on every node, or the same path), or --remote-cache-allow-unsigned "
+            "for a private bucket"
+        )
 
 
 def trust_of(config: Any) -> Trust:
-    return Trust(config.remote_cache_signing_key, tuple(config.remote_cache_trusted_keys),
-                 config.remote_cache_allow_unsigned)
+    return Trust(
+        config.remote_cache_signing_key, tuple(config.remote_cache_trusted_keys), config.remote_cache_allow_unsigned
+    )

@@ -4,8 +4,8 @@ the reads remote_io.py bounds, killed uploads found and removed, the local cache
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from neuron_export.exporter.cache import CacheEntry, ComponentCache
 from neuron_export.exporter.remote import KEY_PATTERN, MARKER_NAME, ORPHAN_SECONDS, RemoteCache
@@ -26,7 +26,10 @@ def _problem(remote: RemoteCache, key: str) -> str | None:
         for file in marker.record.files:
             name = Path(file.path).name
             try:
-                if stream(remote.fs, remote.root, remote.path(key, marker.upload, name), file.size, None) != file.sha256:
+                if (
+                    stream(remote.fs, remote.root, remote.path(key, marker.upload, name), file.size, None)
+                    != file.sha256
+                ):
                     return f"{name} does not match its recorded sha256"
             except FileNotFoundError:
                 return f"{name} is missing"
@@ -50,8 +53,9 @@ def verify(remote: RemoteCache) -> list[tuple[str, str]]:
 def unused_for(remote: RemoteCache, older_than_seconds: float | None) -> list[str]:
     """Keys completed longer ago than that (every key for None): what `prune --remote` would remove."""
     now = time.time()
-    return [key for key in remote.keys()
-            if older_than_seconds is None or now - remote.uploaded_at(key) > older_than_seconds]
+    return [
+        key for key in remote.keys() if older_than_seconds is None or now - remote.uploaded_at(key) > older_than_seconds
+    ]
 
 
 def orphans(remote: RemoteCache) -> Iterator[str]:

@@ -36,7 +36,10 @@ KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
     "text_encoder_2": ("transformers", frozenset({"CLIPTextModelWithProjection"})),
     "tokenizer": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
     "tokenizer_2": ("transformers", frozenset({"CLIPTokenizer", "CLIPTokenizerFast"})),
-    "feature_extractor": ("transformers", frozenset({"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPFeatureExtractor"})),
+    "feature_extractor": (
+        "transformers",
+        frozenset({"CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPFeatureExtractor"}),
+    ),
     "scheduler": ("diffusers", None),  # None: any scheduler the installed diffusers has
     "image_encoder": ("transformers", frozenset({"CLIPVisionModelWithProjection"})),
 }
@@ -80,7 +83,12 @@ class ModelSource:
             if self.ip_adapter is not None and not folder.is_relative_to(self.path):
                 repo, commit, root = self.ip_adapter.model_id, self.ip_adapter.commit, folder
         else:
-            repo, commit, folder, root = self.model_id, self.commit, self.path / (role_of(component).source_folder or component), self.path
+            repo, commit, folder, root = (
+                self.model_id,
+                self.commit,
+                self.path / (role_of(component).source_folder or component),
+                self.path,
+            )
         return ComponentOrigin(folder=folder, root=root, hub=_snapshot(repo, commit, folder))
 
     def folder(self, component: str) -> Path:
@@ -182,7 +190,9 @@ def _read_json(path: Path, what: str, roots: tuple[Path, ...] | None = None) -> 
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ExportError(f"{what} is missing: {path} does not exist; point --model at a complete diffusers pipeline.") from None
+        raise ExportError(
+            f"{what} is missing: {path} does not exist; point --model at a complete diffusers pipeline."
+        ) from None
     except json.JSONDecodeError as exc:
         raise ExportError(f"{what} at {path} is not valid JSON (line {exc.lineno}); re-download the model.") from None
     except (UnicodeDecodeError, RecursionError):
@@ -205,9 +215,13 @@ def find_weight_files(folder: Path, roots: tuple[Path, ...] | None = None) -> tu
             shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else [None]
             for shard in shards:
                 if not isinstance(shard, str) or not inside(folder / shard, roots).is_file():
-                    raise ExportError(f"{index} names the shard {shard!r}, which is not a file in {folder}; re-download the model.")
+                    raise ExportError(
+                        f"{index} names the shard {shard!r}, which is not a file in {folder}; re-download the model."
+                    )
             return tuple(folder / str(shard) for shard in shards)
-    raise ExportError(f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline.")
+    raise ExportError(
+        f"No weights in {folder}: expected {' or '.join(WEIGHT_NAMES)}; point --model at a complete pipeline."
+    )
 
 
 def check_safetensors(path: Path) -> None:
@@ -258,7 +272,9 @@ def check_component_classes(model_id: str, index: dict[str, Any]) -> None:
 def read_facts(source: ModelSource) -> ModelFacts:
     """Recognise SD, SDXL base, SDXL refiner, LCM and inpainting models from model_index.json and configs."""
     if not source.path.is_dir():
-        raise ExportError(f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id.")
+        raise ExportError(
+            f"--model {source.model_id}: directory {source.path} does not exist; pass a diffusers pipeline directory or a hub id."
+        )
     roots = model_roots(source.path)
     index = _read_json(source.path / "model_index.json", "model_index.json", roots)
     check_component_classes(source.model_id, index)
@@ -270,10 +286,14 @@ def read_facts(source: ModelSource) -> ModelFacts:
         )
     unet = _read_json(unet_folder / "config.json", "unet/config.json", source.roots("unet"))
     unet_class = unet.get("_class_name", "UNet2DConditionModel")
-    if unet_class not in (KNOWN_CLASSES["unet"][1] or ()):  # a --unet has no model_index.json: its config names the class
-        raise ExportError(f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
-                        f"{unet_folder / 'config.json'} names the UNet class {unet_class}, which neuron-export cannot "
-                        "export (custom code is never run); use a diffusers UNet2DConditionModel.")
+    if unet_class not in (
+        KNOWN_CLASSES["unet"][1] or ()
+    ):  # a --unet has no model_index.json: its config names the class
+        raise ExportError(
+            f"--{'unet' if source.unet_path else 'model'} {source.unet_id or source.model_id}: "
+            f"{unet_folder / 'config.json'} names the UNet class {unet_class}, which neuron-export cannot "
+            "export (custom code is never run); use a diffusers UNet2DConditionModel."
+        )
     vae = read_vae_config(source, unet)
 
     def optional_config(name: str) -> dict[str, Any] | None:
@@ -289,7 +309,9 @@ def read_facts(source: ModelSource) -> ModelFacts:
     else:
         architecture = "sd"
     if architecture == "sd" and text_encoder is None:
-        raise ExportError(f"--model {source.model_id} has no text_encoder; it is not a Stable Diffusion pipeline neuron-export can export.")
+        raise ExportError(
+            f"--model {source.model_id} has no text_encoder; it is not a Stable Diffusion pipeline neuron-export can export."
+        )
     facts = ModelFacts(
         pipeline_class=str(index.get("_class_name", "")),
         architecture=architecture,
@@ -306,39 +328,72 @@ def read_facts(source: ModelSource) -> ModelFacts:
     return ModelFacts(**{**facts.__dict__, "weight_files": weights})
 
 
-def hub_download(repo_id: str, revision: str | None, patterns: list[str], token: str | None,
-                 cache_dir: Path | None, offline: bool, flag: str = "--model") -> tuple[Path, str | None]:
+def hub_download(
+    repo_id: str,
+    revision: str | None,
+    patterns: list[str],
+    token: str | None,
+    cache_dir: Path | None,
+    offline: bool,
+    flag: str = "--model",
+) -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, token=token,
-            cache_dir=cache_dir, local_files_only=offline,
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=offline,
         )
     except RepositoryNotFoundError:
-        raise ExportError(f"{flag} {repo_id}: no such model on the hub (or it is private: pass --token); check the id.") from None
+        raise ExportError(
+            f"{flag} {repo_id}: no such model on the hub (or it is private: pass --token); check the id."
+        ) from None
     except RevisionNotFoundError:
-        raise ExportError(f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit.") from None
+        raise ExportError(
+            f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit."
+        ) from None
     except LocalEntryNotFoundError:
         raise ExportError(
             f"{flag} {repo_id} is not in the local hub cache and offline mode is on (or the hub cannot be reached); "
             "download it first or pass a local directory."
         ) from None
     except (HfHubHTTPError, OSError) as exc:
-        raise ExportError(f"{flag} {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory.") from None
+        raise ExportError(
+            f"{flag} {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory."
+        ) from None
     commit = Path(path).name if len(Path(path).name) == 40 else None
     return Path(path), commit
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return (value.count("/") == 1 and all(value.split("/")) and not value.startswith((".", "/", "~"))
-            and not Path(value).exists())
+    return (
+        value.count("/") == 1
+        and all(value.split("/"))
+        and not value.startswith((".", "/", "~"))
+        and not Path(value).exists()
+    )
 
 
-def resolve_source(model: str, revision: str | None, unet: str | None, components: tuple[str, ...],
-                   token: str | None = None, cache_dir: Path | None = None, offline: bool = False,
-                   vae: str | None = None) -> ModelSource:
+def resolve_source(
+    model: str,
+    revision: str | None,
+    unet: str | None,
+    components: tuple[str, ...],
+    token: str | None = None,
+    cache_dir: Path | None = None,
+    offline: bool = False,
+    vae: str | None = None,
+) -> ModelSource:
     """A local directory as it is, or a hub snapshot holding only what `components` need."""
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
     if looks_like_hub_id(model):
@@ -355,23 +410,40 @@ def resolve_source(model: str, revision: str | None, unet: str | None, component
     else:
         path, commit = Path(model).expanduser(), None
         if not path.is_dir():
-            raise ExportError(f"--model {model}: directory does not exist; pass a diffusers pipeline directory or a hub id like org/name.")
+            raise ExportError(
+                f"--model {model}: directory does not exist; pass a diffusers pipeline directory or a hub id like org/name."
+            )
     unet_path = unet_commit = None
     if unet is not None:
         if looks_like_hub_id(unet):
             unet_root, unet_commit = hub_download(
-                unet, None, ["config.json", *HUB_WEIGHT_PATTERNS, *(f"unet/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))],
-                token, cache_dir, offline,
+                unet,
+                None,
+                ["config.json", *HUB_WEIGHT_PATTERNS, *(f"unet/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))],
+                token,
+                cache_dir,
+                offline,
             )
         else:
             unet_root = Path(unet).expanduser()
             if not unet_root.is_dir():
-                raise ExportError(f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl.")
+                raise ExportError(
+                    f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl."
+                )
         unet_path = unet_root / "unet" if (unet_root / "unet" / "config.json").is_file() else unet_root
     vae_path, vae_commit = resolve_vae(vae, token, cache_dir, offline) if vae is not None else (None, None)
-    return ModelSource(model_id=model, path=path, revision=revision, commit=commit,
-                       unet_id=unet, unet_path=unet_path, unet_commit=unet_commit,
-                       vae_id=vae, vae_path=vae_path, vae_commit=vae_commit)
+    return ModelSource(
+        model_id=model,
+        path=path,
+        revision=revision,
+        commit=commit,
+        unet_id=unet,
+        unet_path=unet_path,
+        unet_commit=unet_commit,
+        vae_id=vae,
+        vae_path=vae_path,
+        vae_commit=vae_commit,
+    )
 
 
 # --- the replacement VAE (--vae) ---------------------------------------------------------------------
@@ -389,7 +461,9 @@ def resolve_vae(vae: str, token: str | None, cache_dir: Path | None, offline: bo
     else:
         root = Path(vae).expanduser()
         if not root.is_dir():
-            raise ExportError(f"--vae {vae}: directory does not exist; pass a VAE directory or a hub id like stabilityai/sd-vae-ft-mse.")
+            raise ExportError(
+                f"--vae {vae}: directory does not exist; pass a VAE directory or a hub id like stabilityai/sd-vae-ft-mse."
+            )
     path = root / "vae" if (root / "vae" / "config.json").is_file() else root
     if not (path / "config.json").is_file():
         raise ExportError(f"--vae {vae} has no config.json (looked in {path}); pass a diffusers AutoencoderKL folder.")
@@ -404,20 +478,31 @@ def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]
     vae = _read_json(source.vae_path / "config.json", "--vae config.json")
     name = f"--vae {source.vae_id}"
     if vae.get("_class_name", "AutoencoderKL") not in (KNOWN_CLASSES["vae"][1] or ()):
-        raise ExportError(f"{name}: its config names the class {vae.get('_class_name')}, which neuron-export cannot export "
-                          "(custom code is never run); use a diffusers AutoencoderKL.")
+        raise ExportError(
+            f"{name}: its config names the class {vae.get('_class_name')}, which neuron-export cannot export "
+            "(custom code is never run); use a diffusers AutoencoderKL."
+        )
     latent, wanted = int(vae.get("latent_channels", 4)), int(unet.get("out_channels", 4))
     if latent != wanted:
-        raise ExportError(f"{name} makes {latent}-channel latents but {source.model_id}'s UNet works on {wanted}; pass a "
-                          "VAE made for this model.")
+        raise ExportError(
+            f"{name} makes {latent}-channel latents but {source.model_id}'s UNet works on {wanted}; pass a "
+            "VAE made for this model."
+        )
     if own.is_file():  # the source VAE's config only (never its weights): its scaling is what the UNet learned
         original = _read_json(own, "vae/config.json", model_roots(source.path))
         ours, theirs = float(vae.get("scaling_factor", 0.18215)), float(original.get("scaling_factor", 0.18215))
         if abs(ours - theirs) > 1e-6:
-            raise ExportError(f"{name} scales latents by {ours:g} but {source.model_id}'s UNet was trained with "
-                              f"{theirs:g}; pass a VAE made for this model (e.g. stabilityai/sd-vae-ft-mse for SD 1.x).")
-        blocks, own_blocks = len(vae.get("block_out_channels", [0] * 4)), len(original.get("block_out_channels", [0] * 4))
+            raise ExportError(
+                f"{name} scales latents by {ours:g} but {source.model_id}'s UNet was trained with "
+                f"{theirs:g}; pass a VAE made for this model (e.g. stabilityai/sd-vae-ft-mse for SD 1.x)."
+            )
+        blocks, own_blocks = (
+            len(vae.get("block_out_channels", [0] * 4)),
+            len(original.get("block_out_channels", [0] * 4)),
+        )
         if blocks != own_blocks:
-            raise ExportError(f"{name} downsamples by {2 ** (blocks - 1)} but {source.model_id}'s VAE by "
-                              f"{2 ** (own_blocks - 1)}; pass a VAE made for this model.")
+            raise ExportError(
+                f"{name} downsamples by {2 ** (blocks - 1)} but {source.model_id}'s VAE by "
+                f"{2 ** (own_blocks - 1)}; pass a VAE made for this model."
+            )
     return vae

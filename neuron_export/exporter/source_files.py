@@ -14,8 +14,23 @@ from typing import Any
 from neuron_export.errors import ExportError
 
 # Bytes per element of the safetensors dtypes; a dtype not listed here is only checked for sane offsets.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -34,11 +49,15 @@ def inside(path: Path, roots: tuple[Path, ...]) -> Path:
     which the caller reports in its own words)."""
     real = Path(os.path.realpath(path))
     if not any(real.is_relative_to(root) for root in roots):
-        raise ExportError(f"{path} leads outside the model (to {real}); neuron-export reads only files inside "
-                          f"{roots[0]}, so copy the file into the model or remove the link.")
+        raise ExportError(
+            f"{path} leads outside the model (to {real}); neuron-export reads only files inside "
+            f"{roots[0]}, so copy the file into the model or remove the link."
+        )
     if os.path.lexists(real) and not real.is_file():
-        raise ExportError(f"{path} is not a regular file (it is a folder, device, pipe or socket); neuron-export reads "
-                          "only regular files from a model, so replace it with the file it should be.")
+        raise ExportError(
+            f"{path} is not a regular file (it is a folder, device, pipe or socket); neuron-export reads "
+            "only regular files from a model, so replace it with the file it should be."
+        )
     return path
 
 
@@ -52,8 +71,10 @@ def files_inside(folder: Path, roots: tuple[Path, ...]) -> list[Path]:
         current = pending.pop()
         real = Path(os.path.realpath(current))
         if not any(real.is_relative_to(root) for root in roots):
-            raise ExportError(f"{current} leads outside the model (to {real}); neuron-export copies only files inside "
-                              f"{roots[0]}, so copy them into the model or remove the link.")
+            raise ExportError(
+                f"{current} leads outside the model (to {real}); neuron-export copies only files inside "
+                f"{roots[0]}, so copy them into the model or remove the link."
+            )
         if real in seen:
             continue
         seen.add(real)
@@ -79,7 +100,9 @@ def read_header(path: Path) -> dict[str, Any]:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (OSError, struct.error, ValueError, UnicodeDecodeError, RecursionError):
-        raise ExportError(f"{path} is not a valid safetensors file (its header cannot be read); re-download it.") from None
+        raise ExportError(
+            f"{path} is not a valid safetensors file (its header cannot be read); re-download it."
+        ) from None
     if not isinstance(header.get("__metadata__", {}), dict):
         problem = "its __metadata__ is not a JSON object"
     for name, tensor in header.items():
@@ -96,8 +119,12 @@ def _tensor_problem(name: str, tensor: Any) -> str | None:
     shape, offsets = tensor.get("shape"), tensor.get("data_offsets")
     if not isinstance(shape, list) or not all(type(dim) is int and dim > 0 for dim in shape):
         return f"tensor {name} has the shape {shape!r}; every dimension must be a positive whole number"
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         return f"tensor {name} has the data offsets {offsets!r}, which are not a range of bytes"
     element = DTYPE_BYTES.get(tensor["dtype"])
     if element is not None and math.prod(shape) * element != offsets[1] - offsets[0]:

@@ -6,8 +6,8 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from neuron_export.errors import StorageError
 from neuron_export.format import human_bytes
@@ -66,8 +66,9 @@ def writing(what: str, path: Path, needed: int, option: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in REASONS or (exc.errno not in WRITE_ONLY and not any(
-                _ours(name, path) for name in (exc.filename, exc.filename2))):
+        if exc.errno not in REASONS or (
+            exc.errno not in WRITE_ONLY and not any(_ours(name, path) for name in (exc.filename, exc.filename2))
+        ):
             raise  # another error, or e.g. an unreadable source file: not a problem of the place we write to
         raise _sentence(what, path, exc.errno, needed, option) from None
 

@@ -6,7 +6,8 @@ others: the next one finds the entry missing and builds it itself."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from neuron_export.exporter.cache import CacheEntry, ComponentCache
 from neuron_export.exporter.remote import RemoteCache, Wanted
@@ -49,8 +50,9 @@ def _try(lock: Any) -> bool:
     return True
 
 
-def supply(jobs: list[Job], cache: ComponentCache, remote: RemoteCache | None, notify: Notify,
-           build: Builder) -> tuple[dict[str, CacheEntry], dict[str, str]]:
+def supply(
+    jobs: list[Job], cache: ComponentCache, remote: RemoteCache | None, notify: Notify, build: Builder
+) -> tuple[dict[str, CacheEntry], dict[str, str]]:
     """Every job's cache entry and where it came from (one of ORIGINS). Built components are uploaded to
     `remote` after their locks are released, so exports waiting here go on while the upload runs."""
     entries: dict[str, CacheEntry] = {}

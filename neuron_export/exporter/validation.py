@@ -48,8 +48,13 @@ def reuse(entry: CacheEntry, atol: float) -> ValidationRecord | None:
 
 def verdict(diff: float, atol: float, reused: bool = False) -> ValidationRecord:
     passed = diff <= atol
-    return ValidationRecord(status="passed" if passed else "failed", max_abs_diff=diff, atol=atol, reused=reused,
-                            reason=None if passed else f"max abs diff {diff:.3g} > atol {atol:g}")
+    return ValidationRecord(
+        status="passed" if passed else "failed",
+        max_abs_diff=diff,
+        atol=atol,
+        reused=reused,
+        reason=None if passed else f"max abs diff {diff:.3g} > atol {atol:g}",
+    )
 
 
 def remember(entry: CacheEntry, result: ValidationRecord) -> None:
@@ -70,6 +75,8 @@ def remember(entry: CacheEntry, result: ValidationRecord) -> None:
 
 
 def failure_message(component: str, result: ValidationRecord) -> str:
-    return (f"Validation of {component} failed: {result.reason} on fresh inputs; nothing was written to the output "
-            "(the build is kept in the cache, so a larger --atol reuses it without recompiling; raise --atol only "
-            "if this difference is acceptable).")
+    return (
+        f"Validation of {component} failed: {result.reason} on fresh inputs; nothing was written to the output "
+        "(the build is kept in the cache, so a larger --atol reuses it without recompiling; raise --atol only "
+        "if this difference is acceptable)."
+    )

@@ -20,9 +20,10 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from neuron_export.backends import archive
 from neuron_export.backends.neuron import device_present
@@ -90,8 +91,10 @@ def preload_failure(component: str) -> tuple[BuildError, str] | None:
     if failure is None:
         return None
     library, problem, worker_traceback = failure
-    return BuildError(f"The worker building {component} could not start: importing {library} failed ({problem}); "
-                      "fix that installation (NEURON_EXPORT_DEBUG=1 shows the traceback); nothing was written."), worker_traceback
+    return BuildError(
+        f"The worker building {component} could not start: importing {library} failed ({problem}); "
+        "fix that installation (NEURON_EXPORT_DEBUG=1 shows the traceback); nothing was written."
+    ), worker_traceback
 
 
 TRACE_SEED, VALIDATION_SEED = 0, 1
@@ -134,8 +137,12 @@ def worker_main(order: WorkOrder, build_dir: Path, workdir: Path, pipe: Any) -> 
     except ExportError as exc:  # sent whole (it pickles): the parent raises the same class, so the same exit code
         send(("error", (exc, traceback.format_exc())))
     except BaseException as exc:  # a crash inside torch or the compiler: report it, the parent fails cleanly
-        first_line = (str(exc).splitlines() or [""])[0][:300]  # the rest is in the traceback NEURON_EXPORT_DEBUG=1 shows
-        crash = BuildError(f"Building {name} crashed: {type(exc).__name__}: {first_line}".strip() + "; nothing was written.")
+        first_line = (str(exc).splitlines() or [""])[0][
+            :300
+        ]  # the rest is in the traceback NEURON_EXPORT_DEBUG=1 shows
+        crash = BuildError(
+            f"Building {name} crashed: {type(exc).__name__}: {first_line}".strip() + "; nothing was written."
+        )
         send(("error", (crash, traceback.format_exc())))
     finally:
         pipe.close()
@@ -210,7 +217,9 @@ def max_abs_diff(expected: list[Any], actual: list[Any]) -> float:
     worst = 0.0
     for want, got in zip(expected, actual):
         if tuple(want.shape) != tuple(got.shape):
-            raise BuildError(f"the artifact returned shape {tuple(got.shape)} where the eager model returns {tuple(want.shape)}")
+            raise BuildError(
+                f"the artifact returned shape {tuple(got.shape)} where the eager model returns {tuple(want.shape)}"
+            )
         worst = max(worst, float((want.float() - got.float()).abs().max()))
     return worst
 
@@ -222,7 +231,9 @@ def children_peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
-def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: Callable[[str], None]) -> ComponentRecord:
+def build_component(
+    order: WorkOrder, directory: Path, workdir: Path, on_stage: Callable[[str], None]
+) -> ComponentRecord:
     """Load, trace, save (as directory/model.neuron) and check one component. Runs in a worker process."""
     import torch
 
@@ -252,8 +263,11 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         wrapper = module.wrap(model, spec)
         compiler_args = list(job.compiler_args) if order.backend == "neuron" else []
         request = CompileRequest(
-            component=spec.name, compiler_args=tuple(compiler_args), inline_weights=order.inline_weights,
-            cpu_backend=order.backend == "neuron" and not device_present(), after_trace=job.after_trace,
+            component=spec.name,
+            compiler_args=tuple(compiler_args),
+            inline_weights=order.inline_weights,
+            cpu_backend=order.backend == "neuron" and not device_present(),
+            after_trace=job.after_trace,
             workdir=workdir / spec.name,
         )
         try:
@@ -299,7 +313,9 @@ def build_component(order: WorkOrder, directory: Path, workdir: Path, on_stage: 
         after_trace=list(job.after_trace),
         inputs=[TensorRecord(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in spec.inputs],
         outputs=list(spec.outputs),
-        files=[FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size)],
+        files=[
+            FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size)
+        ],
         source_files=source_file_records(order),
         parameter_count=parameter_count,
         cache_key=job.cache_key,

@@ -61,8 +61,15 @@ class StaticRunner:
     a data-parallel artifact gets the whole batch, padded to a multiple of the compiled batch, at once.
     """
 
-    def __init__(self, name: str, module: Any, input_names: Sequence[str], input_shapes: Sequence[Sequence[int]],
-                 data_parallel: bool = False, unbatched: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: Any,
+        input_names: Sequence[str],
+        input_shapes: Sequence[Sequence[int]],
+        data_parallel: bool = False,
+        unbatched: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.unbatched = frozenset(unbatched)  # inputs passed whole to every call (a ControlNet's conditioning_scale)
         self.module = module
@@ -80,18 +87,24 @@ class StaticRunner:
             if tensor.shape[0] != count:
                 raise ValueError(f"{self.name}: input {name} has batch {tensor.shape[0]}, the other inputs {count}.")
             if tuple(tensor.shape[1:]) != expected:
-                raise ValueError(f"{self.name}: input {name} has per-sample shape {tuple(tensor.shape[1:])}; "
-                                 f"the artifact was compiled for {expected}.")
+                raise ValueError(
+                    f"{self.name}: input {name} has per-sample shape {tuple(tensor.shape[1:])}; "
+                    f"the artifact was compiled for {expected}."
+                )
         if self.data_parallel:
             rows = math.ceil(count / self.batch) * self.batch
-            padded = [tensor if name in self.unbatched else _pad_rows(tensor, rows)
-                      for name, tensor in zip(self.input_names, inputs)]
+            padded = [
+                tensor if name in self.unbatched else _pad_rows(tensor, rows)
+                for name, tensor in zip(self.input_names, inputs)
+            ]
             self.calls.append(tuple(tuple(tensor.shape) for tensor in padded))
             return _merge([self.module(*padded)], count)
         parts = []
         for start in range(0, count, self.batch):
-            chunk = [tensor if name in self.unbatched else _pad_rows(tensor[start:start + self.batch], self.batch)
-                     for name, tensor in zip(self.input_names, inputs)]
+            chunk = [
+                tensor if name in self.unbatched else _pad_rows(tensor[start : start + self.batch], self.batch)
+                for name, tensor in zip(self.input_names, inputs)
+            ]
             self.calls.append(tuple(tuple(tensor.shape) for tensor in chunk))
             parts.append(self.module(*chunk))
         return _merge(parts, count)
@@ -130,6 +143,7 @@ class CompiledComponent(torch.nn.Module):
     def _float(self, tensor: Any) -> Any:
         return tensor.to(self._dtype) if tensor.is_floating_point() else tensor
 
+
 class CompiledTextEncoder(CompiledComponent):
     """CLIPTextModel / CLIPTextModelWithProjection: returns the transformers output object."""
 
@@ -139,21 +153,34 @@ class CompiledTextEncoder(CompiledComponent):
         self.runner = runner
         self.output_names = tuple(outputs)
 
-    def forward(self, input_ids: Any, attention_mask: Any = None, output_hidden_states: bool | None = None,
-                return_dict: bool | None = True, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+        **kwargs: Any,
+    ) -> Any:
         if output_hidden_states and "hidden_states" not in self.output_names:
-            raise ValueError(f"{self.component_name} was compiled without hidden states; this pipeline option "
-                             "(e.g. clip_skip) needs an export that returns them.")
+            raise ValueError(
+                f"{self.component_name} was compiled without hidden states; this pipeline option "
+                "(e.g. clip_skip) needs an export that returns them."
+            )
         values = dict(zip(self.output_names, self.runner(input_ids.to(torch.long))))
         hidden = values.get("hidden_states")
         hidden = tuple(hidden) if hidden is not None else None
         if "text_embeds" in self.output_names:
-            out = CLIPTextModelOutput(text_embeds=values["text_embeds"],
-                                      last_hidden_state=values["last_hidden_state"], hidden_states=hidden)
+            out = CLIPTextModelOutput(
+                text_embeds=values["text_embeds"], last_hidden_state=values["last_hidden_state"], hidden_states=hidden
+            )
         else:
-            out = BaseModelOutputWithPooling(last_hidden_state=values["last_hidden_state"],
-                                             pooler_output=values.get("pooler_output"), hidden_states=hidden)
+            out = BaseModelOutputWithPooling(
+                last_hidden_state=values["last_hidden_state"],
+                pooler_output=values.get("pooler_output"),
+                hidden_states=hidden,
+            )
         return out if return_dict is not False else out.to_tuple()
+
 
 class CompiledUNet(CompiledComponent):
     """UNet2DConditionModel: positional inputs in the compiled order, a [B] float32 timestep."""
@@ -170,9 +197,19 @@ class CompiledUNet(CompiledComponent):
             # not an ImageProjection means hidden states, which is what the compiled UNet takes.
             self.encoder_hid_proj = _Namespace(image_projection_layers=[_Namespace()])
 
-    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any = None, class_labels: Any = None,
-                timestep_cond: Any = None, attention_mask: Any = None, cross_attention_kwargs: Any = None,
-                added_cond_kwargs: dict[str, Any] | None = None, return_dict: bool = True, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        sample: Any,
+        timestep: Any,
+        encoder_hidden_states: Any = None,
+        class_labels: Any = None,
+        timestep_cond: Any = None,
+        attention_mask: Any = None,
+        cross_attention_kwargs: Any = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         added = dict(added_cond_kwargs or {})
         if isinstance(added.get("image_embeds"), (list, tuple)):  # one tensor per IP-Adapter; exports hold one
             added["image_embeds"] = added["image_embeds"][0]
@@ -183,13 +220,20 @@ class CompiledUNet(CompiledComponent):
         steps = torch.as_tensor(timestep).to(torch.float32)
         if steps.ndim == 0 or steps.numel() == 1:
             steps = steps.reshape(1).expand(count)
-        named = {"sample": sample, "timestep": steps, "encoder_hidden_states": encoder_hidden_states,
-                 "timestep_cond": timestep_cond, **added}
+        named = {
+            "sample": sample,
+            "timestep": steps,
+            "encoder_hidden_states": encoder_hidden_states,
+            "timestep_cond": timestep_cond,
+            **added,
+        }
         given = {key for key, value in named.items() if value is not None}
         unexpected = given - set(self.runner.input_names)
         if unexpected:
-            raise ValueError(f"unet: the pipeline passes {', '.join(sorted(unexpected))}, which the compiled UNet "
-                             "does not take; re-export with the pipeline that uses it.")
+            raise ValueError(
+                f"unet: the pipeline passes {', '.join(sorted(unexpected))}, which the compiled UNet "
+                "does not take; re-export with the pipeline that uses it."
+            )
         inputs = []
         for name in self.runner.input_names:
             if named.get(name) is None:
@@ -197,6 +241,7 @@ class CompiledUNet(CompiledComponent):
             inputs.append(self._float(named[name]) if name != "timestep" else named[name])
         noise = self.runner(*inputs)[0]
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
+
 
 class CompiledVae(CompiledComponent):
     """AutoencoderKL from the two halves: `encode(x).latent_dist` and `decode(z).sample`."""
@@ -219,8 +264,9 @@ class CompiledVae(CompiledComponent):
         image = self.decoder_runner(self._float(z))["sample"]
         return DecoderOutput(sample=image) if return_dict else (image,)
 
-    def forward(self, sample: Any, sample_posterior: bool = False, return_dict: bool = True,
-                generator: Any = None) -> Any:
+    def forward(
+        self, sample: Any, sample_posterior: bool = False, return_dict: bool = True, generator: Any = None
+    ) -> Any:
         distribution = self.encode(sample).latent_dist
         latents = distribution.sample(generator) if sample_posterior else distribution.mode()
         return self.decode(latents, return_dict=return_dict)
@@ -234,6 +280,7 @@ class _Namespace:
 
 
 # --- ControlNet and IP-Adapter image encoder -----------------------------------------------------------
+
 
 class _DtypeMarker(CompiledComponent):
     """diffusers reads these components' dtype from their first parameter: one empty one, of the compiled dtype."""
@@ -256,19 +303,34 @@ class CompiledControlNet(_DtypeMarker):
 
         return ControlNetModel
 
-    def forward(self, sample: Any, timestep: Any, encoder_hidden_states: Any, controlnet_cond: Any,
-                conditioning_scale: Any = 1.0, class_labels: Any = None, timestep_cond: Any = None,
-                attention_mask: Any = None, added_cond_kwargs: dict[str, Any] | None = None,
-                cross_attention_kwargs: Any = None, guess_mode: bool = False, return_dict: bool = True) -> Any:
+    def forward(
+        self,
+        sample: Any,
+        timestep: Any,
+        encoder_hidden_states: Any,
+        controlnet_cond: Any,
+        conditioning_scale: Any = 1.0,
+        class_labels: Any = None,
+        timestep_cond: Any = None,
+        attention_mask: Any = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        cross_attention_kwargs: Any = None,
+        guess_mode: bool = False,
+        return_dict: bool = True,
+    ) -> Any:
         if guess_mode:
             raise ValueError("controlnet: guess mode is not part of this export; call without guess_mode.")
         steps = torch.as_tensor(timestep).to(torch.float32)
         if steps.ndim == 0 or steps.numel() == 1:
             steps = steps.reshape(1).expand(sample.shape[0])
-        named = {"sample": sample, "timestep": steps, "encoder_hidden_states": encoder_hidden_states,
-                 "controlnet_cond": controlnet_cond,
-                 "conditioning_scale": torch.as_tensor(conditioning_scale, dtype=torch.float32).reshape(1),
-                 **(added_cond_kwargs or {})}
+        named = {
+            "sample": sample,
+            "timestep": steps,
+            "encoder_hidden_states": encoder_hidden_states,
+            "controlnet_cond": controlnet_cond,
+            "conditioning_scale": torch.as_tensor(conditioning_scale, dtype=torch.float32).reshape(1),
+            **(added_cond_kwargs or {}),
+        }
         inputs = [named[name] if name == "timestep" else self._float(named[name]) for name in self.runner.input_names]
         downs, mid = self.runner(*inputs)
         if not return_dict:
@@ -288,13 +350,19 @@ class CompiledImageEncoder(_DtypeMarker):
         super().__init__(config)
         self.runner = runner
 
-    def forward(self, pixel_values: Any, output_hidden_states: bool | None = None, return_dict: bool | None = True,
-                **kwargs: Any) -> Any:
+    def forward(
+        self,
+        pixel_values: Any,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+        **kwargs: Any,
+    ) -> Any:
         from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 
         image_embeds, last_hidden_state, hidden_states = self.runner(self._float(pixel_values))
-        out = CLIPVisionModelOutput(image_embeds=image_embeds, last_hidden_state=last_hidden_state,
-                                    hidden_states=tuple(hidden_states))
+        out = CLIPVisionModelOutput(
+            image_embeds=image_embeds, last_hidden_state=last_hidden_state, hidden_states=tuple(hidden_states)
+        )
         return out if return_dict is not False else out.to_tuple()
 
 

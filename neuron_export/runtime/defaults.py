@@ -35,30 +35,49 @@ def call_defaults(manifest: Manifest) -> CallDefaults:
     uses_image = pipeline.task in ("image-to-image", "inpainting")  # the tasks with a strength
     if is_turbo(manifest):
         card = TURBO_DEFAULTS[pipeline.task]
-        return CallDefaults(int(card["num_inference_steps"]), card["guidance_scale"], card.get("strength") if uses_image else None,
-                            f"the {manifest.source.model_id} model card")
+        return CallDefaults(
+            int(card["num_inference_steps"]),
+            card["guidance_scale"],
+            card.get("strength") if uses_image else None,
+            f"the {manifest.source.model_id} model card",
+        )
     import diffusers
 
     cls = getattr(diffusers, pipeline.diffusers_pipeline, None)
     if cls is None:
-        raise ExportError(f"diffusers {diffusers.__version__} has no {pipeline.diffusers_pipeline}, the pipeline this export "
-                        "runs in; upgrade diffusers.")
+        raise ExportError(
+            f"diffusers {diffusers.__version__} has no {pipeline.diffusers_pipeline}, the pipeline this export "
+            "runs in; upgrade diffusers."
+        )
     parameters = dict(inspect.signature(cls.__call__).parameters)
     source = f"{cls.__name__}.__call__"
     if pipeline.is_lcm and cls.__name__ not in LCM_CLASSES:
         lcm_cls = getattr(diffusers, lcm_pipeline(pipeline.task).diffusers)
         lcm_parameters = inspect.signature(lcm_cls.__call__).parameters
-        parameters.update({name: lcm_parameters[name] for name in ("num_inference_steps", "guidance_scale", "strength")
-                           if name in lcm_parameters})
+        parameters.update(
+            {
+                name: lcm_parameters[name]
+                for name in ("num_inference_steps", "guidance_scale", "strength")
+                if name in lcm_parameters
+            }
+        )
         source = f"{lcm_cls.__name__}.__call__, for its LCM UNet"
     names = ("num_inference_steps", "guidance_scale") + (("strength",) if uses_image else ())
     values = {}
     for name in names:
         default = parameters[name].default if name in parameters else inspect.Parameter.empty
         if not isinstance(default, (int, float)) or isinstance(default, bool):
-            flag = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "strength": "--strength"}[name]
-            raise ExportError(f"{flag} has no default here: diffusers {diffusers.__version__} {cls.__name__}.__call__ gives "
-                            f"{name} none; pass {flag}.")
+            flag = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "strength": "--strength"}[
+                name
+            ]
+            raise ExportError(
+                f"{flag} has no default here: diffusers {diffusers.__version__} {cls.__name__}.__call__ gives "
+                f"{name} none; pass {flag}."
+            )
         values[name] = default
-    return CallDefaults(int(values["num_inference_steps"]), float(values["guidance_scale"]),
-                        float(values["strength"]) if uses_image else None, source)
+    return CallDefaults(
+        int(values["num_inference_steps"]),
+        float(values["guidance_scale"]),
+        float(values["strength"]) if uses_image else None,
+        source,
+    )

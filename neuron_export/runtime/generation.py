@@ -1,5 +1,4 @@
-"""Generating: one checked request through a loaded pipeline, and the images laid out as a grid.
-"""
+"""Generating: one checked request through a loaded pipeline, and the images laid out as a grid."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from neuron_export.runtime.requests import Request, resolve_request
 
 def step_callback(on_step: Callable[[int, int], None]) -> Callable[..., dict[str, Any]]:
     """diffusers' callback_on_step_end, reporting (step, total) of the running call."""
+
     def step_end(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         total = getattr(pipeline, "_num_timesteps", None) or len(pipeline.scheduler.timesteps)
         on_step(index + 1, int(total))
@@ -62,8 +62,9 @@ def request_arguments(request: Request, generator: Any, output_type: str) -> dic
     return kwargs
 
 
-def run_request(pipe: Any, request: Request, *, output_type: str = "pil",
-                on_step: Callable[[int, int], None] | None = None) -> Any:
+def run_request(
+    pipe: Any, request: Request, *, output_type: str = "pil", on_step: Callable[[int, int], None] | None = None
+) -> Any:
     """Call the pipeline for one checked request; returns its images (PIL list or numpy array)."""
     import torch
 
@@ -71,18 +72,31 @@ def run_request(pipe: Any, request: Request, *, output_type: str = "pil",
     return call_pipeline(pipe, request_arguments(request, generator, output_type), on_step)
 
 
-def run_refined(base: Any, refiner: Any, request: Request, refinement: Refinement, *, output_type: str = "pil",
-                on_step: Callable[[int, int], None] | None = None) -> Any:
+def run_refined(
+    base: Any,
+    refiner: Any,
+    request: Request,
+    refinement: Refinement,
+    *,
+    output_type: str = "pil",
+    on_step: Callable[[int, int], None] | None = None,
+) -> Any:
     """The base's latents through the refiner; one generator seeded with the request's seed serves both calls."""
     import torch
 
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    latents = call_pipeline(base, {**request_arguments(request, generator, output_type), **refinement.base_arguments()},
-                            on_step)
+    latents = call_pipeline(
+        base, {**request_arguments(request, generator, output_type), **refinement.base_arguments()}, on_step
+    )
     kwargs: dict[str, Any] = {
-        "prompt": list(request.prompts), "num_inference_steps": request.steps, "guidance_scale": request.guidance_scale,
-        "num_images_per_prompt": request.num_images_per_prompt, "generator": generator, "output_type": output_type,
-        "image": latents, **refinement.refiner_arguments(),
+        "prompt": list(request.prompts),
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "num_images_per_prompt": request.num_images_per_prompt,
+        "generator": generator,
+        "output_type": output_type,
+        "image": latents,
+        **refinement.refiner_arguments(),
     }
     if request.negative_prompt is not None:
         kwargs["negative_prompt"] = request.negative_prompt
@@ -122,17 +136,33 @@ def generate_images(
     """
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
-    request = resolve_request(export_dir, manifest, prompt, negative_prompt=negative_prompt, image=image, mask=mask,
-                              strength=strength, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                              num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
-                              height=height, width=width, control_images=control_images,
-                              controlnet_scale=controlnet_scale, ip_adapter_image=ip_adapter_image,
-                              image_guidance_scale=image_guidance_scale)
+    request = resolve_request(
+        export_dir,
+        manifest,
+        prompt,
+        negative_prompt=negative_prompt,
+        image=image,
+        mask=mask,
+        strength=strength,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        num_images_per_prompt=num_images_per_prompt,
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        control_images=control_images,
+        controlnet_scale=controlnet_scale,
+        ip_adapter_image=ip_adapter_image,
+        image_guidance_scale=image_guidance_scale,
+    )
     refinement = resolve_refinement(export_dir, manifest, refiner, high_noise_frac, request.steps)
     pipe = pipeline if pipeline is not None else load_pipeline(export_dir, manifest)
     if refinement is None:
         return run_request(pipe, request, output_type=output_type, on_step=on_step)
-    second = refiner_pipeline if refiner_pipeline is not None else load_pipeline(refinement.export_dir, refinement.manifest)
+    second = (
+        refiner_pipeline if refiner_pipeline is not None else load_pipeline(refinement.export_dir, refinement.manifest)
+    )
     return run_refined(pipe, second, request, refinement, output_type=output_type, on_step=on_step)
 
 

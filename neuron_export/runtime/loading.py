@@ -15,7 +15,12 @@ from neuron_export.manifest import Manifest
 from neuron_export.roles import find_role, roles
 from neuron_export.runtime.controlnets import order_controlnets
 from neuron_export.runtime.reading import (
-    DATA_PARALLEL_MODES, NEURON_DEVICE_IDS, _read_json, check_export_complete, export_backend, read_export,
+    DATA_PARALLEL_MODES,
+    NEURON_DEVICE_IDS,
+    _read_json,
+    check_export_complete,
+    export_backend,
+    read_export,
 )
 
 if TYPE_CHECKING:
@@ -28,7 +33,9 @@ UNBATCHED_INPUTS = ("conditioning_scale",)  # one value per ControlNet call, wha
 def data_parallel_components(mode: str, names: Sequence[str]) -> tuple[str, ...]:
     """Which components go on both NeuronCores: the UNet in "unet" mode, everything in "all" mode."""
     if mode not in DATA_PARALLEL_MODES:
-        raise ExportError(f"data_parallel_mode {mode!r} in the manifest is not one of {', '.join(DATA_PARALLEL_MODES)}; re-export the model.")
+        raise ExportError(
+            f"data_parallel_mode {mode!r} in the manifest is not one of {', '.join(DATA_PARALLEL_MODES)}; re-export the model."
+        )
     if mode == "all":
         return tuple(names)
     if mode == "unet":  # the UNet and what takes its doubled batch (ControlNets), as optimum-neuron places them
@@ -57,8 +64,9 @@ class NeuronArtifactLoader:
 
     backend = "neuron"
 
-    def __init__(self, torch_neuronx: Any, mode: str, names: Sequence[str],
-                 device_ids: Sequence[int] = NEURON_DEVICE_IDS) -> None:
+    def __init__(
+        self, torch_neuronx: Any, mode: str, names: Sequence[str], device_ids: Sequence[int] = NEURON_DEVICE_IDS
+    ) -> None:
         self.torch_neuronx = torch_neuronx
         self.device_ids = list(device_ids)
         self.parallel = set(data_parallel_components(mode, names))
@@ -81,9 +89,11 @@ def import_torch_neuronx(export_dir: Path) -> Any:
     try:
         import torch_neuronx
     except Exception:  # the PyPI placeholder raises ImportError("WRONG PACKAGE ..."); others may fail differently
-        raise ExportError(f"EXPORT_DIR {export_dir} was compiled for Neuron (backend neuron) and runs only on an inf2/trn1 "
-                        "host with torch-neuronx installed; run it there, or re-export with --backend cpu to try it "
-                        "on this machine.") from None
+        raise ExportError(
+            f"EXPORT_DIR {export_dir} was compiled for Neuron (backend neuron) and runs only on an inf2/trn1 "
+            "host with torch-neuronx installed; run it there, or re-export with --backend cpu to try it "
+            "on this machine."
+        ) from None
     return torch_neuronx
 
 
@@ -113,8 +123,13 @@ def _lcm_scheduler(scheduler: Any) -> Any:
     return scheduler if isinstance(scheduler, LCMScheduler) else LCMScheduler.from_config(scheduler.config)
 
 
-def load_pipeline(export_dir: Path, manifest: Manifest | None = None, *, use_optimum: bool = True,
-                  device_ids: Sequence[int] = NEURON_DEVICE_IDS) -> Any:
+def load_pipeline(
+    export_dir: Path,
+    manifest: Manifest | None = None,
+    *,
+    use_optimum: bool = True,
+    device_ids: Sequence[int] = NEURON_DEVICE_IDS,
+) -> Any:
     """The export as a ready diffusers pipeline: CPU TorchScript, optimum-neuron's runtime, or ours on Neuron."""
     export_dir = Path(export_dir)
     manifest = manifest or read_export(export_dir)
@@ -123,17 +138,22 @@ def load_pipeline(export_dir: Path, manifest: Manifest | None = None, *, use_opt
     if backend == "neuron":
         cls = optimum_pipeline_class(manifest) if use_optimum else None
         if cls is not None:
-            pipe = order_controlnets(cls.from_pretrained(str(export_dir), data_parallel_mode=manifest.pipeline.data_parallel_mode))
+            pipe = order_controlnets(
+                cls.from_pretrained(str(export_dir), data_parallel_mode=manifest.pipeline.data_parallel_mode)
+            )
             if manifest.pipeline.is_lcm:
                 pipe.scheduler = _lcm_scheduler(pipe.scheduler)
             return pipe
         torch_neuronx = import_torch_neuronx(export_dir)
-        loader: Any = NeuronArtifactLoader(torch_neuronx, manifest.pipeline.data_parallel_mode,
-                                           list(manifest.components), device_ids)
+        loader: Any = NeuronArtifactLoader(
+            torch_neuronx, manifest.pipeline.data_parallel_mode, list(manifest.components), device_ids
+        )
     elif backend == "cpu":
         loader = CpuArtifactLoader()
     else:
-        raise ExportError(f"EXPORT_DIR {export_dir} was built by backend {backend!r}, which `generate` cannot run; re-export with --backend cpu or neuron.")
+        raise ExportError(
+            f"EXPORT_DIR {export_dir} was built by backend {backend!r}, which `generate` cannot run; re-export with --backend cpu or neuron."
+        )
     return assemble_pipeline(export_dir, manifest, loader)
 
 
@@ -143,8 +163,14 @@ def _runner(export_dir: Path, manifest: Manifest, name: str, loader: Any) -> tup
     module, data_parallel = loader.load(name, export_dir / name / ARTIFACT_NAME, config)
     from neuron_export.runtime.adapters import StaticRunner  # imports torch: only when loading
 
-    runner = StaticRunner(name, module, [spec.name for spec in record.inputs], [spec.shape for spec in record.inputs],
-                          data_parallel=data_parallel, unbatched=UNBATCHED_INPUTS)
+    runner = StaticRunner(
+        name,
+        module,
+        [spec.name for spec in record.inputs],
+        [spec.shape for spec in record.inputs],
+        data_parallel=data_parallel,
+        unbatched=UNBATCHED_INPUTS,
+    )
     return runner, config
 
 
@@ -171,7 +197,9 @@ def load_components(export_dir: Path, manifest: Manifest, loader: Any) -> dict[s
     for role in roles():
         for name in sorted((n for n in manifest.components if role.matches(n)), key=role.index):
             parts = slots.setdefault(role.slot, (role.make_adapter(), []))[1]
-            parts.append(LoadedPart(name, *_runner(export_dir, manifest, name, loader), manifest.components[name].outputs))
+            parts.append(
+                LoadedPart(name, *_runner(export_dir, manifest, name, loader), manifest.components[name].outputs)
+            )
     return {slot: adapter(parts) for slot, (adapter, parts) in slots.items()}
 
 

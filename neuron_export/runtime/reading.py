@@ -1,5 +1,4 @@
-"""Reading a finished export for running it: the manifest, the backend that built it, its required files.
-"""
+"""Reading a finished export for running it: the manifest, the backend that built it, its required files."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME, COMPONENT_CONFIG
 from neuron_export.manifest import Manifest, read_manifest
 from neuron_export.pipelines import DIFFUSERS_CLASSES, pipeline_named
-
 
 DEFAULT_SEED = 0
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's default original_inference_steps
@@ -34,16 +32,20 @@ def read_export(export_dir: Path) -> Manifest:
     manifest = read_manifest(export_dir)
     name = manifest.pipeline.diffusers_pipeline
     if name not in DIFFUSERS_CLASSES:
-        raise ExportError(f"EXPORT_DIR {export_dir}: pipeline {name} is not one `generate` runs; "
-                        f"it runs {', '.join(sorted(DIFFUSERS_CLASSES))}.")
+        raise ExportError(
+            f"EXPORT_DIR {export_dir}: pipeline {name} is not one `generate` runs; "
+            f"it runs {', '.join(sorted(DIFFUSERS_CLASSES))}."
+        )
     return manifest
 
 
 def export_backend(export_dir: Path, manifest: Manifest) -> str:
-    """"cpu" or "neuron": every component of an export must have been built by the same backend."""
+    """ "cpu" or "neuron": every component of an export must have been built by the same backend."""
     backends = sorted({record.backend for record in manifest.components.values()})
     if len(backends) != 1:
-        raise ExportError(f"EXPORT_DIR {export_dir} mixes backends ({', '.join(backends)}); re-export all components with one --backend.")
+        raise ExportError(
+            f"EXPORT_DIR {export_dir} mixes backends ({', '.join(backends)}); re-export all components with one --backend."
+        )
     return backends[0]
 
 
@@ -66,11 +68,15 @@ def required_components(manifest: Manifest) -> tuple[str, ...]:
 def check_export_complete(export_dir: Path, manifest: Manifest) -> None:
     for name in required_components(manifest):
         if name not in manifest.components:
-            raise ExportError(f"EXPORT_DIR {export_dir} has no {name}, which {manifest.pipeline.diffusers_pipeline} needs; "
-                            "re-export without --components.")
+            raise ExportError(
+                f"EXPORT_DIR {export_dir} has no {name}, which {manifest.pipeline.diffusers_pipeline} needs; "
+                "re-export without --components."
+            )
         for filename in (ARTIFACT_NAME, COMPONENT_CONFIG):
             if not (export_dir / name / filename).is_file():
-                raise ExportError(f"EXPORT_DIR {export_dir} is missing {name}/{filename}; re-export the model (or run `neuron-export verify`).")
+                raise ExportError(
+                    f"EXPORT_DIR {export_dir} is missing {name}/{filename}; re-export the model (or run `neuron-export verify`)."
+                )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -32,8 +32,11 @@ class Refinement:
     strength: float | None
 
     def summary(self) -> str:
-        split = (f"base to {self.high_noise_frac} of the schedule, then the refiner" if self.high_noise_frac is not None
-                 else f"base fully, then the refiner as image-to-image at strength {self.strength}")
+        split = (
+            f"base to {self.high_noise_frac} of the schedule, then the refiner"
+            if self.high_noise_frac is not None
+            else f"base fully, then the refiner as image-to-image at strength {self.strength}"
+        )
         return f"refiner: {self.export_dir} ({split})"
 
     def base_arguments(self) -> dict[str, Any]:
@@ -44,8 +47,11 @@ class Refinement:
         return extra
 
     def refiner_arguments(self) -> dict[str, Any]:
-        return ({"denoising_start": self.high_noise_frac} if self.high_noise_frac is not None
-                else {"strength": self.strength})
+        return (
+            {"denoising_start": self.high_noise_frac}
+            if self.high_noise_frac is not None
+            else {"strength": self.strength}
+        )
 
 
 def _shapes(manifest: Manifest) -> str:
@@ -60,40 +66,50 @@ def _least_steps(fits: Any) -> int:
     return steps
 
 
-def resolve_refinement(base_dir: Path, base: Manifest, refiner: Path | str | None, high_noise_frac: float | None,
-                       steps: int) -> Refinement | None:
+def resolve_refinement(
+    base_dir: Path, base: Manifest, refiner: Path | str | None, high_noise_frac: float | None, steps: int
+) -> Refinement | None:
     """The refiner stage checked against the base export, or None without --refiner."""
     if refiner is None:
         if high_noise_frac is not None:
-            raise ExportError(f"--high-noise-frac {high_noise_frac} applies only with --refiner; add --refiner "
-                              "REFINER_EXPORT or drop --high-noise-frac.")
+            raise ExportError(
+                f"--high-noise-frac {high_noise_frac} applies only with --refiner; add --refiner "
+                "REFINER_EXPORT or drop --high-noise-frac."
+            )
         return None
     refiner_dir = Path(refiner)
     if base.pipeline.diffusers_pipeline != BASE_PIPELINE or base.pipeline.is_lcm:
-        raise ExportError(f"--refiner follows an SDXL text-to-image export, but EXPORT_DIR {base_dir} is a "
-                          f"{base.pipeline.diffusers_pipeline}{' with an LCM UNet' if base.pipeline.is_lcm else ''}; "
-                          "drop --refiner or pass an SDXL base export.")
+        raise ExportError(
+            f"--refiner follows an SDXL text-to-image export, but EXPORT_DIR {base_dir} is a "
+            f"{base.pipeline.diffusers_pipeline}{' with an LCM UNet' if base.pipeline.is_lcm else ''}; "
+            "drop --refiner or pass an SDXL base export."
+        )
     try:
         manifest = read_export(refiner_dir)
     except ExportError as error:
         raise ExportError(f"--refiner {refiner_dir}: {error}") from None
     p = manifest.pipeline
     if p.architecture != "sdxl-refiner" or p.task != "image-to-image":
-        raise ExportError(f"--refiner {refiner_dir} is not an SDXL refiner export (it is {p.architecture}, {p.task}); "
-                          "export one with `neuron-export sd-xl -m stabilityai/stable-diffusion-xl-refiner-1.0 "
-                          "--task image-to-image` at the base's shapes.")
+        raise ExportError(
+            f"--refiner {refiner_dir} is not an SDXL refiner export (it is {p.architecture}, {p.task}); "
+            "export one with `neuron-export sd-xl -m stabilityai/stable-diffusion-xl-refiner-1.0 "
+            "--task image-to-image` at the base's shapes."
+        )
     if _shapes(manifest) != _shapes(base):
         b = base.pipeline
-        raise ExportError(f"--refiner {refiner_dir} is compiled for {_shapes(manifest)} but EXPORT_DIR {base_dir} for "
-                          f"{_shapes(base)}; re-export the refiner with --height {b.height} --width {b.width} "
-                          f"--batch-size {b.batch_size} --num-images-per-prompt {b.num_images_per_prompt}.")
+        raise ExportError(
+            f"--refiner {refiner_dir} is compiled for {_shapes(manifest)} but EXPORT_DIR {base_dir} for "
+            f"{_shapes(base)}; re-export the refiner with --height {b.height} --width {b.width} "
+            f"--batch-size {b.batch_size} --num-images-per-prompt {b.num_images_per_prompt}."
+        )
     check_export_complete(refiner_dir, manifest)
     export_backend(refiner_dir, manifest)
     strength = None
     if high_noise_frac is not None:
         if not 0.0 < high_noise_frac < 1.0:
-            raise ExportError(f"--high-noise-frac {high_noise_frac} is out of range; pass a fraction between 0 and 1 "
-                              "such as 0.8.")
+            raise ExportError(
+                f"--high-noise-frac {high_noise_frac} is out of range; pass a fraction between 0 and 1 such as 0.8."
+            )
         frac = high_noise_frac
 
         def fits(count: int) -> bool:  # both stages keep at least one step
@@ -104,9 +120,12 @@ def resolve_refinement(base_dir: Path, base: Manifest, refiner: Path | str | Non
 
         def fits(count: int) -> bool:
             return int(count * strength) >= 1
+
     if not fits(steps):
-        raise ExportError(f"--steps {steps} leaves the {'base or the ' if high_noise_frac is not None else ''}refiner "
-                          f"no denoising step; pass --steps {_least_steps(fits)} or more.")
+        raise ExportError(
+            f"--steps {steps} leaves the {'base or the ' if high_noise_frac is not None else ''}refiner "
+            f"no denoising step; pass --steps {_least_steps(fits)} or more."
+        )
     return Refinement(refiner_dir, manifest, high_noise_frac, strength)
 
 

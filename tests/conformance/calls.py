@@ -7,8 +7,9 @@ or by the conformance virtualenv. Event format: see tests/doubles/torch_neuronx/
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

@@ -10,14 +10,15 @@ import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from conftest import run_cli
 
 from conformance import calls, venv
-from conftest import run_cli
 from neuron_export.example_lora import LORA_WEIGHT_NAME
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
@@ -68,13 +69,17 @@ class Case:
     controlnets: tuple[str, ...] = ()  # tiny ControlNet example names ("name" or "name@seed"), in --controlnet order
     ip_adapter: bool = False  # the tiny IP-Adapter (example sd-ip-adapter) at IP_ADAPTER_SCALE
 
-    def ip_adapter_options(self, sources: "Sources") -> dict[str, Any]:
+    def ip_adapter_options(self, sources: Sources) -> dict[str, Any]:
         from neuron_export.example_adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
 
-        return {"id": sources.get("sd-ip-adapter"), "subfolder": IP_ADAPTER_SUBFOLDER,
-                "weight_name": IP_ADAPTER_WEIGHT_NAME, "scale": IP_ADAPTER_SCALE}
+        return {
+            "id": sources.get("sd-ip-adapter"),
+            "subfolder": IP_ADAPTER_SUBFOLDER,
+            "weight_name": IP_ADAPTER_WEIGHT_NAME,
+            "scale": IP_ADAPTER_SCALE,
+        }
 
-    def add_on_args(self, sources: "Sources", reference: bool) -> list[str]:
+    def add_on_args(self, sources: Sources, reference: bool) -> list[str]:
         """The ControlNet / IP-Adapter options: ours, or optimum-cli's spellings (reference=True)."""
         args: list[Any] = []
         if self.controlnets:
@@ -82,12 +87,27 @@ class Case:
             args += ["--controlnet_ids", *paths] if reference else [a for p in paths for a in ("--controlnet", p)]
         if self.ip_adapter:
             for key, value in self.ip_adapter_options(sources).items():
-                args += [f"--ip_adapter_{key}" if reference else f"--ip-adapter{'' if key == 'id' else '-' + key.replace('_', '-')}", value]
+                args += [
+                    f"--ip_adapter_{key}"
+                    if reference
+                    else f"--ip-adapter{'' if key == 'id' else '-' + key.replace('_', '-')}",
+                    value,
+                ]
         return [str(arg) for arg in args]
 
-    def our_args(self, sources: "Sources") -> list[str]:
-        args = [self.family, "-m", sources.path(self), "--task", self.task, "--batch-size", str(self.batch_size),
-                "--num-images-per-prompt", str(self.num_images_per_prompt), "--disable-validation"]
+    def our_args(self, sources: Sources) -> list[str]:
+        args = [
+            self.family,
+            "-m",
+            sources.path(self),
+            "--task",
+            self.task,
+            "--batch-size",
+            str(self.batch_size),
+            "--num-images-per-prompt",
+            str(self.num_images_per_prompt),
+            "--disable-validation",
+        ]
         if self.height:
             args += ["--height", str(self.height), "--width", str(self.width)]
         if self.dynamic_batch_size:
@@ -98,27 +118,41 @@ class Case:
             args += ["--lora", sources.lora(lora), "--lora-adapter-name", adapter_name, "--lora-scale", scale]
         return [str(arg) for arg in args] + self.add_on_args(sources, reference=False)
 
-    def lora_arguments(self, sources: "Sources") -> list[str]:
+    def lora_arguments(self, sources: Sources) -> list[str]:
         """optimum-cli's LoRA options for the same adapters (its list spellings, one flag per list)."""
         if not self.loras:
             return []
-        return ["--lora_model_ids", *(str(sources.lora(name)) for name, _, _ in self.loras),
-                "--lora_weight_names", *(LORA_WEIGHT_NAME for _ in self.loras),
-                "--lora_adapter_names", *(adapter for _, adapter, _ in self.loras),
-                "--lora_scales", *(str(scale) for _, _, scale in self.loras)]
+        return [
+            "--lora_model_ids",
+            *(str(sources.lora(name)) for name, _, _ in self.loras),
+            "--lora_weight_names",
+            *(LORA_WEIGHT_NAME for _ in self.loras),
+            "--lora_adapter_names",
+            *(adapter for _, adapter, _ in self.loras),
+            "--lora_scales",
+            *(str(scale) for _, _, scale in self.loras),
+        ]
 
-    def reference_loras(self, sources: "Sources") -> list[dict[str, Any]]:
+    def reference_loras(self, sources: Sources) -> list[dict[str, Any]]:
         """What diffusers' reference pipeline loads and fuses before it generates."""
-        return [{"path": sources.lora(name), "weight_name": LORA_WEIGHT_NAME, "adapter_name": adapter, "scale": scale}
-                for name, adapter, scale in self.loras]
+        return [
+            {"path": sources.lora(name), "weight_name": LORA_WEIGHT_NAME, "adapter_name": adapter, "scale": scale}
+            for name, adapter, scale in self.loras
+        ]
 
-    def optimum_request(self, sources: "Sources", output: Path) -> dict[str, Any]:
+    def optimum_request(self, sources: Sources, output: Path) -> dict[str, Any]:
         # optimum-cli has no instruct-pix2pix task: it exports such a model as text-to-image (its class decides at load).
         task = "text-to-image" if self.task == "instruct-pix2pix" else self.task
-        request: dict[str, Any] = {"model": sources.path(self), "output": output, "task": task,
-                                   "batch_size": self.batch_size, "num_images_per_prompt": self.num_images_per_prompt,
-                                   "height": self.height or 64, "width": self.width or 64,
-                                   "dynamic_batch_size": self.dynamic_batch_size}
+        request: dict[str, Any] = {
+            "model": sources.path(self),
+            "output": output,
+            "task": task,
+            "batch_size": self.batch_size,
+            "num_images_per_prompt": self.num_images_per_prompt,
+            "height": self.height or 64,
+            "width": self.width or 64,
+            "dynamic_batch_size": self.dynamic_batch_size,
+        }
         if self.unet:
             request["unet"] = sources.get(self.unet)
         if self.loras:

@@ -58,16 +58,16 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 os.environ.setdefault("USE_TORCH_XLA", "0")  # the torch_xla placeholder is not an XLA device
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae_encoder", "vae_decoder",
-              "image_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer", "vae_encoder", "vae_decoder", "image_encoder")
 IMAGE_KEYS_GRAYSCALE = {"mask_image"}
 
 # What optimum-neuron 0.4.5's diffusion loader reads from each component's config.json, read from its source
@@ -75,85 +75,222 @@ IMAGE_KEYS_GRAYSCALE = {"mask_image"}
 # object. "required": a missing key fails the load or the call (otherwise a default is used). The `config`
 # subcommand records the reads as they happen (see ReadRecorder), which checks and extends this list.
 LOADER_READS: list[dict[str, Any]] = [
-    {"block": "top", "key": "neuron", "required": True, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (hasattr(config, 'neuron'))"},
-    {"block": "neuron", "key": "compiler_type", "required": False, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (neuron.get)"},
-    {"block": "neuron", "key": "compiler_version", "required": False, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (neuron.get); "
-              "the diffusion loader does not compare it (only NeuronTracedModel._from_pretrained calls "
-              "check_compiler_compatibility)"},
-    {"block": "neuron", "key": "tensor_parallel_size", "required": False, "default": 1, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init; used by "
-              "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.set_parallel_mode"},
-    {"block": "neuron", "key": "static_*", "required": True, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init: every key starting "
-              "with 'static_' (config.to_diff_dict()['neuron']) becomes an InputShapesArguments field "
-              "(optimum/neuron/utils/argument_utils.py): an unknown one is a TypeError"},
-    {"block": "neuron", "key": "task", "required": False, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (falls back to "
-              "TasksManager.infer_task_from_model(DiffusionPipeline), which fails for a component)"},
-    {"block": "neuron", "key": "model_type", "required": False, "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (falls back to the "
-              "top-level model_type); picks the NeuronConfig class (optimum/exporters/neuron/model_configs.py)"},
-    {"block": "neuron", "key": "dynamic_batch_size", "required": True, "components": "all",
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__init__ "
-              "(neuron['dynamic_batch_size'], no default); text_encoder's also by _from_pretrained "
-              "(DataParallel set_dynamic_batching)"},
-    {"block": "neuron", "key": "output_hidden_states", "required": False, "default": False,
-     "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init; "
-              "optimum/neuron/modeling_diffusion.py NeuronModelTextEncoder.forward (assert)"},
-    {"block": "neuron", "key": "int_dtype", "required": False, "default": "int64", "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init"},
-    {"block": "neuron", "key": "float_dtype", "required": False, "default": "fp32", "components": "all",
-     "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init; inputs cast to it in "
-              "optimum/neuron/modeling_diffusion.py NeuronModelVaeEncoder/VaeDecoder.forward"},
-    {"block": "neuron", "key": "inline_weights_to_neff", "required": False, "default": True,
-     "components": "all",
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase._from_pretrained "
-              "(any false -> to_neuron: move_trace_to_device)"},
-    {"block": "neuron", "key": "static_height", "required": True, "components": ["unet", "transformer"],
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__call__ (image height = "
-              "static_height * vae_scale_factor)"},
-    {"block": "neuron", "key": "static_width", "required": True, "components": ["unet", "transformer"],
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__call__"},
-    {"block": "neuron", "key": "static_batch_size", "required": True, "components": "all",
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__init__ "
-              "(num_images_per_prompt = unet batch // text_encoder batch)"},
-    {"block": "top", "key": "_name_or_path", "required": False, "components": ["unet"],
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.is_lcm ('lcm' or "
-              "'latent-consistency' in it -> LCMScheduler and data_parallel_mode 'all')"},
-    {"block": "top", "key": "output_hidden_states", "required": False, "components": ["text_encoder",
-                                                                                      "text_encoder_2"],
-     "where": "optimum/exporters/neuron/model_configs.py CLIPTextNeuronConfig/"
-              "CLIPTextWithProjectionNeuronConfig.outputs (names the traced outputs; SDXL needs true); "
-              "optimum/neuron/modeling_diffusion.py NeuronModelTextEncoder.forward"},
-    {"block": "top", "key": "model_type", "required": False, "components": ["text_encoder", "text_encoder_2"],
-     "where": "optimum/neuron/modeling_diffusion.py NeuronModelTextEncoder.forward (t5 check)"},
-    {"block": "top", "key": "time_cond_proj_dim", "required": False, "components": ["unet"],
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.do_classifier_free_guidance; "
-              "optimum/exporters/neuron/model_configs.py UNetNeuronConfig.inputs"},
-    {"block": "top", "key": "block_out_channels", "required": False, "components": ["vae_decoder"],
-     "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__init__ (vae_scale_factor "
-              "= 2 ** (len - 1), else 8)"},
+    {
+        "block": "top",
+        "key": "neuron",
+        "required": True,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (hasattr(config, 'neuron'))",
+    },
+    {
+        "block": "neuron",
+        "key": "compiler_type",
+        "required": False,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (neuron.get)",
+    },
+    {
+        "block": "neuron",
+        "key": "compiler_version",
+        "required": False,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (neuron.get); "
+        "the diffusion loader does not compare it (only NeuronTracedModel._from_pretrained calls "
+        "check_compiler_compatibility)",
+    },
+    {
+        "block": "neuron",
+        "key": "tensor_parallel_size",
+        "required": False,
+        "default": 1,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init; used by "
+        "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.set_parallel_mode",
+    },
+    {
+        "block": "neuron",
+        "key": "static_*",
+        "required": True,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init: every key starting "
+        "with 'static_' (config.to_diff_dict()['neuron']) becomes an InputShapesArguments field "
+        "(optimum/neuron/utils/argument_utils.py): an unknown one is a TypeError",
+    },
+    {
+        "block": "neuron",
+        "key": "task",
+        "required": False,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (falls back to "
+        "TasksManager.infer_task_from_model(DiffusionPipeline), which fails for a component)",
+    },
+    {
+        "block": "neuron",
+        "key": "model_type",
+        "required": False,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init (falls back to the "
+        "top-level model_type); picks the NeuronConfig class (optimum/exporters/neuron/model_configs.py)",
+    },
+    {
+        "block": "neuron",
+        "key": "dynamic_batch_size",
+        "required": True,
+        "components": "all",
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__init__ "
+        "(neuron['dynamic_batch_size'], no default); text_encoder's also by _from_pretrained "
+        "(DataParallel set_dynamic_batching)",
+    },
+    {
+        "block": "neuron",
+        "key": "output_hidden_states",
+        "required": False,
+        "default": False,
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init; "
+        "optimum/neuron/modeling_diffusion.py NeuronModelTextEncoder.forward (assert)",
+    },
+    {
+        "block": "neuron",
+        "key": "int_dtype",
+        "required": False,
+        "default": "int64",
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init",
+    },
+    {
+        "block": "neuron",
+        "key": "float_dtype",
+        "required": False,
+        "default": "fp32",
+        "components": "all",
+        "where": "optimum/neuron/modeling_traced.py NeuronTracedModel._neuron_config_init; inputs cast to it in "
+        "optimum/neuron/modeling_diffusion.py NeuronModelVaeEncoder/VaeDecoder.forward",
+    },
+    {
+        "block": "neuron",
+        "key": "inline_weights_to_neff",
+        "required": False,
+        "default": True,
+        "components": "all",
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase._from_pretrained "
+        "(any false -> to_neuron: move_trace_to_device)",
+    },
+    {
+        "block": "neuron",
+        "key": "static_height",
+        "required": True,
+        "components": ["unet", "transformer"],
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__call__ (image height = "
+        "static_height * vae_scale_factor)",
+    },
+    {
+        "block": "neuron",
+        "key": "static_width",
+        "required": True,
+        "components": ["unet", "transformer"],
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__call__",
+    },
+    {
+        "block": "neuron",
+        "key": "static_batch_size",
+        "required": True,
+        "components": "all",
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__init__ "
+        "(num_images_per_prompt = unet batch // text_encoder batch)",
+    },
+    {
+        "block": "top",
+        "key": "_name_or_path",
+        "required": False,
+        "components": ["unet"],
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.is_lcm ('lcm' or "
+        "'latent-consistency' in it -> LCMScheduler and data_parallel_mode 'all')",
+    },
+    {
+        "block": "top",
+        "key": "output_hidden_states",
+        "required": False,
+        "components": ["text_encoder", "text_encoder_2"],
+        "where": "optimum/exporters/neuron/model_configs.py CLIPTextNeuronConfig/"
+        "CLIPTextWithProjectionNeuronConfig.outputs (names the traced outputs; SDXL needs true); "
+        "optimum/neuron/modeling_diffusion.py NeuronModelTextEncoder.forward",
+    },
+    {
+        "block": "top",
+        "key": "model_type",
+        "required": False,
+        "components": ["text_encoder", "text_encoder_2"],
+        "where": "optimum/neuron/modeling_diffusion.py NeuronModelTextEncoder.forward (t5 check)",
+    },
+    {
+        "block": "top",
+        "key": "time_cond_proj_dim",
+        "required": False,
+        "components": ["unet"],
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.do_classifier_free_guidance; "
+        "optimum/exporters/neuron/model_configs.py UNetNeuronConfig.inputs",
+    },
+    {
+        "block": "top",
+        "key": "block_out_channels",
+        "required": False,
+        "components": ["vae_decoder"],
+        "where": "optimum/neuron/modeling_diffusion.py NeuronDiffusionPipelineBase.__init__ (vae_scale_factor "
+        "= 2 ** (len - 1), else 8)",
+    },
     # Read by diffusers' own pipeline code, which optimum's pipeline classes inherit and run over these configs
     # (diffusers 0.35; found by the `config` subcommand's recording, not by reading optimum):
-    {"block": "top", "key": "sample_size", "required": False, "components": ["unet"],
-     "where": "diffusers StableDiffusion*Pipeline.__init__ / StableDiffusionXL*Pipeline.__init__ (default size)"},
-    {"block": "top", "key": "in_channels", "required": True, "components": ["unet"],
-     "where": "diffusers pipelines' __call__ (num_channels_latents; inpaint checks 9)"},
-    {"block": "top", "key": "scaling_factor", "required": True, "components": ["vae_decoder"],
-     "where": "diffusers pipelines' __call__ (latents / scaling_factor before decoding); the VAE's config is the "
-              "decoder's (optimum/neuron/modeling_diffusion.py NeuronModelVae.config)"},
-    {"block": "top", "key": "latents_mean / latents_std", "required": False, "components": ["vae_decoder"],
-     "where": "diffusers StableDiffusionXL*Pipeline.__call__ (hasattr checks)"},
-    {"block": "top", "key": "force_upcast", "required": False, "components": ["vae_decoder"],
-     "where": "diffusers StableDiffusionXL*Pipeline (upcast check)"},
-    {"block": "top", "key": "projection_dim", "required": True, "components": ["text_encoder_2"],
-     "where": "diffusers StableDiffusionXL*Pipeline.__call__ (text_encoder_projection_dim for add_time_ids)"},
-    {"block": "top", "key": "use_attention_mask", "required": False, "components": ["text_encoder"],
-     "where": "diffusers StableDiffusionPipeline.encode_prompt (hasattr)"},
+    {
+        "block": "top",
+        "key": "sample_size",
+        "required": False,
+        "components": ["unet"],
+        "where": "diffusers StableDiffusion*Pipeline.__init__ / StableDiffusionXL*Pipeline.__init__ (default size)",
+    },
+    {
+        "block": "top",
+        "key": "in_channels",
+        "required": True,
+        "components": ["unet"],
+        "where": "diffusers pipelines' __call__ (num_channels_latents; inpaint checks 9)",
+    },
+    {
+        "block": "top",
+        "key": "scaling_factor",
+        "required": True,
+        "components": ["vae_decoder"],
+        "where": "diffusers pipelines' __call__ (latents / scaling_factor before decoding); the VAE's config is the "
+        "decoder's (optimum/neuron/modeling_diffusion.py NeuronModelVae.config)",
+    },
+    {
+        "block": "top",
+        "key": "latents_mean / latents_std",
+        "required": False,
+        "components": ["vae_decoder"],
+        "where": "diffusers StableDiffusionXL*Pipeline.__call__ (hasattr checks)",
+    },
+    {
+        "block": "top",
+        "key": "force_upcast",
+        "required": False,
+        "components": ["vae_decoder"],
+        "where": "diffusers StableDiffusionXL*Pipeline (upcast check)",
+    },
+    {
+        "block": "top",
+        "key": "projection_dim",
+        "required": True,
+        "components": ["text_encoder_2"],
+        "where": "diffusers StableDiffusionXL*Pipeline.__call__ (text_encoder_projection_dim for add_time_ids)",
+    },
+    {
+        "block": "top",
+        "key": "use_attention_mask",
+        "required": False,
+        "components": ["text_encoder"],
+        "where": "diffusers StableDiffusionPipeline.encode_prompt (hasattr)",
+    },
 ]
 
 
@@ -162,8 +299,7 @@ LOADER_READS: list[dict[str, Any]] = [
 
 def _error(stage: str, exc: BaseException) -> dict[str, Any]:
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {"stage": stage, "type": type(exc).__name__, "message": str(exc)[:2000],
-            "traceback": "".join(lines)[-4000:]}
+    return {"stage": stage, "type": type(exc).__name__, "message": str(exc)[:2000], "traceback": "".join(lines)[-4000:]}
 
 
 @contextlib.contextmanager
@@ -197,7 +333,7 @@ class WeightWarnings:
 
         self.handler = Handler(level=logging.WARNING)
 
-    def __enter__(self) -> "WeightWarnings":
+    def __enter__(self) -> WeightWarnings:
         import logging
 
         logging.getLogger("transformers").addHandler(self.handler)
@@ -210,16 +346,20 @@ class WeightWarnings:
 
     def check(self, what: str, allow: bool) -> None:
         if self.messages and not allow:
-            raise RuntimeError(f"{what}: weights not loaded from the checkpoint (random init): "
-                               + " | ".join(m.split(":")[0] for m in self.messages))
+            raise RuntimeError(
+                f"{what}: weights not loaded from the checkpoint (random init): "
+                + " | ".join(m.split(":")[0] for m in self.messages)
+            )
 
 
 def _double() -> Any:
     import torch_neuronx
 
     if not hasattr(torch_neuronx, "record_context"):
-        raise RuntimeError(f"torch_neuronx at {torch_neuronx.__file__} is not neuron-export's test double: "
-                           "put tests/doubles first on PYTHONPATH")
+        raise RuntimeError(
+            f"torch_neuronx at {torch_neuronx.__file__} is not neuron-export's test double: "
+            "put tests/doubles first on PYTHONPATH"
+        )
     return torch_neuronx
 
 
@@ -234,16 +374,30 @@ def export_argv(case: dict[str, Any]) -> list[str]:
     argv = [str(arg) for arg in case.get("extra_args", [])]
     argv += ["--model", str(case["model"]), "--task", case.get("task", "text-to-image")]
     defaults = {"batch_size": 1, "auto_cast": "matmul", "auto_cast_type": "bf16", "instance_type": "inf2"}
-    for key in ("batch_size", "height", "width", "num_images_per_prompt", "sequence_length", "auto_cast",
-                "auto_cast_type", "instance_type", "unet", "compiler_workdir", "torch_dtype", "atol"):
+    for key in (
+        "batch_size",
+        "height",
+        "width",
+        "num_images_per_prompt",
+        "sequence_length",
+        "auto_cast",
+        "auto_cast_type",
+        "instance_type",
+        "unet",
+        "compiler_workdir",
+        "torch_dtype",
+        "atol",
+    ):
         value = case.get(key, defaults.get(key))
         if value is not None:
             argv += [f"--{key}", str(value)]
-    switches = {"inline_weights_neff": ("--inline-weights-neff", True),
-                "dynamic_batch_size": ("--dynamic-batch-size", False),
-                "disable_neuron_cache": ("--disable_neuron_cache", True),
-                "disable_validation": ("--disable-validation", True),
-                "output_hidden_states": ("--output_hidden_states", False)}
+    switches = {
+        "inline_weights_neff": ("--inline-weights-neff", True),
+        "dynamic_batch_size": ("--dynamic-batch-size", False),
+        "disable_neuron_cache": ("--disable_neuron_cache", True),
+        "disable_validation": ("--disable-validation", True),
+        "output_hidden_states": ("--output_hidden_states", False),
+    }
     for key, (flag, default) in switches.items():
         if case.get(key, default):
             argv.append(flag)
@@ -299,7 +453,7 @@ def run_export(case: dict[str, Any], torch_neuronx: Any, calls_module: Any) -> d
         result["weight_warnings"] = warned.messages
         warned.check("optimum's exporter loading the source", bool(case.get("allow_random_weights")))
         result["ok"] = True
-    except BaseException as exc:  # noqa: BLE001  (reported, next case runs)
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         result["error"] = _error("source_weights" if "random init" in str(exc) else "export", exc)
@@ -372,10 +526,14 @@ def _placement(pipe: Any, torch_neuronx: Any) -> dict[str, Any]:
             for core, input_shapes in model.core_calls:
                 key = json.dumps([core, input_shapes])
                 shapes[key] = shapes.get(key, 0) + 1
-            placement[name] = {"data_parallel": True, "device_ids": model.device_ids,
-                               "set_dynamic_batching": model.dynamic_batching_enabled,
-                               "core_calls": [{"core": json.loads(k)[0], "input_shapes": json.loads(k)[1],
-                                               "count": n} for k, n in shapes.items()]}
+            placement[name] = {
+                "data_parallel": True,
+                "device_ids": model.device_ids,
+                "set_dynamic_batching": model.dynamic_batching_enabled,
+                "core_calls": [
+                    {"core": json.loads(k)[0], "input_shapes": json.loads(k)[1], "count": n} for k, n in shapes.items()
+                ],
+            }
         else:
             placement[name] = {"data_parallel": False}
     return placement
@@ -402,12 +560,13 @@ def _static_size(pipe: Any) -> tuple[int, int] | None:
     try:
         neuron = denoiser.config.neuron
         return neuron["static_height"] * pipe.vae_scale_factor, neuron["static_width"] * pipe.vae_scale_factor
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
-def _compiled_shapes_module(name: str, module: Any, shapes: list[list[int]], dynamic_batch: bool,
-                            errors: list[str]) -> Any:
+def _compiled_shapes_module(
+    name: str, module: Any, shapes: list[list[int]], dynamic_batch: bool, errors: list[str]
+) -> Any:
     """Stands between optimum's component wrapper and the module: a NEFF runs only at the shapes it was
     compiled for (a multiple of the batch with dynamic batch), while our CPU TorchScript runs at any shape,
     so every call is checked against the shapes the export says it compiled."""
@@ -434,8 +593,9 @@ def _compiled_shapes_module(name: str, module: Any, shapes: list[list[int]], dyn
     return CompiledShapes()
 
 
-def _check_compiled_shapes(pipe: Any, torch_neuronx: Any, compiled: dict[str, list[list[int]]],
-                           dynamic_batch: bool) -> list[str]:
+def _check_compiled_shapes(
+    pipe: Any, torch_neuronx: Any, compiled: dict[str, list[list[int]]], dynamic_batch: bool
+) -> list[str]:
     errors: list[str] = []
     for name, part in _parts(pipe).items():
         if name not in compiled:
@@ -452,7 +612,9 @@ def _fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
     if not loras:
         return
     for lora in loras:
-        pipe.load_lora_weights(str(lora["path"]), weight_name=lora.get("weight_name"), adapter_name=lora["adapter_name"])
+        pipe.load_lora_weights(
+            str(lora["path"]), weight_name=lora.get("weight_name"), adapter_name=lora["adapter_name"]
+        )
     pipe.set_adapters([lora["adapter_name"] for lora in loras], adapter_weights=[lora["scale"] for lora in loras])
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -465,8 +627,13 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
     import torch
 
     name = case.get("name") or f"{case['pipeline']}:{Path(case['export_dir']).name}"
-    result: dict[str, Any] = {"ok": False, "name": name, "export_dir": str(case["export_dir"]),
-                              "pipeline": case["pipeline"], "seconds": {}}
+    result: dict[str, Any] = {
+        "ok": False,
+        "name": name,
+        "export_dir": str(case["export_dir"]),
+        "pipeline": case["pipeline"],
+        "seconds": {},
+    }
     seed = int(case.get("seed", 0))
     kwargs = dict(case.get("kwargs") or {})
     kwargs.setdefault("output_type", "np")
@@ -478,8 +645,9 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
         started = time.perf_counter()
         pipe = pipeline_cls.from_pretrained(case["export_dir"], **(case.get("from_pretrained_kwargs") or {}))
         result["seconds"]["load"] = round(time.perf_counter() - started, 3)
-        result["listed_controlnet_folders"] = [Path(path).parent.name for path in
-                                               pipe.model_and_config_save_paths.get("controlnet", ([], []))[0]]
+        result["listed_controlnet_folders"] = [
+            Path(path).parent.name for path in pipe.model_and_config_save_paths.get("controlnet", ([], []))[0]
+        ]
         if case.get("order_controlnets"):  # neuron-export's documented fix for the listing order
             sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
             from neuron_export.runtime.controlnets import order_controlnets
@@ -493,7 +661,9 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
         size = _static_size(pipe)
         result["static_size"] = list(size) if size else None
 
-        shape_errors = _check_compiled_shapes(pipe, torch_neuronx, case.get("compiled_inputs") or {}, bool(case.get("dynamic_batch")))
+        shape_errors = _check_compiled_shapes(
+            pipe, torch_neuronx, case.get("compiled_inputs") or {}, bool(case.get("dynamic_batch"))
+        )
         stage = "optimum_call"
         call_kwargs = _load_images(kwargs)
         started = time.perf_counter()
@@ -501,8 +671,10 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
         result["seconds"]["optimum"] = round(time.perf_counter() - started, 3)
         ours = np.asarray(ours)
         result["shape_errors"] = sorted(set(shape_errors))
-        result["controlnet_folders"] = [Path(path).parent.name for path in
-                                        (getattr(pipe, "model_and_config_save_paths", None) or {}).get("controlnet", ([], []))[0]]
+        result["controlnet_folders"] = [
+            Path(path).parent.name
+            for path in (getattr(pipe, "model_and_config_save_paths", None) or {}).get("controlnet", ([], []))[0]
+        ]
         result["optimum_shape"] = list(ours.shape)
         result["optimum_finite"] = bool(np.isfinite(ours).all())
         result["placement"] = _placement(pipe, torch_neuronx)
@@ -524,8 +696,9 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
                 reference = reference_cls.from_pretrained(case["source_dir"], **extra)
                 adapter = case.get("source_ip_adapter")
                 if adapter:
-                    reference.load_ip_adapter(str(adapter["id"]), subfolder=adapter["subfolder"],
-                                              weight_name=adapter["weight_name"])
+                    reference.load_ip_adapter(
+                        str(adapter["id"]), subfolder=adapter["subfolder"], weight_name=adapter["weight_name"]
+                    )
                     reference.set_ip_adapter_scale(float(adapter["scale"]))
             result["reference_weight_warnings"] = warned.messages
             warned.check("diffusers loading the source", bool(case.get("allow_random_weights")))
@@ -549,7 +722,7 @@ def run_generate(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
             result["max_abs_diff"] = float(diff.max())
             result["mean_abs_diff"] = float(diff.mean())
         result["ok"] = True
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         result["error"] = _error(stage, exc)
@@ -602,8 +775,18 @@ class ReadRecorder:
         where, via = self.where()
         if where is None:
             return
-        self.reads.append({"component": component, "block": block, "key": key, "op": op, "present": present,
-                           "where": where, "via_normalized_config": via, "stage": self.stage})
+        self.reads.append(
+            {
+                "component": component,
+                "block": block,
+                "key": key,
+                "op": op,
+                "present": present,
+                "where": where,
+                "via_normalized_config": via,
+                "stage": self.stage,
+            }
+        )
 
     def wrap(self, config: Any, path: Path) -> Any:
         recorder = self
@@ -646,7 +829,7 @@ class ReadRecorder:
         base = type(config)
         registry = self._registry
 
-        def __getattribute__(self: Any, name: str) -> Any:  # noqa: N807
+        def __getattribute__(self: Any, name: str) -> Any:
             entry = registry.get(id(self))
             if entry is None or name.startswith("__"):
                 return base.__getattribute__(self, name)
@@ -663,7 +846,7 @@ class ReadRecorder:
         if isinstance(vars(config).get("neuron"), dict):
             vars(config)["neuron"] = RecordingNeuronDict(vars(config)["neuron"])
         registry[id(config)] = (component, file_keys, init_keys)
-        config._recorder_keepalive = True  # noqa: SLF001 (the registry is keyed by id: keep configs alive)
+        config._recorder_keepalive = True
         return config
 
     @contextlib.contextmanager
@@ -716,9 +899,12 @@ def run_config(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
     from optimum.neuron.utils.argument_utils import InputShapesArguments
 
     export_dir = Path(case["export_dir"])
-    result: dict[str, Any] = {"ok": False, "export_dir": str(export_dir), "static_reads": LOADER_READS,
-                              "static_shape_keys": sorted(f"static_{f.name}"
-                                                          for f in dataclasses.fields(InputShapesArguments))}
+    result: dict[str, Any] = {
+        "ok": False,
+        "export_dir": str(export_dir),
+        "static_reads": LOADER_READS,
+        "static_shape_keys": sorted(f"static_{f.name}" for f in dataclasses.fields(InputShapesArguments)),
+    }
     recorder = ReadRecorder()
     stage = "load"
     pipe = None
@@ -733,7 +919,7 @@ def run_config(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
             call = _load_images({"output_type": "np", **call})
             pipe(**call, generator=torch.Generator("cpu").manual_seed(int(case.get("seed", 0))))
         result["ok"] = True
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
         result["error"] = _error(stage, exc)
@@ -741,7 +927,9 @@ def run_config(case: dict[str, Any], torch_neuronx: Any) -> dict[str, Any]:
         del pipe
         gc.collect()
     result["components"] = recorder.summary()
-    result["files"] = {p.parent.name: sorted(json.loads(p.read_text())) for p in sorted(export_dir.glob("*/config.json"))}
+    result["files"] = {
+        p.parent.name: sorted(json.loads(p.read_text())) for p in sorted(export_dir.glob("*/config.json"))
+    }
     return result
 
 
@@ -775,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import_started = time.perf_counter()
         if args.command == "export":
-            import optimum.exporters.neuron.__main__  # noqa: F401  (sets TORCHDYNAMO_DISABLE at import)
+            import optimum.exporters.neuron.__main__
         else:
             import optimum.neuron  # noqa: F401
         import_seconds = time.perf_counter() - import_started
@@ -790,8 +978,13 @@ def main(argv: list[str] | None = None) -> int:
             outcome = handlers[args.command](case)
             outcome["case_seconds"] = round(time.perf_counter() - case_started, 3)
             results.append(outcome)
-    payload = {"command": args.command, "results": results, "import_seconds": round(import_seconds, 3),
-               "total_seconds": round(time.perf_counter() - started, 3), "versions": _versions()}
+    payload = {
+        "command": args.command,
+        "results": results,
+        "import_seconds": round(import_seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "versions": _versions(),
+    }
     text = json.dumps(payload, indent=1)
     if args.output:
         Path(args.output).write_text(text)
@@ -804,8 +997,7 @@ def _versions() -> dict[str, str | None]:
     from importlib import metadata
 
     versions = {}
-    for name in ("optimum-neuron", "optimum", "diffusers", "transformers", "torch", "huggingface_hub",
-                 "torch_neuronx"):
+    for name in ("optimum-neuron", "optimum", "diffusers", "transformers", "torch", "huggingface_hub", "torch_neuronx"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -15,7 +15,15 @@ import pytest
 from packaging.version import Version
 
 from conformance import calls, venv
-from conformance.conftest import Case, Sources, component_configs, export_ours, manifest, neuron_sdk_doubles, our_trace_calls
+from conformance.conftest import (
+    Case,
+    Sources,
+    component_configs,
+    export_ours,
+    manifest,
+    neuron_sdk_doubles,
+    our_trace_calls,
+)
 
 CASES = [
     Case("sd", "sd", "sd"),
@@ -69,8 +77,11 @@ def call_summary(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    return {key: (ours.get(key), theirs.get(key)) for key in sorted(set(ours) | set(theirs))
-            if ours.get(key) != theirs.get(key)}
+    return {
+        key: (ours.get(key), theirs.get(key))
+        for key in sorted(set(ours) | set(theirs))
+        if ours.get(key) != theirs.get(key)
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -101,14 +112,24 @@ def lcm_by_name(config: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def keys_read(pairs: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[tuple[str, str]]]:
+def keys_read(
+    pairs: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, set[tuple[str, str]]]:
     """{component: {(block, key)}}: what optimum-neuron's loader and pipelines read, recorded while they load
     and run optimum's own exports, plus what its source reads (the runner's static list)."""
     image = str(venv.write_test_image(tmp_path_factory.mktemp("config-reads") / "init.png", 64, 64))
-    requests = [{"export_dir": pairs[case]["optimum"], "pipeline": pipeline,
-                 "call": {"prompt": "a photo of a cat", "num_inference_steps": 2,
-                          **{key: [image] * len(value) if isinstance(value, list) else image for key, value in images.items()}}}
-                for pipeline, case, images in READ_BY.values()]
+    requests = [
+        {
+            "export_dir": pairs[case]["optimum"],
+            "pipeline": pipeline,
+            "call": {
+                "prompt": "a photo of a cat",
+                "num_inference_steps": 2,
+                **{key: [image] * len(value) if isinstance(value, list) else image for key, value in images.items()},
+            },
+        }
+        for pipeline, case, images in READ_BY.values()
+    ]
     results = venv.config(requests)["results"]
     read: dict[str, set[tuple[str, str]]] = {}
     for result in results:
@@ -117,10 +138,15 @@ def keys_read(pairs: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPat
             keys = read.setdefault(component, set())
             keys |= {("top", key) for key in blocks["top_level"]} | {("neuron", key) for key in blocks["neuron"]}
             if blocks["neuron_iterated"]:  # the loader walked the whole neuron block (static_* keys)
-                keys |= {("neuron", key) for key in result["files"][component] and
-                         component_configs(Path(result["export_dir"]))[component]["neuron"]}
+                keys |= {
+                    ("neuron", key)
+                    for key in result["files"][component]
+                    and component_configs(Path(result["export_dir"]))[component]["neuron"]
+                }
         for entry in result["static_reads"]:
-            components = read if entry["components"] == "all" else {c: read.setdefault(c, set()) for c in entry["components"]}
+            components = (
+                read if entry["components"] == "all" else {c: read.setdefault(c, set()) for c in entry["components"]}
+            )
             for keys in components.values():
                 if "*" not in entry["key"] and "/" not in entry["key"]:
                     keys.add((entry["block"], entry["key"]))
@@ -139,18 +165,23 @@ def config_value(config: dict[str, Any], block: str, key: str) -> Any:
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_every_config_key_the_loader_reads_has_the_value_optimum_neuron_writes(
-        case: Case, pairs: dict[str, dict[str, Any]], keys_read: dict[str, set[tuple[str, str]]]):
+    case: Case, pairs: dict[str, dict[str, Any]], keys_read: dict[str, set[tuple[str, str]]]
+):
     pair = pairs[case.name]
     ours, theirs = component_configs(pair["ours"]), component_configs(pair["optimum"])
     assert sorted(ours) == sorted(theirs)
     is_lcm = manifest(pair["ours"])["pipeline"]["is_lcm"]
     for component in theirs:
-        diff = {f"{block}:{key}": (config_value(ours[component], block, key), config_value(theirs[component], block, key))
-                for block, key in sorted(keys_read[component] - {("top", "neuron")})  # its keys are compared one by one
-                if config_value(ours[component], block, key) != config_value(theirs[component], block, key)}
+        diff = {
+            f"{block}:{key}": (config_value(ours[component], block, key), config_value(theirs[component], block, key))
+            for block, key in sorted(keys_read[component] - {("top", "neuron")})  # its keys are compared one by one
+            if config_value(ours[component], block, key) != config_value(theirs[component], block, key)
+        }
         if "top:_diffusers_version" in diff:
             # Each side writes the diffusers version it ran with; the pipelines only compare it with 0.9.0.
-            assert len({Version(str(version)) >= Version("0.9.0") for version in diff.pop("top:_diffusers_version")}) == 1
+            assert (
+                len({Version(str(version)) >= Version("0.9.0") for version in diff.pop("top:_diffusers_version")}) == 1
+            )
         if component == "unet":
             # Intended: our UNet's name says LCM exactly when it is one; optimum's keeps the source path.
             diff.pop("top:_name_or_path", None)
@@ -164,8 +195,16 @@ def test_only_our_lcm_export_keeps_lcm_guidance_and_placement(pairs: dict[str, d
     from diffusers'; ours, exported from the same source, match."""
     lcm = next(case for case in CASES if case.name == "lcm")
     call = {"prompt": "a lighthouse on a cliff at dusk", "num_inference_steps": 2, "guidance_scale": 8.5}
-    requests = [{"name": side, "export_dir": pairs["lcm"][side], "pipeline": "NeuronLatentConsistencyModelPipeline",
-                 "source_dir": sources.path(lcm), "kwargs": call} for side in ("ours", "optimum")]
+    requests = [
+        {
+            "name": side,
+            "export_dir": pairs["lcm"][side],
+            "pipeline": "NeuronLatentConsistencyModelPipeline",
+            "source_dir": sources.path(lcm),
+            "kwargs": call,
+        }
+        for side in ("ours", "optimum")
+    ]
     results = {result["name"]: result for result in venv.generate(requests)["results"]}
     assert all(result["ok"] for result in results.values()), results
     assert (results["ours"]["is_lcm"], results["ours"]["data_parallel_mode"]) == (True, "all")
@@ -186,9 +225,12 @@ def test_lora_fused_components_compute_what_optimum_neurons_compute(name: str, p
     records = manifest(pair["ours"])["components"]
     generator = torch.Generator().manual_seed(11)
     for component in ("text_encoder", "unet"):
-        inputs = [torch.randint(0, 100, tensor["shape"], generator=generator) if tensor["dtype"] == "int64"
-                  else torch.rand(tensor["shape"], generator=generator) * (999 if tensor["name"] == "timestep" else 1)
-                  for tensor in records[component]["inputs"]]
+        inputs = [
+            torch.randint(0, 100, tensor["shape"], generator=generator)
+            if tensor["dtype"] == "int64"
+            else torch.rand(tensor["shape"], generator=generator) * (999 if tensor["name"] == "timestep" else 1)
+            for tensor in records[component]["inputs"]
+        ]
         with torch.no_grad():
             ours = torch.jit.load(pair["ours"] / component / "model.neuron")(*inputs)
             theirs = torch.jit.load(pair["optimum"] / component / "model.neuron")(*inputs)

@@ -16,62 +16,191 @@ PROMPT = "a lighthouse on a cliff at dusk"
 MAX_PIXEL_DIFF = 1e-4  # pixels are in [0, 1]; TorchScript on the CPU repeats eager arithmetic (~1e-6 seen)
 
 CASES = [
-    Case("sd", "sd", "sd", pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 3, "guidance_scale": 7.5}),
-    Case("sd-image-to-image", "sd", "sd", task="image-to-image", pipeline="NeuronStableDiffusionImg2ImgPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.75, "image": "init"}),
-    Case("sd-inpainting", "sd-inpaint", "sd", task="inpainting", pipeline="NeuronStableDiffusionInpaintPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 3, "image": "init", "mask_image": "mask"}),
-    Case("sdxl", "sdxl", "sd-xl", pipeline="NeuronStableDiffusionXLPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 3, "guidance_scale": 5.0}),
-    Case("sdxl-image-to-image", "sdxl", "sd-xl", task="image-to-image",
-         pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"}),
+    Case(
+        "sd",
+        "sd",
+        "sd",
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 3, "guidance_scale": 7.5},
+    ),
+    Case(
+        "sd-image-to-image",
+        "sd",
+        "sd",
+        task="image-to-image",
+        pipeline="NeuronStableDiffusionImg2ImgPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.75, "image": "init"},
+    ),
+    Case(
+        "sd-inpainting",
+        "sd-inpaint",
+        "sd",
+        task="inpainting",
+        pipeline="NeuronStableDiffusionInpaintPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 3, "image": "init", "mask_image": "mask"},
+    ),
+    Case(
+        "sdxl",
+        "sdxl",
+        "sd-xl",
+        pipeline="NeuronStableDiffusionXLPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 3, "guidance_scale": 5.0},
+    ),
+    Case(
+        "sdxl-image-to-image",
+        "sdxl",
+        "sd-xl",
+        task="image-to-image",
+        pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"},
+    ),
     # A turbo checkpoint is an SDXL pipeline run without guidance in one step (its model card's call).
-    Case("turbo", "sdxl", "sd-xl", pipeline="NeuronStableDiffusionXLPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 1, "guidance_scale": 0.0}),
-    Case("lcm", "lcm", "lcm", pipeline="NeuronLatentConsistencyModelPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.5}),
+    Case(
+        "turbo",
+        "sdxl",
+        "sd-xl",
+        pipeline="NeuronStableDiffusionXLPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 1, "guidance_scale": 0.0},
+    ),
+    Case(
+        "lcm",
+        "lcm",
+        "lcm",
+        pipeline="NeuronLatentConsistencyModelPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.5},
+    ),
     # optimum-neuron decides LCM from the UNet config's name: a folder name must not decide it either way.
-    Case("lcm-plain-folder", "lcm", "lcm", source_folder="dreamshaper-v7", pipeline="NeuronLatentConsistencyModelPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.5}),
-    Case("sd-in-lcm-named-folder", "sd", "sd", source_folder="lcm-experiments", pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 7.5}),
-    Case("lcm-sdxl", "sdxl", "sd-xl", unet="lcm-sdxl-unet", pipeline="NeuronStableDiffusionXLPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.0}),
-    Case("batch-2", "sd", "sd", batch_size=2, pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2}),
-    Case("2-images-per-prompt", "sd", "sd", num_images_per_prompt=2, pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
-    Case("non-square", "sd", "sd", height=64, width=96, pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2}),
-    Case("dynamic-batch", "sd", "sd", dynamic_batch_size=True, pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2}),
+    Case(
+        "lcm-plain-folder",
+        "lcm",
+        "lcm",
+        source_folder="dreamshaper-v7",
+        pipeline="NeuronLatentConsistencyModelPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.5},
+    ),
+    Case(
+        "sd-in-lcm-named-folder",
+        "sd",
+        "sd",
+        source_folder="lcm-experiments",
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 7.5},
+    ),
+    Case(
+        "lcm-sdxl",
+        "sdxl",
+        "sd-xl",
+        unet="lcm-sdxl-unet",
+        pipeline="NeuronStableDiffusionXLPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2, "guidance_scale": 8.0},
+    ),
+    Case(
+        "batch-2",
+        "sd",
+        "sd",
+        batch_size=2,
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2},
+    ),
+    Case(
+        "2-images-per-prompt",
+        "sd",
+        "sd",
+        num_images_per_prompt=2,
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2},
+    ),
+    Case(
+        "non-square",
+        "sd",
+        "sd",
+        height=64,
+        width=96,
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2},
+    ),
+    Case(
+        "dynamic-batch",
+        "sd",
+        "sd",
+        dynamic_batch_size=True,
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": [PROMPT, "a red fox in snow"], "num_inference_steps": 2},
+    ),
     # Two LoRAs fused at their scales; the reference is diffusers after load_lora_weights, set_adapters, fuse_lora.
-    Case("sd-two-loras", "sd", "sd", loras=(("sd-style", "style", 0.8), ("sd-detail", "detail", -0.6)),
-         pipeline="NeuronStableDiffusionPipeline", call={"prompt": PROMPT, "num_inference_steps": 2}),
-    Case("sdxl-non-square-2-images", "sdxl", "sd-xl", height=96, width=64, num_images_per_prompt=2,
-         pipeline="NeuronStableDiffusionXLPipeline",
-         call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2}),
+    Case(
+        "sd-two-loras",
+        "sd",
+        "sd",
+        loras=(("sd-style", "style", 0.8), ("sd-detail", "detail", -0.6)),
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2},
+    ),
+    Case(
+        "sdxl-non-square-2-images",
+        "sdxl",
+        "sd-xl",
+        height=96,
+        width=64,
+        num_images_per_prompt=2,
+        pipeline="NeuronStableDiffusionXLPipeline",
+        call={"prompt": PROMPT, "num_images_per_prompt": 2, "num_inference_steps": 2},
+    ),
     # ControlNet, IP-Adapter and InstructPix2Pix: the control / prompt / edited image is the call's "image".
     # Three ControlNets: on ext4 the loader's listing order is a hash order, so some pairing differs from ours.
-    Case("sd-multi-controlnet", "sd", "sd", controlnets=("sd-controlnet", "sd-controlnet@1", "sd-controlnet@2"),
-         pipeline="NeuronStableDiffusionControlNetPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "image": ["init", "init-2", "init-3"],
-               "controlnet_conditioning_scale": [1.0, 0.8, 0.6]}),
-    Case("sdxl-controlnet", "sdxl", "sd-xl", controlnets=("sdxl-controlnet",),
-         pipeline="NeuronStableDiffusionXLControlNetPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "guidance_scale": 5.0,
-               "controlnet_conditioning_scale": 0.7}),
-    Case("sd-instruct-pix2pix", "sd-pix2pix", "sd", task="instruct-pix2pix", dynamic_batch_size=True,
-         pipeline="NeuronStableDiffusionInstructPix2PixPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "image_guidance_scale": 1.5}),
-    Case("sd-ip-adapter", "sd", "sd", ip_adapter=True, pipeline="NeuronStableDiffusionPipeline",
-         call={"prompt": PROMPT, "num_inference_steps": 2, "ip_adapter_image": "init-2"}),
+    Case(
+        "sd-multi-controlnet",
+        "sd",
+        "sd",
+        controlnets=("sd-controlnet", "sd-controlnet@1", "sd-controlnet@2"),
+        pipeline="NeuronStableDiffusionControlNetPipeline",
+        call={
+            "prompt": PROMPT,
+            "num_inference_steps": 2,
+            "image": ["init", "init-2", "init-3"],
+            "controlnet_conditioning_scale": [1.0, 0.8, 0.6],
+        },
+    ),
+    Case(
+        "sdxl-controlnet",
+        "sdxl",
+        "sd-xl",
+        controlnets=("sdxl-controlnet",),
+        pipeline="NeuronStableDiffusionXLControlNetPipeline",
+        call={
+            "prompt": PROMPT,
+            "num_inference_steps": 2,
+            "image": "init",
+            "guidance_scale": 5.0,
+            "controlnet_conditioning_scale": 0.7,
+        },
+    ),
+    Case(
+        "sd-instruct-pix2pix",
+        "sd-pix2pix",
+        "sd",
+        task="instruct-pix2pix",
+        dynamic_batch_size=True,
+        pipeline="NeuronStableDiffusionInstructPix2PixPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2, "image": "init", "image_guidance_scale": 1.5},
+    ),
+    Case(
+        "sd-ip-adapter",
+        "sd",
+        "sd",
+        ip_adapter=True,
+        pipeline="NeuronStableDiffusionPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 2, "ip_adapter_image": "init-2"},
+    ),
 ]
-REFINER = Case("sdxl-refiner", "sdxl-refiner", "sd-xl", task="image-to-image",
-               pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
-               call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"})
+REFINER = Case(
+    "sdxl-refiner",
+    "sdxl-refiner",
+    "sd-xl",
+    task="image-to-image",
+    pipeline="NeuronStableDiffusionXLImg2ImgPipeline",
+    call={"prompt": PROMPT, "num_inference_steps": 4, "strength": 0.5, "image": "init"},
+)
 
 
 def _image(value: Any, images: dict[str, Path]) -> Any:
@@ -80,10 +209,20 @@ def _image(value: Any, images: dict[str, Path]) -> Any:
 
 def generate_request(case: Case, sources: Sources, export: Path, images: dict[str, Path]) -> dict[str, Any]:
     kwargs = {key: _image(value, images) if key.endswith("image") else value for key, value in case.call.items()}
-    compiled = {name: [tensor["shape"] for tensor in record["inputs"]]
-                for name, record in manifest(export)["components"].items()}
-    request = {"name": case.name, "export_dir": export, "pipeline": case.pipeline, "source_dir": sources.path(case),
-               "kwargs": kwargs, "seed": 0, "compiled_inputs": compiled, "dynamic_batch": case.dynamic_batch_size}
+    compiled = {
+        name: [tensor["shape"] for tensor in record["inputs"]]
+        for name, record in manifest(export)["components"].items()
+    }
+    request = {
+        "name": case.name,
+        "export_dir": export,
+        "pipeline": case.pipeline,
+        "source_dir": sources.path(case),
+        "kwargs": kwargs,
+        "seed": 0,
+        "compiled_inputs": compiled,
+        "dynamic_batch": case.dynamic_batch_size,
+    }
     if case.unet:
         request["source_unet"] = sources.get(case.unet)
     if case.loras:
@@ -99,10 +238,12 @@ def generate_request(case: Case, sources: Sources, export: Path, images: dict[st
 def loaded(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """Each case exported by us (cpu backend), then loaded and run by optimum-neuron: {name: its result}."""
     root = tmp_path_factory.mktemp("loader")
-    images = {"init": venv.write_test_image(root / "init.png", 64, 64),
-              "init-2": venv.write_test_image(root / "init-2.png", 64, 64, seed=2),
-              "mask": venv.write_test_image(root / "mask.png", 64, 64, mask=True),
-              "init-3": venv.write_test_image(root / "init-3.png", 64, 64, seed=3)}
+    images = {
+        "init": venv.write_test_image(root / "init.png", 64, 64),
+        "init-2": venv.write_test_image(root / "init-2.png", 64, 64, seed=2),
+        "mask": venv.write_test_image(root / "mask.png", 64, 64, mask=True),
+        "init-3": venv.write_test_image(root / "init-3.png", 64, 64, seed=3),
+    }
     requests, exports = [], {}
     for case in [*CASES, REFINER]:
         exports[case.name] = export_ours(case, sources, root / case.name, backend="cpu")
@@ -126,7 +267,10 @@ def test_lcm_runs_on_both_cores_whatever_its_folder_is_called(loaded: dict[str, 
     for name in ("lcm", "lcm-plain-folder", "lcm-sdxl"):
         assert (loaded[name]["data_parallel_mode"], loaded[name]["is_lcm"]) == ("all", True), name
         assert loaded[name]["scheduler"] == "LCMScheduler", name
-    assert (loaded["sd-in-lcm-named-folder"]["data_parallel_mode"], loaded["sd-in-lcm-named-folder"]["is_lcm"]) == ("unet", False)
+    assert (loaded["sd-in-lcm-named-folder"]["data_parallel_mode"], loaded["sd-in-lcm-named-folder"]["is_lcm"]) == (
+        "unet",
+        False,
+    )
 
 
 def test_guidance_pipelines_split_the_doubled_batch_over_the_two_cores(loaded: dict[str, dict[str, Any]]):

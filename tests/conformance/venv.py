@@ -22,8 +22,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -62,12 +63,31 @@ def available() -> bool:
 
 def environment(record: str | Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The runner's environment: ours minus anything that would leak our own stack into the venv."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "TORCH_NEURONX_RECORD",
-                          "TORCH_NEURONX_FAIL_ON", "NEURON_FUSE_SOFTMAX", "NEURON_CUSTOM_SILU",
-                          "TORCHDYNAMO_DISABLE")}
-    env.update({"PYTHONPATH": str(DOUBLES), "USE_TORCH_XLA": "0", "HF_HUB_OFFLINE": "1",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONNOUSERSITE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key
+        not in (
+            "PYTHONPATH",
+            "PYTHONHOME",
+            "VIRTUAL_ENV",
+            "TORCH_NEURONX_RECORD",
+            "TORCH_NEURONX_FAIL_ON",
+            "NEURON_FUSE_SOFTMAX",
+            "NEURON_CUSTOM_SILU",
+            "TORCHDYNAMO_DISABLE",
+        )
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(DOUBLES),
+            "USE_TORCH_XLA": "0",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONNOUSERSITE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     if record is not None:
         env["TORCH_NEURONX_RECORD"] = str(record)
     env.update(extra or {})
@@ -89,8 +109,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def run(subcommand: str, cases: dict[str, Any] | Iterable[dict[str, Any]], *,
-        timeout: float = DEFAULT_TIMEOUT, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+def run(
+    subcommand: str,
+    cases: dict[str, Any] | Iterable[dict[str, Any]],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Runs one subcommand ("export", "generate", "config") on one case or a list of cases in ONE process.
 
     Returns the runner's JSON: {"command", "results": [one per case, in order, each with "ok"],
@@ -104,13 +129,21 @@ def run(subcommand: str, cases: dict[str, Any] | Iterable[dict[str, Any]], *,
         request_path, output_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_path.write_text(json.dumps(request))
         try:
-            process = subprocess.run(command(subcommand, request_path, output_path), env=environment(extra=extra_env),
-                                     cwd=tmp, capture_output=True, text=True, timeout=timeout, check=False)
+            process = subprocess.run(
+                command(subcommand, request_path, output_path),
+                env=environment(extra=extra_env),
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             raise RunnerError(f"optimum_runner {subcommand} timed out after {timeout} s") from exc
         if process.returncode != 0 or not output_path.exists():
-            raise RunnerError(f"optimum_runner {subcommand} exited with {process.returncode}:\n"
-                              f"{process.stderr[-6000:]}")
+            raise RunnerError(
+                f"optimum_runner {subcommand} exited with {process.returncode}:\n{process.stderr[-6000:]}"
+            )
         result = json.loads(output_path.read_text())
     result["stderr"] = process.stderr[-20000:]
     return result
@@ -141,7 +174,7 @@ def write_test_image(path: str | Path, height: int, width: int, seed: int = 0, m
     path = Path(path)
     if mask:
         array = np.zeros((height, width), dtype=np.uint8)
-        array[:, width // 2:] = 255
+        array[:, width // 2 :] = 255
         Image.fromarray(array, mode="L").save(path)
         return path
     rng = np.random.default_rng(seed)
@@ -171,8 +204,9 @@ def portable_pipeline(source: str | Path, target: str | Path) -> Path:
         architectures = json.loads(config.read_text()).get("architectures") or [] if config.exists() else []
         if path.suffix == ".safetensors" and "CLIPTextModel" in architectures:
             tensors = load_file(str(path))
-            renamed = {key if key.startswith("text_model.") else f"text_model.{key}": value
-                       for key, value in tensors.items()}
+            renamed = {
+                key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in tensors.items()
+            }
             save_file(renamed, str(destination), metadata={"format": "pt"})
         elif not destination.exists():
             try:

@@ -37,8 +37,9 @@ import os
 import shlex
 import uuid
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ ENVIRONMENT_KEYS = ("NEURON_FUSE_SOFTMAX", "NEURON_CUSTOM_SILU", "TORCHDYNAMO_DI
 STAMP_ATTRIBUTE = "torch_neuronx_double"
 
 events: list[dict[str, Any]] = []  # every event of this process, in order
-data_parallel_instances: list["DataParallel"] = []
+data_parallel_instances: list[DataParallel] = []
 
 _context: dict[str, Any] = {}
 _traced: dict[int, tuple[weakref.ref, str, Path | None]] = {}  # id(module) -> (module ref, trace id, record)
@@ -183,8 +184,9 @@ def trace(func: Any, example_inputs: Any, *_: Any, **kwargs: Any) -> torch.jit.S
         "compiler_workdir": str(workdir) if workdir is not None else None,
         "workdir_existed": workdir.is_dir() if workdir is not None else None,
         "input_shapes": [list(t.shape) if isinstance(t, torch.Tensor) else None for t in example_inputs],
-        "input_dtypes": [_dtype_name(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-                         for t in example_inputs],
+        "input_dtypes": [
+            _dtype_name(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in example_inputs
+        ],
         "func_class": type(func).__name__,
         "environment": {key: os.environ.get(key) for key in ENVIRONMENT_KEYS},
     }
@@ -198,8 +200,10 @@ def trace(func: Any, example_inputs: Any, *_: Any, **kwargs: Any) -> torch.jit.S
     for parameter in traced.parameters():  # a NEFF's outputs never need autograd (optimum's ControlNet __call__
         parameter.requires_grad_(False)  # runs without torch.no_grad and turns them into numpy)
     _traced[id(traced)] = (weakref.ref(traced), trace_id, record_path)
-    stamp = {key: call[key] for key in ("trace_id", "component", "compiler_args", "inline_weights_to_neff",
-                                        "input_shapes", "input_dtypes")}
+    stamp = {
+        key: call[key]
+        for key in ("trace_id", "component", "compiler_args", "inline_weights_to_neff", "input_shapes", "input_dtypes")
+    }
     stamp["after_trace"] = []
     traced._c._register_attribute(STAMP_ATTRIBUTE, torch._C.StringType.get(), json.dumps(stamp))
     return traced
@@ -221,8 +225,15 @@ def _after_trace(call: str, module: Any, **kwargs: Any) -> None:
     trace_id, record_path = None, _record_path(None)
     if entry is not None and entry[0]() is module:
         trace_id, record_path = entry[1], entry[2]
-    _emit({"event": "after_trace", "call": call, "trace_id": trace_id,
-           "kwargs": {key: _jsonable(value) for key, value in kwargs.items()}}, record_path)
+    _emit(
+        {
+            "event": "after_trace",
+            "call": call,
+            "trace_id": trace_id,
+            "kwargs": {key: _jsonable(value) for key, value in kwargs.items()},
+        },
+        record_path,
+    )
     info = artifact_info(module)
     if info is not None:
         info["after_trace"].append(call if not kwargs else [call, _jsonable(kwargs)])
@@ -235,24 +246,30 @@ def dynamic_batch(neuron_script: Any) -> Any:
     return neuron_script
 
 
-def async_load(trace: Any, enable_async_load: bool = True) -> None:  # noqa: A002 (the SDK's parameter name)
+def async_load(trace: Any, enable_async_load: bool = True) -> None:
     """Marks the module for asynchronous loading onto the NeuronCore; in place."""
     _after_trace("async_load", trace, **({} if enable_async_load else {"enable_async_load": False}))
 
 
-def lazy_load(trace: Any, enable_lazy_load: bool = True) -> None:  # noqa: A002
+def lazy_load(trace: Any, enable_lazy_load: bool = True) -> None:
     """Marks the module to load onto the NeuronCore only when first used (or by DataParallel); in place."""
     _after_trace("lazy_load", trace, **({} if enable_lazy_load else {"enable_lazy_load": False}))
 
 
 def _load_event(event: str, module: Any, **fields: Any) -> None:
     info = artifact_info(module)
-    _emit({"event": event, "module_id": id(module),  # module_id: to name components within this process
-           "artifact": info and {k: info.get(k) for k in ("trace_id", "component")},
-           **{key: _jsonable(value) for key, value in fields.items()}}, _record_path(None))
+    _emit(
+        {
+            "event": event,
+            "module_id": id(module),  # module_id: to name components within this process
+            "artifact": info and {k: info.get(k) for k in ("trace_id", "component")},
+            **{key: _jsonable(value) for key, value in fields.items()},
+        },
+        _record_path(None),
+    )
 
 
-def move_trace_to_device(trace: Any, device_id: int) -> None:  # noqa: A002
+def move_trace_to_device(trace: Any, device_id: int) -> None:
     """Moves separated (non-inlined) weights to a NeuronCore; in place. Recorded only."""
     _load_event("move_trace_to_device", trace, device_id=device_id)
 
@@ -281,8 +298,9 @@ class DataParallel(torch.nn.Module):
     same module stands for each core's copy) and the outputs are concatenated back. `core_calls` records
     (core, input shapes) per piece."""
 
-    def __init__(self, module: Any, device_ids: list[int] | None = None, dim: int = 0,
-                 set_dynamic_batching: bool = True) -> None:
+    def __init__(
+        self, module: Any, device_ids: list[int] | None = None, dim: int = 0, set_dynamic_batching: bool = True
+    ) -> None:
         super().__init__()
         self.module = module
         self.device_ids = list(device_ids) if device_ids is not None else [0, 1]
@@ -290,15 +308,15 @@ class DataParallel(torch.nn.Module):
         self.dynamic_batching_enabled = set_dynamic_batching
         self.core_calls: list[tuple[int, list[list[int] | None]]] = []
         data_parallel_instances.append(self)
-        _load_event("DataParallel", module, device_ids=self.device_ids, dim=dim,
-                    set_dynamic_batching=set_dynamic_batching)
+        _load_event(
+            "DataParallel", module, device_ids=self.device_ids, dim=dim, set_dynamic_batching=set_dynamic_batching
+        )
 
     def disable_dynamic_batching(self) -> None:
         self.dynamic_batching_enabled = False
 
     def forward(self, *args: Any) -> Any:
-        batch = next((a.shape[self.dim] for a in args if isinstance(a, torch.Tensor) and a.dim() > self.dim),
-                     None)
+        batch = next((a.shape[self.dim] for a in args if isinstance(a, torch.Tensor) and a.dim() > self.dim), None)
         if batch is None:
             return self.module(*args)
         pieces = min(len(self.device_ids), batch)
@@ -306,7 +324,8 @@ class DataParallel(torch.nn.Module):
         outputs = []
         for index in range(pieces):
             piece = [parts[index] for parts in split]
-            self.core_calls.append((self.device_ids[index],
-                                    [list(p.shape) if isinstance(p, torch.Tensor) else None for p in piece]))
+            self.core_calls.append(
+                (self.device_ids[index], [list(p.shape) if isinstance(p, torch.Tensor) else None for p in piece])
+            )
             outputs.append(self.module(*piece))
         return _concat(outputs, self.dim)
