@@ -115,9 +115,8 @@ class SourceRecord(BaseModel):
 class PipelineRecord(BaseModel):
     family: str
     task: str
-    architecture: str = Field(
-        validation_alias=AliasChoices("architecture", "kind")
-    )  # sd, sdxl, sdxl-refiner; older manifests say kind
+    # sd, sdxl, sdxl-refiner; older manifests say kind
+    architecture: str = Field(validation_alias=AliasChoices("architecture", "kind"))
     is_lcm: bool
     diffusers_pipeline: str
     optimum_pipeline: str

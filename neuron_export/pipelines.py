@@ -22,9 +22,8 @@ class PipelineKind:
     diffusers: str  # diffusers' pipeline class, recorded as the manifest's diffusers_pipeline
     optimum: str  # optimum-neuron's pipeline class, recorded as optimum_pipeline
     hub_tag: str  # the model card's pipeline_tag
-    images: tuple[
-        str, ...
-    ]  # the images a call needs, by `generate`'s option (without --); control-image repeats per ControlNet
+    # the images a call needs, by `generate`'s option (without --); control-image repeats per ControlNet
+    images: tuple[str, ...]
     prompt: str  # the examples' prompt
 
     @property

@@ -139,28 +139,29 @@ def component_spellings() -> str:
 
 
 ADAPTERS = "neuron_export.runtime.adapters"
+# an SDXL refiner has only the second text encoder
 register(
     Role(
-        "text_encoder",
-        "neuron_export.components.text_encoder",
-        "text_encoder",
-        "text_encoder",
-        f"{ADAPTERS}:text_encoder_slot",
-        CLIP_COSTS,
-        TRANSFORMER,
+        name="text_encoder",
+        module_path="neuron_export.components.text_encoder",
+        source_folder="text_encoder",
+        slot="text_encoder",
+        adapter=f"{ADAPTERS}:text_encoder_slot",
+        costs=CLIP_COSTS,
+        flags=TRANSFORMER,
         default=True,
         count=lambda facts: int(facts.text_encoder is not None),
     )
-)  # an SDXL refiner has only the second
+)
 register(
     Role(
-        "text_encoder_2",
-        "neuron_export.components.text_encoder",
-        "text_encoder_2",
-        "text_encoder_2",
-        f"{ADAPTERS}:text_encoder_slot",
-        CLIP_COSTS,
-        TRANSFORMER,
+        name="text_encoder_2",
+        module_path="neuron_export.components.text_encoder",
+        source_folder="text_encoder_2",
+        slot="text_encoder_2",
+        adapter=f"{ADAPTERS}:text_encoder_slot",
+        costs=CLIP_COSTS,
+        flags=TRANSFORMER,
         default=True,
         count=lambda facts: int(facts.text_encoder_2 is not None),
     )
@@ -168,13 +169,13 @@ register(
 # The SDXL UNet compiles without fast loading, as optimum-neuron does.
 register(
     Role(
-        "unet",
-        "neuron_export.components.unet",
-        "unet",
-        "unet",
-        f"{ADAPTERS}:unet_slot",
-        UNET_COSTS,
-        UNET_LIKE,
+        name="unet",
+        module_path="neuron_export.components.unet",
+        source_folder="unet",
+        slot="unet",
+        adapter=f"{ADAPTERS}:unet_slot",
+        costs=UNET_COSTS,
+        flags=UNET_LIKE,
         xl_flags=("--model-type=unet-inference",),
         default=True,
         feature_map=(320, 1),
@@ -184,13 +185,13 @@ register(
 )
 register(
     Role(
-        "vae_encoder",
-        "neuron_export.components.vae",
-        "vae",
-        "vae",
-        f"{ADAPTERS}:vae_slot",
-        _costs(BuildCost(1.10, 3200, 1.2e-4), BuildCost(8.0, 16000, 3.5e-4)),
-        UNET_LIKE,
+        name="vae_encoder",
+        module_path="neuron_export.components.vae",
+        source_folder="vae",
+        slot="vae",
+        adapter=f"{ADAPTERS}:vae_slot",
+        costs=_costs(BuildCost(1.10, 3200, 1.2e-4), BuildCost(8.0, 16000, 3.5e-4)),
+        flags=UNET_LIKE,
         default=True,
         tensor_prefixes=("encoder.", "quant_conv."),
         feature_map=(128, 1),
@@ -198,47 +199,49 @@ register(
 )
 register(
     Role(
-        "vae_decoder",
-        "neuron_export.components.vae",
-        "vae",
-        "vae",
-        f"{ADAPTERS}:vae_slot",
-        _costs(BuildCost(1.10, 3600, 1.3e-4), BuildCost(8.0, 24000, 6.6e-4)),
-        UNET_LIKE,
+        name="vae_decoder",
+        module_path="neuron_export.components.vae",
+        source_folder="vae",
+        slot="vae",
+        adapter=f"{ADAPTERS}:vae_slot",
+        costs=_costs(BuildCost(1.10, 3600, 1.3e-4), BuildCost(8.0, 24000, 6.6e-4)),
+        flags=UNET_LIKE,
         default=True,
         tensor_prefixes=("decoder.", "post_quant_conv."),
         feature_map=(128, 8),
     )
 )
 # A ControlNet is a UNet's encoder half: its costs and activations are the UNet's, it goes where the UNet goes
-# (it takes the UNet's doubled batch) and compiles like the SD UNet, with fast loading even for SDXL.
+# (it takes the UNet's doubled batch) and compiles like the SD UNet, with fast loading even for SDXL; one per
+# --controlnet.
 CONTROLNET = register(
     Role(
-        "controlnet",
-        "neuron_export.components.controlnet",
-        None,
-        "controlnet",
-        f"{ADAPTERS}:controlnet_slot",
-        UNET_COSTS,
-        UNET_LIKE,
+        name="controlnet",
+        module_path="neuron_export.components.controlnet",
+        source_folder=None,
+        slot="controlnet",
+        adapter=f"{ADAPTERS}:controlnet_slot",
+        costs=UNET_COSTS,
+        flags=UNET_LIKE,
         numbered=True,
         feature_map=(320, 1),
         with_unet=True,
         lazy_load=True,
         count=lambda facts: len(facts.controlnets),
     )
-)  # one per --controlnet
-# optimum-neuron leaves the image encoder's loading as it is, and compiles it as a plain transformer.
+)
+# With an IP-Adapter; optimum-neuron leaves the image encoder's loading as it is, and compiles it as a plain
+# transformer.
 register(
     Role(
-        "image_encoder",
-        "neuron_export.components.image_encoder",
-        None,
-        "image_encoder",
-        f"{ADAPTERS}:image_encoder_slot",
-        CLIP_COSTS,
-        ("--model-type=transformer",),
+        name="image_encoder",
+        module_path="neuron_export.components.image_encoder",
+        source_folder=None,
+        slot="image_encoder",
+        adapter=f"{ADAPTERS}:image_encoder_slot",
+        costs=CLIP_COSTS,
+        flags=("--model-type=transformer",),
         async_load=False,
         count=lambda facts: int(facts.image_encoder is not None),
     )
-)  # with an IP-Adapter
+)

@@ -43,9 +43,8 @@ class ComponentSpec:
     outputs: tuple[str, ...]
     static_shapes: dict[str, int] = field(default_factory=dict)
     output_hidden_states: bool = False
-    add_ons: dict[str, Any] = field(
-        default_factory=dict
-    )  # what load() adds to the model (an IP-Adapter file, its scale)
+    # what load() adds to the model (an IP-Adapter file, its scale)
+    add_ons: dict[str, Any] = field(default_factory=dict)
 
 
 def make_inputs(specs: tuple[TensorSpec, ...], seed: int) -> list[Any]:

@@ -56,9 +56,8 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
         inputs += [TensorSpec(f"{DOWN_RESIDUAL}_{index}", shape) for index, shape in enumerate(downs)]
     if config.get("addition_embed_type") == "text_time":
         time_embed_dim = int(config["addition_time_embed_dim"])
-        time_values = (
-            5 if facts.architecture == "sdxl-refiner" else 6
-        )  # the refiner's aesthetic score replaces 2 size values
+        # the refiner's aesthetic score replaces 2 size values
+        time_values = 5 if facts.architecture == "sdxl-refiner" else 6
         pooled_dim = int(config["projection_class_embeddings_input_dim"]) - time_values * time_embed_dim
         inputs.append(TensorSpec("text_embeds", (batch, pooled_dim)))
         inputs.append(TensorSpec("time_ids", (batch, time_values)))

@@ -137,9 +137,8 @@ def worker_main(order: WorkOrder, build_dir: Path, workdir: Path, pipe: Any) -> 
     except ExportError as exc:  # sent whole (it pickles): the parent raises the same class, so the same exit code
         send(("error", (exc, traceback.format_exc())))
     except BaseException as exc:  # a crash inside torch or the compiler: report it, the parent fails cleanly
-        first_line = (str(exc).splitlines() or [""])[0][
-            :300
-        ]  # the rest is in the traceback NEURON_EXPORT_DEBUG=1 shows
+        # the rest is in the traceback NEURON_EXPORT_DEBUG=1 shows
+        first_line = (str(exc).splitlines() or [""])[0][:300]
         crash = BuildError(
             f"Building {name} crashed: {type(exc).__name__}: {first_line}".strip() + "; nothing was written."
         )
