@@ -24,9 +24,9 @@ from neuron_export.errors import ExportError
 from neuron_export.version import __version__
 
 if TYPE_CHECKING:
-    from neuron_export.exporter.build import EventHandler
-    from neuron_export.exporter.plan import Plan
-    from neuron_export.exporter.run import ExportResult
+    from neuron_export.build.parent import EventHandler
+    from neuron_export.build.run import ExportResult
+    from neuron_export.planning.jobs import Plan
 
 __all__ = ["ExportError", "__version__", "export", "load", "order_controlnets", "plan"]
 
@@ -37,7 +37,7 @@ def plan(
     """What an export would build (jobs, shapes, flags, cache hits, memory and time estimates); loads no model.
     One Plan, or a list when height, width or batch_size name several values (a shape matrix) or when a list
     of YAML configs is given."""
-    from neuron_export.exporter.run import plan_exports
+    from neuron_export.planning.exports import plan_exports
 
     plans = plan_exports(family_or_config, overrides, planning=True, **options)
     return plans[0] if len(plans) == 1 else plans
@@ -53,8 +53,9 @@ def export(
     """Export (or find up to date) and return the result: output path, manifest, up_to_date, per-component origin.
     Takes a family name ("sd", "sd-xl", "lcm"), a YAML config path, a Plan from `plan()`, or a list of either
     (with executor="ray" their missing components are built on the cluster together, each once)."""
-    from neuron_export.exporter.plan import Plan
-    from neuron_export.exporter.run import fan_out, plan_exports, run_plan
+    from neuron_export.build.run import fan_out, run_plan
+    from neuron_export.planning.exports import plan_exports
+    from neuron_export.planning.jobs import Plan
 
     if isinstance(family_or_config, Plan):
         plans = [family_or_config]

@@ -1,7 +1,7 @@
 """Ed25519 signatures of remote cache entries: the writer signs what an entry claims to be (its cache key, its
 component and compiled input shapes, every file's name, size and sha256); a reader uses an entry only when a
 key it trusts signed it, as Nix binary caches do with trusted-public-keys. Shared by the remote cache
-(exporter/remote.py) and `verify` (deploy/), which checks the signature of every downloaded component again.
+(store/remote.py) and `verify` (deploy/), which checks the signature of every downloaded component again.
 
 A public key is written `ed25519:<base64 of its 32 bytes>`; a private key file is PKCS#8 PEM (mode 0600).
 """

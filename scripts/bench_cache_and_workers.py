@@ -511,7 +511,7 @@ def main() -> int:
     try:
         tiny = work / "tiny-sd"
         subprocess.run(
-            [sys.executable, "-m", "neuron_export.examples", "sd", str(tiny)],
+            [sys.executable, "-m", "neuron_export.testing.examples", "sd", str(tiny)],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -523,7 +523,7 @@ def main() -> int:
             if not (model / "model_index.json").exists():
                 print(f"building full-size SD 1.5 (random weights) in {model} ...", flush=True)
                 subprocess.run(
-                    [sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)],
+                    [sys.executable, str(Path(__file__).with_name("sd15_full.py")), str(model)],
                     check=True,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

@@ -86,7 +86,7 @@ def main() -> int:
     if not (model / "model_index.json").exists():
         print(f"building full-size SD 1.5 (random weights) in {model} ...", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "neuron_export.examples", "sd15-full", str(model)],
+            [sys.executable, str(Path(__file__).with_name("sd15_full.py")), str(model)],
             check=True,
             stdout=subprocess.DEVNULL,
         )

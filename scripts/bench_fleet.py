@@ -8,7 +8,7 @@
    fresh caches: wall ratio and builds (against the unique cache keys `plan --json` lists). Both nodes share
    this host's cores, so this measures the overhead of fanning out, not the speed-up of real hosts.
 4. Projected, not measured (no Neuron SDK here): an SDXL base 1024x1024 export's five components compiled on
-   five hosts at once against one after another, from the Neuron backend's time factors (exporter/estimate.py)
+   five hosts at once against one after another, from the Neuron backend's time factors (planning/estimate.py)
    and SDXL base's published parameter counts.
 
     python scripts/bench_fleet.py [--keep]
@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from neuron_export.examples import build_example  # noqa: E402
-from neuron_export.exporter.estimate import WeightStats, estimate_seconds  # noqa: E402
+from neuron_export.planning.estimate import WeightStats, estimate_seconds  # noqa: E402
+from neuron_export.testing.examples import build_example  # noqa: E402
 
 # SDXL base 1.0 parameter counts (safetensors headers of stabilityai/stable-diffusion-xl-base-1.0).
 SDXL_PARAMETERS = {
@@ -177,7 +177,7 @@ def projection() -> None:
     }
     serial, fanned = sum(seconds.values()), max(seconds.values())
     longest = max(seconds, key=seconds.get)
-    print("4. projected (Neuron time factors of exporter/estimate.py, not measured): SDXL base 1024x1024, 5 components")
+    print("4. projected (Neuron time factors of planning/estimate.py, not measured): SDXL base 1024x1024, 5 components")
     print("   " + ", ".join(f"{name} {value / 60:.1f} min" for name, value in seconds.items()))
     print(
         f"   serial {serial / 60:.1f} min; five hosts {fanned / 60:.1f} min (the {longest}); ratio {serial / fanned:.2f}x "

@@ -2,7 +2,7 @@
 
 Builds (once) a random-weight SD 1.5 pipeline with the real architecture and a random rank-R LoRA for its UNet's
 attention layers, then, in a fresh process: imports torch and diffusers, notes the resident memory, loads the
-UNet from safetensors and fuses the LoRA with neuron-export's worker code (neuron_export.components.lora.fuse).
+UNet from safetensors and fuses the LoRA with neuron-export's worker code (neuron_export.roles.lora.fuse).
 The peak (the kernel's VmHWM) above that baseline is printed against the UNet's weight bytes, after fusing and
 again after reading every weight once more (as tracing does next; safetensors maps the file, so fusing alone
 pages in only the layers it changes). Target: the second figure at most 1.3x. Exits 1 when it is not.
@@ -35,10 +35,10 @@ def child(model_dir: Path, lora_file: Path) -> None:
     import peft  # noqa: F401
     import torch  # noqa: F401  (imported before the baseline: every export worker has it already)
 
-    from neuron_export.components import lora, unet
-    from neuron_export.components.spec import ComponentSpec
-    from neuron_export.exporter.lora import LoraFusion, key_prefixes
-    from neuron_export.exporter.worker import limit_fragmentation, release_memory
+    from neuron_export.build.worker import limit_fragmentation, release_memory
+    from neuron_export.planning.lora import LoraFusion, key_prefixes
+    from neuron_export.roles import lora, unet
+    from neuron_export.roles.spec import ComponentSpec
 
     limit_fragmentation()
     release_memory()
@@ -90,14 +90,15 @@ def main() -> int:
         child(*args.child)
         return 0
 
-    from neuron_export.example_lora import build_lora
-    from neuron_export.examples import build_example
+    from sd15_full import build as build_sd15_full
+
+    from neuron_export.testing.lora import build_lora
 
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     model_dir = args.model_dir or work / "sd15-full"
     if not (model_dir / "unet" / "config.json").is_file():
         print(f"building full-size SD 1.5 (random weights) in {model_dir} ...", flush=True)
-        build_example("sd15-full", model_dir)
+        build_sd15_full(model_dir)
     lora_file = build_lora(model_dir, work / "lora", components=("unet",), rank=args.rank)
     weights = sum(f.stat().st_size for f in (model_dir / "unet").glob("*.safetensors"))
     run = subprocess.run(

@@ -69,7 +69,10 @@ def main() -> int:
     try:
         model, output = work / "tiny-sd", work / "out"
         subprocess.run(
-            [sys.executable, "-m", "neuron_export.examples", "sd", str(model)], env=env, check=True, capture_output=True
+            [sys.executable, "-m", "neuron_export.testing.examples", "sd", str(model)],
+            env=env,
+            check=True,
+            capture_output=True,
         )  # library warnings are not this benchmark's output
         command = [
             sys.executable,

@@ -71,7 +71,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], path
 
     Treat the folder as read-only; it is shared by every test that asks for the same name.
     """
-    from neuron_export.examples import build_example
+    from neuron_export.testing.examples import build_example
 
     built: dict[str, pathlib.Path] = {}
 

@@ -104,8 +104,8 @@ def test_a_killed_lock_holder_does_not_block_the_others(tiny_model, tmp_path, cl
             textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from neuron_export.exporter.cache import ComponentCache
-        from neuron_export.exporter.supply import key_lock
+        from neuron_export.store.cache import ComponentCache
+        from neuron_export.store.supply import key_lock
         lock = key_lock(ComponentCache(Path({str(cache)!r})), {key!r})
         lock.acquire()
         print("holding", flush=True)

@@ -342,7 +342,7 @@ def test_cache_prune_needs_to_be_told_what_to_remove_and_can_list_it_first(cli, 
 
 
 def test_weight_hashes_are_remembered_by_path_size_and_mtime(tiny_model, tmp_path):
-    from neuron_export.exporter.cache import HashIndex
+    from neuron_export.store.cache import HashIndex
 
     weights = tmp_path / "w.safetensors"
     shutil.copy(next(tiny_model("sd").glob("unet/*.safetensors")), weights)

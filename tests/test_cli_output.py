@@ -154,7 +154,7 @@ class InterruptOnTorch:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the preload's imports
         return None
 sys.meta_path.insert(0, InterruptOnTorch())
-import neuron_export.exporter._preload
+import neuron_export.build._preload
 print("preloaded")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

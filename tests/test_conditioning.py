@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neuron_export.example_adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
+from neuron_export.testing.adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
 
 
 def ip_adapter_args(tiny_model, scale: float = 0.6) -> list:
@@ -216,7 +216,7 @@ GENERATE = {  # how it is exported, generate options (image names), the diffuser
 @pytest.fixture(scope="module")
 def tiny_with_second_controlnet(tiny_model, tmp_path_factory):
     """tiny_model, plus "sd-controlnet-b": the same ControlNet shape with other random weights."""
-    from neuron_export.examples import build_example
+    from neuron_export.testing.examples import build_example
 
     second = build_example("sd-controlnet", tmp_path_factory.mktemp("controlnet-b"), seed=1)
     return lambda kind: second if kind == "sd-controlnet-b" else tiny_model(kind)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from neuron_export.errors import ExportError
-from neuron_export.exporter.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
+from neuron_export.planning.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -125,7 +125,7 @@ def test_config_errors_do_not_import_torch():
 
 
 def test_lists_in_yaml_or_commas_on_the_command_line_make_a_shape_matrix(tmp_path):
-    from neuron_export.exporter.config import make_configs
+    from neuron_export.planning.config import make_configs
 
     path = tmp_path / "matrix.yaml"
     path.write_text("family: sd\nheight: [512, 768]\nbatch_size: [1, 2]\n")

@@ -212,7 +212,7 @@ def test_ctrl_c_leaves_no_partial_directory(tiny_model, tmp_path, isolated_cache
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
     assert not [p for p in (isolated_cache / "tmp").iterdir()]  # no half-built entry left
-    from neuron_export.exporter.cache import ComponentCache
+    from neuron_export.store.cache import ComponentCache
 
     cache = ComponentCache(isolated_cache)
     assert cache.verify() == [] and len(list(cache.entries())) >= 1

@@ -1,4 +1,4 @@
-"""The tiny example pipelines of `neuron_export.examples`: their layout, their shapes, and that diffusers runs them."""
+"""The tiny example pipelines of `neuron_export.testing.examples`: their layout, their shapes, and that diffusers runs them."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from neuron_export.examples import EXAMPLE_NAMES, build_example
+from neuron_export.testing.examples import EXAMPLE_NAMES, build_example
 
-TINY_NAMES = tuple(name for name in EXAMPLE_NAMES if name != "sd15-full")  # sd15-full is ~4 GiB: not tested here
+TINY_NAMES = EXAMPLE_NAMES
 PROMPT = "a photo of the dog"
 
 SD_WEIGHTS = {
@@ -79,7 +79,6 @@ def test_all_names_are_listed():
         "sd-controlnet",
         "sdxl-controlnet",
         "sd-ip-adapter",
-        "sd15-full",
     )
 
 
@@ -143,7 +142,7 @@ def test_building_leaves_the_callers_random_state_alone(tmp_path):
 
 
 def test_command_line_builds_one_example(tmp_path, capsys):
-    from neuron_export.examples import main
+    from neuron_export.testing.examples import main
 
     assert main(["lcm-sdxl-unet", str(tmp_path / "unet")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "unet")

@@ -249,7 +249,7 @@ def test_a_lying_safetensors_header_is_one_sentence(cli, tiny_model, tmp_path, l
 
 
 def test_a_lora_with_a_lying_header_is_one_sentence(cli, tiny_model, tmp_path):
-    from neuron_export.example_lora import build_lora
+    from neuron_export.testing.lora import build_lora
 
     file = build_lora(tiny_model("sd"), tmp_path / "lora")
     rewrite_header(file, lambda h: h.update({next(key for key in h if key != "__metadata__"): 5}))

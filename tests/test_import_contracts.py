@@ -16,11 +16,18 @@ LINT_IMPORTS = [sys.executable, "-c", "from importlinter.cli import lint_imports
 
 # (module to plant in, the line planted, the contract it breaks); inside a function, where an import still counts
 PLANTS = {
-    "runtime imports the exporter": (
+    "runtime imports planning": (
         "runtime/reading.py",
-        "import neuron_export.exporter.plan",
-        "A finished export is read without the exporter",
+        "import neuron_export.planning.jobs",
+        "deploy, runtime, store, roles and testing never plan or build",
     ),
+    "the store imports the build": (
+        "store/cache.py",
+        "import neuron_export.build.worker",
+        "deploy, runtime, store, roles and testing never plan or build",
+    ),
+    "planning imports torch": ("planning/source.py", "import torch", "Planning imports no torch"),
+    "planning imports the build": ("planning/keys.py", "import neuron_export.build.parent", "The CLI is the top"),
     "a cycle": ("errors.py", "from neuron_export.cli import main", "No import cycle"),
 }
 

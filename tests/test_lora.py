@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron_export.example_lora import build_lora
+from neuron_export.testing.lora import build_lora
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def loras(tiny_model, tmp_path_factory):
 
 def lora_location(path: Path) -> dict[str, str]:
     """(folder, weight_name) for diffusers' load_lora_weights: offline, diffusers 0.35 guesses no file name."""
-    from neuron_export.example_lora import LORA_WEIGHT_NAME
+    from neuron_export.testing.lora import LORA_WEIGHT_NAME
 
     path = Path(path)
     folder, name = (path.parent, path.name) if path.is_file() else (path, LORA_WEIGHT_NAME)
@@ -179,7 +179,7 @@ def test_replacement_vae_never_reads_the_source_vae(cli, tiny_model, tmp_path):
     source = tmp_path / "model"
     shutil.copytree(tiny_model("sd"), source)
     replacement = tmp_path / "other"
-    from neuron_export.examples import build_example
+    from neuron_export.testing.examples import build_example
 
     build_example("sd", replacement, seed=1)
     first = cli("sd", "-m", source, "--backend", "cpu", "-o", tmp_path / "plain", "--components", "unet,vae_decoder")

@@ -182,8 +182,8 @@ def test_the_manifest_records_how_each_component_was_traced(neuron_sdk, cli, tin
 def test_cpu_backend_is_passed_exactly_when_no_neuron_device_is_present(neuron_sdk, monkeypatch, tmp_path):
     import torch
 
-    from neuron_export.backends import neuron
-    from neuron_export.backends.request import CompileRequest
+    from neuron_export.build.backends import neuron
+    from neuron_export.build.backends.request import CompileRequest
 
     devices = tmp_path / "devices"
     monkeypatch.setattr(neuron, "DEVICES_FILE", devices)

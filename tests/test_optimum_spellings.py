@@ -88,7 +88,7 @@ def test_lora_options_pair_with_the_lora_they_follow():
 
 
 def test_the_readme_two_lora_example_runs(cli, tiny_model, tmp_path):
-    from neuron_export.example_lora import build_lora
+    from neuron_export.testing.lora import build_lora
 
     sdxl = tiny_model("sdxl")
     build_lora(sdxl, tmp_path / "cereal", weight_name="cereal_box_sdxl_v1.safetensors")

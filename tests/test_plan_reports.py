@@ -15,7 +15,7 @@ def plan_json(cli, *args) -> dict:
 
 
 def test_a_neuron_plan_needs_no_sdk_and_says_it_is_not_installed(cli, tiny_model, tmp_path):
-    from neuron_export.backends.select import neuron_sdk_error
+    from neuron_export.compiler import neuron_sdk_error
 
     assert neuron_sdk_error() is not None  # this host has no torch_neuronx
     args = ["sd", "-m", tiny_model("sd"), "--backend", "neuron", "-o", tmp_path / "out"]

@@ -172,7 +172,7 @@ def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths
 ):
     """This host's Hub snapshots are out of the nodes' sight while they build: each node fetches the --vae and the
     --controlnet from the Hub (its own cache here, offline) at the commits planned here."""
-    from neuron_export.exporter import ray_executor
+    from neuron_export.build import ray_executor
 
     here = tmp_path / "hub-cache"
     repositories = {

@@ -3,7 +3,7 @@ working fails the suite.
 
 How the README's world is stood in for (nothing in the README's text is rewritten except as listed here):
 - Hub ids resolve from a local Hugging Face cache (HF_HUB_CACHE, offline) whose snapshots are the tiny random-weight
-  pipelines and adapters of neuron_export.examples / example_lora / example_adapters: HUB_STAND_INS below. To stand
+  pipelines and adapters of neuron_export.testing.examples / example_lora / example_adapters: HUB_STAND_INS below. To stand
   in for a new hub id, add a line there.
 - Export, plan and build commands get `--backend cpu` (this host has no Neuron SDK): BACKEND_COMMANDS.
 - Sizes shrink with the models: a height or width of 256 pixels or more, on the command line or in a config, is
@@ -112,8 +112,8 @@ def commands(text: str) -> list[str]:
 
 
 def _make_stand_in(kind: str, options: dict, directory: Path, examples: Callable[[str], Path]) -> None:
-    from neuron_export.example_lora import build_lora
-    from neuron_export.examples import build_example
+    from neuron_export.testing.examples import build_example
+    from neuron_export.testing.lora import build_lora
 
     if kind == "lora":
         for seed, name in enumerate(options.get("weight_names", ["pytorch_lora_weights.safetensors"])):
@@ -141,7 +141,7 @@ def local_files(scratch: Path, examples: Callable[[str], Path]) -> None:
     """The files a README user has at hand: images, their own configs, their own LoRA."""
     from PIL import Image
 
-    from neuron_export.example_lora import build_lora
+    from neuron_export.testing.lora import build_lora
 
     for name in ("edges.png", "depth.png", "face.png", "photo.png"):
         Image.new("RGB", (64, 64), (120, 60, 30)).save(scratch / name)

@@ -19,10 +19,10 @@ NOT_NEEDED = (
     "yaml",
     "psutil",
     "multiprocessing",
-    "neuron_export.exporter.build",
-    "neuron_export.exporter.worker",
-    "neuron_export.exporter.supply",
-    "neuron_export.exporter.remote",
+    "neuron_export.build.parent",
+    "neuron_export.build.worker",
+    "neuron_export.store.supply",
+    "neuron_export.store.remote",
 )
 
 

@@ -1,4 +1,4 @@
-"""One role registry (neuron_export/roles.py): the ControlNet prefix and the list of roles are written once, and a
+"""One role registry (neuron_export/roles/registry.py): the ControlNet prefix and the list of roles are written once, and a
 role registered in one file -- here, this one -- is planned, built and loaded with no other module edited."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from neuron_export.components.spec import ComponentSpec, Shapes, TensorSpec
-from neuron_export.roles import UNET_LIKE, BuildCost, Role, register, unregister
+from neuron_export.roles.registry import UNET_LIKE, BuildCost, Role, register, unregister
+from neuron_export.roles.spec import ComponentSpec, Shapes, TensorSpec
 
 PACKAGE = Path(__file__).resolve().parent.parent / "neuron_export"
 # The component-name prefix ("controlnet_" then a number, N or a brace), not identifiers like controlnet_scale.
@@ -41,12 +41,12 @@ def lists_roles(tree: ast.AST) -> bool:
 
 
 def test_the_controlnet_prefix_is_written_in_one_module():
-    assert modules_where(lambda text, tree: CONTROLNET_PREFIX.search(text)) == ["neuron_export/roles.py"]
+    assert modules_where(lambda text, tree: CONTROLNET_PREFIX.search(text)) == ["neuron_export/roles/registry.py"]
 
 
 def test_the_roles_are_listed_in_one_module():
-    assert modules_where(lambda text, tree: lists_roles(tree)) == []  # roles.py registers them one by one
-    assert modules_where(lambda text, tree: "register(Role(" in text) == ["neuron_export/roles.py"]
+    assert modules_where(lambda text, tree: lists_roles(tree)) == []  # roles/registry.py registers them one by one
+    assert modules_where(lambda text, tree: "register(Role(" in text) == ["neuron_export/roles/registry.py"]
 
 
 # --- A throwaway role: the VAE's post-quantisation convolution (latents in, latents out), built from vae/ ---

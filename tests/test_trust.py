@@ -410,7 +410,7 @@ def test_cache_pull_cleans_up_a_killed_pull(team, honest, tmp_path, cli):
     cache = tmp_path / "cache"
     driver = textwrap.dedent("""
         import os, signal, sys
-        import neuron_export.exporter.remote as remote
+        import neuron_export.store.remote as remote
         original = remote.stream
         def stream_then_die(*args):
             original(*args)

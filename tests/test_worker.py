@@ -8,8 +8,8 @@ TOKEN = "hf_not_a_real_token_0123456789"
 
 
 def test_what_a_worker_receives_holds_no_token(tiny_model):
-    from neuron_export.exporter.build import work_order
-    from neuron_export.exporter.run import plan_exports
+    from neuron_export.build.parent import work_order
+    from neuron_export.planning.exports import plan_exports
 
     plan = plan_exports("sd", model=str(tiny_model("sd")), backend="cpu", token=TOKEN)[0]
     assert plan.config.token == TOKEN  # the plan has it; the workers must not

@@ -17,9 +17,9 @@ from neuron_export.cli.options import (
 from neuron_export.errors import ExitCode, ExportError
 
 if TYPE_CHECKING:
-    from neuron_export.exporter.cache import ComponentCache
-    from neuron_export.exporter.remote import RemoteCache
     from neuron_export.manifest import ComponentRecord
+    from neuron_export.store.cache import ComponentCache
+    from neuron_export.store.remote import RemoteCache
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -45,7 +45,7 @@ def parse_duration(text: str) -> float:
 
 
 def _cache(cache_dir: Path | None) -> "ComponentCache":
-    from neuron_export.exporter.cache import ComponentCache, default_cache_dir
+    from neuron_export.store.cache import ComponentCache, default_cache_dir
 
     return ComponentCache(cache_dir or default_cache_dir())
 
@@ -61,9 +61,9 @@ def _remote(
     else to do)."""
     import os
 
-    from neuron_export.exporter.config import REMOTE_ENV, check_remote_url
-    from neuron_export.exporter.remote import RemoteCache
-    from neuron_export.exporter.remote_trust import resolve_trust
+    from neuron_export.planning.config import REMOTE_ENV, check_remote_url
+    from neuron_export.store.remote import RemoteCache
+    from neuron_export.store.remote_trust import resolve_trust
 
     where = "--remote-cache"
     if not url and os.environ.get(REMOTE_ENV):
@@ -236,7 +236,7 @@ def prune_command(
     seconds = parse_duration(older_than) if older_than else None
     linked: dict[str, int] = {}  # bytes an export still hard-links: removing the entry does not free them
     if remote:
-        from neuron_export.exporter import remote_upkeep
+        from neuron_export.store import remote_upkeep
 
         shared = _remote(remote_cache, "prune --remote")
         keys = remote_upkeep.unused_for(shared, seconds)
@@ -276,7 +276,7 @@ def verify_command(
 ) -> None:
     """Hash-check every entry; bad ones are removed (and rebuilt by the next export that needs them). Exits 3 if any was bad."""
     if remote:
-        from neuron_export.exporter.remote_upkeep import verify
+        from neuron_export.store.remote_upkeep import verify
 
         shared = _remote(remote_cache, "verify --remote")
         count = len(shared.keys())
@@ -301,9 +301,9 @@ def push_command(
     remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
 ) -> None:
     """Upload, signed, every intact local entry the remote cache has no trusted entry for (seeds it for other hosts)."""
-    from neuron_export.exporter.remote_trust import SIGNING_KEY_ENV
-    from neuron_export.exporter.remote_upkeep import push
     from neuron_export.format import human_bytes
+    from neuron_export.store.remote_trust import SIGNING_KEY_ENV
+    from neuron_export.store.remote_upkeep import push
 
     shared = _remote(remote_cache, "push", remote_cache_signing_key, None, remote_cache_allow_unsigned)
     if not shared.trust.can_upload:
@@ -327,8 +327,8 @@ def pull_command(
     remote_cache_allow_unsigned: RemoteCacheAllowUnsigned = False,
 ) -> None:
     """Download every remote entry the local cache does not have that a trusted key signed, each hash-checked."""
-    from neuron_export.exporter.remote_upkeep import pull
     from neuron_export.format import human_bytes
+    from neuron_export.store.remote_upkeep import pull
 
     shared = _remote(remote_cache, "pull", None, remote_cache_trusted_keys, remote_cache_allow_unsigned)
     cache = _cache(cache_dir)

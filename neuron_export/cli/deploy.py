@@ -86,7 +86,7 @@ def verify_command(
     from neuron_export.deploy import verify
     from neuron_export.deploy.instances import get_instance
     from neuron_export.errors import ExportError
-    from neuron_export.exporter.remote_trust import resolve_trusted
+    from neuron_export.store.remote_trust import resolve_trusted
 
     try:
         trusted = resolve_trusted(trusted_keys or [])

@@ -95,8 +95,9 @@ def export_and_render(family_or_config: Any, overrides: list[str], options: dict
     """Plan every export (a shape matrix or several configs make several) before building any, then build them
     in turn (components they share come from the cache after the first build), or, with --executor ray, build
     what they all miss on the cluster first and assemble each from the remote cache."""
+    from neuron_export.build.run import fan_out, run_plan
     from neuron_export.cli.render import Reporter, result_object
-    from neuron_export.exporter.run import fan_out, plan_exports, run_plan
+    from neuron_export.planning.exports import plan_exports
 
     plans = plan_exports(family_or_config, overrides, **options)
     reporter = Reporter(json_mode=json_mode)

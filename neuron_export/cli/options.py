@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from neuron_export.roles import component_spellings
+from neuron_export.roles.registry import component_spellings
 
 
 class Choice(str, Enum):

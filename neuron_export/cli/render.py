@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from neuron_export.deploy.inspection import validation_text
 from neuron_export.files import MANIFEST_NAME
 from neuron_export.format import human_bytes
-from neuron_export.roles import CONTROLNET
+from neuron_export.roles.registry import CONTROLNET
 
 if TYPE_CHECKING:
-    from neuron_export.exporter.build import BuildEvent
-    from neuron_export.exporter.plan import Plan
+    from neuron_export.build.parent import BuildEvent
     from neuron_export.manifest import Manifest
+    from neuron_export.planning.jobs import Plan
 
 
 # What the stages around a build mean, in words (the build's own stages print as their names).
@@ -188,7 +188,7 @@ def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> d
 
 def render_plans(plans: list[Plan], json_mode: bool) -> None:
     """The jobs of each export: shapes, flags, cache hit or miss, estimated peak memory and time."""
-    from neuron_export.exporter.estimate import schedule_seconds
+    from neuron_export.planning.estimate import schedule_seconds
 
     summaries: list[dict[str, Any]] = []
     for plan in plans:
@@ -264,9 +264,9 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
 
 def build_list(plans: list[Plan]) -> list[dict[str, Any]]:
     """Each cache key the plans need, once, with whether a cache (the remote one too, when given) has it."""
-    from neuron_export.exporter.fleet import ci_jobs
-    from neuron_export.exporter.remote import RemoteCache
-    from neuron_export.exporter.remote_trust import trust_of
+    from neuron_export.planning.fleet import ci_jobs
+    from neuron_export.store.remote import RemoteCache
+    from neuron_export.store.remote_trust import trust_of
 
     url = plans[0].config.remote_cache if plans else None
     return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config)) if url else None)

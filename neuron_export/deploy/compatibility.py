@@ -39,7 +39,7 @@ class RuntimeEnv:
 def probe_environment() -> RuntimeEnv:
     from importlib import metadata, util
 
-    from neuron_export.backends.select import neuron_sdk_error
+    from neuron_export.compiler import neuron_sdk_error
 
     def version(name: str) -> str | None:
         try:

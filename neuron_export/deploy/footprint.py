@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.instances import GIB, INSTANCES, Instance, by_size
-from neuron_export.roles import Role, find_role
+from neuron_export.roles.registry import Role, find_role
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest
@@ -30,7 +30,7 @@ CORE_RESERVE_BYTES = GIB // 2
 ACTIVATION_FLOOR_BYTES = GIB // 4
 # ... or this many live copies of the model's widest full-resolution feature map (fp32).
 LIVE_FEATURE_MAPS = 4
-# Each role's widest feature map (Role.feature_map) and whether it goes with the UNet (Role.with_unet) are in roles.py.
+# Each role's widest feature map (Role.feature_map) and whether it goes with the UNet (Role.with_unet) are in roles/registry.py.
 NO_ROLE = Role("", "", None, "", "", {}, ())  # a component no registered role knows: no feature map, core 0 only
 # Above this share of a resource a fit is reported as tight: the evidence for SDXL on inf2.xlarge is mixed.
 TIGHT_SHARE = 0.85

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from neuron_export.deploy.checks import CheckResult
 from neuron_export.deploy.instances import GIB
 from neuron_export.files import MANIFEST_NAME
-from neuron_export.roles import roles
+from neuron_export.roles.registry import roles
 
 if TYPE_CHECKING:
     from neuron_export.manifest import Manifest

@@ -12,7 +12,7 @@ from typing import Any
 
 from neuron_export.errors import ExportError
 from neuron_export.manifest import Manifest
-from neuron_export.roles import CONTROLNET
+from neuron_export.roles.registry import CONTROLNET
 
 CONTROLNET_SCALE_RANGE = (0.0, 2.0)  # diffusers' documented range for controlnet_conditioning_scale
 

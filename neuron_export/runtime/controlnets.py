@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from neuron_export.roles import CONTROLNET
+from neuron_export.roles.registry import CONTROLNET
 
 
 def folder_index(path: str | Path) -> int:

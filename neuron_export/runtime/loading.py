@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME, COMPONENT_CONFIG
 from neuron_export.manifest import Manifest
-from neuron_export.roles import find_role, roles
+from neuron_export.roles.registry import find_role, roles
 from neuron_export.runtime.controlnets import order_controlnets
 from neuron_export.runtime.reading import (
     DATA_PARALLEL_MODES,

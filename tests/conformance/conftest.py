@@ -19,7 +19,7 @@ import pytest
 from conftest import run_cli
 
 from conformance import calls, venv
-from neuron_export.example_lora import LORA_WEIGHT_NAME
+from neuron_export.testing.lora import LORA_WEIGHT_NAME
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
 DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
@@ -70,7 +70,7 @@ class Case:
     ip_adapter: bool = False  # the tiny IP-Adapter (example sd-ip-adapter) at IP_ADAPTER_SCALE
 
     def ip_adapter_options(self, sources: Sources) -> dict[str, Any]:
-        from neuron_export.example_adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
+        from neuron_export.testing.adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
 
         return {
             "id": sources.get("sd-ip-adapter"),
@@ -178,7 +178,7 @@ class Sources:
 
     def get(self, name: str) -> Path:
         """`name` or `name@seed` (another random draw of the same example, e.g. a second ControlNet)."""
-        from neuron_export.examples import build_example
+        from neuron_export.testing.examples import build_example
 
         if name not in self.built:
             example, _, seed = name.partition("@")
@@ -186,7 +186,7 @@ class Sources:
         return self.built[name]
 
     def lora(self, name: str) -> Path:
-        from neuron_export.example_lora import build_lora
+        from neuron_export.testing.lora import build_lora
 
         if name not in self.built:
             base, components, seed, targets = LORA_EXAMPLES[name]

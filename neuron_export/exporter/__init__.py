@@ -1,1 +1,0 @@
-"""Turning a diffusers pipeline into an export: config -> source -> plan -> build (workers) -> layout."""

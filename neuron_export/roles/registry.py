@@ -1,0 +1,247 @@
+"""Every component role an export can hold, and each role's facts: the one place that knows them all.
+
+A role is one registered `Role`: how it names its components (`controlnet_0`, `controlnet_1`, ... for a numbered
+role), the pipeline folder it reads, how to describe it, its compiler flags, build-cost factors, core placement
+and runtime adapter. Every other module asks this registry (`role_of(name)`, `roles()`), so adding a role is
+one `register(Role(...))` plus its module. No torch here: planning, the runtime and deploy import it;
+its module (tracing, torch) is imported only when `Role.module()` is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuron_export.roles.spec import ComponentSpec, Shapes
+
+ModelFacts = Any  # planning/source.py's ModelFacts: named, not imported (the exporter imports this module)
+
+FAST_LOADING = "--enable-fast-loading-neuron-binaries"
+TRANSFORMER = ("--model-type=transformer", FAST_LOADING)
+UNET_LIKE = (FAST_LOADING, "--model-type=unet-inference")
+
+
+@dataclass(frozen=True)
+class BuildCost:
+    """What one component of a role costs to build on one backend (planning/estimate.py has the formula):
+    host bytes grow with weight bytes by `weight_factor` and with pixels by `pixel_bytes`, seconds with
+    pixels by `seconds_per_pixel` (parameters count the same for every role)."""
+
+    weight_factor: float
+    pixel_bytes: int = 0
+    seconds_per_pixel: float = 0.0
+
+
+def _costs(cpu: BuildCost, neuron: BuildCost) -> Mapping[str, BuildCost]:
+    return {"cpu": cpu, "neuron": neuron}
+
+
+# Measured on a 2-core host for the cpu backend; for neuronx-cc taken from public reports (see planning/estimate.py).
+CLIP_COSTS = _costs(BuildCost(1.05), BuildCost(6.0))
+UNET_COSTS = _costs(BuildCost(1.10), BuildCost(8.0, 2000))
+
+
+@dataclass(frozen=True)
+class Role:
+    """One kind of component and everything the exporter, runtime and deploy checks need to know about it."""
+
+    name: str  # the component's name, or the prefix of a numbered role's names
+    module_path: str  # the module that describes, loads, wraps and checks it (imported only when needed)
+    source_folder: str | None  # the pipeline folder its config and weights are in (None: an add-on's own folder)
+    slot: str  # the diffusers pipeline argument the runtime passes it as
+    adapter: str  # "module:function" building the runtime's stand-in from the loaded parts of this slot
+    costs: Mapping[str, BuildCost]  # per backend
+    flags: tuple[str, ...]  # neuronx-cc flags for an SD 1.x/2.x pipeline
+    xl_flags: tuple[str, ...] | None = None  # for SDXL (None: the same as `flags`)
+    numbered: bool = False  # several components: name_0, name_1, ...
+    default: bool = False  # exported unless --components says otherwise
+    tensor_prefixes: tuple[str, ...] = ()  # its tensors in a weight file shared with another role (none: all)
+    feature_map: tuple[int, int] = (0, 1)  # (channels, upscale) of its largest activation, per input pixel
+    with_unet: bool = False  # placed on every NeuronCore when only the UNet is data-parallel
+    lazy_load: bool = False  # torch_neuronx.lazy_load: its weights stream to the device on first use
+    async_load: bool = True  # torch_neuronx.async_load: loads alongside the others
+    count: Callable[[ModelFacts], int] = lambda facts: 1  # how many components of this role a pipeline has
+
+    def matches(self, component: str) -> bool:
+        if not self.numbered:
+            return component == self.name
+        number = component.removeprefix(f"{self.name}_")
+        return number != component and number.isdigit()
+
+    def component(self, index: int) -> str:
+        """The name of this role's `index`-th component (the role's own name when it is not numbered)."""
+        return f"{self.name}_{index}" if self.numbered else self.name
+
+    def index(self, component: str) -> int:
+        """controlnet_3 -> 3 (numeric order: controlnet_10 comes after controlnet_9); 0 for an unnumbered role."""
+        return int(component.removeprefix(f"{self.name}_")) if self.numbered else 0
+
+    def spelling(self) -> str:
+        return f"{self.name}_N" if self.numbered else self.name
+
+    def module(self) -> Any:
+        return importlib.import_module(self.module_path)
+
+    def describe(self, component: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
+        spec: ComponentSpec = self.module().describe(component, facts, shapes)
+        return spec
+
+    def compiler_flags(self, is_xl: bool) -> tuple[str, ...]:
+        return self.xl_flags if is_xl and self.xl_flags is not None else self.flags
+
+    def make_adapter(self) -> Any:
+        module, function = self.adapter.split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+_ROLES: dict[str, Role] = {}
+
+
+def register(role: Role) -> Role:
+    """Add a role (after the ones already known); its components are then planned, built and loaded."""
+    if role.name in _ROLES:
+        raise ValueError(f"a role named {role.name!r} is already registered")
+    _ROLES[role.name] = role
+    return role
+
+
+def unregister(name: str) -> None:
+    _ROLES.pop(name, None)
+
+
+def roles() -> tuple[Role, ...]:
+    """Every registered role, in export order."""
+    return tuple(_ROLES.values())
+
+
+def find_role(component: str) -> Role | None:
+    return next((role for role in _ROLES.values() if role.matches(component)), None)
+
+
+def role_of(component: str) -> Role:
+    role = find_role(component)
+    if role is None:
+        raise KeyError(f"{component!r} is not a component of any registered role")
+    return role
+
+
+def default_components() -> tuple[str, ...]:
+    """What an export builds unless --components says otherwise (each exists only where the model has it)."""
+    return tuple(role.name for role in _ROLES.values() if role.default)
+
+
+def component_spellings() -> str:
+    """Every component name a user may give, for help and error messages."""
+    return ", ".join(role.spelling() for role in _ROLES.values())
+
+
+ADAPTERS = "neuron_export.runtime.adapters"
+# an SDXL refiner has only the second text encoder
+register(
+    Role(
+        name="text_encoder",
+        module_path="neuron_export.roles.text_encoder",
+        source_folder="text_encoder",
+        slot="text_encoder",
+        adapter=f"{ADAPTERS}:text_encoder_slot",
+        costs=CLIP_COSTS,
+        flags=TRANSFORMER,
+        default=True,
+        count=lambda facts: int(facts.text_encoder is not None),
+    )
+)
+register(
+    Role(
+        name="text_encoder_2",
+        module_path="neuron_export.roles.text_encoder",
+        source_folder="text_encoder_2",
+        slot="text_encoder_2",
+        adapter=f"{ADAPTERS}:text_encoder_slot",
+        costs=CLIP_COSTS,
+        flags=TRANSFORMER,
+        default=True,
+        count=lambda facts: int(facts.text_encoder_2 is not None),
+    )
+)
+# The SDXL UNet compiles without fast loading, as optimum-neuron does.
+register(
+    Role(
+        name="unet",
+        module_path="neuron_export.roles.unet",
+        source_folder="unet",
+        slot="unet",
+        adapter=f"{ADAPTERS}:unet_slot",
+        costs=UNET_COSTS,
+        flags=UNET_LIKE,
+        xl_flags=("--model-type=unet-inference",),
+        default=True,
+        feature_map=(320, 1),
+        with_unet=True,
+        lazy_load=True,
+    )
+)
+register(
+    Role(
+        name="vae_encoder",
+        module_path="neuron_export.roles.vae",
+        source_folder="vae",
+        slot="vae",
+        adapter=f"{ADAPTERS}:vae_slot",
+        costs=_costs(BuildCost(1.10, 3200, 1.2e-4), BuildCost(8.0, 16000, 3.5e-4)),
+        flags=UNET_LIKE,
+        default=True,
+        tensor_prefixes=("encoder.", "quant_conv."),
+        feature_map=(128, 1),
+    )
+)
+register(
+    Role(
+        name="vae_decoder",
+        module_path="neuron_export.roles.vae",
+        source_folder="vae",
+        slot="vae",
+        adapter=f"{ADAPTERS}:vae_slot",
+        costs=_costs(BuildCost(1.10, 3600, 1.3e-4), BuildCost(8.0, 24000, 6.6e-4)),
+        flags=UNET_LIKE,
+        default=True,
+        tensor_prefixes=("decoder.", "post_quant_conv."),
+        feature_map=(128, 8),
+    )
+)
+# A ControlNet is a UNet's encoder half: its costs and activations are the UNet's, it goes where the UNet goes
+# (it takes the UNet's doubled batch) and compiles like the SD UNet, with fast loading even for SDXL; one per
+# --controlnet.
+CONTROLNET = register(
+    Role(
+        name="controlnet",
+        module_path="neuron_export.roles.controlnet",
+        source_folder=None,
+        slot="controlnet",
+        adapter=f"{ADAPTERS}:controlnet_slot",
+        costs=UNET_COSTS,
+        flags=UNET_LIKE,
+        numbered=True,
+        feature_map=(320, 1),
+        with_unet=True,
+        lazy_load=True,
+        count=lambda facts: len(facts.controlnets),
+    )
+)
+# With an IP-Adapter; optimum-neuron leaves the image encoder's loading as it is, and compiles it as a plain
+# transformer.
+register(
+    Role(
+        name="image_encoder",
+        module_path="neuron_export.roles.image_encoder",
+        source_folder=None,
+        slot="image_encoder",
+        adapter=f"{ADAPTERS}:image_encoder_slot",
+        costs=CLIP_COSTS,
+        flags=("--model-type=transformer",),
+        async_load=False,
+        count=lambda facts: int(facts.image_encoder is not None),
+    )
+)
