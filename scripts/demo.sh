@@ -12,7 +12,7 @@ if python3 -c "import torch_neuronx" >/dev/null 2>&1; then
 else
     echo "No Neuron SDK on this host: exporting the bundled tiny example pipeline with --backend cpu."
     export_dir=demo-output/tiny-sd-neuron
-    python3 -m neuron_export.examples sd demo-output/tiny-sd >/dev/null
+    python3 -m neuron_export.testing.examples sd demo-output/tiny-sd >/dev/null
     neuron-export sd --model demo-output/tiny-sd --backend cpu --output "$export_dir" --force
     neuron-export verify "$export_dir"
 fi

@@ -1,1 +1,1 @@
-"""Reading a finished export: verify, inspect, push and the instance table; never builds (never imports exporter/)."""
+"""Reading a finished export: verify, inspect, push and the instance table; never builds (never imports build/ or planning/)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neuron_export.roles.spec import ComponentSpec, Shapes
 
-ModelFacts = Any  # planning/source.py's ModelFacts: named, not imported (the exporter imports this module)
+ModelFacts = Any  # planning/source.py's ModelFacts: named, not imported (planning imports this module)
 
 FAST_LOADING = "--enable-fast-loading-neuron-binaries"
 TRANSFORMER = ("--model-type=transformer", FAST_LOADING)
