@@ -4,6 +4,7 @@ only a build needs stay unimported, so the answer is quick (scripts/bench_rerun.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,7 +38,8 @@ def rerun_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess[st
         f"print('IMPORTED', json.dumps([m for m in {NOT_NEEDED!r} if m in sys.modules]"
         " + ['all distributions'] * bool(listed)), file=sys.stderr)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}  # the CLI's own choice
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     imported = [line for line in result.stderr.splitlines() if line.startswith("IMPORTED ")]
     assert len(imported) == 1, result
     return result, json.loads(imported[0].removeprefix("IMPORTED "))
