@@ -3,7 +3,8 @@
 Builds the bundled tiny SD pipeline and exports it once (cpu backend, a scratch cache), then runs the same
 command N more times; each must answer "up to date". Prints the median and fastest wall clock and CPU time
 (user + sys, less disturbed by other load), the median against the 0.3 s target, the interpreter's own start
-(`python -c pass`) for scale, the load average, and the imports that cost most in one rerun (-X importtime).
+(`python -c pass`) and its start with typer and pydantic imported (what any rerun pays first) for scale, the
+load average, and the imports that cost most in one rerun (-X importtime).
 
 The reruns use cached bytecode, as an installed package does: PYTHONDONTWRITEBYTECODE is dropped and the .pyc
 files go to a scratch PYTHONPYCACHEPREFIX (one untimed rerun writes them); --no-bytecode-cache keeps the
@@ -92,6 +93,11 @@ def main() -> int:
             return 2
         timed(command, env)  # untimed: writes the bytecode of what a rerun imports
         start = [timed([sys.executable, "-c", "pass"], env)[0] for _ in range(5)]
+        # what every rerun pays before our code runs: typer parses each option through a pydantic TypeAdapter
+        floor = [
+            timed([sys.executable, "-c", "import typer; from pydantic import BaseModel, TypeAdapter"], env)[0]
+            for _ in range(5)
+        ]
         load_before = os.getloadavg()
         walls, cpus = [], []
         for _ in range(args.runs):
@@ -115,6 +121,7 @@ def main() -> int:
         print(f"  wall  median {median:.3f} s, fastest {min(walls):.3f} s")
         print(f"  cpu   median {statistics.median(cpus):.3f} s, least {min(cpus):.3f} s")
         print(f"  interpreter start (python -c pass): median {statistics.median(start):.3f} s")
+        print(f"  interpreter, typer and pydantic imported: median {statistics.median(floor):.3f} s")
         print(
             f"  target {TARGET_SECONDS} s: median / target = {median / TARGET_SECONDS:.2f} "
             f"({'met' if median <= TARGET_SECONDS else 'missed'})"

@@ -4,6 +4,7 @@ only a build needs stay unimported, so the answer is quick (scripts/bench_rerun.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -27,13 +28,18 @@ NOT_NEEDED = (
 
 
 def rerun_in_a_fresh_process(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    """`neuron-export ARGS` in a new interpreter, and which of NOT_NEEDED it imported."""
+    """`neuron-export ARGS` in a new interpreter, and which of NOT_NEEDED it imported; listing every installed
+    distribution (pydantic's plugin search reads each one's entry points) counts as the module "all distributions"."""
     code = (
-        "import json, sys\nfrom neuron_export.cli.main import main\n"
+        "import importlib.metadata, json, sys\nlisted = []\nevery = importlib.metadata.distributions\n"
+        "importlib.metadata.distributions = lambda **kw: listed.append(kw) or every(**kw)\n"
+        "from neuron_export.cli.main import main\n"
         f"try:\n    main({list(args)!r})\nexcept SystemExit as exc:\n    print('EXIT', exc.code)\n"
-        f"print('IMPORTED', json.dumps([m for m in {NOT_NEEDED!r} if m in sys.modules]), file=sys.stderr)"
+        f"print('IMPORTED', json.dumps([m for m in {NOT_NEEDED!r} if m in sys.modules]"
+        " + ['all distributions'] * bool(listed)), file=sys.stderr)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}  # the CLI's own choice
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     imported = [line for line in result.stderr.splitlines() if line.startswith("IMPORTED ")]
     assert len(imported) == 1, result
     return result, json.loads(imported[0].removeprefix("IMPORTED "))
