@@ -30,17 +30,6 @@ from neuron_export.roles.registry import default_components, role_of
 from neuron_export.roles.spec import ComponentSpec, Shapes
 from neuron_export.store.cache import ComponentCache, HashIndex, default_cache_dir
 
-# Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
-# is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
-DEFAULT_ATOL = {
-    ("cpu", "none"): 1e-4,
-    ("cpu", "matmul"): 1e-4,
-    ("cpu", "all"): 1e-4,
-    ("neuron", "none"): 1e-3,
-    ("neuron", "matmul"): 5e-2,
-    ("neuron", "all"): 1e-1,
-}
-
 
 @dataclass(frozen=True)
 class Job:
@@ -345,7 +334,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         args = neuron_compiler_args(
             name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target
         )
-        atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
+        atol = config.atol or role.tolerance(backend, config.auto_cast)
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
         fusions = fusions_for(name, loras, facts.is_xl)
