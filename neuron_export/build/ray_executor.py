@@ -271,7 +271,7 @@ def on_this_node(order: WorkOrder, hub: HubSnapshot | None, node: str) -> WorkOr
             f"Cluster node {node} cannot read {job.source_folder} ({job.component}'s weights); put the "
             "model where every node mounts it at the same path, or export it from the Hub."
         )
-    from neuron_export.planning.source import hub_download
+    from neuron_export.planning.sources import hub_download
 
     repo, commit, root = hub
     here, _ = hub_download(repo, commit, [path.relative_to(root).as_posix() for path in needed], None, None, False)
