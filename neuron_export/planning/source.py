@@ -75,8 +75,8 @@ class ModelSource:
             repo, commit, folder = self.vae_id, self.vae_commit, self.vae_path
             root = folder
         elif CONTROLNET.matches(component):
-            added = self.controlnets[CONTROLNET.index(component)]
-            repo, commit, folder = added.model_id, added.commit, added.path
+            controlnet = self.controlnets[CONTROLNET.index(component)]
+            repo, commit, folder = controlnet.model_id, controlnet.commit, controlnet.path
             root = folder
         elif component == "image_encoder" and self.image_encoder_path is not None:
             repo, commit, folder = self.model_id, self.commit, self.image_encoder_path

@@ -246,8 +246,8 @@ def resolve_ip_adapter(
         encoder_files = (
             [] if own_encoder else [f"{prefix}image_encoder/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS)]
         )
-        hub = {"token": token, "cache_dir": cache_dir, "offline": offline}
-        root, commit = hub_download(value, None, [f"{prefix}{weight_name}", *encoder_files], flag="--ip-adapter", **hub)
+        files = [f"{prefix}{weight_name}", *encoder_files]
+        root, commit = hub_download(value, None, files, token, cache_dir, offline, flag="--ip-adapter")
     else:
         root, commit = _local(value, "--ip-adapter"), None
     weight_file = root / prefix / weight_name
