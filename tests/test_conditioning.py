@@ -282,7 +282,7 @@ def test_generate_runs_the_export_like_diffusers_eager(tiny_with_second_controln
                 generate_images(tmp_path / "export", "a red fox", **wrong)
 
 
-def test_a_hub_controlnet_is_checked_from_its_config_before_its_weights_are_fetched(
+def test_a_hub_controlnet_is_fetched_once_with_its_weights_then_checked_against_the_unet(
     monkeypatch, cli, tiny_model, tmp_path
 ):
     import huggingface_hub
@@ -300,9 +300,11 @@ def test_a_hub_controlnet_is_checked_from_its_config_before_its_weights_are_fetc
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     refused = cli("plan", "sd", "-m", tiny_model("sd"), "--controlnet", "org/sdxl-cn", "--backend", "cpu")
     assert refused.exit_code == 2 and "SDXL ControlNet" in refused.stderr, refused
-    assert calls == [("org/sdxl-cn", None, ["config.json", "controlnet/config.json"])]  # no weights fetched
+    # one download per source, configs and weights together (planning/sources.py), before any fact is read
+    assert [(repo, revision) for repo, revision, _ in calls] == [("org/sdxl-cn", None)]
+    assert {"config.json", "controlnet/config.json", "diffusion_pytorch_model.safetensors"} <= set(calls[0][2])
     calls.clear()
     planned = cli("plan", "sd", "-m", tiny_model("sd"), "--controlnet", "org/sd-cn", "--backend", "cpu")
     assert planned.exit_code == 0, planned
-    assert [(repo, revision) for repo, revision, _ in calls] == [("org/sd-cn", None), ("org/sd-cn", "c" * 40)]
-    assert "diffusion_pytorch_model.safetensors" in calls[1][2]
+    assert [(repo, revision) for repo, revision, _ in calls] == [("org/sd-cn", None)]
+    assert "controlnet_0" in planned.stdout

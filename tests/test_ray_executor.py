@@ -226,3 +226,73 @@ def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths
     }  # built on the nodes
     assert manifest["source"]["vae_commit"] == "1" * 40
     assert [c["commit"] for c in manifest["source"]["controlnets"]] == ["2" * 40]
+
+
+def test_a_hub_ip_adapter_and_a_hub_lora_build_on_nodes_without_the_planned_paths(
+    ray_cluster, node_hub_cache, cli, tiny_model, tmp_path, monkeypatch, signing_key
+):
+    """The UNet reads files of two other sources (the IP-Adapter traced in, the LoRA fused in), and the image
+    encoder comes from the IP-Adapter's repository: with this host's snapshots hidden, each node fetches them from
+    the Hub at the commits planned here (ModelSource.origin names each file's snapshot)."""
+    from neuron_export.build import ray_executor
+    from neuron_export.testing.adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
+    from neuron_export.testing.lora import LORA_WEIGHT_NAME, build_lora
+
+    build_lora(tiny_model("sd"), tmp_path / "lora", components=("unet",))
+    here = tmp_path / "hub-cache"
+    repositories = {
+        "acme/tiny-ip-adapter": (tiny_model("sd-ip-adapter"), "3" * 40),
+        "acme/tiny-lora": (tmp_path / "lora", "4" * 40),
+    }
+    for repo, (files, commit) in repositories.items():
+        for cache in (here, node_hub_cache):
+            hub_repository(cache, repo, files, commit)
+    build_on_cluster = ray_executor.build_on_cluster
+
+    def with_snapshots_hidden(plans, on_event):
+        hidden = here.rename(tmp_path / "hidden")
+        try:
+            return build_on_cluster(plans, on_event)
+        finally:
+            hidden.rename(here)
+
+    monkeypatch.setattr(ray_executor, "build_on_cluster", with_snapshots_hidden)
+    result = cli(
+        "sd",
+        "-m",
+        tiny_model("sd"),
+        "--ip-adapter",
+        "acme/tiny-ip-adapter",
+        "--ip-adapter-subfolder",
+        IP_ADAPTER_SUBFOLDER,
+        "--ip-adapter-weight-name",
+        IP_ADAPTER_WEIGHT_NAME,
+        "--lora",
+        "acme/tiny-lora",
+        "--lora-weight-name",
+        LORA_WEIGHT_NAME,
+        "--hub-cache-dir",
+        here,
+        "--offline",
+        "--backend",
+        "cpu",
+        "--components",
+        "unet,image_encoder",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--remote-cache",
+        f"file://{tmp_path / 'remote'}",
+        "--remote-cache-signing-key",
+        signing_key,
+        "-o",
+        tmp_path / "export",
+    )
+    assert result.exit_code == 0, result
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert {name: c["origin"] for name, c in manifest["components"].items()} == {
+        "unet": "downloaded",
+        "image_encoder": "downloaded",
+    }  # built on the nodes
+    assert manifest["components"]["unet"]["validation"]["status"] == "passed"

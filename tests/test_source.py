@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from neuron_export.errors import ExportError
-from neuron_export.planning.source import check_safetensors, read_facts, resolve_source
+from neuron_export.planning.source import check_safetensors, read_facts
+from neuron_export.planning.sources import resolve_source
 
 
 def test_hub_id_downloads_only_what_the_components_need(monkeypatch, tiny_model, tmp_path):

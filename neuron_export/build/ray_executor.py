@@ -22,7 +22,8 @@ from neuron_export.errors import BuildError, ExportError, MemoryBudgetError
 from neuron_export.manifest import ComponentRecord
 from neuron_export.planning.fleet import FleetJob, unique_jobs
 from neuron_export.planning.jobs import Plan, traced_library_versions
-from neuron_export.planning.source import HubSnapshot
+from neuron_export.planning.source import ComponentOrigin
+from neuron_export.planning.sources import hub_download
 from neuron_export.store.cache import ComponentCache, default_cache_dir
 from neuron_export.store.remote import RemoteCache, display_url
 from neuron_export.store.remote_trust import Trust, trust_of
@@ -141,10 +142,10 @@ def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: Event
             "name": f"neuron-export {fleet_job.label}",
         }
         versions = build_versions(fleet_job.plan.backend)
-        # a node without the job's files on its disks downloads them from the hub snapshot they came from
-        hub = fleet_job.plan.source.origin(fleet_job.job.component).hub
+        # a node without the job's files on its disks downloads them from the hub snapshots they came from
+        origin = fleet_job.plan.source.origin(fleet_job.job.component)
         ref = task.options(**options).remote(
-            work_order(fleet_job.job, fleet_job.plan), hub, versions, url, trust, board
+            work_order(fleet_job.job, fleet_job.plan), origin, versions, url, trust, board
         )
         submitted[ref] = (index, fleet_job)
         on_event(BuildEvent(fleet_job.label, index, total, "queued"))
@@ -207,7 +208,7 @@ def _result(ray: Any, ref: Any, fleet_job: FleetJob) -> dict[str, Any]:
 
 
 def node_build(
-    order: WorkOrder, hub: HubSnapshot | None, versions: dict[str, str | None], url: str, trust: Trust, board: Any
+    order: WorkOrder, origin: ComponentOrigin, versions: dict[str, str | None], url: str, trust: Trust, board: Any
 ) -> dict[str, str]:
     """A Ray task: the component in this node's cache (downloaded, or built in a worker process under the node's
     per-key lock), then in the remote cache. Returns the node, where it came from, and its record."""
@@ -228,7 +229,7 @@ def node_build(
                 f"Cluster node {node} has {name} {mine.get(name)} where this export was planned with "
                 f"{wanted}; install the same versions on every node (the cache keys assume them)."
             )
-    order = on_this_node(order, hub, node)
+    order = on_this_node(order, origin, node)
     cache = ComponentCache(default_cache_dir())  # the node's own ($NEURON_EXPORT_CACHE there)
     try:  # the signing key is read from the same path on every node (or an unsigned bucket is allowed)
         trust.private_key()
@@ -254,32 +255,42 @@ def node_build(
     return {"node": node, "origin": origins[order.job.component], "record": entry.record.model_dump_json()}
 
 
-def on_this_node(order: WorkOrder, hub: HubSnapshot | None, node: str) -> WorkOrder:
+def on_this_node(order: WorkOrder, origin: ComponentOrigin, node: str) -> WorkOrder:
     """The order with paths this node can read: as planned when it sees them (shared disk, same host), else
-    the same files downloaded from the hub snapshot they came from (the node's own Hub credentials)."""
+    the same files downloaded from the hub snapshots they came from (the node's own Hub credentials): the
+    component's folder, and each file of another source it reads (the IP-Adapter, the LoRAs fused in)."""
     job = order.job
-    unread = [fusion.path for fusion in job.loras if not fusion.path.is_file()]
-    if unread:
-        raise ExportError(
-            f"Cluster node {node} cannot read the LoRA {unread[0]}; put it where every node mounts it at the same path."
+    added = {file.path: file.hub for file in origin.added}
+    own = [job.source_folder / "config.json", *(path for path in job.weight_files if path not in added)]
+    others = [*(path for path in job.weight_files if path in added), *(fusion.path for fusion in job.loras)]
+    moved: dict[Path, Path] = {}
+    for hub, paths in ((origin.hub, own), *((added.get(path), [path]) for path in others)):
+        if all(path.is_file() for path in paths):
+            continue
+        if hub is None:
+            what = f"{job.source_folder} ({job.component}'s weights)" if paths is own else str(paths[0])
+            raise ExportError(
+                f"Cluster node {node} cannot read {what}; put it where every node mounts it at the same path, "
+                "or export it from the Hub."
+            )
+        here, _ = hub_download(
+            hub.repo, hub.commit, [p.relative_to(hub.root).as_posix() for p in paths], None, None, False
         )
-    needed = (job.source_folder / "config.json", *job.weight_files)
-    if all(path.is_file() for path in needed):
+        moved.update({path: here / path.relative_to(hub.root) for path in paths})
+        if paths is own:
+            moved[job.source_folder] = here / job.source_folder.relative_to(hub.root)
+            moved[order.source_root] = here / order.source_root.relative_to(hub.root)
+    if not moved:
         return order
-    if hub is None:
-        raise ExportError(
-            f"Cluster node {node} cannot read {job.source_folder} ({job.component}'s weights); put the "
-            "model where every node mounts it at the same path, or export it from the Hub."
-        )
-    from neuron_export.planning.source import hub_download
-
-    repo, commit, root = hub
-    here, _ = hub_download(repo, commit, [path.relative_to(root).as_posix() for path in needed], None, None, False)
-
-    def moved(path: Path) -> Path:
-        return here / path.relative_to(root)
-
+    spec = job.spec
+    if spec.add_ons.get("ip_adapter_file"):
+        adapter = Path(spec.add_ons["ip_adapter_file"])
+        spec = dataclasses.replace(spec, add_ons={**spec.add_ons, "ip_adapter_file": str(moved.get(adapter, adapter))})
     job = dataclasses.replace(
-        job, source_folder=moved(job.source_folder), weight_files=tuple(moved(path) for path in job.weight_files)
+        job,
+        spec=spec,
+        source_folder=moved.get(job.source_folder, job.source_folder),
+        weight_files=tuple(moved.get(path, path) for path in job.weight_files),
+        loras=tuple(dataclasses.replace(f, path=moved.get(f.path, f.path)) for f in job.loras),
     )
-    return dataclasses.replace(order, job=job, source_root=moved(order.source_root))
+    return dataclasses.replace(order, job=job, source_root=moved.get(order.source_root, order.source_root))

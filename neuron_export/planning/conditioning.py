@@ -1,4 +1,4 @@
-"""ControlNets and IP-Adapters added to a pipeline: resolved (local directory or hub snapshot), read from their
+"""The --unet, ControlNets and IP-Adapters added to a pipeline (resolved in planning/sources.py): read from their
 configs and safetensors headers, and checked against the UNet before any weight is loaded."""
 
 from __future__ import annotations
@@ -10,17 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from neuron_export.errors import ExportError
-from neuron_export.planning.source import (
-    HUB_PICKLE_PATTERNS,
-    HUB_WEIGHT_PATTERNS,
-    AddOnSource,
-    ModelFacts,
-    ModelSource,
-    _read_json,
-    find_weight_files,
-    hub_download,
-    looks_like_hub_id,
-)
+from neuron_export.planning.source import AddOnSource, ModelFacts, ModelSource, _read_json, find_weight_files
 from neuron_export.roles.registry import CONTROLNET
 
 # What a ControlNet must share with the UNet for its residuals to fit, and why each matters.
@@ -39,48 +29,6 @@ EMBEDS_PROJECTIONS = {
     "image_proj.perceiver_resampler.proj_in.weight": "Face ID plus",
     "image_proj.norm.weight": "Face ID",
 }
-
-
-def _resolve(
-    value: str, flag: str, patterns: list[str], token: str | None, cache_dir: Path | None, offline: bool
-) -> tuple[Path, str | None]:
-    if looks_like_hub_id(value):
-        return hub_download(value, None, patterns, token, cache_dir, offline, flag=flag)
-    root = Path(value).expanduser()
-    if not root.is_dir():
-        raise ExportError(f"{flag} {value}: directory does not exist; pass a directory or a hub id like org/name.")
-    return root, None
-
-
-def resolve_controlnet(value: str, token: str | None, cache_dir: Path | None, offline: bool) -> AddOnSource:
-    """A ControlNet directory (its config.json at the root, or in controlnet/), or a hub snapshot of its configs
-    only: its weights are fetched once it is known to fit (fetch_controlnet_weights)."""
-    root, commit = _resolve(value, "--controlnet", ["config.json", "controlnet/config.json"], token, cache_dir, offline)
-    path = root / "controlnet" if (root / "controlnet" / "config.json").is_file() else root
-    if not (path / "config.json").is_file():
-        raise ExportError(
-            f"--controlnet {value} has no config.json; pass a diffusers ControlNetModel directory or hub id."
-        )
-    return AddOnSource(model_id=value, path=path, commit=commit)
-
-
-def fetch_controlnet_weights(item: AddOnSource, token: str | None, cache_dir: Path | None, offline: bool) -> None:
-    """A hub ControlNet's weights, at the commit its config came from: safetensors, else an older checkpoint's .bin."""
-    if not looks_like_hub_id(item.model_id):
-        return
-    folder = f"{item.path.name}/" if item.path.name == "controlnet" else ""
-    for patterns in (HUB_WEIGHT_PATTERNS, HUB_PICKLE_PATTERNS):
-        hub_download(
-            item.model_id,
-            item.commit,
-            [f"{folder}{name}" for name in patterns],
-            token,
-            cache_dir,
-            offline,
-            flag="--controlnet",
-        )
-        if any(item.path.glob("*.safetensors")):
-            return
 
 
 def check_controlnet(value: str, config: dict[str, Any], facts: ModelFacts, model: str) -> None:
@@ -128,28 +76,6 @@ def _header(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def resolve_ip_adapter(
-    value: str, subfolder: str | None, weight_name: str, token: str | None, cache_dir: Path | None, offline: bool
-) -> tuple[AddOnSource, Path]:
-    """The adapter's weight file and the CLIP image encoder beside it (SUBFOLDER/image_encoder, as diffusers looks)."""
-    if not weight_name.endswith(".safetensors"):
-        raise ExportError(
-            f"--ip-adapter-weight-name {weight_name} is not a .safetensors file; neuron-export reads "
-            "adapters from safetensors only (no pickle is unpickled); pass the .safetensors file."
-        )
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    patterns = [f"{prefix}{weight_name}", f"{prefix}image_encoder/config.json"]  # encoder weights once it fits
-    root, commit = _resolve(value, "--ip-adapter", patterns, token, cache_dir, offline)
-    weight_file = root / prefix / weight_name
-    if not weight_file.is_file():
-        where = f"{value}/{prefix}" if prefix else value
-        raise ExportError(
-            f"--ip-adapter-weight-name {weight_name}: no such file in {where}; check the name "
-            "(and --ip-adapter-subfolder)."
-        )
-    return AddOnSource(model_id=value, path=weight_file, commit=commit), root / prefix / "image_encoder"
-
-
 def check_ip_adapter(source: AddOnSource, encoder: dict[str, Any], facts: ModelFacts) -> int:
     """The adapter takes the image encoder's hidden states (what optimum-neuron's SD pipeline feeds it) and fits
     the UNet and the encoder; returns how many hidden states per image the UNet takes."""
@@ -186,54 +112,32 @@ def check_ip_adapter(source: AddOnSource, encoder: dict[str, Any], facts: ModelF
     return (int(encoder["image_size"]) // int(encoder["patch_size"])) ** 2 + 1  # patches + the class token
 
 
-def add_conditioning(config: Any, source: ModelSource, facts: ModelFacts) -> tuple[ModelSource, ModelFacts]:
-    """The ControlNets and IP-Adapter the config names, resolved, read and checked; their weight files added."""
-    if not config.controlnet and config.ip_adapter is None:
-        return source, facts
-    hub = {"token": config.token, "cache_dir": config.hub_cache_dir, "offline": config.offline}
-    controlnets = tuple(resolve_controlnet(value, **hub) for value in config.controlnet)
+def read_add_ons(config: Any, source: ModelSource, facts: ModelFacts) -> ModelFacts:
+    """The --unet, ControlNets and IP-Adapter the config names (resolved in planning/sources.py), read and checked
+    against the model's UNet; their configs and weight files added to the facts."""
+    check_replacement_unet(source)
+    if not source.controlnets and source.ip_adapter is None:
+        return facts
     configs = tuple(
-        _read_json(item.path / "config.json", f"--controlnet {item.model_id} config.json") for item in controlnets
+        _read_json(item.path / "config.json", f"--controlnet {item.model_id} config.json")
+        for item in source.controlnets
     )
-    for item, controlnet_config in zip(controlnets, configs):
+    for item, controlnet_config in zip(source.controlnets, configs):
         check_controlnet(item.model_id, controlnet_config, facts, config.model)
-    for item in controlnets:  # only now that they all fit
-        fetch_controlnet_weights(item, **hub)
     weights = dict(facts.weight_files)
     weights.update(
-        {CONTROLNET.component(index): find_weight_files(item.path) for index, item in enumerate(controlnets)}
+        {CONTROLNET.component(index): find_weight_files(item.path) for index, item in enumerate(source.controlnets)}
     )
-    adapter = encoder_path = encoder = None
+    encoder = None
     tokens = 0
-    if config.ip_adapter is not None:
-        adapter, encoder_path = resolve_ip_adapter(
-            config.ip_adapter, config.ip_adapter_subfolder, config.ip_adapter_weight_name, **hub
-        )
-        if (source.path / "image_encoder" / "config.json").is_file():  # the pipeline's own encoder comes first
-            encoder_path = source.path / "image_encoder"
-        if not (encoder_path / "config.json").is_file():
-            raise ExportError(
-                f"--ip-adapter {config.ip_adapter}: no image encoder at {encoder_path} (diffusers looks in "
-                "SUBFOLDER/image_encoder); pass the repository that holds it."
-            )
-        encoder = _read_json(encoder_path / "config.json", "image_encoder/config.json")
-        tokens = check_ip_adapter(adapter, encoder, facts)
-        if looks_like_hub_id(config.ip_adapter) and encoder_path.parent == adapter.path.parent:
-            prefix = f"{config.ip_adapter_subfolder.strip('/')}/" if config.ip_adapter_subfolder else ""
-            hub_download(
-                config.ip_adapter,
-                adapter.commit,
-                [f"{prefix}image_encoder/{name}" for name in HUB_WEIGHT_PATTERNS],
-                flag="--ip-adapter",
-                **hub,
-            )
-        weights["image_encoder"] = find_weight_files(encoder_path)
-        weights["unet"] = (*weights["unet"], adapter.path)  # the adapter's layers are traced into the UNet
-    source = dataclasses.replace(source, controlnets=controlnets, ip_adapter=adapter, image_encoder_path=encoder_path)
-    facts = dataclasses.replace(
+    if source.ip_adapter is not None and source.image_encoder_path is not None:
+        encoder = _read_json(source.image_encoder_path / "config.json", "image_encoder/config.json")
+        tokens = check_ip_adapter(source.ip_adapter, encoder, facts)
+        weights["image_encoder"] = find_weight_files(source.image_encoder_path)
+        weights["unet"] = (*weights["unet"], source.ip_adapter.path)  # the adapter's layers are traced into the UNet
+    return dataclasses.replace(
         facts, controlnets=configs, image_encoder=encoder, ip_adapter_tokens=tokens, weight_files=weights
     )
-    return source, facts
 
 
 # --- the replacement UNet (--unet) ---------------------------------------------------------------------

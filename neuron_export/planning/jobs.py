@@ -13,7 +13,7 @@ from neuron_export.compiler import after_trace_calls, compiler_version, neuron_s
 from neuron_export.compiler import compiler_args as neuron_compiler_args
 from neuron_export.errors import ExportError, MemoryBudgetError
 from neuron_export.pipelines import pipeline_for
-from neuron_export.planning.conditioning import add_conditioning, check_replacement_unet
+from neuron_export.planning.conditioning import read_add_ons
 from neuron_export.planning.config import MAX_SIDE, MIN_SIDE, ExportConfig
 from neuron_export.planning.estimate import (
     WeightStats,
@@ -25,21 +25,11 @@ from neuron_export.planning.estimate import (
 from neuron_export.planning.existing import check_output, default_output, difference, refusal, resolve_config
 from neuron_export.planning.keys import cache_key, component_model, traced_library_versions
 from neuron_export.planning.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
-from neuron_export.planning.source import ModelFacts, ModelSource, check_safetensors, read_facts, resolve_source
+from neuron_export.planning.source import ModelFacts, ModelSource, check_safetensors, read_facts
+from neuron_export.planning.sources import resolve_sources
 from neuron_export.roles.registry import default_components, role_of
 from neuron_export.roles.spec import ComponentSpec, Shapes
 from neuron_export.store.cache import ComponentCache, HashIndex, default_cache_dir
-
-# Largest difference from the eager model a component may show on fresh inputs. TorchScript on the CPU
-# is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet most of all.
-DEFAULT_ATOL = {
-    ("cpu", "none"): 1e-4,
-    ("cpu", "matmul"): 1e-4,
-    ("cpu", "all"): 1e-4,
-    ("neuron", "none"): 1e-3,
-    ("neuron", "matmul"): 5e-2,
-    ("neuron", "all"): 1e-1,
-}
 
 
 @dataclass(frozen=True)
@@ -280,29 +270,16 @@ def refuse_unless_ready(plan: Plan) -> None:
     refuse_existing_output(plan)
 
 
-def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
-    """All checks that need the model's configs, then the jobs. Loads no weights. `planning`: for a report
-    (`plan`), which notes a missing Neuron SDK or an existing output instead of refusing."""
+def check_given_output(config: ExportConfig, planning: bool) -> None:
+    """A given --output is checked before any source is resolved (nothing is downloaded for an export refused)."""
     if config.output is not None:
         check_output_location(config.output, protected_directories(config))
         if not planning:
             check_output(config.output, config.force)
-    backend, notes = planned_backend(config, planning)
-    wanted = config.components or default_components()
-    source = resolve_source(
-        config.model or "",
-        config.revision,
-        config.unet,
-        tuple(wanted),
-        token=config.token,
-        cache_dir=config.hub_cache_dir,
-        offline=config.offline,
-        vae=config.vae,
-    )
-    check_replacement_unet(source)
-    facts = read_facts(source)
-    check_family_and_task(config, facts)
-    source, facts = add_conditioning(config, source, facts)
+
+
+def exported_components(config: ExportConfig, facts: ModelFacts) -> list[str]:
+    """The components this export builds, in export order: --components, checked against what the model has."""
     if config.components is not None:
         missing = [name for name in config.components if name not in facts.components]
         if missing:
@@ -311,23 +288,52 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             )
     names = [name for name in facts.components if config.components is None or name in config.components]
     check_weight_placement(config, facts, names)
+    return names
 
-    height = config.height or native_side(config, facts)
-    width = config.width or native_side(config, facts)
+
+def destination(config: ExportConfig, source: ModelSource, height: int, width: int, planning: bool) -> Path:
+    """The output directory (the default one is named for the export), checked now that a hub model's path is known."""
     output = config.output or default_output(config, height, width)
-    check_output_location(output, protected_directories(config, source))  # a hub model's path is known only now
+    check_output_location(output, protected_directories(config, source))
     if config.output is None and not planning:
         check_output(output, config.force)
+    return output
 
+
+def component_cache_dir(config: ExportConfig) -> Path:
     cache_dir = config.cache_dir or default_cache_dir()
     if os.path.lexists(cache_dir) and not cache_dir.is_dir():
         raise ExportError(
             f"--cache-dir {cache_dir} is not a directory (a file or a dangling link); pass a directory, "
             "which is created when missing."
         )
-    hashes = HashIndex(cache_dir, config.hub_cache_dir)
-    cache = ComponentCache(cache_dir)
-    loras = plan_loras(config, facts, hashes)
+    return cache_dir
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every job of one plan shares."""
+
+    config: ExportConfig
+    source: ModelSource
+    facts: ModelFacts
+    backend: str
+    shapes: Shapes
+    loras: tuple[LoraAdapter, ...]
+    hashes: HashIndex
+    cache: ComponentCache
+
+
+def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
+    """One Job per component: its spec, compiler flags, tolerance, cache key and estimates."""
+    config, source, facts, backend, hashes = (
+        context.config,
+        context.source,
+        context.facts,
+        context.backend,
+        context.hashes,
+    )
+    height, width = context.shapes.height, context.shapes.width
     version = compiler_version(backend)
     libraries = traced_library_versions(backend)
     jobs = []
@@ -336,7 +342,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             if weight_file.suffix == ".safetensors":
                 hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)  # type: ignore[misc,func-returns-value]
         role = role_of(name)
-        spec = role.describe(name, facts, Shapes(config.batch_size, config.num_images_per_prompt, height, width))
+        spec = role.describe(name, facts, context.shapes)
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(
                 spec,
@@ -345,10 +351,10 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
         args = neuron_compiler_args(
             name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target
         )
-        atol = config.atol or DEFAULT_ATOL[(backend, config.auto_cast)]
+        atol = config.atol or role.tolerance(backend, config.auto_cast)
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
         after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
-        fusions = fusions_for(name, loras, facts.is_xl)
+        fusions = fusions_for(name, context.loras, facts.is_xl)
         key = cache_key(
             config,
             backend,
@@ -378,7 +384,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
                 after_trace=after_trace,
                 atol=atol,
                 cache_key=key,
-                cached=cache.peek(key),
+                cached=context.cache.peek(key),
                 estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
                 estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
                 loras=fusions,
@@ -387,6 +393,31 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             )
         )
     hashes.save()
+    return jobs
+
+
+def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
+    """In straight steps: every source resolved (planning/sources.py, the one step that downloads), then the
+    facts read and checked (source.py, conditioning.py, lora.py; configs and headers, no weights loaded), then
+    the jobs and their keys. `planning`: for a report (`plan`), which notes a missing Neuron SDK or an existing
+    output instead of refusing."""
+    check_given_output(config, planning)
+    backend, notes = planned_backend(config, planning)
+    source = resolve_sources(config, tuple(config.components or default_components()))
+    facts = read_facts(source)
+    facts = read_add_ons(config, source, facts)
+    check_family_and_task(config, facts)
+    names = exported_components(config, facts)
+
+    height = config.height or native_side(config, facts)
+    width = config.width or native_side(config, facts)
+    output = destination(config, source, height, width, planning)
+    cache_dir = component_cache_dir(config)
+    hashes = HashIndex(cache_dir, config.hub_cache_dir)
+    loras = plan_loras(config, source, facts, hashes)
+    shapes = Shapes(config.batch_size, config.num_images_per_prompt, height, width)
+    context = JobContext(config, source, facts, backend, shapes, loras, hashes, ComponentCache(cache_dir))
+    jobs = plan_jobs(names, context)
     budget = config.max_memory or available_memory_bytes()
     to_build = [job for job in jobs if not job.cached]
     largest = max(to_build, key=lambda job: job.estimated_peak_bytes, default=None)

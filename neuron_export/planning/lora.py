@@ -9,20 +9,16 @@ diffusers attention-processor one (`...attn1.processor.to_q_lora.down.weight`) a
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuron_export.errors import ExportError
-from neuron_export.planning.source import looks_like_hub_id
+from neuron_export.planning.source import ModelSource
 from neuron_export.planning.source_files import read_header as safetensors_header
 
 SAFETENSORS = ".safetensors"
-DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers saves and picks among several
-# Files in a LoRA folder that are never the adapter (as diffusers skips them when guessing).
-NOT_ADAPTER_WORDS = ("scheduler", "optimizer", "checkpoint")
 DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 KOHYA_PREFIXES = {
     "lora_unet_": "unet",
@@ -240,147 +236,32 @@ def key_prefixes(component: str) -> tuple[str, ...]:
     return (*diffusers, *kohya)
 
 
-# --- finding the file -------------------------------------------------------------------------------
-
-
-def pick_weight_name(source: str, names: list[str], where: str) -> str:
-    """The one adapter file among `names` (as diffusers picks it), or one sentence asking for --lora-weight-name."""
-    candidates = sorted(
-        n
-        for n in names
-        if n.endswith(SAFETENSORS) and "/" not in n and not any(word in n for word in NOT_ADAPTER_WORDS)
-    )
-    if DIFFUSERS_WEIGHT_NAME in candidates:
-        return DIFFUSERS_WEIGHT_NAME
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise ExportError(
-            f"--lora {source}: {where} has no .safetensors file; neuron-export fuses LoRA weights from "
-            "safetensors only: pass a LoRA saved as safetensors."
-        )
-    raise ExportError(
-        f"--lora {source}: {where} has several .safetensors files ({', '.join(candidates)}); pass "
-        "--lora-weight-name with the one to fuse."
-    )
-
-
-def _check_weight_name(weight_name: str) -> None:
-    if not weight_name.endswith(SAFETENSORS):
-        raise ExportError(
-            f"--lora-weight-name {weight_name} is not a .safetensors file; neuron-export fuses LoRA weights "
-            "from safetensors only (their header is checked before anything is loaded)."
-        )
-
-
-def _hub_lora(
-    repo: str, weight_name: str | None, token: str | None, cache_dir: Path | None, offline: bool
-) -> tuple[Path, str, str | None]:
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")  # as resolve_source reads it
-    try:
-        if weight_name is None:
-            if offline:  # the cached snapshot's files stand for the repository's
-                root = Path(
-                    snapshot_download(
-                        repo, allow_patterns=["*.safetensors"], token=token, cache_dir=cache_dir, local_files_only=True
-                    )
-                )
-                weight_name = pick_weight_name(repo, [p.name for p in root.iterdir()], f"the cached snapshot of {repo}")
-            else:
-                weight_name = pick_weight_name(repo, HfApi(token=token).list_repo_files(repo), f"hub repository {repo}")
-        _check_weight_name(weight_name)
-        file = hf_hub_download(repo, weight_name, token=token, cache_dir=cache_dir, local_files_only=offline)
-    except RepositoryNotFoundError:
-        raise ExportError(
-            f"--lora {repo}: no such repository on the hub (or it is private: pass --token); check the id."
-        ) from None
-    except EntryNotFoundError:
-        raise ExportError(
-            f"--lora-weight-name {weight_name}: {repo} has no such file; pass the name of its LoRA .safetensors file."
-        ) from None
-    except LocalEntryNotFoundError:
-        raise ExportError(
-            f"--lora {repo} is not in the local hub cache and offline mode is on (or the hub cannot be "
-            "reached); download it first or pass a local file."
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ExportError(
-            f"--lora {repo}: download failed ({type(exc).__name__}); check the network or pass a local file."
-        ) from None
-    path = Path(file)
-    commit = path.parent.name if len(path.parent.name) == 40 else None
-    return path, weight_name, commit
-
-
-def locate(
-    source: str, weight_name: str | None, token: str | None, cache_dir: Path | None, offline: bool
-) -> tuple[Path, str, str | None]:
-    """--lora (a file, a directory, or a hub id) and its --lora-weight-name -> (file, weight name, hub commit)."""
-    local = Path(source).expanduser()
-    if local.is_file():
-        if weight_name not in (None, local.name):
-            raise ExportError(
-                f"--lora-weight-name {weight_name} does not name the file --lora {source}; pass the "
-                "directory holding it as --lora, or leave --lora-weight-name out."
-            )
-        _check_weight_name(local.name)
-        return local, local.name, None
-    if local.is_dir():
-        names = [p.name for p in local.iterdir() if p.is_file()]
-        if weight_name is None:
-            weight_name = pick_weight_name(source, names, f"directory {local}")
-        _check_weight_name(weight_name)
-        if not (local / weight_name).is_file():
-            have = ", ".join(sorted(n for n in names if n.endswith(SAFETENSORS))) or "no .safetensors file"
-            raise ExportError(
-                f"--lora-weight-name {weight_name}: {local} has no such file (it has {have}); pass the "
-                "name of its LoRA file."
-            )
-        return local / weight_name, weight_name, None
-    if looks_like_hub_id(source):
-        return _hub_lora(source, weight_name, token, cache_dir, offline)
-    raise ExportError(
-        f"--lora {source}: no such file or directory; pass a LoRA .safetensors file, a directory holding "
-        "one, or a hub id like org/name."
-    )
-
-
-def resolve_loras(
-    config: Any, model: str, bases: dict[str, dict[str, list[int]]], layers_per_block: int
+def check_loras(
+    config: Any, source: ModelSource, bases: dict[str, dict[str, list[int]]], layers_per_block: int
 ) -> tuple[LoraAdapter, ...]:
-    """Each --lora found and checked against the model's headers, in the order given."""
+    """Each --lora's file (resolved in planning/sources.py) checked against the model's headers, in the order given."""
     adapters = []
-    for index, source in enumerate(config.lora):
-        weight_name = (config.lora_weight_name[index] or None) if config.lora_weight_name else None  # '': the only file
-        path, weight_name, commit = locate(source, weight_name, config.token, config.hub_cache_dir, config.offline)
-        shapes, _ = read_header(path)
-        touched = check_lora(source, model, path, shapes, bases, layers_per_block)
+    for index, lora in enumerate(source.loras):
+        shapes, _ = read_header(lora.path)
+        touched = check_lora(lora.source, config.model, lora.path, shapes, bases, layers_per_block)
         adapters.append(
             LoraAdapter(
-                source=source,
-                weight_name=weight_name,
+                source=lora.source,
+                weight_name=lora.weight_name,
                 adapter_name=(config.lora_adapter_name[index] if config.lora_adapter_name else "")
                 or f"default_{index}",
                 scale=float(config.lora_scale[index]) if config.lora_scale else 1.0,
-                path=path,
-                commit=commit,
+                path=lora.path,
+                commit=lora.commit,
                 components=touched,
             )
         )
     return tuple(adapters)
 
 
-def plan_loras(config: Any, facts: Any, hashes: Any) -> tuple[LoraAdapter, ...]:
-    """Every --lora of `config` checked against `facts`' weight headers and hashed (once per file, remembered)."""
-    if not config.lora:
+def plan_loras(config: Any, source: ModelSource, facts: Any, hashes: Any) -> tuple[LoraAdapter, ...]:
+    """Every --lora checked against `facts`' weight headers and hashed (once per file, remembered)."""
+    if not source.loras:
         return ()
     bases = {
         name: base_layers(facts.weight_files[name])
@@ -389,7 +270,7 @@ def plan_loras(config: Any, facts: Any, hashes: Any) -> tuple[LoraAdapter, ...]:
     }
     layers_per_block = facts.unet.get("layers_per_block", 2)  # kohya's sgm names count blocks with it
     layers_per_block = int(layers_per_block[0] if isinstance(layers_per_block, list) else layers_per_block)
-    adapters = resolve_loras(config, config.model, bases, layers_per_block)
+    adapters = check_loras(config, source, bases, layers_per_block)
     return tuple(LoraAdapter(**{**a.__dict__, "sha256": hashes.sha256(a.path)}) for a in adapters)
 
 

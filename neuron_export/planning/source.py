@@ -1,4 +1,5 @@
-"""Where the model comes from (local directory or hub snapshot) and what it is, read from its JSON files.
+"""What the resolved sources are (ModelSource: every local path, and where each component's files come from) and
+what the model is (ModelFacts), read from its JSON files. planning/sources.py resolves; this module only reads.
 
 Only configs and safetensors headers are read here: no weights are loaded and no remote code runs.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from neuron_export.errors import ExportError
 from neuron_export.pipelines import pipeline_for
 from neuron_export.planning.source_files import files_inside, inside, model_roots, read_header
-from neuron_export.roles.registry import CONTROLNET, find_role, role_of, roles
+from neuron_export.roles.registry import CONTROLNET, role_of, roles
 
 # Files copied unchanged into the export so the runtime can tokenize and schedule.
 PROCESSOR_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
@@ -60,10 +60,11 @@ class ModelSource:
     vae_id: str | None = None
     vae_path: Path | None = None  # directory holding the replacement VAE's config.json and weights
     vae_commit: str | None = None
-    # --- ControlNet and IP-Adapter add-ons (planning/conditioning.py resolves them) ---
+    # --- ControlNet, IP-Adapter and LoRA add-ons ---
     controlnets: tuple[AddOnSource, ...] = ()
     ip_adapter: AddOnSource | None = None  # path: the adapter's weight file
     image_encoder_path: Path | None = None
+    loras: tuple[LoraFile, ...] = ()  # in --lora order
 
     def origin(self, component: str) -> ComponentOrigin:
         """Where a component's files come from (the model, --unet, --vae or an add-on): the one place that decides."""
@@ -74,8 +75,8 @@ class ModelSource:
             repo, commit, folder = self.vae_id, self.vae_commit, self.vae_path
             root = folder
         elif CONTROLNET.matches(component):
-            added = self.controlnets[CONTROLNET.index(component)]
-            repo, commit, folder = added.model_id, added.commit, added.path
+            controlnet = self.controlnets[CONTROLNET.index(component)]
+            repo, commit, folder = controlnet.model_id, controlnet.commit, controlnet.path
             root = folder
         elif component == "image_encoder" and self.image_encoder_path is not None:
             repo, commit, folder = self.model_id, self.commit, self.image_encoder_path
@@ -89,7 +90,11 @@ class ModelSource:
                 self.path / (role_of(component).source_folder or component),
                 self.path,
             )
-        return ComponentOrigin(folder=folder, root=root, hub=_snapshot(repo, commit, folder))
+        added = [AddedFile(lora.path, _snapshot(lora.source, lora.commit, lora.path)) for lora in self.loras]
+        if component == "unet" and self.ip_adapter is not None:  # its layers are traced into the UNet
+            adapter = self.ip_adapter
+            added.append(AddedFile(adapter.path, _snapshot(adapter.model_id, adapter.commit, adapter.path)))
+        return ComponentOrigin(folder=folder, root=root, hub=_snapshot(repo, commit, folder), added=tuple(added))
 
     def folder(self, component: str) -> Path:
         """The directory whose config.json and weights a component is loaded from."""
@@ -118,6 +123,14 @@ class ComponentOrigin:
     folder: Path  # holds its config.json and weights
     root: Path  # the folder its weight files are named relative to in the manifest
     hub: HubSnapshot | None  # None: a local directory, which every node must see at the same path
+    added: tuple[AddedFile, ...] = ()  # files of other sources it may read (the IP-Adapter, the LoRAs fused in)
+
+
+class AddedFile(NamedTuple):
+    """A file a component reads from another source than its folder's, and that source's Hub snapshot (if any)."""
+
+    path: Path
+    hub: HubSnapshot | None
 
 
 def _snapshot(repo: str | None, commit: str | None, folder: Path) -> HubSnapshot | None:
@@ -133,6 +146,16 @@ class AddOnSource:
     """A model added to the pipeline (a ControlNet, an IP-Adapter): where it came from and where it is on disk."""
 
     model_id: str
+    path: Path
+    commit: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One --lora, resolved: the adapter file and where it came from."""
+
+    source: str  # as given: a hub id, a directory or a file
+    weight_name: str  # the file's name inside `source`
     path: Path
     commit: str | None = None
 
@@ -326,148 +349,6 @@ def read_facts(source: ModelSource) -> ModelFacts:
         if isinstance(index.get(name), list) and (source.path / name).is_dir():
             files_inside(source.path / name, roots)
     return ModelFacts(**{**facts.__dict__, "weight_files": weights})
-
-
-def hub_download(
-    repo_id: str,
-    revision: str | None,
-    patterns: list[str],
-    token: str | None,
-    cache_dir: Path | None,
-    offline: bool,
-    flag: str = "--model",
-) -> tuple[Path, str | None]:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=patterns,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=offline,
-        )
-    except RepositoryNotFoundError:
-        raise ExportError(
-            f"{flag} {repo_id}: no such model on the hub (or it is private: pass --token); check the id."
-        ) from None
-    except RevisionNotFoundError:
-        raise ExportError(
-            f"--revision {revision}: not found in {repo_id}; pass an existing branch, tag or commit."
-        ) from None
-    except LocalEntryNotFoundError:
-        raise ExportError(
-            f"{flag} {repo_id} is not in the local hub cache and offline mode is on (or the hub cannot be reached); "
-            "download it first or pass a local directory."
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ExportError(
-            f"{flag} {repo_id}: download failed ({type(exc).__name__}); check the network or pass a local directory."
-        ) from None
-    commit = Path(path).name if len(Path(path).name) == 40 else None
-    return Path(path), commit
-
-
-def looks_like_hub_id(value: str) -> bool:
-    return (
-        value.count("/") == 1
-        and all(value.split("/"))
-        and not value.startswith((".", "/", "~"))
-        and not Path(value).exists()
-    )
-
-
-def resolve_source(
-    model: str,
-    revision: str | None,
-    unet: str | None,
-    components: tuple[str, ...],
-    token: str | None = None,
-    cache_dir: Path | None = None,
-    offline: bool = False,
-    vae: str | None = None,
-) -> ModelSource:
-    """A local directory as it is, or a hub snapshot holding only what `components` need."""
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
-    if looks_like_hub_id(model):
-        replaced = ({"unet"} if unet else set()) | ({"vae"} if vae else set())
-        wanted = {role.source_folder for role in map(find_role, components) if role is not None and role.source_folder}
-        folders = sorted(wanted - replaced)
-        patterns = ["model_index.json", "vae/config.json", "unet/config.json", *(f"{p}/*" for p in PROCESSOR_FOLDERS)]
-        patterns += [f"{folder}/{name}" for folder in folders for name in ("config.json", *HUB_WEIGHT_PATTERNS)]
-        path, commit = hub_download(model, revision, patterns, token, cache_dir, offline)
-        pickled_only = [folder for folder in folders if not any((path / folder).glob("*.safetensors"))]
-        if pickled_only:  # an older checkpoint: fetch its .bin weights, for those folders only
-            patterns = [f"{folder}/{name}" for folder in pickled_only for name in HUB_PICKLE_PATTERNS]
-            path, commit = hub_download(model, commit or revision, patterns, token, cache_dir, offline)
-    else:
-        path, commit = Path(model).expanduser(), None
-        if not path.is_dir():
-            raise ExportError(
-                f"--model {model}: directory does not exist; pass a diffusers pipeline directory or a hub id like org/name."
-            )
-    unet_path = unet_commit = None
-    if unet is not None:
-        if looks_like_hub_id(unet):
-            unet_root, unet_commit = hub_download(
-                unet,
-                None,
-                ["config.json", *HUB_WEIGHT_PATTERNS, *(f"unet/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))],
-                token,
-                cache_dir,
-                offline,
-            )
-        else:
-            unet_root = Path(unet).expanduser()
-            if not unet_root.is_dir():
-                raise ExportError(
-                    f"--unet {unet}: directory does not exist; pass a UNet directory or a hub id like latent-consistency/lcm-sdxl."
-                )
-        unet_path = unet_root / "unet" if (unet_root / "unet" / "config.json").is_file() else unet_root
-    vae_path, vae_commit = resolve_vae(vae, token, cache_dir, offline) if vae is not None else (None, None)
-    return ModelSource(
-        model_id=model,
-        path=path,
-        revision=revision,
-        commit=commit,
-        unet_id=unet,
-        unet_path=unet_path,
-        unet_commit=unet_commit,
-        vae_id=vae,
-        vae_path=vae_path,
-        vae_commit=vae_commit,
-    )
-
-
-# --- the replacement VAE (--vae) ---------------------------------------------------------------------
-
-
-def resolve_vae(vae: str, token: str | None, cache_dir: Path | None, offline: bool) -> tuple[Path, str | None]:
-    """A bare VAE (like stabilityai/sd-vae-ft-mse) or a pipeline's vae/ folder, local or from the hub."""
-    commit = None
-    if looks_like_hub_id(vae):
-        patterns = ["config.json", *HUB_WEIGHT_PATTERNS, *(f"vae/{n}" for n in ("config.json", *HUB_WEIGHT_PATTERNS))]
-        try:
-            root, commit = hub_download(vae, None, patterns, token, cache_dir, offline)
-        except ExportError as exc:
-            raise ExportError(str(exc).replace(f"--model {vae}", f"--vae {vae}")) from None
-    else:
-        root = Path(vae).expanduser()
-        if not root.is_dir():
-            raise ExportError(
-                f"--vae {vae}: directory does not exist; pass a VAE directory or a hub id like stabilityai/sd-vae-ft-mse."
-            )
-    path = root / "vae" if (root / "vae" / "config.json").is_file() else root
-    if not (path / "config.json").is_file():
-        raise ExportError(f"--vae {vae} has no config.json (looked in {path}); pass a diffusers AutoencoderKL folder.")
-    return path, commit
 
 
 def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]:

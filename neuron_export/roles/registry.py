@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,6 +42,17 @@ def _costs(cpu: BuildCost, neuron: BuildCost) -> Mapping[str, BuildCost]:
 # Measured on a 2-core host for the cpu backend; for neuronx-cc taken from public reports (see planning/estimate.py).
 CLIP_COSTS = _costs(BuildCost(1.05), BuildCost(6.0))
 UNET_COSTS = _costs(BuildCost(1.10), BuildCost(8.0, 2000))
+# Largest difference from the eager model a component may show on fresh inputs, by (backend, auto-cast).
+# TorchScript on the CPU is the same arithmetic; NeuronCores with bf16/fp16 auto-cast round matmuls, the UNet
+# most of all. Every role states its own; today's all share these.
+TOLERANCES: Mapping[tuple[str, str], float] = {
+    ("cpu", "none"): 1e-4,
+    ("cpu", "matmul"): 1e-4,
+    ("cpu", "all"): 1e-4,
+    ("neuron", "none"): 1e-3,
+    ("neuron", "matmul"): 5e-2,
+    ("neuron", "all"): 1e-1,
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class Role:
     lazy_load: bool = False  # torch_neuronx.lazy_load: its weights stream to the device on first use
     async_load: bool = True  # torch_neuronx.async_load: loads alongside the others
     count: Callable[[ModelFacts], int] = lambda facts: 1  # how many components of this role a pipeline has
+    tolerances: Mapping[tuple[str, str], float] = field(default_factory=lambda: TOLERANCES)  # see TOLERANCES
 
     def matches(self, component: str) -> bool:
         if not self.numbered:
@@ -91,6 +103,10 @@ class Role:
 
     def compiler_flags(self, is_xl: bool) -> tuple[str, ...]:
         return self.xl_flags if is_xl and self.xl_flags is not None else self.flags
+
+    def tolerance(self, backend: str, auto_cast: str) -> float:
+        """The validation tolerance (atol) of this role's components when --atol is not given."""
+        return self.tolerances[(backend, auto_cast)]
 
     def make_adapter(self) -> Any:
         module, function = self.adapter.split(":")
