@@ -5,6 +5,7 @@ The Python API, the one the `neuron-export` commands call:
     import neuron_export
 
     plan = neuron_export.plan("sd", model="stable-diffusion-v1-5/stable-diffusion-v1-5", height=512, width=512)
+    plan.estimated_wall_seconds, neuron_export.builds(plan)  # its schedule; the CI builds of one or more plans
     result = neuron_export.export("sd", model="stable-diffusion-v1-5/stable-diffusion-v1-5", output="sd_neuron")
     result.output, result.manifest, result.up_to_date, result.origins
     pipe = neuron_export.load(result.output)  # a ready diffusers pipeline
@@ -24,11 +25,11 @@ from neuron_export.errors import ExportError
 from neuron_export.version import __version__
 
 if TYPE_CHECKING:
-    from neuron_export.build.parent import EventHandler
     from neuron_export.build.run import ExportResult
+    from neuron_export.events import EventHandler
     from neuron_export.planning.jobs import Plan
 
-__all__ = ["ExportError", "__version__", "export", "load", "order_controlnets", "plan"]
+__all__ = ["ExportError", "__version__", "builds", "export", "load", "order_controlnets", "plan"]
 
 
 def plan(
@@ -41,6 +42,16 @@ def plan(
 
     plans = plan_exports(family_or_config, overrides, planning=True, **options)
     return plans[0] if len(plans) == 1 else plans
+
+
+def builds(plans: Plan | Sequence[Plan]) -> list[dict[str, Any]]:
+    """What a CI matrix fans out for these plans (`plan --json`'s `builds`): each cache key once, with its
+    component, estimates, the outputs that need it, whether the local or remote cache already has it, and the
+    config that builds exactly it. Each Plan's own `estimated_wall_seconds` is its build's schedule."""
+    from neuron_export.planning.fleet import builds as fleet_builds
+    from neuron_export.planning.jobs import Plan
+
+    return fleet_builds([plans] if isinstance(plans, Plan) else list(plans))
 
 
 def export(

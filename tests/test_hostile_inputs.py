@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from neuron_export.events import Stage
+
 SECRET = "hunter2-do-not-ship"
 
 
@@ -128,7 +130,7 @@ def test_prune_all_during_an_export_does_not_break_its_assembly(cli, tiny_model,
     pruned = []
 
     def prune_when_cached(event) -> None:
-        if event.stage == "cached" and not pruned:
+        if event.stage == Stage.CACHED and not pruned:
             pruned.append(cli("cache", "prune", "--all"))
 
     result = neuron_export.export(

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from ray_cluster import LOCAL_ONLY, two_node_cluster
 
+import neuron_export
+from neuron_export.events import BuildEvent, Stage
+
 
 @pytest.fixture(scope="module")
 def node_hub_cache(tmp_path_factory) -> Path:
@@ -72,18 +75,31 @@ def test_a_2x2_shape_matrix_builds_each_key_once_over_two_nodes(
     builds = json.loads(cli("plan", "sd", *matrix, *ray_options, "--json").stdout)["builds"]
     assert len(builds) == 5  # one text encoder for all four shapes, four VAE decoders
 
-    result = cli("sd", *matrix, *ray_options, "-o", tmp_path / "exports")
-    assert result.exit_code == 0, result
+    events: list[BuildEvent] = []
+    neuron_export.export(  # the API the CLI calls, with the same options
+        "sd",
+        model=str(model),
+        backend="cpu",
+        height=[64, 128],
+        width=[64, 128],
+        components=["text_encoder", "vae_decoder"],
+        executor="ray",
+        ray_address=ray_cluster.address,
+        remote_cache=f"file://{remote}",
+        remote_cache_signing_key=str(signing_key),
+        output=tmp_path / "exports",
+        on_event=events.append,
+    )
     keys = {b["cache_key"] for b in builds}
     # each key built once, on one node or the other, and handed over through the remote cache
     on_nodes = entries(ray_cluster.caches["head"]) + entries(ray_cluster.caches["worker"])
     assert sorted(on_nodes) == sorted(keys)
     assert {p.parent.name for p in remote.glob("*/record.json")} == keys
-    # progress names the node of every task, and both nodes took some
-    done = [line for line in result.stdout.splitlines() if ": done on " in line]
-    assert len(done) == 5
-    for node in (ray_cluster.head, ray_cluster.worker):
-        assert any(ray_cluster.node_label(node) in line for line in done), result.stdout
+    # every task's events name its node, and both nodes took some; none needed a second attempt
+    done = [event for event in events if event.stage == Stage.DONE and event.node is not None]
+    assert len(done) == 5 and {event.attempt for event in done} == {1}
+    assert {event.node for event in done} == {ray_cluster.node_label(n) for n in (ray_cluster.head, ray_cluster.worker)}
+    assert [event.stage for event in events].count(Stage.QUEUED) == 5
     exports = sorted((tmp_path / "exports").glob("*/manifest.json"))
     assert len(exports) == 4
     for manifest in map(json.loads, (p.read_text() for p in exports)):

@@ -7,7 +7,6 @@ import contextlib
 import shutil
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from neuron_export.build.layout import check_writable, claim_output, publish, st
 from neuron_export.build.validation import DISABLED, failure_message, remember, reuse
 from neuron_export.build.worker import WorkOrder, context, source_file_records, worker_main
 from neuron_export.errors import BuildError, ExportError
+from neuron_export.events import BuildEvent, EventHandler, Stage
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.manifest import (
     AddOnRecord,
@@ -36,23 +36,6 @@ from neuron_export.store.remote_trust import trust_of
 from neuron_export.store.storage import writing
 from neuron_export.store.supply import BUILT, supply
 from neuron_export.version import __version__
-
-
-@dataclass(frozen=True)
-class BuildEvent:
-    """Progress for the renderer: a component starts a stage, or finishes with its record."""
-
-    component: str
-    index: int
-    total: int
-    stage: str  # "cached", "waiting", "downloading", "downloaded", "loading", "tracing", "validating", "done", "uploading",
-    # "validated" (a cached artifact compared with the eager model again)
-    record: ComponentRecord | None = None
-    remote: str | None = None  # the remote cache's URL, for "downloading", "downloaded" and "uploading"
-    node: str | None = None  # the Ray cluster node a task runs on (--executor ray)
-
-
-EventHandler = Callable[[BuildEvent], None]
 
 
 def make_manifest(
@@ -230,7 +213,7 @@ def build_missing(
                 except EOFError:
                     raise _died(worker) from None
                 if tag == "stage":
-                    on_event(BuildEvent(name, index[name], total, payload))
+                    on_event(BuildEvent(name, index[name], total, Stage(payload)))
                     continue
                 worker.process.join()
                 del running[name]
@@ -239,7 +222,7 @@ def build_missing(
                     tag,
                     payload,
                     cache,
-                    lambda record: on_event(BuildEvent(name, index[name], total, "done", record)),  # noqa: B023 (called now)
+                    lambda record: on_event(BuildEvent(name, index[name], total, Stage.DONE, record)),  # noqa: B023 (called now)
                 )
     finally:
         for worker in running.values():
@@ -271,7 +254,7 @@ def _stop(worker: _Worker) -> None:
     shutil.rmtree(worker.build_dir, ignore_errors=True)
 
 
-def _outcome(worker: _Worker, on_stage: Callable[[str], None]) -> tuple[str, Any]:
+def _outcome(worker: _Worker, on_stage: Callable[[Stage], None]) -> tuple[str, Any]:
     """A worker's stages passed on until its final message, which is returned."""
     while True:
         try:
@@ -279,19 +262,19 @@ def _outcome(worker: _Worker, on_stage: Callable[[str], None]) -> tuple[str, Any
         except EOFError:
             raise _died(worker) from None
         if tag == "stage":
-            on_stage(payload)
+            on_stage(Stage(payload))
             continue
         worker.process.join()
         return tag, payload
 
 
-def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]) -> CacheEntry:
+def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[Stage], None]) -> CacheEntry:
     """One component built in a worker process, as build_missing does, and stored in `cache`: what a cluster
     node runs for a Ray task (build/ray_executor.py)."""
     worker = _start(order, cache, workdir)
     try:
         tag, payload = _outcome(worker, on_stage)
-        entry = _finish(worker, tag, payload, cache, lambda record: on_stage("done"))
+        entry = _finish(worker, tag, payload, cache, lambda record: on_stage(Stage.DONE))
         worker.reader.close()
         return entry
     except BaseException:
@@ -300,7 +283,7 @@ def build_one(order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: 
 
 
 def check_cached(
-    order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[str], None]
+    order: WorkOrder, cache: ComponentCache, workdir: Path, on_stage: Callable[[Stage], None]
 ) -> ValidationRecord:
     """A cached artifact compared with the eager model in a worker process (nothing is built)."""
     worker = _start(order, cache, workdir)
@@ -337,7 +320,7 @@ def settle_validation(
             )
         if result is None:
 
-            def stage(name: str, job: Job = job, index: int = index) -> None:
+            def stage(name: Stage, job: Job = job, index: int = index) -> None:
                 on_event(BuildEvent(job.component, index, len(plan.jobs), name))
 
             result = check_cached(work_order(job, plan, entry.artifact), cache, workdir, stage)
@@ -354,7 +337,7 @@ def settle_validation(
         if result.status == "failed":
             raise BuildError(failure_message(job.component, result))
         if origins[job.component] != BUILT:  # its build's own result was not this export's
-            on_event(BuildEvent(job.component, index, len(plan.jobs), "validated", record))
+            on_event(BuildEvent(job.component, index, len(plan.jobs), Stage.VALIDATED, record))
         records[job.component] = record
     return records
 
@@ -376,7 +359,7 @@ def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> t
     number = {job.component: index for index, job in enumerate(plan.jobs, start=1)}
     url = remote.url if remote is not None else None
 
-    def notify(job: Job, stage: str, record: ComponentRecord | None) -> None:
+    def notify(job: Job, stage: Stage, record: ComponentRecord | None) -> None:
         on_event(BuildEvent(job.component, number[job.component], len(plan.jobs), stage, record, url))
 
     workdir = plan.output.absolute().parent / f".{plan.output.name}.neuron-work"  # kept when a compile fails

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from neuron_export.build.backends.select import get_backend
-from neuron_export.build.parent import BuildEvent, EventHandler, build_one, work_order
+from neuron_export.build.parent import build_one, work_order
 from neuron_export.build.worker import WorkOrder
 from neuron_export.errors import BuildError, ExportError, MemoryBudgetError
+from neuron_export.events import BuildEvent, EventHandler, Stage
 from neuron_export.manifest import ComponentRecord
 from neuron_export.planning.fleet import FleetJob, unique_jobs
 from neuron_export.planning.jobs import Plan, traced_library_versions
@@ -108,7 +109,7 @@ class Board:
     def __init__(self) -> None:
         self._events: list[tuple[str, str, str]] = []
 
-    def update(self, key: str, stage: str, node: str) -> None:
+    def update(self, key: str, stage: str, node: str) -> None:  # the Stage's value: plain data crosses nodes
         self._events.append((key, stage, node))
 
     def take(self) -> list[tuple[str, str, str]]:
@@ -148,22 +149,23 @@ def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: Event
             work_order(fleet_job.job, fleet_job.plan), origin, versions, url, trust, board
         )
         submitted[ref] = (index, fleet_job)
-        on_event(BuildEvent(fleet_job.label, index, total, "queued"))
+        on_event(BuildEvent(fleet_job.label, index, total, Stage.QUEUED))
     supplied: dict[str, str] = {}
     attempts: dict[str, int] = {}
     pending = list(submitted)
 
     def show_progress() -> None:
-        for key, stage, node in ray.get(board.take.remote()):
+        for key, value, node in ray.get(board.take.remote()):
             if key in supplied:  # a report that arrived after the task's result: its story is told
                 continue
             index, fleet_job = by_key[key]
-            if stage == "started":
+            stage = Stage(value)
+            if stage == Stage.STARTED:
                 attempts[key] = attempts.get(key, 0) + 1
-                if attempts[key] > 1:
-                    stage = f"started again (attempt {attempts[key]}: its node or worker was lost)"
-            if stage != "done":  # the result's own event says done, with the record
-                on_event(BuildEvent(fleet_job.label, index, total, stage, remote=shown, node=node))
+            attempt = attempts.get(key, 1)
+            lost = "its node or worker was lost" if stage == Stage.STARTED and attempt > 1 else None
+            if stage != Stage.DONE:  # the result's own event says done, with the record
+                on_event(BuildEvent(fleet_job.label, index, total, stage, None, shown, node, attempt, lost))
 
     try:
         while pending:
@@ -174,8 +176,9 @@ def _run(ray: Any, todo: list[FleetJob], url: str, trust: Trust, on_event: Event
                 result = _result(ray, ref, fleet_job)
                 record = ComponentRecord.model_validate_json(result["record"])
                 supplied[fleet_job.key] = result["node"]
-                stage = "done" if result["origin"] == BUILT else "cached"  # built now, or found on the node
-                on_event(BuildEvent(fleet_job.label, index, total, stage, record, remote=shown, node=result["node"]))
+                stage = Stage.DONE if result["origin"] == BUILT else Stage.CACHED  # built now, or found on the node
+                attempt = attempts.get(fleet_job.key, 1)
+                on_event(BuildEvent(fleet_job.label, index, total, stage, record, shown, result["node"], attempt))
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -218,10 +221,10 @@ def node_build(
     node = f"{ray.util.get_node_ip_address()} {context.get_node_id()[:8]}"
     key = order.job.cache_key
 
-    def report(stage: str) -> None:
-        board.update.remote(key, stage, node)
+    def report(stage: Stage) -> None:
+        board.update.remote(key, stage.value, node)
 
-    report("started")
+    report(Stage.STARTED)
     mine = build_versions(order.backend)
     for name, wanted in versions.items():
         if mine.get(name) != wanted:

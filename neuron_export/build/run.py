@@ -10,7 +10,7 @@ from neuron_export.manifest import Manifest, read_manifest
 from neuron_export.planning.jobs import Plan, refuse_unless_ready
 
 if TYPE_CHECKING:  # the build machinery is imported only when something is built: a rerun answers without it
-    from neuron_export.build.parent import BuildEvent, EventHandler
+    from neuron_export.events import BuildEvent, EventHandler
 
 
 @dataclass(frozen=True)

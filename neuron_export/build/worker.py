@@ -32,6 +32,7 @@ from neuron_export.build.backends.select import get_backend
 from neuron_export.build.lifetime import die_with_parent
 from neuron_export.build.validation import DISABLED, verdict
 from neuron_export.errors import BuildError, ExportError
+from neuron_export.events import Stage
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.manifest import ComponentRecord, FileRecord, TensorRecord, ValidationRecord, file_record
 from neuron_export.planning.jobs import Job
@@ -231,7 +232,7 @@ def children_peak_rss_bytes() -> int:
 
 
 def build_component(
-    order: WorkOrder, directory: Path, workdir: Path, on_stage: Callable[[str], None]
+    order: WorkOrder, directory: Path, workdir: Path, on_stage: Callable[[Stage], None]
 ) -> ComponentRecord:
     """Load, trace, save (as directory/model.neuron) and check one component. Runs in a worker process."""
     import torch
@@ -246,11 +247,11 @@ def build_component(
     started = time.perf_counter()
     reset_peak_rss()
 
-    on_stage("loading")
+    on_stage(Stage.LOADING)
     with torch.no_grad():
         model = module.load(job.source_folder, spec)
         if job.loras:
-            on_stage("fusing LoRA")
+            on_stage(Stage.FUSING_LORA)
             lora.fuse(model, spec.name, job.loras)
             release_memory()
         parameter_count = sum(p.numel() for p in model.parameters())
@@ -258,7 +259,7 @@ def build_component(
         validation_inputs = make_inputs(spec.inputs, VALIDATION_SEED) if skip_reason is None else None
         expected = [t.clone() for t in module.reference(model, spec, validation_inputs)] if validation_inputs else None
 
-        on_stage("tracing")
+        on_stage(Stage.TRACING)
         wrapper = module.wrap(model, spec)
         compiler_args = list(job.compiler_args) if order.backend == "neuron" else []
         request = CompileRequest(
@@ -287,7 +288,7 @@ def build_component(
 
         if skip_reason is None:
             assert validation_inputs is not None and expected is not None  # made above when validating
-            on_stage("validating")
+            on_stage(Stage.VALIDATING)
             loaded = backend.load(artifact)
             actual = flatten(loaded(*validation_inputs))
             del loaded
@@ -328,7 +329,7 @@ def build_component(
     )
 
 
-def check_artifact(order: WorkOrder, on_stage: Callable[[str], None]) -> ValidationRecord:
+def check_artifact(order: WorkOrder, on_stage: Callable[[Stage], None]) -> ValidationRecord:
     """Compare a cached artifact with the eager model on the build's fresh inputs: the eager outputs first,
     the model freed, then the artifact loaded (memory stays near one copy of the component)."""
     import torch
@@ -337,7 +338,7 @@ def check_artifact(order: WorkOrder, on_stage: Callable[[str], None]) -> Validat
     quiet_libraries()
     job, spec = order.job, order.job.spec
     module = importlib.import_module(job.module_path)
-    on_stage("loading")
+    on_stage(Stage.LOADING)
     with torch.no_grad():
         model = module.load(job.source_folder, spec)
         if job.loras:
@@ -346,7 +347,7 @@ def check_artifact(order: WorkOrder, on_stage: Callable[[str], None]) -> Validat
         expected = [t.clone() for t in module.reference(model, spec, inputs)]
         del model
         release_memory()
-        on_stage("validating")
+        on_stage(Stage.VALIDATING)
         loaded = get_backend(order.backend).load(order.artifact)
         actual = flatten(loaded(*inputs))
         del loaded

@@ -4,7 +4,7 @@ import inspect
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -59,6 +59,9 @@ from neuron_export.cli.options import (
     Width,
 )
 
+if TYPE_CHECKING:
+    from neuron_export.cli.render import Sink
+
 FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
     "sd-xl": "SDXL base, turbo and refiner (the refiner is recognised from the model); LCM-SDXL with --unet.",
@@ -91,50 +94,46 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def export_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+def export_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], sink: "Sink") -> None:
     """Plan every export (a shape matrix or several configs make several) before building any, then build them
     in turn (components they share come from the cache after the first build), or, with --executor ray, build
     what they all miss on the cluster first and assemble each from the remote cache."""
     from neuron_export.build.run import fan_out, run_plan
-    from neuron_export.cli.render import Reporter, result_object
+    from neuron_export.cli.render import result_object
     from neuron_export.planning.exports import plan_exports
 
     plans = plan_exports(family_or_config, overrides, **options)
-    reporter = Reporter(json_mode=json_mode)
     try:
-        fan_out(plans, on_event=reporter)
+        fan_out(plans, on_event=sink.event)
     finally:
-        reporter.close()
+        sink.close()
     results = []
     for plan in plans:
-        reporter.plan(plan)
+        sink.plan(plan)
         if plan.up_to_date:
-            reporter.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
+            sink.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
             result = run_plan(plan)  # reads the manifest back; every component counts as cached
         else:
             started = time.monotonic()
             try:
-                result = run_plan(plan, on_event=reporter)
+                result = run_plan(plan, on_event=sink.event)
             finally:
-                reporter.close()
-            reporter.summary(result.manifest, plan.output, result.origins, time.monotonic() - started)
+                sink.close()
+            sink.summary(result.manifest, plan.output, result.origins, time.monotonic() - started)
         results.append(
             {**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date}
         )
-    if json_mode:
-        import json
-
-        print(json.dumps(results[0] if len(results) == 1 else {"ok": True, "exports": results}), flush=True)
+    sink.result(results[0] if len(results) == 1 else {"ok": True, "exports": results})
 
 
-def plan_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+def plan_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], sink: "Sink") -> None:
     import neuron_export
     from neuron_export.cli.render import render_plans
 
-    render_plans(_as_list(neuron_export.plan(family_or_config, overrides=overrides, **options)), json_mode)
+    render_plans(_as_list(neuron_export.plan(family_or_config, overrides=overrides, **options)), sink)
 
 
-Runner = Callable[[Any, list[str], dict[str, Any], bool], None]
+Runner = Callable[[Any, list[str], dict[str, Any], "Sink"], None]
 
 
 # What each family takes: its tasks, and the options it would refuse (so its --help does not list them).
@@ -218,7 +217,9 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
             )
         if output_dir is not None:
             options.setdefault("output", output_dir)
-        run(family, [], options, json_output)
+        from neuron_export.cli.render import Sink
+
+        run(family, [], options, Sink(json_output))
 
     tasks = Choice(f"{family.replace('-', '')}_tasks", {task.replace("-", "_"): task for task in FAMILY_TASKS[family]})  # type: ignore[call-overload]
     task_option = typer.Option(
@@ -277,7 +278,10 @@ def build_command(run: Runner) -> Callable[..., None]:
                 "ray_address": ray_address,
             }
         )
-        run(config_files if len(config_files) > 1 else config_files[0], list(set_options or []), options, json_output)
+        from neuron_export.cli.render import Sink
+
+        file = config_files if len(config_files) > 1 else config_files[0]
+        run(file, list(set_options or []), options, Sink(json_output))
 
     command.__doc__ = BUILD_HELP
     return command

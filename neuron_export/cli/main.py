@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get(DEBUG_VARIABLE) == "1" and message is not None:
             _print_traceback(exc)
     if message is not None:
-        from neuron_export.cli.render import error
+        from neuron_export.cli.render import Sink
 
-        error(message, json_mode, code)
+        Sink(json_mode).error(message, code)
     if code:
         sys.exit(code)
 

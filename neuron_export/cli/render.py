@@ -9,26 +9,37 @@ from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.deploy.inspection import validation_text
+from neuron_export.events import Stage
 from neuron_export.files import MANIFEST_NAME
 from neuron_export.format import human_bytes
 from neuron_export.roles.registry import CONTROLNET
 
 if TYPE_CHECKING:
-    from neuron_export.build.parent import BuildEvent
+    from neuron_export.events import BuildEvent
     from neuron_export.manifest import Manifest
     from neuron_export.planning.jobs import Plan
 
 
 # What the stages around a build mean, in words (the build's own stages print as their names).
 STAGE_TEXT = {
-    "waiting": "waiting: another export on this host is building it",
-    "downloading": "downloading from {remote}",
-    "uploading": "uploading to {remote}",
+    Stage.WAITING: "waiting: another export on this host is building it",
+    Stage.DOWNLOADING: "downloading from {remote}",
+    Stage.UPLOADING: "uploading to {remote}",
 }
+FINISHED = (Stage.DONE, Stage.CACHED, Stage.DOWNLOADED, Stage.VALIDATED)  # with the component's record
 
 
-class Reporter:
-    """Receives build events; renders them for a terminal or a log (on stderr with --json: stdout holds the JSON)."""
+def stage_text(event: BuildEvent) -> str:
+    """A stage in words, without the component: the one place an event becomes text."""
+    node = f" on {event.node}" if event.node else ""  # a Ray task's node (--executor ray)
+    if event.stage == Stage.STARTED and event.attempt > 1:
+        return f"started again (attempt {event.attempt}: {event.detail or 'retried'}){node}"
+    return STAGE_TEXT.get(event.stage, event.stage.value).format(remote=event.remote) + node
+
+
+class Sink:
+    """Where a command's output goes, made once from --json: words for a terminal (rich progress) or a log
+    (plain lines), or one JSON object on stdout with the words on stderr."""
 
     def __init__(self, json_mode: bool = False, stream: Any = None) -> None:
         self.json_mode = json_mode
@@ -55,29 +66,38 @@ class Reporter:
         else:
             print(text, file=self.stream, flush=True)
 
-    def __call__(self, event: BuildEvent) -> None:
+    def result(self, value: dict[str, Any]) -> None:
+        """A command's result: the one JSON object on stdout with --json (the words said it already otherwise)."""
+        if self.json_mode:
+            print(json.dumps(value), flush=True)
+
+    def error(self, message: str, exit_code: int) -> None:
+        if self.json_mode:
+            print(json.dumps({"ok": False, "error": message, "exit_code": exit_code}), flush=True)
+        else:
+            print(f"neuron-export: error: {message}", file=sys.stderr, flush=True)
+
+    def event(self, event: BuildEvent) -> None:
         if self.interactive:
             self._rich_event(event)
             return
         prefix = f"[{event.index}/{event.total}] {event.component}"
-        node = f" on {event.node}" if event.node else ""  # a Ray task's node (--executor ray)
-        if event.stage in ("cached", "downloaded") and event.record is not None:
-            where = f"downloaded from {event.remote}" if event.stage == "downloaded" else "cached"
-            self.line(f"{prefix}: {where}{node} (built {event.record.built_at})")  # its validation follows
-        elif event.stage == "validated" and event.record is not None:  # a cached artifact's validation for this export
-            v = event.record.validation
+        node = f" on {event.node}" if event.node else ""
+        record = event.record if event.stage in FINISHED else None
+        if record is None:
+            self.line(f"{prefix}: {stage_text(event)}")
+        elif event.stage in (Stage.CACHED, Stage.DOWNLOADED):
+            where = f"downloaded from {event.remote}" if event.stage == Stage.DOWNLOADED else "cached"
+            self.line(f"{prefix}: {where}{node} (built {record.built_at})")  # its validation follows
+        elif event.stage == Stage.VALIDATED:  # a cached artifact's validation for this export
+            v = record.validation
             done = "validation" if v.reused or v.status == "skipped" else "validated the cached artifact:"
-            self.line(f"{prefix}: {done} {validation_text(event.record)}")
-        elif event.stage in STAGE_TEXT:
-            self.line(f"{prefix}: {STAGE_TEXT[event.stage].format(remote=event.remote)}{node}")
-        elif event.stage == "done" and event.record is not None:
-            r = event.record
-            self.line(
-                f"{prefix}: done{node} in {r.build_seconds:.1f}s, peak RSS {human_bytes(r.peak_rss_bytes)}, "
-                f"validation {validation_text(r)}"
-            )
+            self.line(f"{prefix}: {done} {validation_text(record)}")
         else:
-            self.line(f"{prefix}: {event.stage}{node}")
+            self.line(
+                f"{prefix}: done{node} in {record.build_seconds:.1f}s, peak RSS {human_bytes(record.peak_rss_bytes)}, "
+                f"validation {validation_text(record)}"
+            )
 
     def _rich_event(self, event: BuildEvent) -> None:
         from rich.console import Console
@@ -96,14 +116,13 @@ class Reporter:
         if event.component not in self._tasks:
             self._tasks[event.component] = progress.add_task(label, total=1)
         task = self._tasks[event.component]
-        node = f" on {event.node}" if event.node else ""
-        if event.stage in ("done", "cached", "downloaded", "validated") and event.record is not None:
-            cached = f"{event.stage}, " if event.stage != "done" else ""
+        if event.stage in FINISHED and event.record is not None:
+            node = f" on {event.node}" if event.node else ""
+            cached = f"{event.stage.value}, " if event.stage != Stage.DONE else ""
             progress.update(task, description=f"{label}: {cached}{validation_text(event.record)}{node}", completed=1)
             progress.stop_task(task)
         else:
-            text = STAGE_TEXT.get(event.stage, event.stage).format(remote=event.remote)
-            progress.update(task, description=f"{label}: {text}{node}")
+            progress.update(task, description=f"{label}: {stage_text(event)}")
 
     def close(self) -> None:
         if self._progress is not None:
@@ -186,55 +205,46 @@ def result_object(manifest: Manifest, output: Any, origins: dict[str, str]) -> d
     }
 
 
-def render_plans(plans: list[Plan], json_mode: bool) -> None:
-    """The jobs of each export: shapes, flags, cache hit or miss, estimated peak memory and time."""
-    from neuron_export.planning.estimate import schedule_seconds
-
-    summaries: list[dict[str, Any]] = []
-    for plan in plans:
-        to_build = [job for job in plan.jobs if not job.cached]
-        # torch's CPU trace already uses every core, so parallel cpu jobs only share them (measured: 1.02x
-        # faster with --jobs 2 on 2 cores); neuronx-cc compiles gain from parallel jobs.
-        parallel = 1 if plan.backend == "cpu" else plan.config.jobs
-        wall = schedule_seconds(
-            [(job.estimated_seconds, job.estimated_peak_bytes) for job in to_build], parallel, plan.memory_budget
-        )
-        summaries.append(
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """`plan --json`'s object for one export: its jobs (shapes, flags, cache hit or miss, estimates) and schedule."""
+    return {
+        "output": str(plan.output),
+        "backend": plan.backend,
+        "up_to_date": plan.up_to_date,
+        "jobs": plan.config.jobs,
+        "memory_budget_bytes": plan.memory_budget,
+        "estimated_wall_seconds": round(plan.estimated_wall_seconds, 1),
+        "notes": list(plan.notes),
+        "components": [
             {
-                "output": str(plan.output),
-                "backend": plan.backend,
-                "up_to_date": plan.up_to_date,
-                "jobs": plan.config.jobs,
-                "memory_budget_bytes": plan.memory_budget,
-                "estimated_wall_seconds": round(wall, 1),
-                "notes": list(plan.notes),
-                "components": [
-                    {
-                        "component": job.component,
-                        "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
-                        "compiler_args": list(job.compiler_args),
-                        "cache": "hit" if job.cached else "miss",
-                        "cache_key": job.cache_key,
-                        "loras": [lora.adapter_name for lora in job.loras],  # fused into this component, in order
-                        "parameters": job.weights.parameters,
-                        "estimated_peak_bytes": job.estimated_peak_bytes,
-                        "estimated_seconds": round(job.estimated_seconds, 1),
-                    }
-                    for job in plan.jobs
-                ],
+                "component": job.component,
+                "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in job.spec.inputs],
+                "compiler_args": list(job.compiler_args),
+                "cache": "hit" if job.cached else "miss",
+                "cache_key": job.cache_key,
+                "loras": [lora.adapter_name for lora in job.loras],  # fused into this component, in order
+                "parameters": job.weights.parameters,
+                "estimated_peak_bytes": job.estimated_peak_bytes,
+                "estimated_seconds": round(job.estimated_seconds, 1),
             }
-        )
-    if json_mode:
-        builds = {"builds": build_list(plans)}  # one per cache key: what a CI matrix fans out
-        print(
-            json.dumps({**summaries[0], **builds} if len(summaries) == 1 else {"plans": summaries, **builds}),
-            flush=True,
-        )
+            for job in plan.jobs
+        ],
+    }
+
+
+def render_plans(plans: list[Plan], sink: Sink) -> None:
+    """The jobs of each export as tables, or (--json) one object with them and the CI builds they need."""
+    from neuron_export.planning.fleet import builds
+
+    summaries = [plan_summary(plan) for plan in plans]
+    if sink.json_mode:
+        found = {"builds": builds(plans)}  # one per cache key: what a CI matrix fans out
+        sink.result({**summaries[0], **found} if len(summaries) == 1 else {"plans": summaries, **found})
         return
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(file=sink.stream, width=None if sink.interactive else 200)
     for summary in summaries:
         table = Table(title=f"{summary['output']} ({summary['backend']} backend)")
         for column in ("component", "inputs", "compiler args", "cache", "est. peak", "est. time"):
@@ -260,20 +270,3 @@ def render_plans(plans: list[Plan], json_mode: bool) -> None:
         console.print(f"with --jobs {summary['jobs']} within {human_bytes(summary['memory_budget_bytes'])}: {state}")
         for note in summary["notes"]:
             console.print(f"note: {note}", markup=False, highlight=False)
-
-
-def build_list(plans: list[Plan]) -> list[dict[str, Any]]:
-    """Each cache key the plans need, once, with whether a cache (the remote one too, when given) has it."""
-    from neuron_export.planning.fleet import ci_jobs
-    from neuron_export.store.remote import RemoteCache
-    from neuron_export.store.remote_trust import trust_of
-
-    url = plans[0].config.remote_cache if plans else None
-    return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config)) if url else None)
-
-
-def error(message: str, json_mode: bool, exit_code: int) -> None:
-    if json_mode:
-        print(json.dumps({"ok": False, "error": message, "exit_code": exit_code}), flush=True)
-    else:
-        print(f"neuron-export: error: {message}", file=sys.stderr, flush=True)

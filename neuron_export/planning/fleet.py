@@ -72,3 +72,12 @@ def ci_jobs(plans: list[Plan], remote: Any = None) -> list[dict[str, Any]]:
             }
         )
     return found
+
+
+def builds(plans: list[Plan]) -> list[dict[str, Any]]:
+    """`plan --json`'s builds: ci_jobs asked of the local cache and of the remote cache the plans name, if any."""
+    from neuron_export.store.remote import RemoteCache
+    from neuron_export.store.remote_trust import trust_of
+
+    url = plans[0].config.remote_cache if plans else None
+    return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config)) if url else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from neuron_export.events import Stage
 from neuron_export.manifest import ComponentRecord
 from neuron_export.store.cache import CacheEntry, ComponentCache
 from neuron_export.store.remote import RemoteCache, Wanted
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 BUILT, CACHED, DOWNLOADED = "built", "cached", "downloaded"
 ORIGINS = (BUILT, CACHED, DOWNLOADED)
 
-Notify = Callable[["Job", str, "ComponentRecord | None"], None]  # a job enters a stage (cached, waiting, ...)
+Notify = Callable[["Job", Stage, "ComponentRecord | None"], None]  # a job enters a stage (cached, waiting, ...)
 Builder = Callable[[list["Job"]], dict[str, CacheEntry]]  # builds jobs and stores them in the cache
 
 
@@ -61,7 +62,7 @@ def supply(
         entry = cache.lookup(job.cache_key)  # hash-checked; a bad entry is discarded and rebuilt
         if entry is not None:
             entries[job.component], origins[job.component] = entry, CACHED
-            notify(job, CACHED, entry.record)
+            notify(job, Stage.CACHED, entry.record)
     missing = [job for job in jobs if job.component not in entries]
     announced: set[str] = set()
     held: dict[str, Any] = {}  # component -> its acquired lock (None: no lock could be made)
@@ -76,7 +77,7 @@ def supply(
             for job in waiting:
                 if job.component not in announced:
                     announced.add(job.component)
-                    notify(job, "waiting", None)
+                    notify(job, Stage.WAITING, None)
             if not held:  # everything left is being built by others: wait for one, holding nothing
                 job = waiting[0]
                 lock = key_lock(cache, job.cache_key)
@@ -89,14 +90,14 @@ def supply(
                 entry = cache.lookup(job.cache_key)  # finished by another export while we waited
                 origin = CACHED
                 if entry is None and remote is not None and remote.has(job.cache_key):
-                    notify(job, "downloading", None)
+                    notify(job, Stage.DOWNLOADING, None)
                     with writing("the component cache", cache.root, job.weights.bytes, "--cache-dir"):
                         entry, origin = remote.download(job.cache_key, cache, wanted(job)), DOWNLOADED
                 if entry is None:
                     to_build.append(job)
                     continue
                 entries[job.component], origins[job.component] = entry, origin
-                notify(job, origin, entry.record)
+                notify(job, Stage.DOWNLOADED if origin == DOWNLOADED else Stage.CACHED, entry.record)
             built = build(to_build) if to_build else {}
             for component, entry in built.items():
                 entries[component], origins[component] = entry, BUILT
@@ -104,7 +105,7 @@ def supply(
             if remote is not None:
                 for job in to_build:
                     if job.component in built and remote.available:
-                        notify(job, "uploading", None)
+                        notify(job, Stage.UPLOADING, None)
                         remote.upload(job.cache_key, built[job.component])
             missing = [job for job in missing if job.component not in entries]
     finally:
