@@ -65,8 +65,15 @@ def test_derived_values_are_made_while_constructing_and_leave_the_options_as_giv
     ip_adapter = {"family": "sd", "ip_adapter": "h94/IP-Adapter", "ip_adapter_weight_name": "ip.safetensors"}
     given = json.dumps([pix2pix, ip_adapter])
 
+    options = {"remote_cache_trusted_keys": []}
+    halves = [
+        ExportSpec.model_validate(pix2pix),
+        ExportSpec.model_validate(ip_adapter),
+        BuildOptions.model_validate(options),
+    ]
     first, second = make_config(pix2pix), make_config(ip_adapter)
-    assert json.dumps([pix2pix, ip_adapter]) == given  # the caller's options are not filled in
+    assert json.dumps([pix2pix, ip_adapter]) == given and options == {"remote_cache_trusted_keys": []}  # as given
+    assert halves == [first.spec, second.spec, first.options]
     assert (first.model, first.auto_cast_type, first.dynamic_batch_size) == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "bf16",
