@@ -57,7 +57,7 @@ class ExportSpec(BaseModel):
 
     family: Family
     task: Task = "text-to-image"
-    model: str | None = None  # None only before validation: the family's canonical checkpoint
+    model: str | None = None  # the family's canonical checkpoint unless given
     revision: str | None = None
     unet: str | None = None
     # --- replacement VAE and LoRA adapters (fused before tracing) ---
