@@ -225,29 +225,10 @@ def environment(backend: str) -> dict[str, str | None]:
     return env
 
 
-# How a build ran rather than what it built: left out so an unchanged export is byte-identical.
-NOT_RECORDED = {
-    "token",
-    "force",
-    "jobs",
-    "max_memory",
-    "cache_dir",
-    "hub_cache_dir",
-    "offline",
-    "output_root",
-    "remote_cache",
-    "remote_cache_required",
-    "executor",
-    "ray_address",
-    "remote_cache_signing_key",
-    "remote_cache_trusted_keys",
-    "remote_cache_allow_unsigned",
-}
-
-
 def normalized_config(config: Any) -> dict[str, Any]:
-    """The resolved options that decide the export's contents (no secrets, no build-process knobs)."""
-    return config.model_dump(mode="json", exclude=NOT_RECORDED)
+    """What the export is, as recorded: the config's ExportSpec whole (how it was built, BuildOptions, is left
+    out, so an unchanged export is byte-identical wherever and however it was built)."""
+    return config.spec.model_dump(mode="json")
 
 
 def unlisted_files(output: Path) -> list[str]:

@@ -69,24 +69,19 @@ FAMILY_HELP = {
 }
 BUILD_HELP = "Export from YAML config files (several: one set of jobs, shared components built once): defaults < file < --set < flags."
 
-# On/off flags whose absence must not override a YAML file's `true`.
-_PLAIN_FLAGS = {
-    "dynamic_batch_size",
-    "disable_validation",
-    "force",
-    "offline",
-    "remote_cache_required",
-    "remote_cache_allow_unsigned",
-}
+
+# Where a value counts as given: typed on the command line, or an option's environment variable (HF_TOKEN).
+GIVEN_SOURCES = ("COMMANDLINE", "ENVIRONMENT")  # ParameterSource names (typer keeps its Click copy private)
 
 
-def given_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options the user actually gave on the command line (a repeatable option never given is an empty list),
-    choices as their plain values."""
+def given_options(context: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave, as Click's parameter source says: a flag given equal to its default still
+    overrides a YAML file or --set, one never given does not. Choices as their plain values."""
+    sources = {key: context.get_parameter_source(key) for key in values}
     return {
         key: value.value if isinstance(value, Enum) else value
         for key, value in values.items()
-        if value is not None and value != [] and not (key in _PLAIN_FLAGS and value is False)
+        if getattr(sources[key], "name", None) in GIVEN_SOURCES
     }
 
 
@@ -206,9 +201,9 @@ def family_options(family: str) -> set[str]:
 
 
 def family_command(family: str, run: Runner) -> Callable[..., None]:
-    def command(**values: Any) -> None:
+    def command(ctx: typer.Context, **values: Any) -> None:
         output_dir, json_output = values.pop("output_dir", None), values.pop("json_output", False)
-        options = given_options(values)
+        options = given_options(ctx, values)
         if output_dir is not None and values.get("output") is not None and output_dir != values["output"]:
             from neuron_export.errors import ExportError
 
@@ -227,21 +222,24 @@ def family_command(family: str, run: Runner) -> Callable[..., None]:
     )
     hints = {name: hint for name, hint in _template.__annotations__.items() if name not in FAMILY_REFUSES[family]}
     hints["task"] = Annotated[tasks | None, task_option]
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     signature = inspect.Signature(
-        [
+        [context]
+        + [
             parameter.replace(annotation=hints[name])
             for name, parameter in inspect.signature(_template).parameters.items()
             if name in hints
         ]
     )
     command.__signature__ = signature  # type: ignore[attr-defined]
-    command.__annotations__ = hints
+    command.__annotations__ = {"ctx": typer.Context, **hints}
     command.__doc__ = FAMILY_HELP[family]
     return command
 
 
 def build_command(run: Runner) -> Callable[..., None]:
     def command(
+        ctx: typer.Context,
         config_files: ConfigFiles,
         set_options: SetOptions = None,
         output: Output = None,
@@ -261,6 +259,7 @@ def build_command(run: Runner) -> Callable[..., None]:
         ray_address: RayAddress = None,
     ) -> None:
         options = given_options(
+            ctx,
             {
                 "output": output,
                 "backend": backend,
@@ -276,7 +275,7 @@ def build_command(run: Runner) -> Callable[..., None]:
                 "remote_cache_allow_unsigned": remote_cache_allow_unsigned,
                 "executor": executor,
                 "ray_address": ray_address,
-            }
+            },
         )
         from neuron_export.cli.render import Sink
 

@@ -1,4 +1,4 @@
-"""The ControlNet, IP-Adapter and InstructPix2Pix options of an ExportConfig, checked together (config.py calls
+"""The ControlNet, IP-Adapter and InstructPix2Pix options of an ExportSpec, checked together (config.py calls
 this from its validator; the models themselves are checked in conditioning.py once their configs are read)."""
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ def conditioning_checks(config: Any) -> None:
                 f"{name} is set but ip_adapter is not; pass --ip-adapter ID_OR_DIR too, or drop --{name.replace('_', '-')}"
             )
     else:
-        if config.ip_adapter_scale is None:
-            object.__setattr__(config, "ip_adapter_scale", 1.0)
         if config.ip_adapter_weight_name is None:
             raise ValueError(
                 f"ip_adapter = '{config.ip_adapter}' needs ip_adapter_weight_name, the adapter's weight file "
@@ -57,5 +55,3 @@ def conditioning_checks(config: Any) -> None:
             raise ValueError(
                 f"--task instruct-pix2pix is not available for `neuron-export {config.family}`; use `neuron-export sd`"
             )
-        # Its only valid value: with guidance the UNet runs three times the prompt batch, split over two NeuronCores.
-        object.__setattr__(config, "dynamic_batch_size", True)

@@ -1,4 +1,5 @@
-"""Every user-facing option as one validated pydantic value; all input checks live here.
+"""Every user-facing option as validated pydantic values, what is built (ExportSpec) apart from how (BuildOptions);
+all input checks live here.
 
 Precedence: field defaults < YAML file < `--set key=value` < command-line flags. Nothing heavy is
 imported, so a bad option fails in milliseconds, before any model file is opened.
@@ -10,6 +11,7 @@ import itertools
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +21,7 @@ from neuron_export.errors import ExportError
 from neuron_export.planning.add_on_options import conditioning_checks
 from neuron_export.planning.config_messages import explain_validation_error, unknown_key
 from neuron_export.roles.registry import component_spellings, find_role
-from neuron_export.store.remote_trust import trust_checks
+from neuron_export.store.remote_trust import SIGNING_KEY_ENV, resolve_trust, trust_of
 
 Family = Literal["sd", "sd-xl", "lcm"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
@@ -46,14 +48,16 @@ RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_INSTALL = "pip install 'neuron-export[ray]'"
 
 
-class ExportConfig(BaseModel):
-    """One export: which model, which shapes, which compiler options, where to write."""
+class ExportSpec(BaseModel):
+    """What one export builds: the manifest records it whole, cache keys and the up-to-date check read it.
+    Defaults that follow from other options (the canonical model, bf16 auto-casting, the IP-Adapter scale,
+    pix2pix's dynamic batch) are filled in before the fields are checked; the value is never changed after."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     family: Family
     task: Task = "text-to-image"
-    model: str | None = None
+    model: str | None = None  # the family's canonical checkpoint unless given
     revision: str | None = None
     unet: str | None = None
     # --- replacement VAE and LoRA adapters (fused before tracing) ---
@@ -62,13 +66,12 @@ class ExportConfig(BaseModel):
     lora_weight_name: tuple[str, ...] = ()
     lora_adapter_name: tuple[str, ...] = ()
     lora_scale: tuple[float, ...] = ()
-    output: Path | None = None
     batch_size: int = 1
     height: int | None = None
     width: int | None = None
     num_images_per_prompt: int = 1
     auto_cast: AutoCast = "matmul"
-    auto_cast_type: AutoCastType | None = None
+    auto_cast_type: AutoCastType | None = None  # bf16 unless given, when auto-casting
     optlevel: Literal[1, 2, 3] = 2
     inline_weights: bool = True
     dynamic_batch_size: bool = False
@@ -77,23 +80,6 @@ class ExportConfig(BaseModel):
     disable_validation: bool = False
     atol: float | None = Field(default=None, gt=0)
     components: tuple[ComponentName, ...] | None = None
-    force: bool = False
-    # How to build, not what: never written to the manifest (see manifest.normalized_config).
-    token: str | None = Field(default=None, repr=False)
-    hub_cache_dir: Path | None = None
-    offline: bool = False
-    jobs: int = 1
-    max_memory: int | None = None  # bytes; None = what the host has available
-    cache_dir: Path | None = None
-    output_root: Path | None = None  # a shape matrix writes one export per combination below this
-    remote_cache: str | None = None  # an fsspec URL shared by hosts; default $NEURON_EXPORT_REMOTE_CACHE
-    remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
-    # Who is trusted (store/remote_trust.py): uploads signed with this key, entries used when one of these signed them.
-    remote_cache_signing_key: Path | None = None
-    remote_cache_trusted_keys: tuple[str, ...] = ()
-    remote_cache_allow_unsigned: bool = False  # a private bucket: unsigned entries are used, uploads may go unsigned
-    executor: Literal["local", "ray"] = "local"  # where missing components build: here, or as tasks on a Ray cluster
-    ray_address: str | None = None  # the cluster for executor ray; default $RAY_ADDRESS
     # --- ControlNet and IP-Adapter (checked in conditioning_checks; built by roles/controlnet.py and
     # roles/image_encoder.py) ---
     controlnet: tuple[str, ...] = ()  # hub ids or directories, in the order their control images are given
@@ -102,7 +88,12 @@ class ExportConfig(BaseModel):
     ip_adapter_weight_name: str | None = None
     ip_adapter_scale: float | None = None  # 1.0 when an IP-Adapter is given
 
-    @field_validator("controlnet", "remote_cache_trusted_keys", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, values: Any) -> Any:
+        return derived_spec_values(values) if isinstance(values, dict) else values
+
+    @field_validator("controlnet", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
         return (value,) if isinstance(value, str) else value
@@ -116,14 +107,9 @@ class ExportConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _conditioning(self) -> ExportConfig:
+    def _conditioning(self) -> ExportSpec:
         conditioning_checks(self)
         return self
-
-    @field_validator("max_memory", mode="before")
-    @classmethod
-    def _memory_size(cls, value: Any) -> Any:
-        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("height", "width")
     @classmethod
@@ -137,7 +123,7 @@ class ExportConfig(BaseModel):
             raise ValueError(f"must be a multiple of 8; use {nearest}")
         return value
 
-    @field_validator("batch_size", "num_images_per_prompt", "jobs")
+    @field_validator("batch_size", "num_images_per_prompt")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -171,39 +157,132 @@ class ExportConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _lora_lists(self) -> ExportConfig:
+    def _lora_lists(self) -> ExportSpec:
         check_lora_lists(self)
         return self
 
     @model_validator(mode="after")
-    def _auto_cast_pair(self) -> ExportConfig:
+    def _auto_cast_pair(self) -> ExportSpec:
         if self.auto_cast == "none" and self.auto_cast_type is not None:
             raise ValueError(
                 f"auto_cast_type = '{self.auto_cast_type}' has no effect with auto_cast = 'none'; "
                 "drop --auto-cast-type or pass --auto-cast matmul"
             )
-        if self.auto_cast != "none" and self.auto_cast_type is None:
-            object.__setattr__(self, "auto_cast_type", "bf16")
-        if self.model is None:
-            object.__setattr__(self, "model", CANONICAL_MODELS[self.family])
-        remote, where = self.remote_cache, "remote_cache"
-        if not remote and os.environ.get(REMOTE_ENV):
-            remote, where = os.environ[REMOTE_ENV], REMOTE_ENV
-            object.__setattr__(self, "remote_cache", remote)
-        if remote:
-            check_remote_url(remote, where)
-        elif self.remote_cache_required:
+        return self
+
+
+def derived_spec_values(given: dict[str, Any]) -> dict[str, Any]:
+    """The spec's options with the defaults that depend on other options filled in (a new dict)."""
+    values = dict(given)
+    if values.get("model") is None and values.get("family") in CANONICAL_MODELS:
+        values["model"] = CANONICAL_MODELS[values["family"]]
+    if values.get("auto_cast_type") is None and values.get("auto_cast", "matmul") != "none":
+        values["auto_cast_type"] = "bf16"
+    if values.get("ip_adapter") is not None and values.get("ip_adapter_scale") is None:
+        values["ip_adapter_scale"] = 1.0
+    if values.get("task") == "instruct-pix2pix" and values.get("family") == "sd":
+        # Its only valid value: with guidance the UNet runs three times the prompt batch, split over two NeuronCores.
+        values["dynamic_batch_size"] = True
+    return values
+
+
+class BuildOptions(BaseModel):
+    """How one export is built: where it goes, the caches, the remote cache and whom it trusts, the executor,
+    the budget. Never recorded, in no cache key. Values taken from the environment ($NEURON_EXPORT_REMOTE_CACHE,
+    $RAY_ADDRESS, the trust keys) are read and checked before the fields are; the value is never changed after."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: Path | None = None
+    force: bool = False
+    token: str | None = Field(default=None, repr=False)
+    hub_cache_dir: Path | None = None
+    offline: bool = False
+    jobs: int = 1
+    max_memory: int | None = None  # bytes; None = what the host has available
+    cache_dir: Path | None = None
+    output_root: Path | None = None  # a shape matrix writes one export per combination below this
+    remote_cache: str | None = None  # an fsspec URL shared by hosts; default $NEURON_EXPORT_REMOTE_CACHE
+    remote_cache_required: bool = False  # fail instead of building locally when the remote cannot be used
+    # Who is trusted (store/remote_trust.py): uploads signed with this key, entries used when one of these signed them.
+    remote_cache_signing_key: Path | None = None
+    remote_cache_trusted_keys: tuple[str, ...] = ()
+    remote_cache_allow_unsigned: bool = False  # a private bucket: unsigned entries are used, uploads may go unsigned
+    executor: Literal["local", "ray"] = "local"  # where missing components build: here, or as tasks on a Ray cluster
+    ray_address: str | None = None  # the cluster for executor ray; default $RAY_ADDRESS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, values: Any) -> Any:
+        return resolved_options(values) if isinstance(values, dict) else values
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("jobs")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+    @model_validator(mode="after")
+    def _remote_and_executor(self) -> BuildOptions:
+        if not self.remote_cache and self.remote_cache_required:
             raise ValueError(
                 f"remote_cache_required is set but no remote cache is given; pass --remote-cache URL "
                 f"(or set {REMOTE_ENV}), or drop --remote-cache-required"
             )
         if self.executor == "ray":
             check_ray_executor(self)
-        trust_checks(self)
         return self
 
 
-def check_ray_executor(config: ExportConfig) -> None:
+def resolved_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The build options with what the environment supplies filled in and checked (a new dict): the remote
+    cache URL, the Ray address, the signing and trusted keys."""
+    values = dict(given)
+    remote, where = values.get("remote_cache"), "remote_cache"
+    if not remote and os.environ.get(REMOTE_ENV):
+        remote, where = os.environ[REMOTE_ENV], REMOTE_ENV
+        values["remote_cache"] = remote
+    if remote:
+        check_remote_url(remote, where)
+    if not values.get("ray_address") and os.environ.get(RAY_ADDRESS_ENV):
+        values["ray_address"] = os.environ[RAY_ADDRESS_ENV]
+    trusted = values.get("remote_cache_trusted_keys") or ()
+    trust = resolve_trust(
+        values.get("remote_cache_signing_key"),
+        (trusted,) if isinstance(trusted, str) else tuple(trusted),
+        bool(values.get("remote_cache_allow_unsigned")),
+    )
+    values["remote_cache_signing_key"], values["remote_cache_trusted_keys"] = trust.signing_key, trust.trusted
+    return values
+
+
+# Every option a YAML file, --set or a flag may name: what is built, then how.
+OPTION_KEYS: tuple[str, ...] = (*ExportSpec.model_fields, *BuildOptions.model_fields)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One export as planning passes it around: what is built (`spec`) and how (`options`), each validated once.
+    Either half's fields read as the pair's own (config.batch_size, config.jobs)."""
+
+    spec: ExportSpec
+    options: BuildOptions
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ExportSpec.model_fields:
+            return getattr(self.spec, name)
+        if name in BuildOptions.model_fields:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def check_ray_executor(config: BuildOptions) -> None:
     """--executor ray: Ray installed (looked up, not imported: that takes seconds), a cluster, a remote cache."""
     import importlib.util
 
@@ -215,8 +294,6 @@ def check_ray_executor(config: ExportConfig) -> None:
         raise ValueError(
             f"executor 'ray' needs Ray, which is not installed; run {RAY_INSTALL}, or use --executor local"
         )
-    if not config.ray_address and os.environ.get(RAY_ADDRESS_ENV):
-        object.__setattr__(config, "ray_address", os.environ[RAY_ADDRESS_ENV])
     if not config.ray_address:
         raise ValueError(
             f"executor 'ray' needs a cluster; pass --ray-address HOST:PORT (or 'auto' for the one "
@@ -227,9 +304,15 @@ def check_ray_executor(config: ExportConfig) -> None:
             "executor 'ray' needs --remote-cache URL (or "
             f"{REMOTE_ENV}): cluster nodes hand their builds back through it"
         )
+    if not trust_of(config).can_upload:
+        raise ValueError(
+            "executor 'ray' needs --remote-cache-signing-key FILE (cluster nodes sign what they upload; "
+            f"set {SIGNING_KEY_ENV} on every node, or the same path), or --remote-cache-allow-unsigned "
+            "for a private bucket"
+        )
 
 
-def check_lora_lists(config: ExportConfig) -> None:
+def check_lora_lists(config: ExportSpec) -> None:
     """--lora-weight-name, --lora-adapter-name and --lora-scale each come once per --lora (or not at all)."""
     count = len(config.lora)
     for flag, values in (
@@ -305,14 +388,14 @@ def parse_size(text: str) -> int:
 
 
 def unknown_key_message(key: str, where: str) -> str:
-    return unknown_key(key, where, list(ExportConfig.model_fields))
+    return unknown_key(key, where, list(OPTION_KEYS))
 
 
 def _normalize_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     normalized: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in ExportConfig.model_fields:
+        if name not in OPTION_KEYS:
             raise ExportError(unknown_key_message(str(key), where))
         normalized[name] = value
     return normalized
@@ -384,10 +467,12 @@ def _merge(layers: tuple[dict[str, Any], ...]) -> dict[str, Any]:
 
 
 def _validate(values: dict[str, Any], origins: dict[str, str] | None = None) -> ExportConfig:
+    what = {key: value for key, value in values.items() if key in ExportSpec.model_fields}
+    how = {key: value for key, value in values.items() if key not in ExportSpec.model_fields}  # unknown keys: refused
     try:
-        return ExportConfig(**values)
+        return ExportConfig(ExportSpec(**what), BuildOptions(**how))
     except ValidationError as exc:
-        raise ExportError(explain_validation_error(exc, list(ExportConfig.model_fields), origins)) from None
+        raise ExportError(explain_validation_error(exc, list(OPTION_KEYS), origins)) from None
 
 
 def make_configs(*layers: dict[str, Any], labels: tuple[str | None, ...] = ()) -> list[ExportConfig]:

@@ -17,8 +17,6 @@ from neuron_export.planning.config import ExportConfig
 TASK_TAGS = {"image-to-image": "img2img", "inpainting": "inpaint", "instruct-pix2pix": "pix2pix"}
 # Config keys that name a local path or a hub id: compared as absolute paths when they exist here.
 PATH_KEYS = ("model", "unet", "vae", "lora", "controlnet", "ip_adapter")
-# Where the export is (not what it is): never compared.
-NOT_COMPARED = {"output"}
 
 
 def model_name(value: str) -> str:
@@ -130,7 +128,7 @@ def difference(output: Path, resolved: dict[str, Any], keys: dict[str, str]) -> 
         return "holds no readable export"
     there = recorded_config(manifest)
     for key in resolved:
-        if key not in NOT_COMPARED and there.get(key) != resolved[key]:
+        if there.get(key) != resolved[key]:
             return f"holds a different export (its {_flag(key)} is {there.get(key)!r}, this one's {resolved[key]!r})"
     recorded = {name: record.cache_key for name, record in manifest.components.items()}
     for name in sorted(set(recorded) | set(keys)):

@@ -57,7 +57,7 @@ def ci_jobs(plans: list[Plan], remote: Any = None) -> list[dict[str, Any]]:
         local = ComponentCache(plan.cache_dir).peek(job.cache_key)
         # only an entry a trusted key signed counts: an export would skip any other and build it
         in_remote = None if remote is None else (remote.has_trusted(job.cache_key) if not local else None)
-        config = {**normalized_config(plan.config), "components": [job.component], "output": None}
+        config = {**normalized_config(plan.config), "components": [job.component]}
         found.append(
             {
                 "cache_key": job.cache_key,

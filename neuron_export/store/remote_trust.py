@@ -1,6 +1,7 @@
 """Who the remote cache trusts: the signing key uploads are signed with, the public keys whose entries are used,
 and the explicit opt-in to unsigned entries (a private bucket). How to build, not what: in no cache key and
-not in the manifest's config. Flags, YAML keys and environment variables are resolved and checked here."""
+not in the manifest's config. Flags, YAML keys and environment variables are resolved and checked here
+(planning/config.py's BuildOptions calls resolve_trust before it checks its fields)."""
 
 from __future__ import annotations
 
@@ -69,21 +70,6 @@ def resolve_trusted(trusted: tuple[str, ...] | list[str]) -> tuple[str, ...]:
                 f"{where} {value!r} {problem}; pass the public key `cache keygen` printed, or its .pub file"
             ) from None
     return tuple(dict.fromkeys(keys))
-
-
-def trust_checks(config: Any) -> None:
-    """ExportConfig's remote_cache_signing_key / _trusted_keys / _allow_unsigned, resolved in place."""
-    trust = resolve_trust(
-        config.remote_cache_signing_key, config.remote_cache_trusted_keys, config.remote_cache_allow_unsigned
-    )
-    object.__setattr__(config, "remote_cache_signing_key", trust.signing_key)
-    object.__setattr__(config, "remote_cache_trusted_keys", trust.trusted)
-    if config.executor == "ray" and not trust.can_upload:
-        raise ValueError(
-            "executor 'ray' needs --remote-cache-signing-key FILE (cluster nodes sign what they upload; "
-            f"set {SIGNING_KEY_ENV} on every node, or the same path), or --remote-cache-allow-unsigned "
-            "for a private bucket"
-        )
 
 
 def trust_of(config: Any) -> Trust:
