@@ -17,22 +17,23 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_defaults_resolve_the_canonical_model_and_auto_cast_type():
-    config = make_config({"family": "sd-xl"})
+    config = make_config({"family": "sd-xl"}).spec
     assert config.model == CANONICAL_MODELS["sd-xl"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert (config.auto_cast, config.auto_cast_type, config.optlevel, config.target) == ("matmul", "bf16", 2, "inf2")
-    assert make_config({"family": "sd", "auto_cast": "none"}).auto_cast_type is None
+    assert make_config({"family": "sd", "auto_cast": "none"}).spec.auto_cast_type is None
 
 
 def test_yaml_then_set_then_flags_win(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("family: sd\nheight: 768\nwidth: 768\nbatch-size: 2\nforce: true\n")
     config = make_config(read_config_file(path), parse_set_options(["width=640", "optlevel=3"]), {"height": 512})
-    assert (config.height, config.width, config.batch_size, config.optlevel, config.force) == (512, 640, 2, 3, True)
+    spec, options = config.spec, config.options
+    assert (spec.height, spec.width, spec.batch_size, spec.optlevel, options.force) == (512, 640, 2, 3, True)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_is_valid(path):
-    config = make_config(read_config_file(path))
+    config = make_config(read_config_file(path)).spec
     assert config.family in ("sd", "sd-xl", "lcm")
     assert config.height and config.width and config.height % 8 == 0
 
@@ -131,9 +132,9 @@ def test_lists_in_yaml_or_commas_on_the_command_line_make_a_shape_matrix(tmp_pat
     path.write_text("family: sd\nheight: [512, 768]\nbatch_size: [1, 2]\n")
     configs = make_configs(read_config_file(path), {"width": "512,640", "output": tmp_path / "exports"})
     assert len(configs) == 8
-    assert {(c.height, c.width, c.batch_size) for c in configs} == {
+    assert {(c.spec.height, c.spec.width, c.spec.batch_size) for c in configs} == {
         (h, w, b) for h in (512, 768) for w in (512, 640) for b in (1, 2)
     }
-    assert all(c.output is None and c.output_root == tmp_path / "exports" for c in configs)
+    assert all(c.options.output is None and c.options.output_root == tmp_path / "exports" for c in configs)
     with pytest.raises(ExportError, match="height = 513"):
         make_configs({"family": "sd", "height": "512,513"})

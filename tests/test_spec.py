@@ -74,13 +74,13 @@ def test_derived_values_are_made_while_constructing_and_leave_the_options_as_giv
     first, second = make_config(pix2pix), make_config(ip_adapter)
     assert json.dumps([pix2pix, ip_adapter]) == given and options == {"remote_cache_trusted_keys": []}  # as given
     assert halves == [first.spec, second.spec, first.options]
-    assert (first.model, first.auto_cast_type, first.dynamic_batch_size) == (
+    assert (first.spec.model, first.spec.auto_cast_type, first.spec.dynamic_batch_size) == (
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "bf16",
         True,
     )
-    assert second.ip_adapter_scale == 1.0 and second.dynamic_batch_size is False
-    assert (first.remote_cache, first.ray_address) == (f"file://{tmp_path}", "10.0.0.1:6379")
+    assert second.spec.ip_adapter_scale == 1.0 and second.spec.dynamic_batch_size is False
+    assert (first.options.remote_cache, first.options.ray_address) == (f"file://{tmp_path}", "10.0.0.1:6379")
     for config in (first, second):  # deriving again from a derived value changes nothing
         assert ExportSpec(**config.spec.model_dump()) == config.spec
         assert BuildOptions(**config.options.model_dump()) == config.options

@@ -145,14 +145,14 @@ def neuron_section(plan: Plan, record: ComponentRecord, spec: Any) -> dict[str, 
     section: dict[str, Any] = {
         "compiler_type": record.compiler_type,
         "compiler_version": record.compiler_version,
-        "inline_weights_to_neff": config.inline_weights,
+        "inline_weights_to_neff": config.spec.inline_weights,
         **{f"static_{key}": value for key, value in spec.static_shapes.items()},
-        "dynamic_batch_size": config.dynamic_batch_size,
+        "dynamic_batch_size": config.spec.dynamic_batch_size,
         "tensor_parallel_size": 1,
-        "optlevel": str(config.optlevel),
-        "auto_cast": config.auto_cast,
-        "auto_cast_type": config.auto_cast_type,
-        "instance_type": config.target,
+        "optlevel": str(config.spec.optlevel),
+        "auto_cast": config.spec.auto_cast,
+        "auto_cast_type": config.spec.auto_cast_type,
+        "instance_type": config.spec.target,
         "int_dtype": "int64",
         "float_dtype": "fp32",
         "model_type": spec.model_type,
@@ -175,7 +175,7 @@ def component_config(plan: Plan, job: Any, record: ComponentRecord) -> dict[str,
         config.pop("_name_or_path", None)
         if plan.facts.is_lcm:
             # optimum-neuron places the pipeline on both cores only when this name says LCM (saving drops it).
-            name = plan.config.unet or plan.config.model or ""
+            name = plan.config.spec.unet or plan.config.spec.model or ""
             config["_name_or_path"] = name if LCM_NAME_MARKERS[0] in name.lower() else f"lcm:{name}"
     config["neuron"] = neuron_section(plan, record, job.spec)
     return config

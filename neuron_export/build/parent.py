@@ -50,8 +50,8 @@ def make_manifest(
         created_at=max((record.built_at for record in records.values()), default=""),
         config=plan.resolved_config,
         pipeline=PipelineRecord(
-            family=config.family,
-            task=config.task,
+            family=config.spec.family,
+            task=config.spec.task,
             architecture=plan.facts.architecture,
             is_lcm=plan.facts.is_lcm,
             diffusers_pipeline=plan.diffusers_pipeline,
@@ -59,8 +59,8 @@ def make_manifest(
             data_parallel_mode=plan.data_parallel_mode,
             height=plan.height,
             width=plan.width,
-            batch_size=config.batch_size,
-            num_images_per_prompt=config.num_images_per_prompt,
+            batch_size=config.spec.batch_size,
+            num_images_per_prompt=config.spec.num_images_per_prompt,
         ),
         source=SourceRecord(
             model_id=plan.source.model_id,
@@ -95,7 +95,7 @@ def add_on_records(plan: Plan) -> dict[str, Any]:
     source, config = plan.source, plan.config
     adapter = None
     if source.ip_adapter is not None:
-        file = "/".join(part for part in (config.ip_adapter_subfolder, config.ip_adapter_weight_name) if part)
+        file = "/".join(part for part in (config.spec.ip_adapter_subfolder, config.spec.ip_adapter_weight_name) if part)
         adapter = AddOnRecord(model_id=source.ip_adapter.model_id, commit=source.ip_adapter.commit, file=file)
     return {
         "controlnets": [AddOnRecord(model_id=item.model_id, commit=item.commit) for item in source.controlnets],
@@ -117,8 +117,8 @@ def work_order(job: Job, plan: Plan, artifact: Path | None = None) -> WorkOrder:
     return WorkOrder(
         job=job,
         backend=plan.backend,
-        inline_weights=plan.config.inline_weights,
-        disable_validation=plan.config.disable_validation,
+        inline_weights=plan.config.spec.inline_weights,
+        disable_validation=plan.config.spec.disable_validation,
         source_root=root,
         artifact=artifact,
     )
@@ -199,7 +199,7 @@ def build_missing(
         while pending or running:
             for job in list(pending):
                 in_use = sum(w.job.estimated_peak_bytes for w in running.values())
-                if len(running) >= plan.config.jobs:
+                if len(running) >= plan.config.options.jobs:
                     break
                 if running and in_use + job.estimated_peak_bytes > plan.memory_budget:
                     continue  # wait for memory; a smaller job later in the list may still fit
@@ -310,7 +310,7 @@ def settle_validation(
     records = {}
     for index, job in enumerate(plan.jobs, start=1):
         entry = entries[job.component]
-        if plan.config.disable_validation:
+        if plan.config.spec.disable_validation:
             result: ValidationRecord | None = ValidationRecord(status="skipped", reason=DISABLED, atol=job.atol)
         elif origins[job.component] == BUILT:
             result = entry.record.validation
@@ -331,7 +331,7 @@ def settle_validation(
                 "neuron_compiler_args": list(job.compiler_args),
                 "source_files": source_file_records(work_order(job, plan)),
                 "model": job.model or None,
-                "inline_weights": plan.config.inline_weights,
+                "inline_weights": plan.config.spec.inline_weights,
             }
         )
         if result.status == "failed":
@@ -380,16 +380,18 @@ def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> t
         component_files = {f.path for record in records.values() for f in record.files}
         manifest = make_manifest(plan, staging, records, component_files)
         manifest.write(staging)
-        publish(staging, plan.output, plan.config.force)
+        publish(staging, plan.output, plan.config.options.force)
     return manifest, origins
 
 
 def open_remote(plan: Plan) -> RemoteCache | None:
     """The plan's remote cache, checked once: unreachable, it warns once and is left out (an error when required)."""
-    if not plan.config.remote_cache:
+    if not plan.config.options.remote_cache:
         return None
     remote = RemoteCache(
-        plan.config.remote_cache, required=plan.config.remote_cache_required, trust=trust_of(plan.config)
+        plan.config.options.remote_cache,
+        required=plan.config.options.remote_cache_required,
+        trust=trust_of(plan.config.options),
     )
     remote.check()
     return remote

@@ -39,7 +39,7 @@ HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has it: the prog
 def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str]:
     """Build what the plans miss on the Ray cluster; returns cache key -> the node that supplied it."""
     address, url = _one_cluster(plans)
-    trust = trust_of(plans[0].config)
+    trust = trust_of(plans[0].config.options)
     remote = RemoteCache(url, required=True, trust=trust)
     remote.check()
     todo = [
@@ -63,7 +63,7 @@ def build_on_cluster(plans: list[Plan], on_event: EventHandler) -> dict[str, str
 
 
 def _one_cluster(plans: list[Plan]) -> tuple[str, str]:
-    pairs = {(plan.config.ray_address, plan.config.remote_cache) for plan in plans}
+    pairs = {(plan.config.options.ray_address, plan.config.options.remote_cache) for plan in plans}
     if len(pairs) > 1:
         raise ExportError(
             "The exports name different Ray clusters or remote caches (ray_address, remote_cache); "

@@ -29,7 +29,7 @@ def fan_out(plans: list[Plan], on_event: EventHandler | None = None) -> None:
     Every plan is checked first: what a plan only reported (no SDK, an existing output) an export refuses."""
     for plan in plans:
         refuse_unless_ready(plan)
-    on_cluster = [plan for plan in plans if plan.config.executor == "ray" and not plan.up_to_date]
+    on_cluster = [plan for plan in plans if plan.config.options.executor == "ray" and not plan.up_to_date]
     if on_cluster:
         from neuron_export.build.ray_executor import build_on_cluster
 

@@ -108,9 +108,9 @@ def ls_command(
     json_output: Json = False,
 ) -> None:
     """One line per cached component: key, component, backend, size, last use (--remote: upload time), model, shapes."""
-    import json
     import time
 
+    from neuron_export.cli.render import Sink
     from neuron_export.format import human_bytes
 
     rows = []
@@ -128,24 +128,22 @@ def ls_command(
         ]
     if model is not None:
         rows = [row for row in rows if model.lower() in (row[1].model or "").lower()]
-    if json_output:
-        print(
-            json.dumps(
-                [
-                    {
-                        "key": key,
-                        "component": record.name,
-                        "model": record.model,
-                        "backend": record.backend,
-                        "size_bytes": size,
-                        when: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stamp)),
-                        "inputs": [t.model_dump() for t in record.inputs],
-                    }
-                    for key, record, size, when, stamp in rows
-                ]
-            ),
-            flush=True,
-        )
+    sink = Sink(json_output)
+    sink.result(
+        [
+            {
+                "key": key,
+                "component": record.name,
+                "model": record.model,
+                "backend": record.backend,
+                "size_bytes": size,
+                when: time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(stamp)),
+                "inputs": [t.model_dump() for t in record.inputs],
+            }
+            for key, record, size, when, stamp in rows
+        ]
+    )
+    if sink.json_mode:
         return
     for key, record, size, when, stamp in rows:
         print(

@@ -3,7 +3,6 @@
 Thin: parse, call inspection / verify / hub, render. Nothing heavy is imported until a command runs.
 """
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,14 +48,15 @@ def inspect_command(
 ) -> None:
     """Summarise an export: pipeline, source, component shapes and dtypes, compiler flags, versions, sizes,
     validation, build times and peak RSS."""
+    from neuron_export.cli.render import Sink
     from neuron_export.deploy import inspection
     from neuron_export.manifest import read_manifest
 
     manifest = read_manifest(export_dir)
-    if json_output:
-        print(inspection.manifest_json(manifest), flush=True)
-        return
-    inspection.render(manifest, export_dir, _console())
+    sink = Sink(json_output)
+    sink.result(manifest.model_dump(mode="json"), indent=2)
+    if not sink.json_mode:
+        inspection.render(manifest, export_dir, _console())
 
 
 def verify_command(
@@ -83,6 +83,7 @@ def verify_command(
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the memory estimate and its assumptions."),
 ) -> None:
+    from neuron_export.cli.render import Sink
     from neuron_export.deploy import verify
     from neuron_export.deploy.instances import get_instance
     from neuron_export.errors import ExportError
@@ -102,9 +103,9 @@ def verify_command(
         instance_name = instance_name or old_target
     instance = get_instance(instance_name) if instance_name else None
     report = verify.verify(export_dir, instance, strict=strict, trusted=frozenset(trusted) if trusted else None)
-    if json_output:
-        print(json.dumps(report.to_json()), flush=True)
-    else:
+    sink = Sink(json_output)
+    sink.result(report.to_json())
+    if not sink.json_mode:
         verify.render(report, _console(), verbose)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
@@ -128,16 +129,17 @@ def push_command(
     manifest.json lists, and manifest.json itself, are uploaded; the card is uploaded separately, so the
     export directory is not modified.
     """
+    from neuron_export.cli.render import Sink
     from neuron_export.deploy import hub
 
     result = hub.push_export(export_dir, repo_id, private=private, revision=revision, token=token)
-    if json_output:
-        print(json.dumps(result), flush=True)
+    sink = Sink(json_output)
+    sink.result(result)
+    if sink.json_mode:
         return
-    print(
+    sink.line(
         f"Pushed {len(result['files'])} files and {result['card']} to {result['repo_url'] or repo_id} "
-        f"(revision {result['revision']}{', private' if private else ''}).",
-        flush=True,
+        f"(revision {result['revision']}{', private' if private else ''})."
     )
 
 

@@ -51,10 +51,10 @@ class Sink:
     def plan(self, plan: Plan) -> None:
         names = ", ".join(job.component for job in plan.jobs)
         self.line(
-            f"Exporting {plan.source.model_id} ({plan.facts.architecture}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.task}) "
-            f"at {plan.height}x{plan.width} (height x width), batch {plan.config.batch_size}, backend {plan.backend}: {names}"
+            f"Exporting {plan.source.model_id} ({plan.facts.architecture}{', LCM' if plan.facts.is_lcm else ''}, {plan.config.spec.task}) "
+            f"at {plan.height}x{plan.width} (height x width), batch {plan.config.spec.batch_size}, backend {plan.backend}: {names}"
         )
-        if plan.config.task == "instruct-pix2pix":
+        if plan.config.spec.task == "instruct-pix2pix":
             self.line(
                 "--task instruct-pix2pix: --dynamic-batch-size is on (its UNet runs three times the prompt batch "
                 "over two NeuronCores)."
@@ -66,10 +66,10 @@ class Sink:
         else:
             print(text, file=self.stream, flush=True)
 
-    def result(self, value: dict[str, Any]) -> None:
-        """A command's result: the one JSON object on stdout with --json (the words said it already otherwise)."""
+    def result(self, value: Any, indent: int | None = None) -> None:
+        """A command's result: the one JSON value on stdout with --json (the words said it already otherwise)."""
         if self.json_mode:
-            print(json.dumps(value), flush=True)
+            print(json.dumps(value, indent=indent), flush=True)
 
     def error(self, message: str, exit_code: int) -> None:
         if self.json_mode:
@@ -211,7 +211,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "output": str(plan.output),
         "backend": plan.backend,
         "up_to_date": plan.up_to_date,
-        "jobs": plan.config.jobs,
+        "jobs": plan.config.options.jobs,
         "memory_budget_bytes": plan.memory_budget,
         "estimated_wall_seconds": round(plan.estimated_wall_seconds, 1),
         "notes": list(plan.notes),

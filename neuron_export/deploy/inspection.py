@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,10 +81,6 @@ def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
             "peak_rss_bytes": max((r.peak_rss_bytes for r in components), default=0),
         },
     }
-
-
-def manifest_json(manifest: Manifest) -> str:
-    return json.dumps(manifest.model_dump(mode="json"), indent=2)
 
 
 def render(manifest: Manifest, directory: Path, console: Any) -> None:

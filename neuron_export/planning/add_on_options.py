@@ -3,12 +3,15 @@ this from its validator; the models themselves are checked in conditioning.py on
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neuron_export.planning.config import ExportSpec
 
 IP_ADAPTER_SCALE_RANGE = (0.0, 1.0)  # 0 ignores the image prompt, 1 weighs it like the text
 
 
-def conditioning_checks(config: Any) -> None:
+def conditioning_checks(config: ExportSpec) -> None:
     """ControlNet, IP-Adapter and InstructPix2Pix options that cannot go together, found before any file is read."""
     if config.ip_adapter is None:
         given = [
@@ -26,7 +29,7 @@ def conditioning_checks(config: Any) -> None:
                 "(e.g. ip-adapter-full-face_sd15.safetensors); add --ip-adapter-weight-name"
             )
         low, high = IP_ADAPTER_SCALE_RANGE
-        if not low <= config.ip_adapter_scale <= high:
+        if config.ip_adapter_scale is not None and not low <= config.ip_adapter_scale <= high:
             raise ValueError(
                 f"ip_adapter_scale = {config.ip_adapter_scale} is out of range; pass a value from {low:g} "
                 f"(image prompt ignored) to {high:g} (as strong as the text)"

@@ -7,11 +7,14 @@ import dataclasses
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuron_export.errors import ExportError
 from neuron_export.planning.source import AddOnSource, ModelFacts, ModelSource, _read_json, find_weight_files
 from neuron_export.roles.registry import CONTROLNET
+
+if TYPE_CHECKING:
+    from neuron_export.planning.config import ExportConfig
 
 # What a ControlNet must share with the UNet for its residuals to fit, and why each matters.
 CONTROLNET_MUST_MATCH = (
@@ -112,7 +115,7 @@ def check_ip_adapter(source: AddOnSource, encoder: dict[str, Any], facts: ModelF
     return (int(encoder["image_size"]) // int(encoder["patch_size"])) ** 2 + 1  # patches + the class token
 
 
-def read_add_ons(config: Any, source: ModelSource, facts: ModelFacts) -> ModelFacts:
+def read_add_ons(config: ExportConfig, source: ModelSource, facts: ModelFacts) -> ModelFacts:
     """The --unet, ControlNets and IP-Adapter the config names (resolved in planning/sources.py), read and checked
     against the model's UNet; their configs and weight files added to the facts."""
     check_replacement_unet(source)
@@ -123,7 +126,7 @@ def read_add_ons(config: Any, source: ModelSource, facts: ModelFacts) -> ModelFa
         for item in source.controlnets
     )
     for item, controlnet_config in zip(source.controlnets, configs):
-        check_controlnet(item.model_id, controlnet_config, facts, config.model)
+        check_controlnet(item.model_id, controlnet_config, facts, config.spec.model or "")
     weights = dict(facts.weight_files)
     weights.update(
         {CONTROLNET.component(index): find_weight_files(item.path) for index, item in enumerate(source.controlnets)}

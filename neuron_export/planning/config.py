@@ -269,17 +269,10 @@ OPTION_KEYS: tuple[str, ...] = (*ExportSpec.model_fields, *BuildOptions.model_fi
 @dataclass(frozen=True)
 class ExportConfig:
     """One export as planning passes it around: what is built (`spec`) and how (`options`), each validated once.
-    Either half's fields read as the pair's own (config.batch_size, config.jobs)."""
+    Read through its halves: config.spec.batch_size, config.options.jobs."""
 
     spec: ExportSpec
     options: BuildOptions
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ExportSpec.model_fields:
-            return getattr(self.spec, name)
-        if name in BuildOptions.model_fields:
-            return getattr(self.options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def check_ray_executor(config: BuildOptions) -> None:

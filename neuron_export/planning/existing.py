@@ -33,15 +33,20 @@ def model_name(value: str) -> str:
 def default_output(config: ExportConfig, height: int, width: int) -> Path:
     """`{model}-{family}[-{task}][-{add-ons}]-neuron-{H}x{W}-b{batch}[-n{images}]`: the model is the --unet's name
     when one is given; exports of one model that differ in task, add-ons or shapes get different names."""
-    parts = [model_name(config.unet or config.model or ""), config.family]
-    if config.task in TASK_TAGS:
-        parts.append(TASK_TAGS[config.task])
-    add_ons = {"controlnet": config.controlnet, "ip-adapter": config.ip_adapter, "lora": config.lora, "vae": config.vae}
+    parts = [model_name(config.spec.unet or config.spec.model or ""), config.spec.family]
+    if config.spec.task in TASK_TAGS:
+        parts.append(TASK_TAGS[config.spec.task])
+    add_ons = {
+        "controlnet": config.spec.controlnet,
+        "ip-adapter": config.spec.ip_adapter,
+        "lora": config.spec.lora,
+        "vae": config.spec.vae,
+    }
     parts += [tag for tag, given in add_ons.items() if given]
-    name = "-".join(parts) + f"-neuron-{height}x{width}-b{config.batch_size}"
-    if config.num_images_per_prompt > 1:
-        name += f"-n{config.num_images_per_prompt}"
-    return (config.output_root or Path()) / name
+    name = "-".join(parts) + f"-neuron-{height}x{width}-b{config.spec.batch_size}"
+    if config.spec.num_images_per_prompt > 1:
+        name += f"-n{config.spec.num_images_per_prompt}"
+    return (config.options.output_root or Path()) / name
 
 
 def check_output(output: Path, force: bool) -> None:

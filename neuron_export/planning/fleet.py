@@ -79,5 +79,5 @@ def builds(plans: list[Plan]) -> list[dict[str, Any]]:
     from neuron_export.store.remote import RemoteCache
     from neuron_export.store.remote_trust import trust_of
 
-    url = plans[0].config.remote_cache if plans else None
-    return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config)) if url else None)
+    url = plans[0].config.options.remote_cache if plans else None
+    return ci_jobs(plans, RemoteCache(url, trust=trust_of(plans[0].config.options)) if url else None)

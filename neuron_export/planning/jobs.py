@@ -102,28 +102,28 @@ class Plan:
     @property
     def data_parallel_mode(self) -> str:
         """How the runtime spreads the pipeline over an Inferentia2 chip's two NeuronCores."""
-        return "all" if self.facts.is_lcm or self.config.family == "lcm" else "unet"
+        return "all" if self.facts.is_lcm or self.config.spec.family == "lcm" else "unet"
 
     @property
     def estimated_wall_seconds(self) -> float:
         """How long building the components no cache holds should take: --jobs at once, within the memory budget."""
         # torch's CPU trace already uses every core, so parallel cpu jobs only share them (measured: 1.02x
         # faster with --jobs 2 on 2 cores); neuronx-cc compiles gain from parallel jobs.
-        parallel = 1 if self.backend == "cpu" else self.config.jobs
+        parallel = 1 if self.backend == "cpu" else self.config.options.jobs
         missing = [(job.estimated_seconds, job.estimated_peak_bytes) for job in self.jobs if not job.cached]
         return schedule_seconds(missing, parallel, self.memory_budget)
 
 
 def protected_directories(config: ExportConfig, source: ModelSource | None = None) -> list[tuple[str, Path]]:
     """What an export reads from or keeps: the model (local ones are known before resolving it) and the caches."""
-    found = [("the component cache", config.cache_dir or default_cache_dir())]
-    if config.hub_cache_dir is not None:
-        found.append(("the hub cache", config.hub_cache_dir))
+    found = [("the component cache", config.options.cache_dir or default_cache_dir())]
+    if config.options.hub_cache_dir is not None:
+        found.append(("the hub cache", config.options.hub_cache_dir))
     for what, value in (
-        ("the source model directory", config.model),
-        ("the --unet directory", config.unet),
-        ("the --vae directory", config.vae),
-        *(("the --lora directory", lora) for lora in config.lora),
+        ("the source model directory", config.spec.model),
+        ("the --unet directory", config.spec.unet),
+        ("the --vae directory", config.spec.vae),
+        *(("the --lora directory", lora) for lora in config.spec.lora),
     ):
         if value and Path(value).expanduser().is_dir():
             found.append((what, Path(value).expanduser()))
@@ -160,59 +160,59 @@ def check_output_location(output: Path, protected: list[tuple[str, Path]]) -> No
 
 
 def refuse_existing_output(plan: Plan) -> None:
-    if plan.output.exists() and not plan.config.force and plan.existing is not None:
+    if plan.output.exists() and not plan.config.options.force and plan.existing is not None:
         raise ExportError(refusal(plan.output, plan.existing))
 
 
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     """A command that does not fit the model says so, naming the command that does."""
-    model = config.model
-    if config.family in ("sd", "lcm") and facts.is_xl:
+    model = config.spec.model
+    if config.spec.family in ("sd", "lcm") and facts.is_xl:
         raise ExportError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
-    if config.family == "sd-xl" and not facts.is_xl:
+    if config.spec.family == "sd-xl" and not facts.is_xl:
         command = "lcm" if facts.is_lcm else "sd"
         raise ExportError(
             f"--model {model} is not an SDXL pipeline (no text_encoder_2 / text_time UNet); export it with `neuron-export {command}`."
         )
-    if config.family == "sd" and facts.is_lcm:
-        where = f"--unet {config.unet} is" if config.unet else f"--model {model} has"
+    if config.spec.family == "sd" and facts.is_lcm:
+        where = f"--unet {config.spec.unet} is" if config.spec.unet else f"--model {model} has"
         raise ExportError(f"{where} an LCM UNet (time_cond_proj_dim is set); export it with `neuron-export lcm`.")
-    if config.family == "lcm" and not facts.is_lcm and config.unet:
+    if config.spec.family == "lcm" and not facts.is_lcm and config.spec.unet:
         raise ExportError(
-            f"--unet {config.unet} is not a latent consistency UNet (no time_cond_proj_dim); pass an LCM "
+            f"--unet {config.spec.unet} is not a latent consistency UNet (no time_cond_proj_dim); pass an LCM "
             "UNet, or export with `neuron-export sd`."
         )
-    if config.family == "lcm" and not facts.is_lcm:
+    if config.spec.family == "lcm" and not facts.is_lcm:
         raise ExportError(
             f"--model {model} is not a latent consistency model (its UNet has no time_cond_proj_dim); "
             "export it with `neuron-export sd`, or pass an LCM checkpoint."
         )
     channels = facts.unet_in_channels
-    if config.task == "instruct-pix2pix" and not facts.is_pix2pix:
+    if config.spec.task == "instruct-pix2pix" and not facts.is_pix2pix:
         raise ExportError(
             f"--task instruct-pix2pix needs an InstructPix2Pix model (8-channel UNet), but {model} has "
             f"{channels} channels; pass one such as timbrooks/instruct-pix2pix."
         )
-    if facts.is_pix2pix and config.task != "instruct-pix2pix":
+    if facts.is_pix2pix and config.spec.task != "instruct-pix2pix":
         raise ExportError(
-            f"--task {config.task}: {model} is an InstructPix2Pix model (8-channel UNet, "
+            f"--task {config.spec.task}: {model} is an InstructPix2Pix model (8-channel UNet, "
             f"{facts.pipeline_class or 'its pipeline class'}); pass --task instruct-pix2pix --dynamic-batch-size."
         )
-    if config.task == "inpainting":
-        if config.family == "lcm":
+    if config.spec.task == "inpainting":
+        if config.spec.family == "lcm":
             raise ExportError(
                 "--task inpainting is not available for `neuron-export lcm`; use --task text-to-image or image-to-image."
             )
-        if config.family == "sd" and channels != 9:
+        if config.spec.family == "sd" and channels != 9:
             raise ExportError(
                 f"--task inpainting needs an inpainting UNet with 9 input channels, but {model} has {channels}; "
                 "pass an inpainting checkpoint such as stable-diffusion-v1-5/stable-diffusion-inpainting."
             )
     elif channels == 9:
         raise ExportError(
-            f"--task {config.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting."
+            f"--task {config.spec.task}: {model} is an inpainting model (9-channel UNet); pass --task inpainting."
         )
-    if facts.architecture == "sdxl-refiner" and config.task == "text-to-image":
+    if facts.architecture == "sdxl-refiner" and config.spec.task == "text-to-image":
         raise ExportError(
             f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image."
         )
@@ -220,9 +220,9 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
 
 def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[str]) -> None:
     """Separate weights are refused where neuronx-cc cannot build them, rather than silently inlined."""
-    if config.inline_weights:
+    if config.spec.inline_weights:
         return
-    if config.dynamic_batch_size:
+    if config.spec.dynamic_batch_size:
         raise ExportError(
             "--no-inline-weights cannot be combined with --dynamic-batch-size (a dynamically batched "
             "module needs its weights inside the NEFF); drop one of the two."
@@ -243,7 +243,7 @@ def native_side(config: ExportConfig, facts: ModelFacts) -> int:
         side = 0
     if not MIN_SIDE <= side <= MAX_SIDE or side % 8:
         raise ExportError(
-            f"--model {config.model}: its unet/config.json sample_size {sample_size!r} does not give an "
+            f"--model {config.spec.model}: its unet/config.json sample_size {sample_size!r} does not give an "
             f"image side from {MIN_SIDE} to {MAX_SIDE} pixels in multiples of 8; pass --height and --width."
         )
     return side
@@ -251,9 +251,9 @@ def native_side(config: ExportConfig, facts: ModelFacts) -> int:
 
 def planned_backend(config: ExportConfig, planning: bool) -> tuple[str, list[str]]:
     """The backend, resolved; a plan for --backend neuron needs no SDK (the flags come from a table), and says so."""
-    problem = neuron_sdk_error() if planning and config.backend == "neuron" else None
+    problem = neuron_sdk_error() if planning and config.spec.backend == "neuron" else None
     if problem is None:
-        return resolve_backend(config.backend), []
+        return resolve_backend(config.spec.backend), []
     return "neuron", [
         f"SDK not installed: torch_neuronx does not import here ({problem}); the compiler flags are exact, "
         "but the cache keys assume no torch-neuronx or neuronx-cc version, so a host with the SDK "
@@ -266,7 +266,7 @@ def output_note(plan: Plan) -> str | None:
     if not plan.output.exists() or plan.up_to_date:
         return None
     try:
-        check_output(plan.output, plan.config.force)
+        check_output(plan.output, plan.config.options.force)
         refuse_existing_output(plan)
     except ExportError as refusal:
         return f"an export would be refused: {refusal}"
@@ -276,42 +276,42 @@ def output_note(plan: Plan) -> str | None:
 def refuse_unless_ready(plan: Plan) -> None:
     """What a plan only reports, an export refuses: a Neuron backend without its SDK, an output it may not replace."""
     resolve_backend(plan.backend)
-    check_output(plan.output, plan.config.force)
+    check_output(plan.output, plan.config.options.force)
     refuse_existing_output(plan)
 
 
 def check_given_output(config: ExportConfig, planning: bool) -> None:
     """A given --output is checked before any source is resolved (nothing is downloaded for an export refused)."""
-    if config.output is not None:
-        check_output_location(config.output, protected_directories(config))
+    if config.options.output is not None:
+        check_output_location(config.options.output, protected_directories(config))
         if not planning:
-            check_output(config.output, config.force)
+            check_output(config.options.output, config.options.force)
 
 
 def exported_components(config: ExportConfig, facts: ModelFacts) -> list[str]:
     """The components this export builds, in export order: --components, checked against what the model has."""
-    if config.components is not None:
-        missing = [name for name in config.components if name not in facts.components]
+    if config.spec.components is not None:
+        missing = [name for name in config.spec.components if name not in facts.components]
         if missing:
             raise ExportError(
-                f"--components {missing[0]}: {config.model} has no such component; it has {', '.join(facts.components)}."
+                f"--components {missing[0]}: {config.spec.model} has no such component; it has {', '.join(facts.components)}."
             )
-    names = [name for name in facts.components if config.components is None or name in config.components]
+    names = [name for name in facts.components if config.spec.components is None or name in config.spec.components]
     check_weight_placement(config, facts, names)
     return names
 
 
 def destination(config: ExportConfig, source: ModelSource, height: int, width: int, planning: bool) -> Path:
     """The output directory (the default one is named for the export), checked now that a hub model's path is known."""
-    output = config.output or default_output(config, height, width)
+    output = config.options.output or default_output(config, height, width)
     check_output_location(output, protected_directories(config, source))
-    if config.output is None and not planning:
-        check_output(output, config.force)
+    if config.options.output is None and not planning:
+        check_output(output, config.options.force)
     return output
 
 
 def component_cache_dir(config: ExportConfig) -> Path:
-    cache_dir = config.cache_dir or default_cache_dir()
+    cache_dir = config.options.cache_dir or default_cache_dir()
     if os.path.lexists(cache_dir) and not cache_dir.is_dir():
         raise ExportError(
             f"--cache-dir {cache_dir} is not a directory (a file or a dangling link); pass a directory, "
@@ -356,14 +356,22 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(
                 spec,
-                add_ons={"ip_adapter_file": str(source.ip_adapter.path), "ip_adapter_scale": config.ip_adapter_scale},
+                add_ons={
+                    "ip_adapter_file": str(source.ip_adapter.path),
+                    "ip_adapter_scale": config.spec.ip_adapter_scale,
+                },
             )
         args = neuron_compiler_args(
-            name, facts.is_xl, config.auto_cast, config.auto_cast_type, config.optlevel, config.target
+            name,
+            facts.is_xl,
+            config.spec.auto_cast,
+            config.spec.auto_cast_type,
+            config.spec.optlevel,
+            config.spec.target,
         )
-        atol = config.atol or role.tolerance(backend, config.auto_cast)
+        atol = config.spec.atol or role.tolerance(backend, config.spec.auto_cast)
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
-        after_trace = tuple(after_trace_calls(name, config.dynamic_batch_size)) if backend == "neuron" else ()
+        after_trace = tuple(after_trace_calls(name, config.spec.dynamic_batch_size)) if backend == "neuron" else ()
         fusions = fusions_for(name, context.loras, facts.is_xl)
         key = cache_key(
             config,
@@ -413,32 +421,32 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     output instead of refusing."""
     check_given_output(config, planning)
     backend, notes = planned_backend(config, planning)
-    source = resolve_sources(config, tuple(config.components or default_components()))
+    source = resolve_sources(config, tuple(config.spec.components or default_components()))
     facts = read_facts(source)
     facts = read_add_ons(config, source, facts)
     check_family_and_task(config, facts)
     names = exported_components(config, facts)
 
-    height = config.height or native_side(config, facts)
-    width = config.width or native_side(config, facts)
+    height = config.spec.height or native_side(config, facts)
+    width = config.spec.width or native_side(config, facts)
     output = destination(config, source, height, width, planning)
     cache_dir = component_cache_dir(config)
-    hashes = HashIndex(cache_dir, config.hub_cache_dir)
+    hashes = HashIndex(cache_dir, config.options.hub_cache_dir)
     loras = plan_loras(config, source, facts, hashes)
-    shapes = Shapes(config.batch_size, config.num_images_per_prompt, height, width)
+    shapes = Shapes(config.spec.batch_size, config.spec.num_images_per_prompt, height, width)
     context = JobContext(config, source, facts, backend, shapes, loras, hashes, ComponentCache(cache_dir))
     jobs = plan_jobs(names, context)
-    budget = config.max_memory or available_memory_bytes()
+    budget = config.options.max_memory or available_memory_bytes()
     to_build = [job for job in jobs if not job.cached]
     largest = max(to_build, key=lambda job: job.estimated_peak_bytes, default=None)
     # With --executor ray the cluster's nodes build, not this host: ray_executor checks the jobs fit them.
-    if largest is not None and config.executor == "local" and largest.estimated_peak_bytes > budget:
+    if largest is not None and config.options.executor == "local" and largest.estimated_peak_bytes > budget:
         raise MemoryBudgetError(
             f"--max-memory {budget / 2**30:.1f} GiB is less than building {largest.component} needs "
             f"(about {largest.estimated_peak_bytes / 2**30:.1f} GiB estimated); raise --max-memory, "
             "free memory, or compile on a larger host."
         )
-    pipeline = pipeline_for(config.family, config.task, "controlnet" if config.controlnet else None)
+    pipeline = pipeline_for(config.spec.family, config.spec.task, "controlnet" if config.spec.controlnet else None)
     plan = Plan(
         config=config,
         source=source,

@@ -48,7 +48,7 @@ def cache_key(
         "compiler_version": compiler_version,
         "libraries": libraries,
         "compiler_args": compiler_args if backend == "neuron" else [],
-        "inline_weights": config.inline_weights if backend == "neuron" else None,
+        "inline_weights": config.spec.inline_weights if backend == "neuron" else None,
         "after_trace": list(after_trace),
     }
     if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in

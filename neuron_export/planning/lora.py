@@ -12,11 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuron_export.errors import ExportError
 from neuron_export.planning.source import ModelSource
 from neuron_export.planning.source_files import read_header as safetensors_header
+
+if TYPE_CHECKING:
+    from neuron_export.planning.config import ExportConfig
 
 SAFETENSORS = ".safetensors"
 DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
@@ -237,20 +240,20 @@ def key_prefixes(component: str) -> tuple[str, ...]:
 
 
 def check_loras(
-    config: Any, source: ModelSource, bases: dict[str, dict[str, list[int]]], layers_per_block: int
+    config: ExportConfig, source: ModelSource, bases: dict[str, dict[str, list[int]]], layers_per_block: int
 ) -> tuple[LoraAdapter, ...]:
     """Each --lora's file (resolved in planning/sources.py) checked against the model's headers, in the order given."""
     adapters = []
     for index, lora in enumerate(source.loras):
         shapes, _ = read_header(lora.path)
-        touched = check_lora(lora.source, config.model, lora.path, shapes, bases, layers_per_block)
+        touched = check_lora(lora.source, config.spec.model or "", lora.path, shapes, bases, layers_per_block)
         adapters.append(
             LoraAdapter(
                 source=lora.source,
                 weight_name=lora.weight_name,
-                adapter_name=(config.lora_adapter_name[index] if config.lora_adapter_name else "")
+                adapter_name=(config.spec.lora_adapter_name[index] if config.spec.lora_adapter_name else "")
                 or f"default_{index}",
-                scale=float(config.lora_scale[index]) if config.lora_scale else 1.0,
+                scale=float(config.spec.lora_scale[index]) if config.spec.lora_scale else 1.0,
                 path=lora.path,
                 commit=lora.commit,
                 components=touched,
@@ -259,7 +262,7 @@ def check_loras(
     return tuple(adapters)
 
 
-def plan_loras(config: Any, source: ModelSource, facts: Any, hashes: Any) -> tuple[LoraAdapter, ...]:
+def plan_loras(config: ExportConfig, source: ModelSource, facts: Any, hashes: Any) -> tuple[LoraAdapter, ...]:
     """Every --lora checked against `facts`' weight headers and hashed (once per file, remembered)."""
     if not source.loras:
         return ()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuron_export.errors import ExportError
 from neuron_export.planning.source import (
@@ -21,25 +21,40 @@ from neuron_export.planning.source import (
 )
 from neuron_export.roles.registry import find_role
 
+if TYPE_CHECKING:
+    from neuron_export.planning.config import ExportConfig
+
 SAFETENSORS = ".safetensors"
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # what diffusers saves and picks among several
 # Files in a LoRA folder that are never the adapter (as diffusers skips them when guessing).
 NOT_ADAPTER_WORDS = ("scheduler", "optimizer", "checkpoint")
 
 
-def resolve_sources(config: Any, components: tuple[str, ...]) -> ModelSource:
+def resolve_sources(config: ExportConfig, components: tuple[str, ...]) -> ModelSource:
     """Every input the config names, on local disk: the one step that downloads."""
-    hub = {"token": config.token, "cache_dir": config.hub_cache_dir, "offline": offline_mode(config.offline)}
-    source = resolve_source(config.model or "", config.revision, config.unet, components, vae=config.vae, **hub)
-    controlnets = tuple(resolve_controlnet(value, **hub) for value in config.controlnet)
+    hub: dict[str, Any] = {
+        "token": config.options.token,
+        "cache_dir": config.options.hub_cache_dir,
+        "offline": offline_mode(config.options.offline),
+    }
+    source = resolve_source(
+        config.spec.model or "", config.spec.revision, config.spec.unet, components, vae=config.spec.vae, **hub
+    )
+    controlnets = tuple(resolve_controlnet(value, **hub) for value in config.spec.controlnet)
     adapter = encoder = None
-    if config.ip_adapter is not None:
+    if config.spec.ip_adapter is not None:
         adapter, encoder = resolve_ip_adapter(
-            config.ip_adapter, config.ip_adapter_subfolder, config.ip_adapter_weight_name, source.path, **hub
+            config.spec.ip_adapter,
+            config.spec.ip_adapter_subfolder,
+            config.spec.ip_adapter_weight_name or "",
+            source.path,
+            **hub,
         )
     loras = tuple(
-        resolve_lora(value, (config.lora_weight_name[index] or None) if config.lora_weight_name else None, **hub)
-        for index, value in enumerate(config.lora)
+        resolve_lora(
+            value, (config.spec.lora_weight_name[index] or None) if config.spec.lora_weight_name else None, **hub
+        )
+        for index, value in enumerate(config.spec.lora)
     )  # a weight name '': the only file
     return dataclasses.replace(
         source, controlnets=controlnets, ip_adapter=adapter, image_encoder_path=encoder, loras=loras
@@ -211,7 +226,7 @@ def _local(value: str, flag: str) -> Path:
 
 def resolve_controlnet(value: str, token: str | None, cache_dir: Path | None, offline: bool) -> AddOnSource:
     """A ControlNet directory (its config.json at the root, or in controlnet/), or a hub snapshot of it."""
-    hub = {"token": token, "cache_dir": cache_dir, "offline": offline}
+    hub: dict[str, Any] = {"token": token, "cache_dir": cache_dir, "offline": offline}
     if looks_like_hub_id(value):
         root, commit = _with_weights(value, None, ["", "controlnet/"], "--controlnet", hub)
     else:

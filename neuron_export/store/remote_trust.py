@@ -9,7 +9,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuron_export.planning.config import BuildOptions
 
 SIGNING_KEY_ENV = "NEURON_EXPORT_REMOTE_CACHE_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS"  # keys (or .pub files) separated by commas or spaces
@@ -72,7 +75,7 @@ def resolve_trusted(trusted: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def trust_of(config: Any) -> Trust:
+def trust_of(options: BuildOptions) -> Trust:
     return Trust(
-        config.remote_cache_signing_key, tuple(config.remote_cache_trusted_keys), config.remote_cache_allow_unsigned
+        options.remote_cache_signing_key, tuple(options.remote_cache_trusted_keys), options.remote_cache_allow_unsigned
     )
