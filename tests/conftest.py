@@ -15,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # accelerate (peft's dependency) takes the import-only torch_xla test double for an XLA device unless told not to.
 os.environ["USE_TORCH_XLA"] = "0"
-# Exports made by module-scoped fixtures share a session cache; each test gets its own (below).
+# Session-scoped fixtures share this cache; each test file (module_cache) and each test (isolated_cache) gets its own.
 os.environ["NEURON_EXPORT_CACHE"] = tempfile.mkdtemp(prefix="neuron-export-test-cache-")
 
 
@@ -55,6 +55,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """A fresh component cache per test file, for its module-scoped exports (set up before any test's own)."""
+    path = tmp_path_factory.mktemp("module-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEURON_EXPORT_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(autouse=True)
