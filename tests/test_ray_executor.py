@@ -183,31 +183,37 @@ def hub_repository(cache: Path, repo: str, files: Path, commit: str) -> None:
     (folder / "refs" / "main").write_text(commit)
 
 
-def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths(
-    ray_cluster, node_hub_cache, cli, tiny_model, tmp_path, monkeypatch, signing_key
-):
-    """This host's Hub snapshots are out of the nodes' sight while they build: each node fetches the --vae and the
-    --controlnet from the Hub (its own cache here, offline) at the commits planned here."""
+def hidden_while_the_nodes_build(repositories, here, node_hub_cache, monkeypatch) -> None:
+    """Each repository in this host's Hub cache `here` and the nodes' own; `here` is moved out of sight while
+    the cluster builds, so a node that reached for the driver's snapshot paths would fail."""
     from neuron_export.build import ray_executor
 
-    here = tmp_path / "hub-cache"
-    repositories = {
-        "acme/tiny-vae": (tiny_model("sd") / "vae", "1" * 40),
-        "acme/tiny-controlnet": (tiny_model("sd-controlnet"), "2" * 40),
-    }
     for repo, (files, commit) in repositories.items():
         for cache in (here, node_hub_cache):
             hub_repository(cache, repo, files, commit)
     build_on_cluster = ray_executor.build_on_cluster
 
     def with_snapshots_hidden(plans, on_event):
-        hidden = here.rename(tmp_path / "hidden")
+        hidden = here.rename(here.with_name("hidden"))
         try:
             return build_on_cluster(plans, on_event)
         finally:
             hidden.rename(here)
 
     monkeypatch.setattr(ray_executor, "build_on_cluster", with_snapshots_hidden)
+
+
+def test_a_hub_vae_and_a_hub_controlnet_build_on_nodes_without_the_planned_paths(
+    ray_cluster, node_hub_cache, cli, tiny_model, tmp_path, monkeypatch, signing_key
+):
+    """This host's Hub snapshots are out of the nodes' sight while they build: each node fetches the --vae and the
+    --controlnet from the Hub (its own cache here, offline) at the commits planned here."""
+    here = tmp_path / "hub-cache"
+    repositories = {
+        "acme/tiny-vae": (tiny_model("sd") / "vae", "1" * 40),
+        "acme/tiny-controlnet": (tiny_model("sd-controlnet"), "2" * 40),
+    }
+    hidden_while_the_nodes_build(repositories, here, node_hub_cache, monkeypatch)
     result = cli(
         "sd",
         "-m",
@@ -250,7 +256,6 @@ def test_a_hub_ip_adapter_and_a_hub_lora_build_on_nodes_without_the_planned_path
     """The UNet reads files of two other sources (the IP-Adapter traced in, the LoRA fused in), and the image
     encoder comes from the IP-Adapter's repository: with this host's snapshots hidden, each node fetches them from
     the Hub at the commits planned here (ModelSource.origin names each file's snapshot)."""
-    from neuron_export.build import ray_executor
     from neuron_export.testing.adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
     from neuron_export.testing.lora import LORA_WEIGHT_NAME, build_lora
 
@@ -260,19 +265,7 @@ def test_a_hub_ip_adapter_and_a_hub_lora_build_on_nodes_without_the_planned_path
         "acme/tiny-ip-adapter": (tiny_model("sd-ip-adapter"), "3" * 40),
         "acme/tiny-lora": (tmp_path / "lora", "4" * 40),
     }
-    for repo, (files, commit) in repositories.items():
-        for cache in (here, node_hub_cache):
-            hub_repository(cache, repo, files, commit)
-    build_on_cluster = ray_executor.build_on_cluster
-
-    def with_snapshots_hidden(plans, on_event):
-        hidden = here.rename(tmp_path / "hidden")
-        try:
-            return build_on_cluster(plans, on_event)
-        finally:
-            hidden.rename(here)
-
-    monkeypatch.setattr(ray_executor, "build_on_cluster", with_snapshots_hidden)
+    hidden_while_the_nodes_build(repositories, here, node_hub_cache, monkeypatch)
     result = cli(
         "sd",
         "-m",
