@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 # What a rerun must not import: the models' libraries, the build's processes, its caches' transfer, YAML, rich.
 NOT_NEEDED = (
     "torch",
@@ -78,6 +80,7 @@ def run_as_the_command(*args: str, env: dict[str, str] | None = None) -> tuple[s
     return result, answered[0].removeprefix("ANSWERED ")
 
 
+@pytest.mark.slow  # several processes, one a build
 def test_a_rerun_answers_as_the_full_command_does_without_typer_or_pydantic(cli, tiny_model, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model("sd"), model)
@@ -94,6 +97,7 @@ def test_a_rerun_answers_as_the_full_command_does_without_typer_or_pydantic(cli,
         assert "is up to date" in (quick.stderr if extra else quick.stdout)
 
 
+@pytest.mark.slow  # several processes, one a build
 def test_a_changed_source_output_environment_or_install_runs_the_whole_command(cli, tiny_model, tmp_path):
     model, site = tmp_path / "model", tmp_path / "site"
     shutil.copytree(tiny_model("sd"), model)
