@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import hub_repository
 
 # What a rerun must not import: the models' libraries, the build's processes, its caches' transfer, YAML, rich.
 NOT_NEEDED = (
@@ -138,3 +139,17 @@ def test_a_changed_source_output_environment_or_install_runs_the_whole_command(c
     shutil.rmtree(tmp_path / "out" / "vae_decoder")
     result, how = run_as_the_command(*args, env=env)
     assert how == "full" and result.returncode == 2 and "vae_decoder/model.neuron missing" in result.stderr, result
+
+
+@pytest.mark.slow  # several processes
+def test_a_rerun_from_the_hub_is_always_answered_in_full(cli, tiny_model, tmp_path, isolated_cache):
+    hub = tmp_path / "hub"
+    hub_repository(hub, "tiny/sd", tiny_model("sd"), "0123456789abcdef0123456789abcdef01234567")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    args = ["sd", "-m", "tiny/sd", "--backend", "cpu", "-o", str(tmp_path / "out")]
+    built, how = run_as_the_command(*args, env=env)
+    assert built.returncode == 0 and how == "full", built
+    for _ in range(2):  # whether the Hub has a newer revision is the Hub's to say: no record is kept
+        result, how = run_as_the_command(*args, env=env)
+        assert how == "full" and result.returncode == 0 and "is up to date" in result.stdout, result
+    assert not (isolated_cache / "reruns").exists()

@@ -38,7 +38,7 @@ def record_folder(argv: Sequence[str]) -> Path:
     """The given --cache-dir's reruns/, else the default cache folder's: read from the arguments alone."""
     for index, arg in enumerate(argv):
         name, sep, value = arg.partition("=")
-        if name in ("--cache-dir", "--cache_dir"):
+        if name == "--cache-dir":  # optimum-cli's --cache_dir is the Hub cache (cli/spellings.py)
             given = value if sep else (argv[index + 1] if index + 1 < len(argv) else "")
             if given:
                 return Path(given).expanduser() / RECORD_FOLDER
