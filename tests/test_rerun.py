@@ -153,3 +153,14 @@ def test_a_rerun_from_the_hub_is_always_answered_in_full(cli, tiny_model, tmp_pa
         result, how = run_as_the_command(*args, env=env)
         assert how == "full" and result.returncode == 0 and "is up to date" in result.stdout, result
     assert not (isolated_cache / "reruns").exists()
+
+
+def test_only_the_most_recent_records_are_kept(monkeypatch, isolated_cache):
+    from neuron_export.cli import rerun
+
+    monkeypatch.setattr(rerun, "RECORD_LIMIT", 2)
+    for index in range(4):
+        rerun.Recording.kept = {"version": rerun.RECORD_VERSION, "answer": [["out", f"{index}\n"]], "watched": {}}
+        rerun.save(["sd", "-o", f"out-{index}"], {})
+    kept = [json.loads(path.read_text())["answer"] for path in (isolated_cache / "reruns").glob("*.json")]
+    assert sorted(kept) == [[["out", "2\n"]], [["out", "3\n"]]]

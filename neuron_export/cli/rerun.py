@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 RECORD_FOLDER = "reruns"
 RECORD_VERSION = 1
+RECORD_LIMIT = 256  # records kept (the most recently written): each CI job's environment makes another
 WATCH_LIMIT = 20_000  # a source folder larger than this (`-m .` in a big tree) is not worth watching
 # Set by the shell around every command, so never part of what a command depends on.
 SHELL_NOISE = frozenset({"_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES"})
@@ -174,5 +175,8 @@ def save(argv: Sequence[str], environ: Mapping[str, str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         temporary.write_text(json.dumps(kept))
         temporary.replace(folder / f"{record_key(argv, environ)}.json")
+        records = sorted(folder.glob("*.json"), key=lambda record: record.stat().st_mtime_ns, reverse=True)
+        for old in records[RECORD_LIMIT:]:
+            old.unlink(missing_ok=True)
     except OSError:
         temporary.unlink(missing_ok=True)
