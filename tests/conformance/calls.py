@@ -180,7 +180,7 @@ def component_summaries(events: Iterable[dict[str, Any]], export_dir: str | Path
                 }
                 for add in build["adds"]
             ],
-            "traces": [{"args": t.get("args"), "kwargs": t.get("kwargs")} for t in build["traces"]],
+            "traces": [t.get("kwargs") for t in build["traces"]],
             "environment": _set_environment(build["traces"][0].get("environment") if build["traces"] else None),
             "shards": [
                 (Path(shard["serialize_path"]).name + "/" + name) if shard.get("serialize_path") else name
