@@ -14,7 +14,7 @@ torch_neuronx double's record (same file, same rules for where it goes: tests/do
      "example_inputs" (one entry per bucket: {"shapes", "dtypes"}), "kwargs" (the other keywords)}
   - {"event": "nxd_trace", "builder_id", "component", "trace_id", "kwargs", "environment" (ENVIRONMENT_KEYS)}
   - {"event": "nxd_shard_checkpoint", "builder_id", "component", "serialize_path", "files" (names, rank order),
-     "tensors" (count per file), "dtypes"}
+     "tensors" (count per file), "dtypes", "shapes" {name: shape} (the checkpoint loader's state dict)}
   - {"event": "nxd_transform_weight_layout", ...}: only when NXD_LAYOUT_TRANSFORMATION_OPTIONS is set.
 tests/conformance/calls.py (merge_nxd_builds) folds them into one dict per builder. Arguments are bound to the
 real parameter lists (neuronx-distributed's ModelBuilder.__init__ / add / trace), so a keyword the real API lacks
@@ -289,6 +289,7 @@ class ModelBuilder:
             files=files if serialize_path is not None else [],
             tensors=[len(shard) for shard in shards],
             dtypes=sorted({torch_neuronx._dtype_name(t.dtype) for t in state.values()}),
+            shapes={name: list(tensor.shape) for name, tensor in sorted(state.items())},
         )
         return shards
 
