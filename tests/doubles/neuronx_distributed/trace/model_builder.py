@@ -25,9 +25,10 @@ What is written, as the real one names it: trace returns a TorchScript module wi
 optimum/neuron/modeling_traced.py); its forward computes nothing (a NEFF would). It carries the double's stamp
 (attribute `torch_neuronx_double`, see torch_neuronx.artifact_info). shard_checkpoint writes
 `tp{rank}_sharded_checkpoint.safetensors` for each local rank (start_rank_id .. + local_ranks_size, every rank <
-tp_degree on one host), each holding the checkpoint loader's full state dict: the real builder builds the parallel
-model (module_cls, on the meta device) and splits each parallel layer's weights; this double does not build it, so
-it cannot split them (the files' metadata says "split": "none").
+tp_degree on one host), each holding the checkpoint loader's full state dict. The real builder builds the parallel
+model (module_cls, on the meta device), drops the checkpoint keys that model's state_dict lacks and slices each
+parallel layer's weights for the rank (neuronx_distributed/trace/trace.py preprocess_checkpoint / shard_children);
+this double does not build the model, so its shards are unsplit supersets (their metadata says "split": "none").
 If the torch_neuronx double's fail-on marker names the component, trace fails like a neuronx-cc crash.
 """
 
