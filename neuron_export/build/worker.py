@@ -283,6 +283,8 @@ def build_component(
         check_room(f"{spec.name}'s artifact", directory, needed, "--cache-dir")
         with writing(f"{spec.name}'s artifact", directory, needed, "--cache-dir"):
             archive.save(traced, artifact)
+            # ModelBuilder roles keep their weights beside the module (written from the model as traced, LoRA fused)
+            weight_files = module.write_weights(model, spec, directory) if hasattr(module, "write_weights") else []
         del traced, wrapper, model, trace_inputs
         release_memory()
 
@@ -314,7 +316,8 @@ def build_component(
         inputs=[TensorRecord(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in spec.inputs],
         outputs=list(spec.outputs),
         files=[
-            FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size)
+            FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size),
+            *(_flat_record(directory, spec.name, relative) for relative in weight_files),
         ],
         source_files=source_file_records(order),
         parameter_count=parameter_count,
@@ -327,6 +330,13 @@ def build_component(
         origin="built",
         model=job.model or None,
     )
+
+
+def _flat_record(directory: Path, component: str, relative: str) -> FileRecord:
+    """A file the build wrote flat into `directory` (as cache entries keep them), recorded at its place in the
+    component folder (`text_encoder/weights/tp0_sharded_checkpoint.safetensors`)."""
+    record = file_record(directory / Path(relative).name, directory)
+    return FileRecord(path=f"{component}/{relative}", sha256=record.sha256, size=record.size)
 
 
 def check_artifact(order: WorkOrder, on_stage: Callable[[Stage], None]) -> ValidationRecord:

@@ -167,6 +167,9 @@ def refuse_existing_output(plan: Plan) -> None:
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     """A command that does not fit the model says so, naming the command that does."""
     model = config.spec.model
+    if config.spec.family == "pixart" or facts.is_pixart:
+        check_pixart(config, facts)
+        return
     if config.spec.family in ("sd", "lcm") and facts.is_xl:
         raise ExportError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
     if config.spec.family == "sd-xl" and not facts.is_xl:
@@ -215,6 +218,22 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     if facts.architecture == "sdxl-refiner" and config.spec.task == "text-to-image":
         raise ExportError(
             f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image."
+        )
+
+
+def check_pixart(config: ExportConfig, facts: ModelFacts) -> None:
+    """`neuron-export pixart` takes PixArt-α/-Σ pipelines only, and they take no other command."""
+    model = config.spec.model
+    if config.spec.family != "pixart":
+        raise ExportError(
+            f"--model {model} is a {facts.pipeline_class} (a diffusion transformer); export it with "
+            "`neuron-export pixart`."
+        )
+    if not facts.is_pixart:
+        command = "sd-xl" if facts.is_xl else "lcm" if facts.is_lcm else "sd"
+        raise ExportError(
+            f"--model {model} is not a PixArt pipeline (model_index.json names {facts.pipeline_class or 'no class'}); "
+            f"export it with `neuron-export {command}`."
         )
 
 
@@ -334,6 +353,10 @@ class JobContext:
     cache: ComponentCache
 
 
+def _file_stats(path: Path, component: str, architecture: str) -> list[int]:
+    return list(weight_stats((path,), component, architecture))
+
+
 def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
     """One Job per component: its spec, compiler flags, tolerance, cache key and estimates."""
     config, source, facts, backend, hashes = (
@@ -351,7 +374,7 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
         for weight_file in facts.weight_files[name]:
             if weight_file.suffix == ".safetensors":
                 hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)  # type: ignore[misc,func-returns-value]
-        role = role_of(name)
+        role = role_of(name, facts.architecture)
         spec = role.describe(name, facts, context.shapes)
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(
@@ -368,10 +391,15 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
             config.spec.auto_cast_type,
             config.spec.optlevel,
             config.spec.target,
+            facts.architecture,
         )
         atol = config.spec.atol or role.tolerance(backend, config.spec.auto_cast)
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
-        after_trace = tuple(after_trace_calls(name, config.spec.dynamic_batch_size)) if backend == "neuron" else ()
+        after_trace = (
+            tuple(after_trace_calls(name, config.spec.dynamic_batch_size, facts.architecture))
+            if backend == "neuron"
+            else ()
+        )
         fusions = fusions_for(name, context.loras, facts.is_xl)
         key = cache_key(
             config,
@@ -386,7 +414,7 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
             fusions,
         )
         per_file = [
-            hashes.remember(f, f"stats:{name}", lambda f=f, name=name: list(weight_stats((f,), name)))  # type: ignore[misc]
+            hashes.remember(f, f"stats:{name}", functools.partial(_file_stats, f, name, facts.architecture))
             for f in facts.weight_files[name]
         ]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
@@ -403,8 +431,10 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
                 atol=atol,
                 cache_key=key,
                 cached=context.cache.peek(key),
-                estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
-                estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
+                estimated_peak_bytes=estimate_peak_bytes(
+                    backend, name, weights, batch, height, width, facts.architecture
+                ),
+                estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width, facts.architecture),
                 loras=fusions,
                 model=component_model(source, name),
                 module_path=role.module_path,
@@ -433,7 +463,9 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     cache_dir = component_cache_dir(config)
     hashes = HashIndex(cache_dir, config.options.hub_cache_dir)
     loras = plan_loras(config, source, facts, hashes)
-    shapes = Shapes(config.spec.batch_size, config.spec.num_images_per_prompt, height, width)
+    shapes = Shapes(
+        config.spec.batch_size, config.spec.num_images_per_prompt, height, width, config.spec.sequence_length
+    )
     context = JobContext(config, source, facts, backend, shapes, loras, hashes, ComponentCache(cache_dir))
     jobs = plan_jobs(names, context)
     budget = config.options.max_memory or available_memory_bytes()
@@ -446,7 +478,12 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             f"(about {largest.estimated_peak_bytes / 2**30:.1f} GiB estimated); raise --max-memory, "
             "free memory, or compile on a larger host."
         )
-    pipeline = pipeline_for(config.spec.family, config.spec.task, "controlnet" if config.spec.controlnet else None)
+    pipeline = pipeline_for(
+        config.spec.family,
+        config.spec.task,
+        "controlnet" if config.spec.controlnet else None,
+        diffusers=facts.pipeline_class,
+    )
     plan = Plan(
         config=config,
         source=source,

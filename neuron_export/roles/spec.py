@@ -25,6 +25,7 @@ class Shapes:
     images_per_prompt: int
     height: int
     width: int
+    sequence_length: int | None = None  # text tokens (T5 encoders; None: the tokenizer's model_max_length)
 
     @property
     def image_batch(self) -> int:

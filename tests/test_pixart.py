@@ -1,0 +1,147 @@
+"""PixArt-α and PixArt-Σ on the CPU backend: the layout optimum-neuron's loader reads (T5 encoder with its weight
+shard, transformer, both VAE halves), each config.json's neuron block, the manifest, and the cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from neuron_export.roles.registry import T5_FLAGS, role_of
+
+T5_SHARD = "text_encoder/weights/tp0_sharded_checkpoint.safetensors"
+COMPONENTS = ("text_encoder", "transformer", "vae_encoder", "vae_decoder")
+
+
+def export_json(cli, model, out, *extra):
+    result = cli("pixart", "-m", model, "--backend", "cpu", "-o", out, "--json", *extra)
+    assert result.exit_code == 0, result
+    return json.loads(result.stdout)
+
+
+def origins(result: dict) -> dict[str, str]:
+    return {name: component["origin"] for name, component in result["components"].items()}
+
+
+@pytest.fixture(scope="module")
+def sigma_export(tiny_model, tmp_path_factory):
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("pixart") / "sigma"
+    result = run_cli("pixart", "-m", tiny_model("pixart-sigma"), "--backend", "cpu", "-o", out, "--json")
+    assert result.exit_code == 0, result
+    return out
+
+
+def test_the_sigma_export_has_optimums_folders_and_the_t5_shard(sigma_export, tiny_model):
+    files = {p.relative_to(sigma_export).as_posix() for p in sigma_export.rglob("*") if p.is_file()}
+    for component in COMPONENTS:
+        assert {f"{component}/model.neuron", f"{component}/config.json"} <= files
+    assert T5_SHARD in files
+    assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json"} <= files
+    assert not any(name.startswith(("unet/", "vae/")) for name in files)
+    # the shard holds the T5's weights, as the source has them
+    source = load_file(str(tiny_model("pixart-sigma") / "text_encoder" / "model.safetensors"))
+    shard = load_file(str(sigma_export / T5_SHARD))
+    for key, tensor in source.items():
+        assert key in shard and bool((shard[key] == tensor).all()), key
+
+
+def test_each_config_has_the_neuron_block_optimum_writes(sigma_export):
+    t5 = json.loads((sigma_export / "text_encoder" / "config.json").read_text())
+    assert t5["model_type"] == "t5"  # transformers' own; the neuron block names the exported type
+    assert t5["neuron"]["model_type"] == "t5-encoder" and t5["neuron"]["task"] == "feature-extraction"
+    assert (t5["neuron"]["static_batch_size"], t5["neuron"]["static_sequence_length"]) == (1, 16)  # model_max_length
+    transformer = json.loads((sigma_export / "transformer" / "config.json").read_text())
+    assert transformer["model_type"] == "pixart-transformer-2d"
+    neuron = transformer["neuron"]
+    assert (neuron["model_type"], neuron["task"]) == ("pixart-transformer-2d", "semantic-segmentation")
+    statics = {key: value for key, value in neuron.items() if key.startswith("static_")}
+    assert statics == {
+        "static_batch_size": 1,
+        "static_sequence_length": 16,
+        "static_num_channels": 4,
+        "static_height": 8,
+        "static_width": 8,
+        "static_vae_scale_factor": 8,
+        "static_encoder_hidden_size": 32,
+    }
+    assert neuron["tensor_parallel_size"] == 1
+
+
+def test_the_manifest_records_pixart_sigma_its_inputs_and_the_shard(sigma_export):
+    manifest = json.loads((sigma_export / "manifest.json").read_text())
+    assert manifest["pipeline"]["diffusers_pipeline"] == "PixArtSigmaPipeline"
+    assert manifest["pipeline"]["optimum_pipeline"] == "NeuronPixArtSigmaPipeline"
+    assert manifest["pipeline"]["architecture"] == "pixart-sigma"
+    transformer = manifest["components"]["transformer"]
+    assert [(t["name"], t["dtype"]) for t in transformer["inputs"]] == [
+        ("sample", "float32"),
+        ("encoder_hidden_states", "float32"),
+        ("timestep", "float32"),
+        ("encoder_attention_mask", "int64"),
+    ]
+    assert transformer["outputs"] == ["out_hidden_states"]
+    t5 = manifest["components"]["text_encoder"]
+    assert [t["name"] for t in t5["inputs"]] == ["input_ids"] and t5["outputs"] == ["last_hidden_state"]
+    assert T5_SHARD in [f["path"] for f in t5["files"]]
+    assert t5["neuron_compiler_args"] == list(T5_FLAGS)  # the fixed string, whatever --auto-cast says
+    assert transformer["neuron_compiler_args"][-2:] == [
+        "--model-type=transformer",
+        "--enable-fast-loading-neuron-binaries",
+    ]
+    assert transformer["neuron_compiler_args"][:2] == ["--auto-cast", "matmult"]
+    for component in COMPONENTS:
+        assert all(component["validation"]["status"] == "passed" for component in manifest["components"].values())
+
+
+def test_alpha_is_recognised_and_takes_sequence_length(cli, tiny_model, tmp_path):
+    result = export_json(cli, tiny_model("pixart-alpha"), tmp_path / "alpha", "--sequence-length", "12")
+    manifest = json.loads((tmp_path / "alpha" / "manifest.json").read_text())
+    assert manifest["pipeline"]["optimum_pipeline"] == "NeuronPixArtAlphaPipeline"
+    assert set(result["components"]) == set(COMPONENTS)
+    for component in ("text_encoder", "transformer"):
+        config = json.loads((tmp_path / "alpha" / component / "config.json").read_text())
+        assert config["neuron"]["static_sequence_length"] == 12
+
+
+def test_a_rerun_builds_nothing_and_a_changed_transformer_rebuilds_only_it(cli, tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("pixart-sigma"), model)
+    first = export_json(cli, model, tmp_path / "a")
+    assert origins(first) == dict.fromkeys(COMPONENTS, "built")
+    again = export_json(cli, model, tmp_path / "b")
+    assert origins(again) == dict.fromkeys(COMPONENTS, "cached")
+    assert (tmp_path / "b" / T5_SHARD).read_bytes() == (tmp_path / "a" / T5_SHARD).read_bytes()
+    from neuron_export.testing.examples import build_example
+
+    other = build_example("pixart-sigma", tmp_path / "other", seed=1)
+    shutil.copy(other / "transformer" / "diffusion_pytorch_model.safetensors", model / "transformer")
+    changed = export_json(cli, model, tmp_path / "c")
+    assert origins(changed) == {**dict.fromkeys(COMPONENTS, "cached"), "transformer": "built"}
+
+
+def test_pixart_roles_are_registered_beside_clip(tiny_model):
+    assert role_of("text_encoder", "pixart-sigma").module_path == "neuron_export.roles.t5"
+    assert role_of("text_encoder", "sd").module_path == "neuron_export.roles.text_encoder"
+    assert role_of("transformer", "pixart-alpha").sharded is False and role_of("text_encoder", "pixart-alpha").sharded
+
+
+@pytest.mark.parametrize(
+    ("family", "example", "message"),
+    [
+        ("sd", "pixart-sigma", "export it with `neuron-export pixart`"),
+        ("pixart", "sd", "is not a PixArt pipeline"),
+    ],
+)
+def test_the_wrong_command_names_the_right_one(cli, tiny_model, tmp_path, family, example, message):
+    result = cli(family, "-m", tiny_model(example), "--backend", "cpu", "-o", tmp_path / "x")
+    assert result.exit_code != 0 and message in result.stderr, result
+    assert "Traceback" not in result.stderr
+
+
+def test_sequence_length_is_refused_by_clip_families(cli, tiny_model, tmp_path):
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--sequence-length", "12", "-o", tmp_path / "x")
+    assert result.exit_code != 0 and "--sequence-length" in result.stderr + result.stdout, result
