@@ -145,3 +145,91 @@ def test_the_wrong_command_names_the_right_one(cli, tiny_model, tmp_path, family
 def test_sequence_length_is_refused_by_clip_families(cli, tiny_model, tmp_path):
     result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--sequence-length", "12", "-o", tmp_path / "x")
     assert result.exit_code != 0 and "--sequence-length" in result.stderr + result.stdout, result
+
+
+# --- runtime: the export equals diffusers' eager pipeline ------------------------------------------------
+
+PROMPTS = ["a photo of an astronaut riding a horse on mars", "a cat"]
+STEPS = 3
+ATOL = 1e-4  # as the SD runtime tests (tests/test_generate.py)
+
+
+def eager_images(model, **extra):
+    import diffusers
+    import torch
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        PROMPTS,
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+        max_sequence_length=16,
+        use_resolution_binning=False,
+        height=64,
+        width=64,
+        **extra,
+    ).images
+
+
+@pytest.fixture(scope="module")
+def alpha_export(tiny_model, tmp_path_factory):
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("pixart") / "alpha"
+    result = run_cli("pixart", "-m", tiny_model("pixart-alpha"), "--backend", "cpu", "-o", out, "--batch-size", "2")
+    assert result.exit_code == 0, result
+    return out
+
+
+@pytest.mark.parametrize("variant", ["sigma", "alpha"])
+def test_load_runs_the_export_equal_to_the_eager_pipeline(variant, sigma_export, alpha_export, tiny_model):
+    import diffusers
+    import numpy as np
+    import torch
+
+    import neuron_export
+
+    export_dir = sigma_export if variant == "sigma" else alpha_export
+    pipe = neuron_export.load(export_dir)
+    assert isinstance(pipe, getattr(diffusers, f"PixArt{variant.capitalize()}Pipeline"))
+    # one prompt at a time on Σ (compiled at batch 1: the adapters run it per chunk), both at once on α (batch 2)
+    ours = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+    reference = eager_images(tiny_model(f"pixart-{variant}"))
+    assert ours.images.shape == reference.shape == (2, 64, 64, 3)
+    difference = float(np.abs(ours.images - reference).max())
+    assert difference < ATOL, difference
+    compiled = read_shapes(export_dir)
+    assert set(pipe.text_encoder.runner.calls) == {compiled["text_encoder"]}
+    assert set(pipe.transformer.runner.calls) == {compiled["transformer"]}
+
+
+def read_shapes(export_dir):
+    from neuron_export.manifest import read_manifest
+
+    manifest = read_manifest(export_dir)
+    return {name: tuple(tuple(t.shape) for t in record.inputs) for name, record in manifest.components.items()}
+
+
+def test_generate_writes_the_image_of_the_eager_pipeline(cli, sigma_export, tiny_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    done = cli("generate", sigma_export, "--prompt", PROMPTS[0], "--steps", STEPS, "--seed", 0, "-o", out)
+    assert done.exit_code == 0, done
+    import diffusers
+    import torch
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_model("pixart-sigma"))
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        PROMPTS[0],
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(0),
+        max_sequence_length=16,
+        use_resolution_binning=False,
+    ).images[0]
+    ours = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+    assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1

@@ -46,6 +46,8 @@ class ComponentSpec:
     output_hidden_states: bool = False
     # what load() adds to the model (an IP-Adapter file, its scale)
     add_ons: dict[str, Any] = field(default_factory=dict)
+    # what the traced module computes beyond its inputs (a T5's attention mask, from the padding id); in its key
+    traced: dict[str, Any] = field(default_factory=dict)
 
 
 def make_inputs(specs: tuple[TensorSpec, ...], seed: int) -> list[Any]:

@@ -1,9 +1,13 @@
 """T5 encoders (PixArt-α/-Σ's `text_encoder`, Flux's `text_encoder_2`): `input_ids` -> `last_hidden_state`.
 
 optimum-neuron traces them through neuronx-distributed's ModelBuilder with the weights outside the NEFF, in
-`weights/tp{rank}_sharded_checkpoint.safetensors` beside the module; `write_weights` writes those shards. Like the
-reference, the encoder is traced without its attention mask: optimum-neuron's loader never passes one to a
-`t5-encoder` (its text-encoder part drops it), so a mask input would make the export unloadable there.
+`weights/tp{rank}_sharded_checkpoint.safetensors` beside the module; `write_weights` writes those shards.
+
+The attention mask: optimum-neuron's loader never passes one to a `t5-encoder` (its text-encoder part drops it),
+so a mask input would make the export unloadable there, and the reference runs the encoder unmasked, which drifts
+from diffusers (PixArt's pipelines mask the padding). Where the pipeline masks (PixArt), our traced module takes
+`input_ids` alone, as the loader calls it, and computes the mask inside from the padding id: the outputs equal
+diffusers'. Flux's pipeline runs its T5 unmasked, so its encoder is traced unmasked too.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
     config = facts.text_encoder if name == "text_encoder" else facts.text_encoder_2
     assert config is not None, name
     batch, length = shapes.batch_size, sequence_length(facts, shapes)
+    # PixArt's pipelines pad to max_sequence_length and pass the padding mask
+    traced = {"padding_mask_id": int(config.get("pad_token_id", 0) or 0)} if facts.is_pixart else {}
     return ComponentSpec(
         name=name,
         model_type=MODEL_TYPE,
@@ -41,6 +47,7 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
         inputs=(TensorSpec("input_ids", (batch, length), "int64", high=int(config["vocab_size"])),),
         outputs=("last_hidden_state",),
         static_shapes={"batch_size": batch, "sequence_length": length},
+        traced=traced,
     )
 
 
@@ -48,6 +55,12 @@ def load(folder: Path, spec: ComponentSpec) -> Any:
     from transformers import T5EncoderModel
 
     return T5EncoderModel.from_pretrained(folder).eval()
+
+
+def _encode(model: Any, spec: ComponentSpec, input_ids: Any) -> Any:
+    pad = spec.traced.get("padding_mask_id")
+    mask = None if pad is None else (input_ids != pad).long()
+    return model(input_ids=input_ids, attention_mask=mask, return_dict=True).last_hidden_state
 
 
 def wrap(model: Any, spec: ComponentSpec) -> Any:
@@ -60,13 +73,14 @@ def wrap(model: Any, spec: ComponentSpec) -> Any:
             self.model = model
 
         def forward(self, input_ids: torch.Tensor) -> tuple:
-            return (self.model(input_ids=input_ids, return_dict=True).last_hidden_state,)
+            return (_encode(self.model, spec, input_ids),)
 
     return T5EncoderForTrace().eval()
 
 
 def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:
-    return [model(input_ids=inputs[0], return_dict=True).last_hidden_state]
+    """The eager encoder called as the pipeline calls it: with the padding mask where the pipeline gives one."""
+    return [_encode(model, spec, inputs[0])]
 
 
 def write_weights(model: Any, spec: ComponentSpec, directory: Path, tensor_parallel_size: int = 1) -> list[str]:

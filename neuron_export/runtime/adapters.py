@@ -245,8 +245,8 @@ class CompiledUNet(CompiledComponent):
 
 
 class CompiledT5Encoder(CompiledComponent):
-    """T5EncoderModel: `input_ids` -> its output object. Traced without the attention mask, as optimum-neuron's
-    loader calls it (it never passes a mask to a `t5-encoder`), so a given mask is not used here either."""
+    """T5EncoderModel: `input_ids` -> its output object. The artifact takes no mask, as optimum-neuron's loader
+    calls it; where the pipeline masks the padding (PixArt) the artifact computes that mask itself (roles/t5.py)."""
 
     def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
         super().__init__(config)
