@@ -140,8 +140,8 @@ def estimate(
     needs = []
     for c in components:
         # "unet": the UNet and what goes with it on every core; "none": one core; "all" (and unknown): every core
-        on_all = data_parallel_mode not in ("unet", "none") or (
-            data_parallel_mode == "unet" and (find_role(c.name) or NO_ROLE).with_unet
+        on_all = data_parallel_mode not in ("unet", "transformer", "none") or (
+            data_parallel_mode in ("unet", "transformer") and (find_role(c.name) or NO_ROLE).with_unet
         )
         needs.append(
             ComponentNeed(

@@ -102,6 +102,8 @@ class Plan:
     @property
     def data_parallel_mode(self) -> str:
         """How the runtime spreads the pipeline over an Inferentia2 chip's two NeuronCores."""
+        if self.facts.is_pixart:  # optimum-neuron's name: the transformer on both cores, for the guidance batch
+            return "transformer"
         return "all" if self.facts.is_lcm or self.config.spec.family == "lcm" else "unet"
 
     @property

@@ -38,7 +38,7 @@ def data_parallel_components(mode: str, names: Sequence[str]) -> tuple[str, ...]
         )
     if mode == "all":
         return tuple(names)
-    if mode == "unet":  # the UNet and what takes its doubled batch (ControlNets), as optimum-neuron places them
+    if mode in ("unet", "transformer"):  # the denoiser and what takes its doubled batch (ControlNets), as optimum does
         return tuple(name for name in names if (role := find_role(name)) is not None and role.with_unet)
     return ()
 

@@ -23,7 +23,7 @@ TURBO_DEFAULTS = {
     "inpainting": {"num_inference_steps": 2, "guidance_scale": 0.0, "strength": 0.5},
 }
 
-DATA_PARALLEL_MODES = ("none", "unet", "all")
+DATA_PARALLEL_MODES = ("none", "unet", "transformer", "all")
 NEURON_DEVICE_IDS = (0, 1)  # the two NeuronCores of one Inferentia2 chip
 
 
