@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -233,3 +234,89 @@ def test_generate_writes_the_image_of_the_eager_pipeline(cli, sigma_export, tiny
     ).images[0]
     ours = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
     assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1
+
+
+# --- --torch-dtype bfloat16, and whether PixArt-Σ 512 fits inf2.xlarge ------------------------------------
+
+BF16_ATOL = 5e-2  # a bf16 export against diffusers' bf16 pipeline: the same casts, applied in another order
+
+
+def test_a_bfloat16_export_is_traced_held_and_run_in_bfloat16(cli, tiny_model, tmp_path):
+    import diffusers
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    import neuron_export
+
+    out = tmp_path / "bf16"
+    export_json(cli, tiny_model("pixart-sigma"), out, "--torch-dtype", "bfloat16")
+    for component in COMPONENTS:
+        assert json.loads((out / component / "config.json").read_text())["neuron"]["float_dtype"] == "bf16"
+    with safe_open(str(out / T5_SHARD), framework="pt") as shard:
+        assert {shard.get_slice(key).get_dtype() for key in shard.keys()} == {"BF16"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["torch_dtype"] == "bfloat16"
+    assert [t["dtype"] for t in manifest["components"]["transformer"]["inputs"]] == ["bfloat16"] * 3 + ["int64"]
+    pipe = neuron_export.load(out)
+    ours = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+    reference = diffusers.DiffusionPipeline.from_pretrained(tiny_model("pixart-sigma"), dtype=torch.bfloat16)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(
+        PROMPTS,
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+        max_sequence_length=16,
+        use_resolution_binning=False,
+    ).images
+    assert float(np.abs(ours.images - theirs).max()) < BF16_ATOL
+
+
+def test_torch_dtype_is_refused_by_the_unet_families(cli, tiny_model, tmp_path):
+    result = cli("sd", "-m", tiny_model("sd"), "--backend", "cpu", "--torch-dtype", "bfloat16", "-o", tmp_path / "x")
+    assert result.exit_code != 0 and "--torch-dtype" in result.stderr + result.stdout, result
+
+
+# Parameter counts of PixArt-Σ XL-2 512 (its transformer config instantiated on the meta device: 0.61B, as published)
+# and of its T5 v1.1 XXL encoder (4.76B, as published); the VAE is SD's.
+PIXART_SIGMA_512 = {
+    "text_encoder": 4_762_310_656,
+    "transformer": 610_856_096,
+    "vae_encoder": 34_163_664,
+    "vae_decoder": 49_490_199,
+}
+AWS_PIXART = "AWS Neuron documentation, Inf2 inference performance: PixArt-α 512 on inf2.xlarge, 1.77 s per image"
+
+
+@pytest.mark.parametrize(("torch_dtype", "smallest"), [("bfloat16", "inf2.xlarge"), ("float32", None)])
+def test_verify_fits_pixart_sigma_512_on_inf2_xlarge_in_bfloat16(cli, sigma_export, tmp_path, torch_dtype, smallest):
+    """AWS_PIXART runs PixArt 512 on inf2.xlarge; in float32 the T5-XXL alone (19 GB) exceeds its 16 GiB host RAM
+    and a NeuronCore's 16 GiB (the T5 compiles without auto-cast), so only a bfloat16 export fits."""
+    directory = Path(shutil.copytree(sigma_export, tmp_path / "full"))
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    data["config"]["torch_dtype"] = torch_dtype
+    data["pipeline"].update(height=512, width=512)
+    for name, record in data["components"].items():
+        record.update(backend="neuron", compiler_type="neuronx-cc", compiler_version="2.21.18209.0")
+        record["compiler_args"] = record["neuron_compiler_args"]
+        record["parameter_count"] = PIXART_SIGMA_512[name]
+        for tensor in record["inputs"]:
+            if tensor["name"] in ("sample", "latent_sample"):
+                scale = 1 if name == "vae_encoder" else 8
+                tensor["shape"][2:] = [512 // scale, 512 // scale]
+            elif tensor["name"] in ("input_ids", "encoder_attention_mask"):
+                tensor["shape"][1] = 120
+            elif tensor["name"] == "encoder_hidden_states":
+                tensor["shape"][1:] = [120, 4096]
+    data["environment"].update(torch="2.8.0", torch_neuronx="2.8.0.2.10.0", neuronx_cc="2.21.18209.0")
+    path.write_text(json.dumps(data, indent=2))
+    code, out, _ = cli("verify", directory, "--instance", "inf2.xlarge", "--json")
+    fit = json.loads(out)["checks"]["fit"]
+    assert json.loads(out)["checks"]["integrity"]["verdict"] == "ok", out
+    assert fit["details"]["smallest_fit"] == smallest, fit
+    if smallest:
+        assert code == 0 and fit["verdict"] == "ok" and not fit["summary"].startswith("fits, tight"), fit
+    else:
+        assert code != 0 and "host RAM" in fit["summary"], fit

@@ -254,6 +254,7 @@ def build_component(
             on_stage(Stage.FUSING_LORA)
             lora.fuse(model, spec.name, job.loras)
             release_memory()
+        cast_to_traced_dtype(model, spec)
         parameter_count = sum(p.numel() for p in model.parameters())
         trace_inputs = make_inputs(spec.inputs, TRACE_SEED)
         validation_inputs = make_inputs(spec.inputs, VALIDATION_SEED) if skip_reason is None else None
@@ -332,6 +333,15 @@ def build_component(
     )
 
 
+def cast_to_traced_dtype(model: Any, spec: Any) -> None:
+    """A --torch-dtype export's model in that dtype (after any LoRA is fused in float32)."""
+    import torch
+
+    dtype = spec.traced.get("torch_dtype")
+    if dtype:
+        model.to(getattr(torch, dtype))
+
+
 def _flat_record(directory: Path, component: str, relative: str) -> FileRecord:
     """A file the build wrote flat into `directory` (as cache entries keep them), recorded at its place in the
     component folder (`text_encoder/weights/tp0_sharded_checkpoint.safetensors`)."""
@@ -353,6 +363,7 @@ def check_artifact(order: WorkOrder, on_stage: Callable[[Stage], None]) -> Valid
         model = module.load(job.source_folder, spec)
         if job.loras:
             lora.fuse(model, spec.name, job.loras)
+        cast_to_traced_dtype(model, spec)
         inputs = make_inputs(spec.inputs, VALIDATION_SEED)
         expected = [t.clone() for t in module.reference(model, spec, inputs)]
         del model

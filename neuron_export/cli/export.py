@@ -55,6 +55,7 @@ from neuron_export.cli.options import (
     Target,
     Task,
     Token,
+    TorchDtype,
     Unet,
     Vae,
     Width,
@@ -143,9 +144,9 @@ FAMILY_TASKS = {
 IP_ADAPTER_OPTIONS = {"ip_adapter", "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_scale"}
 UNET_ONLY = {"unet", "controlnet", "lora", "lora_weight_name", "lora_adapter_name", "lora_scale"} | IP_ADAPTER_OPTIONS
 FAMILY_REFUSES = {
-    "sd": {"sequence_length"},
-    "sd-xl": IP_ADAPTER_OPTIONS | {"sequence_length"},
-    "lcm": IP_ADAPTER_OPTIONS | {"controlnet", "sequence_length"},
+    "sd": {"sequence_length", "torch_dtype"},
+    "sd-xl": IP_ADAPTER_OPTIONS | {"sequence_length", "torch_dtype"},
+    "lcm": IP_ADAPTER_OPTIONS | {"controlnet", "sequence_length", "torch_dtype"},
     "pixart": UNET_ONLY,
 }
 
@@ -165,6 +166,7 @@ def _template(  # in help-panel order: model, shapes, compiler, add-ons, cache, 
     num_images_per_prompt: ImagesPerPrompt = None,
     sequence_length: SequenceLength = None,
     dynamic_batch_size: DynamicBatchSize = False,
+    torch_dtype: TorchDtype = None,
     auto_cast: AutoCast = None,
     auto_cast_type: AutoCastType = None,
     optlevel: Optlevel = None,

@@ -101,6 +101,15 @@ SequenceLength = Annotated[
         rich_help_panel="Shapes",
     ),
 ]
+TorchDtypeChoice = choice("TorchDtypeChoice", ("float32", "bfloat16", "float16"))
+TorchDtype = Annotated[
+    TorchDtypeChoice | None,
+    typer.Option(
+        "--torch-dtype",
+        help="float32 | bfloat16 | float16: load and trace the models in this dtype (pixart) [default: float32].",
+        rich_help_panel="Compiler",
+    ),
+]
 AutoCast = Annotated[
     AutoCastChoice | None,
     typer.Option("--auto-cast", help="none | matmul | all [default: matmul].", rich_help_panel="Compiler"),

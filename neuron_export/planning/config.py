@@ -27,6 +27,7 @@ Family = Literal["sd", "sd-xl", "lcm", "pixart"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
 AutoCast = Literal["none", "matmul", "all"]
 AutoCastType = Literal["bf16", "fp16", "tf32"]
+TorchDtype = Literal["float32", "bfloat16", "float16"]
 Target = Literal["inf2", "trn1", "trn2"]
 Backend = Literal["auto", "neuron", "cpu"]
 ComponentName = str  # a registered role's component (roles/registry.py): checked in _known_components
@@ -73,6 +74,7 @@ class ExportSpec(BaseModel):
     width: int | None = None
     num_images_per_prompt: int = 1
     sequence_length: int | None = Field(default=None, ge=1, le=4096)  # T5 tokens (PixArt); None: the tokenizer's
+    torch_dtype: TorchDtype = "float32"  # the dtype the models are loaded and traced in (optimum-cli's --torch_dtype)
     auto_cast: AutoCast = "matmul"
     auto_cast_type: AutoCastType | None = None  # bf16 unless given, when auto-casting
     optlevel: Literal[1, 2, 3] = 2
@@ -170,6 +172,15 @@ class ExportSpec(BaseModel):
             raise ValueError(
                 f"sequence_length = {self.sequence_length} is for `neuron-export pixart` (T5 encoders); CLIP text "
                 f"encoders of `{self.family}` always take 77 tokens, so drop it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _torch_dtype_family(self) -> ExportSpec:
+        if self.torch_dtype != "float32" and self.family not in TEXT_FAMILIES:
+            raise ValueError(
+                f"torch_dtype = '{self.torch_dtype}' is for `neuron-export pixart`; `{self.family}` exports trace in "
+                "float32 and cast with --auto-cast, so drop it"
             )
         return self
 

@@ -355,6 +355,18 @@ class JobContext:
     cache: ComponentCache
 
 
+def with_torch_dtype(spec: ComponentSpec, torch_dtype: str) -> ComponentSpec:
+    """The spec of a component loaded and traced in `torch_dtype`: its float inputs in that dtype, and the dtype
+    among what its trace computes (so in its cache key); float32 leaves it as it is."""
+    if torch_dtype == "float32":
+        return spec
+    inputs = tuple(
+        dataclasses.replace(tensor, dtype=torch_dtype) if tensor.dtype == "float32" else tensor
+        for tensor in spec.inputs
+    )
+    return dataclasses.replace(spec, inputs=inputs, traced={**spec.traced, "torch_dtype": torch_dtype})
+
+
 def _file_stats(path: Path, component: str, architecture: str) -> list[int]:
     return list(weight_stats((path,), component, architecture))
 
@@ -377,7 +389,7 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
             if weight_file.suffix == ".safetensors":
                 hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)  # type: ignore[misc,func-returns-value]
         role = role_of(name, facts.architecture)
-        spec = role.describe(name, facts, context.shapes)
+        spec = with_torch_dtype(role.describe(name, facts, context.shapes), config.spec.torch_dtype)
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(
                 spec,

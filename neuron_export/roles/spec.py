@@ -12,7 +12,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str = "float32"  # or "int64"
+    dtype: str = "float32"  # or "int64", "bfloat16", "float16" (a --torch-dtype export)
     high: int | None = None  # token ids are drawn from [0, high)
     timestep: bool = False  # drawn from the scheduler's range [0, 1000)
 
@@ -60,9 +60,9 @@ def make_inputs(specs: tuple[TensorSpec, ...], seed: int) -> list[Any]:
         if spec.dtype == "int64":
             tensors.append(torch.randint(0, spec.high or 2, spec.shape, generator=generator, dtype=torch.int64))
         elif spec.timestep:
-            tensors.append(torch.rand(spec.shape, generator=generator) * 999.0)
+            tensors.append((torch.rand(spec.shape, generator=generator) * 999.0).to(getattr(torch, spec.dtype)))
         else:
-            tensors.append(torch.randn(spec.shape, generator=generator))
+            tensors.append(torch.randn(spec.shape, generator=generator).to(getattr(torch, spec.dtype)))
     return tensors
 
 
