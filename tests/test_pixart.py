@@ -320,3 +320,20 @@ def test_verify_fits_pixart_sigma_512_on_inf2_xlarge_in_bfloat16(cli, sigma_expo
         assert code == 0 and fit["verdict"] == "ok" and not fit["summary"].startswith("fits, tight"), fit
     else:
         assert code != 0 and "host RAM" in fit["summary"], fit
+
+
+def test_a_remote_cache_carries_the_t5_shard_to_another_host(cli, tiny_model, tmp_path):
+    """Built once with a file:// remote cache (signed), then assembled on a host with an empty cache: every
+    component is downloaded, the T5's weights/ shard included, and the export is the same file for file."""
+    from helpers import run_cli
+
+    key = tmp_path / "key"
+    made = run_cli("cache", "keygen", key)
+    assert made.exit_code == 0, made
+    remote = ["--remote-cache", f"file://{tmp_path / 'shared'}"]
+    first = export_json(cli, tiny_model("pixart-sigma"), tmp_path / "a", *remote, "--remote-cache-signing-key", key)
+    assert origins(first) == dict.fromkeys(COMPONENTS, "built")
+    trusted = ["--remote-cache-trusted-key", made.stdout.strip(), "--cache-dir", tmp_path / "empty-cache"]
+    second = export_json(cli, tiny_model("pixart-sigma"), tmp_path / "b", *remote, *trusted)
+    assert origins(second) == dict.fromkeys(COMPONENTS, "downloaded")
+    assert (tmp_path / "b" / T5_SHARD).read_bytes() == (tmp_path / "a" / T5_SHARD).read_bytes()
