@@ -143,22 +143,31 @@ def _torch_version() -> str:
 
 
 def compiler_args(
-    component: str, is_xl: bool, auto_cast: str, auto_cast_type: str | None, optlevel: int, target: str
+    component: str,
+    is_xl: bool,
+    auto_cast: str,
+    auto_cast_type: str | None,
+    optlevel: int,
+    target: str,
+    architecture: str | None = None,
 ) -> list[str]:
+    role = role_of(component, architecture)
+    if not role.generic_flags:  # its own fixed string (the T5 encoder), whatever the export's cast and level
+        return list(role.flags)
     args = ["--auto-cast", AUTO_CAST_FLAG[auto_cast]]
     if auto_cast != "none" and auto_cast_type:
         args += ["--auto-cast-type", auto_cast_type]
     args += ["--optlevel", str(optlevel), "--target", target]
-    return args + list(role_of(component).compiler_flags(is_xl))
+    return args + list(role.compiler_flags(is_xl))
 
 
-def after_trace_calls(component: str, dynamic_batch: bool) -> list[str]:
+def after_trace_calls(component: str, dynamic_batch: bool, architecture: str | None = None) -> list[str]:
     """The torch_neuronx calls made on a traced module before it is saved, in order.
 
     dynamic_batch lets the runtime split larger batches; async_load overlaps loading of every component,
     and lazy_load defers the UNet's weights until first use so loading streams them to the device.
     """
-    role = role_of(component)
+    role = role_of(component, architecture)
     calls = ["dynamic_batch"] if dynamic_batch else []
     calls += ["async_load"] if role.async_load else []
     calls += ["lazy_load"] if role.lazy_load else []

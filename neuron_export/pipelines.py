@@ -16,7 +16,7 @@ ASTRONAUT = "a photo of an astronaut riding a horse on mars"
 class PipelineKind:
     """One exportable pipeline: its classes, its Hub tag, the images a call takes, its examples."""
 
-    family: str  # the export command: sd, sd-xl, lcm
+    family: str  # the export command: sd, sd-xl, lcm, pixart
     task: str  # --task
     add_on: str | None  # "controlnet" when --controlnet is given, else None
     diffusers: str  # diffusers' pipeline class, recorded as the manifest's diffusers_pipeline
@@ -109,18 +109,26 @@ PIPELINES: tuple[PipelineKind, ...] = (
         "NeuronStableDiffusionXLControlNetPipeline",
         add_on="controlnet",
     ),
+    # PixArt-α and PixArt-Σ share the `pixart` command; which one a model is comes from its pipeline class.
+    _kind("pixart", "text-to-image", "PixArtSigmaPipeline", "NeuronPixArtSigmaPipeline"),
+    _kind("pixart", "text-to-image", "PixArtAlphaPipeline", "NeuronPixArtAlphaPipeline"),
 )
 
 DIFFUSERS_CLASSES = frozenset(kind.diffusers for kind in PIPELINES)
 LCM_CLASSES = frozenset(kind.diffusers for kind in PIPELINES if kind.is_lcm)
+PIXART_CLASSES = frozenset(kind.diffusers for kind in PIPELINES if kind.family == "pixart")
+# ModelFacts.architecture of each PixArt pipeline class
+PIXART_ARCHITECTURES = {"PixArtSigmaPipeline": "pixart-sigma", "PixArtAlphaPipeline": "pixart-alpha"}
 
 
-def pipeline_for(family: str, task: str, add_on: str | None = None) -> PipelineKind:
-    """The pipeline an export of `family` for `task` (with the add-on) makes; KeyError when there is none."""
-    for kind in PIPELINES:
-        if (kind.family, kind.task, kind.add_on) == (family, task, add_on):
-            return kind
-    raise KeyError((family, task, add_on))
+def pipeline_for(family: str, task: str, add_on: str | None = None, diffusers: str | None = None) -> PipelineKind:
+    """The pipeline an export of `family` for `task` (with the add-on) makes; KeyError when there is none.
+    `diffusers`, the model's own pipeline class, picks among a family's variants (PixArt-α or -Σ); without it,
+    or when it is none of them, the family's first row."""
+    kinds = [kind for kind in PIPELINES if (kind.family, kind.task, kind.add_on) == (family, task, add_on)]
+    if not kinds:
+        raise KeyError((family, task, add_on))
+    return next((kind for kind in kinds if kind.diffusers == diffusers), kinds[0])
 
 
 def pipeline_named(diffusers: str) -> PipelineKind | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from neuron_export.errors import ExportError
-from neuron_export.planning.config import CANONICAL_MODELS, make_config, parse_set_options, read_config_file
+from neuron_export.planning.config import CANONICAL_MODELS, FAMILIES, make_config, parse_set_options, read_config_file
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -34,7 +34,7 @@ def test_yaml_then_set_then_flags_win(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_is_valid(path):
     config = make_config(read_config_file(path)).spec
-    assert config.family in ("sd", "sd-xl", "lcm")
+    assert config.family in FAMILIES
     assert config.height and config.width and config.height % 8 == 0
 
 

@@ -19,6 +19,11 @@ SD_WEIGHTS = {
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
 }
+PIXART_WEIGHTS = {
+    "text_encoder/model.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+}
 EXPECTED_WEIGHTS = {
     "sd": SD_WEIGHTS,
     "sd-inpaint": SD_WEIGHTS,
@@ -30,6 +35,8 @@ EXPECTED_WEIGHTS = {
     "sd-controlnet": {"diffusion_pytorch_model.safetensors"},
     "sdxl-controlnet": {"diffusion_pytorch_model.safetensors"},
     "sd-ip-adapter": {"models/image_encoder/model.safetensors", "models/ip-adapter-full-face_tiny.safetensors"},
+    "pixart-alpha": PIXART_WEIGHTS,
+    "pixart-sigma": PIXART_WEIGHTS,
 }
 TOKENIZER_FOLDERS = {
     "sd": ("tokenizer",),
@@ -79,6 +86,8 @@ def test_all_names_are_listed():
         "sd-controlnet",
         "sdxl-controlnet",
         "sd-ip-adapter",
+        "pixart-alpha",
+        "pixart-sigma",
     )
 
 

@@ -14,7 +14,7 @@ import neuron_export
 from neuron_export.pipelines import PIPELINES
 
 PACKAGE = Path(neuron_export.__file__).parent
-PIPELINE_CLASS = re.compile(r"(Neuron)?(StableDiffusion|LatentConsistency)\w*Pipeline")
+PIPELINE_CLASS = re.compile(r"(Neuron)?(StableDiffusion|LatentConsistency|PixArt)\w*Pipeline")
 
 
 def test_only_the_pipelines_table_names_pipeline_classes():

@@ -22,7 +22,7 @@ def loose_vae_decoder():
 
     def put_in(decoder):  # the registry keeps its order: the roles after the decoder follow it again
         for role in (original, *later):
-            unregister(role.name)
+            unregister(role.registry_name)
         for role in (decoder, *later):
             register(role)
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord
     from neuron_export.planning.jobs import Plan
 
+# --torch-dtype -> the neuron block's float_dtype, as optimum-neuron spells it (its loader casts inputs to it)
+FLOAT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # optimum-neuron 0.4.5 runs a UNet as LCM when its config's _name_or_path contains one of these.
 LCM_NAME_MARKERS = ("lcm", "latent-consistency")
 
@@ -154,7 +156,7 @@ def neuron_section(plan: Plan, record: ComponentRecord, spec: Any) -> dict[str, 
         "auto_cast_type": config.spec.auto_cast_type,
         "instance_type": config.spec.target,
         "int_dtype": "int64",
-        "float_dtype": "fp32",
+        "float_dtype": FLOAT_DTYPES[config.spec.torch_dtype],
         "model_type": spec.model_type,
         "output_attentions": False,
         # The exporter's --output_hidden_states option in optimum-neuron; SDXL's need is the top-level key's. The

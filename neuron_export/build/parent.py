@@ -375,6 +375,10 @@ def _export(plan: Plan, remote: RemoteCache | None, on_event: EventHandler) -> t
         for job in plan.jobs:
             entry = entries[job.component]
             link_or_copy(entry.artifact, staging / job.component / ARTIFACT_NAME)
+            for file in entry.record.files:  # a sharded role's weights/ files, kept flat in the cache entry
+                if file.path != f"{job.component}/{ARTIFACT_NAME}":
+                    (staging / file.path).parent.mkdir(parents=True, exist_ok=True)
+                    link_or_copy(entry.directory / Path(file.path).name, staging / file.path)
             records[job.component] = checked[job.component]
         write_layout(plan, staging, records)
         component_files = {f.path for record in records.values() for f in record.files}

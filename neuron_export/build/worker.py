@@ -254,6 +254,7 @@ def build_component(
             on_stage(Stage.FUSING_LORA)
             lora.fuse(model, spec.name, job.loras)
             release_memory()
+        cast_to_traced_dtype(model, spec)
         parameter_count = sum(p.numel() for p in model.parameters())
         trace_inputs = make_inputs(spec.inputs, TRACE_SEED)
         validation_inputs = make_inputs(spec.inputs, VALIDATION_SEED) if skip_reason is None else None
@@ -283,6 +284,8 @@ def build_component(
         check_room(f"{spec.name}'s artifact", directory, needed, "--cache-dir")
         with writing(f"{spec.name}'s artifact", directory, needed, "--cache-dir"):
             archive.save(traced, artifact)
+            # ModelBuilder roles keep their weights beside the module (written from the model as traced, LoRA fused)
+            weight_files = module.write_weights(model, spec, directory) if hasattr(module, "write_weights") else []
         del traced, wrapper, model, trace_inputs
         release_memory()
 
@@ -314,7 +317,8 @@ def build_component(
         inputs=[TensorRecord(name=t.name, shape=list(t.shape), dtype=t.dtype) for t in spec.inputs],
         outputs=list(spec.outputs),
         files=[
-            FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size)
+            FileRecord(path=f"{spec.name}/{ARTIFACT_NAME}", sha256=artifact_record.sha256, size=artifact_record.size),
+            *(_flat_record(directory, spec.name, relative) for relative in weight_files),
         ],
         source_files=source_file_records(order),
         parameter_count=parameter_count,
@@ -327,6 +331,22 @@ def build_component(
         origin="built",
         model=job.model or None,
     )
+
+
+def cast_to_traced_dtype(model: Any, spec: Any) -> None:
+    """A --torch-dtype export's model in that dtype (after any LoRA is fused in float32)."""
+    import torch
+
+    dtype = spec.traced.get("torch_dtype")
+    if dtype:
+        model.to(getattr(torch, dtype))
+
+
+def _flat_record(directory: Path, component: str, relative: str) -> FileRecord:
+    """A file the build wrote flat into `directory` (as cache entries keep them), recorded at its place in the
+    component folder (`text_encoder/weights/tp0_sharded_checkpoint.safetensors`)."""
+    record = file_record(directory / Path(relative).name, directory)
+    return FileRecord(path=f"{component}/{relative}", sha256=record.sha256, size=record.size)
 
 
 def check_artifact(order: WorkOrder, on_stage: Callable[[Stage], None]) -> ValidationRecord:
@@ -343,6 +363,7 @@ def check_artifact(order: WorkOrder, on_stage: Callable[[Stage], None]) -> Valid
         model = module.load(job.source_folder, spec)
         if job.loras:
             lora.fuse(model, spec.name, job.loras)
+        cast_to_traced_dtype(model, spec)
         inputs = make_inputs(spec.inputs, VALIDATION_SEED)
         expected = [t.clone() for t in module.reference(model, spec, inputs)]
         del model

@@ -52,10 +52,12 @@ from neuron_export.cli.options import (
     RemoteCacheTrustedKey,
     RemoteCacheUrl,
     Revision,
+    SequenceLength,
     SetOptions,
     Target,
     Task,
     Token,
+    TorchDtype,
     Unet,
     Vae,
     Width,
@@ -68,6 +70,7 @@ FAMILY_HELP = {
     "sd": "Stable Diffusion 1.x / 2.x (text-to-image, image-to-image, inpainting).",
     "sd-xl": "SDXL base, turbo and refiner (the refiner is recognised from the model); LCM-SDXL with --unet.",
     "lcm": "Latent consistency models distilled from Stable Diffusion (e.g. SimianLuo/LCM_Dreamshaper_v7).",
+    "pixart": "PixArt-α and PixArt-Σ diffusion transformers with their T5 encoder (recognised from the model).",
 }
 BUILD_HELP = "Export from YAML config files (several: one set of jobs, shared components built once): defaults < file < --set < flags."
 
@@ -196,9 +199,16 @@ FAMILY_TASKS = {
     "sd": ("text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"),
     "sd-xl": ("text-to-image", "image-to-image", "inpainting"),
     "lcm": ("text-to-image", "image-to-image"),
+    "pixart": ("text-to-image",),
 }
 IP_ADAPTER_OPTIONS = {"ip_adapter", "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_scale"}
-FAMILY_REFUSES = {"sd": set(), "sd-xl": IP_ADAPTER_OPTIONS, "lcm": IP_ADAPTER_OPTIONS | {"controlnet"}}
+UNET_ONLY = {"unet", "controlnet", "lora", "lora_weight_name", "lora_adapter_name", "lora_scale"} | IP_ADAPTER_OPTIONS
+FAMILY_REFUSES = {
+    "sd": {"sequence_length", "torch_dtype"},
+    "sd-xl": IP_ADAPTER_OPTIONS | {"sequence_length", "torch_dtype"},
+    "lcm": IP_ADAPTER_OPTIONS | {"controlnet", "sequence_length", "torch_dtype"},
+    "pixart": UNET_ONLY,
+}
 
 
 def _template(  # in help-panel order: model, shapes, compiler, add-ons, cache, output
@@ -214,7 +224,9 @@ def _template(  # in help-panel order: model, shapes, compiler, add-ons, cache, 
     height: Height = None,
     width: Width = None,
     num_images_per_prompt: ImagesPerPrompt = None,
+    sequence_length: SequenceLength = None,
     dynamic_batch_size: DynamicBatchSize = False,
+    torch_dtype: TorchDtype = None,
     auto_cast: AutoCast = None,
     auto_cast_type: AutoCastType = None,
     optlevel: Optlevel = None,

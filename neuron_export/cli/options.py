@@ -93,6 +93,23 @@ ImagesPerPrompt = Annotated[
     int | None,
     typer.Option("--num-images-per-prompt", help="Images per prompt [default: 1].", rich_help_panel="Shapes"),
 ]
+SequenceLength = Annotated[
+    int | None,
+    typer.Option(
+        "--sequence-length",
+        help="Text tokens the T5 encoder and transformer take (pixart) [default: the tokenizer's model_max_length].",
+        rich_help_panel="Shapes",
+    ),
+]
+TorchDtypeChoice = choice("TorchDtypeChoice", ("float32", "bfloat16", "float16"))
+TorchDtype = Annotated[
+    TorchDtypeChoice | None,
+    typer.Option(
+        "--torch-dtype",
+        help="float32 | bfloat16 | float16: load and trace the models in this dtype (pixart) [default: float32].",
+        rich_help_panel="Compiler",
+    ),
+]
 AutoCast = Annotated[
     AutoCastChoice | None,
     typer.Option("--auto-cast", help="none | matmul | all [default: matmul].", rich_help_panel="Compiler"),

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # SD 1.5, SD 2.1, SD 2 inpainting and SDXL base 1024 on inf2.xlarge and SDXL base + refiner on inf2.8xlarge.
 
 FP32_BYTES = 4
+HALF_BYTES = 2  # bf16 / fp16
 # Host: Python + torch + torch-neuronx + diffusers/transformers imports, the Neuron runtime's host side,
 # and the OS's share of a small instance. An allowance, not a measurement.
 HOST_BASE_BYTES = 3 * GIB
@@ -39,13 +40,16 @@ DEVICE_MEMORY = "device memory"
 
 ASSUMPTIONS = (
     "host RAM: each component is deserialised once and kept on the host (a TorchScript module keeps its NEFF), at "
-    "max(artifact bytes, 4 bytes x parameters) as the traced modules are fp32; a component on both NeuronCores is not "
+    "max(artifact bytes, 4 bytes x parameters) as the traced modules are fp32 (2 bytes for a --torch-dtype bfloat16 "
+    "or float16 export); a component on both NeuronCores is not "
     "held twice (torch_neuronx.DataParallel loads consecutive cores from one module, without a copy); plus 3 GiB for "
     "Python, torch, torch-neuronx, diffusers/transformers, the runtime and the OS",
     "loading: lazy_load and async_load (the manifest's after_trace) change when and on which thread a component is "
     "loaded onto the device, not what the host keeps, so they do not change the estimate",
     "device weights: 2 bytes per parameter when auto-cast is matmul/all with bf16/fp16 (the compiler casts matmul and "
-    "convolution weights, which are >99% of these models' parameters), else 4 (fp32)",
+    "convolution weights, which are >99% of these models' parameters), else 4 (fp32); never more than the export's "
+    "--torch-dtype holds, and exactly that for a component compiled with its own fixed flags (the T5 encoder's "
+    "--auto-cast=none)",
     "device activations: per model, max(0.25 GiB, 4 x batch x widest channels x full-resolution H x W x 4 bytes) (UNet "
     "320 channels at the latent size, VAE 128 at the image size); a NeuronCore needs only its largest model's, since "
     "the runtime shares one scratchpad between the models loaded on a core; plus 0.5 GiB runtime reserve per core",
@@ -133,21 +137,26 @@ def estimate(
     auto_cast: str | None = "matmul",
     auto_cast_type: str | None = "bf16",
     label: str = "",
+    torch_dtype: str = "float32",
+    architecture: str | None = None,
 ) -> Footprint:
     """Device memory per NeuronCore and host RAM to load the pipeline; see ASSUMPTIONS."""
-    per_param = device_bytes_per_parameter(auto_cast, auto_cast_type)
+    held = HALF_BYTES if torch_dtype in ("bfloat16", "float16") else FP32_BYTES  # bytes per parameter, as traced
+    cast = min(held, device_bytes_per_parameter(auto_cast, auto_cast_type))
     cores = 1 if data_parallel_mode == "none" else 2
     needs = []
     for c in components:
+        role = find_role(c.name, architecture) or NO_ROLE
+        per_param = cast if role.generic_flags else held
         # "unet": the UNet and what goes with it on every core; "none": one core; "all" (and unknown): every core
-        on_all = data_parallel_mode not in ("unet", "none") or (
-            data_parallel_mode == "unet" and (find_role(c.name) or NO_ROLE).with_unet
+        on_all = data_parallel_mode not in ("unet", "transformer", "none") or (
+            data_parallel_mode in ("unet", "transformer") and role.with_unet
         )
         needs.append(
             ComponentNeed(
                 name=f"{label}{c.name}",
                 cores=tuple(range(cores)) if on_all else (0,),
-                host_bytes=max(c.artifact_bytes, c.parameter_count * FP32_BYTES),
+                host_bytes=max(c.artifact_bytes, c.parameter_count * held),
                 device_weight_bytes=c.parameter_count * per_param,
                 activation_bytes=activation_bytes(c.name, c.input_shapes),
             )
@@ -229,6 +238,8 @@ def footprint_of(manifest: Manifest, label: str = "") -> Footprint:
         manifest.config.get("auto_cast", "matmul"),
         manifest.config.get("auto_cast_type", "bf16"),
         label,
+        torch_dtype=str(manifest.config.get("torch_dtype") or "float32"),
+        architecture=manifest.pipeline.architecture,
     )
 
 

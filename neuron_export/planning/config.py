@@ -23,21 +23,24 @@ from neuron_export.planning.config_messages import explain_validation_error, unk
 from neuron_export.roles.registry import component_spellings, find_role
 from neuron_export.store.remote_trust import SIGNING_KEY_ENV, resolve_trust, trust_of
 
-Family = Literal["sd", "sd-xl", "lcm"]
+Family = Literal["sd", "sd-xl", "lcm", "pixart"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
 AutoCast = Literal["none", "matmul", "all"]
 AutoCastType = Literal["bf16", "fp16", "tf32"]
+TorchDtype = Literal["float32", "bfloat16", "float16"]
 Target = Literal["inf2", "trn1", "trn2"]
 Backend = Literal["auto", "neuron", "cpu"]
 ComponentName = str  # a registered role's component (roles/registry.py): checked in _known_components
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm")
+FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm", "pixart")
+TEXT_FAMILIES = ("pixart",)  # the families whose text encoder takes --sequence-length (T5)
 
 # The checkpoint each command exports when --model is not given.
 CANONICAL_MODELS = {
     "sd": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd-xl": "stabilityai/stable-diffusion-xl-base-1.0",
     "lcm": "SimianLuo/LCM_Dreamshaper_v7",
+    "pixart": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS",
 }
 
 MIN_SIDE, MAX_SIDE = 64, 4096
@@ -70,6 +73,8 @@ class ExportSpec(BaseModel):
     height: int | None = None
     width: int | None = None
     num_images_per_prompt: int = 1
+    sequence_length: int | None = Field(default=None, ge=1, le=4096)  # T5 tokens (PixArt); None: the tokenizer's
+    torch_dtype: TorchDtype = "float32"  # the dtype the models are loaded and traced in (optimum-cli's --torch_dtype)
     auto_cast: AutoCast = "matmul"
     auto_cast_type: AutoCastType | None = None  # bf16 unless given, when auto-casting
     optlevel: Literal[1, 2, 3] = 2
@@ -159,6 +164,24 @@ class ExportSpec(BaseModel):
     @model_validator(mode="after")
     def _lora_lists(self) -> ExportSpec:
         check_lora_lists(self)
+        return self
+
+    @model_validator(mode="after")
+    def _sequence_length_family(self) -> ExportSpec:
+        if self.sequence_length is not None and self.family not in TEXT_FAMILIES:
+            raise ValueError(
+                f"sequence_length = {self.sequence_length} is for `neuron-export pixart` (T5 encoders); CLIP text "
+                f"encoders of `{self.family}` always take 77 tokens, so drop it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _torch_dtype_family(self) -> ExportSpec:
+        if self.torch_dtype != "float32" and self.family not in TEXT_FAMILIES:
+            raise ValueError(
+                f"torch_dtype = '{self.torch_dtype}' is for `neuron-export pixart`; `{self.family}` exports trace in "
+                "float32 and cast with --auto-cast, so drop it"
+            )
         return self
 
     @model_validator(mode="after")

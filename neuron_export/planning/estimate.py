@@ -35,9 +35,9 @@ class WeightStats(NamedTuple):
     bytes: int
 
 
-def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
+def weight_stats(files: tuple[Path, ...], component: str, architecture: str | None = None) -> WeightStats:
     """Parameter count and bytes of the tensors a component uses, from the safetensors headers."""
-    prefixes = role_of(component).tensor_prefixes
+    prefixes = role_of(component, architecture).tensor_prefixes
     parameters = size = 0
     for file in files:
         if file.suffix != ".safetensors":  # a pickle has no header to read: assume fp32, the whole file
@@ -58,13 +58,29 @@ def weight_stats(files: tuple[Path, ...], component: str) -> WeightStats:
     return WeightStats(parameters, size)
 
 
-def estimate_peak_bytes(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> int:
-    cost = role_of(component).costs[backend]
+def estimate_peak_bytes(
+    backend: str,
+    component: str,
+    weights: WeightStats,
+    batch: int,
+    height: int,
+    width: int,
+    architecture: str | None = None,
+) -> int:
+    cost = role_of(component, architecture).costs[backend]
     return int(BASE_BYTES[backend] + cost.weight_factor * weights.bytes + cost.pixel_bytes * batch * height * width)
 
 
-def estimate_seconds(backend: str, component: str, weights: WeightStats, batch: int, height: int, width: int) -> float:
-    cost = role_of(component).costs[backend]
+def estimate_seconds(
+    backend: str,
+    component: str,
+    weights: WeightStats,
+    batch: int,
+    height: int,
+    width: int,
+    architecture: str | None = None,
+) -> float:
+    cost = role_of(component, architecture).costs[backend]
     pixels = batch * height * width
     return BASE_SECONDS[backend] + SECONDS_PER_PARAM[backend] * weights.parameters + cost.seconds_per_pixel * pixels
 

@@ -103,6 +103,8 @@ class Plan:
     @property
     def data_parallel_mode(self) -> str:
         """How the runtime spreads the pipeline over an Inferentia2 chip's two NeuronCores."""
+        if self.facts.is_pixart:  # optimum-neuron's name: the transformer on both cores, for the guidance batch
+            return "transformer"
         return "all" if self.facts.is_lcm or self.config.spec.family == "lcm" else "unet"
 
     @property
@@ -168,6 +170,9 @@ def refuse_existing_output(plan: Plan) -> None:
 def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     """A command that does not fit the model says so, naming the command that does."""
     model = config.spec.model
+    if config.spec.family == "pixart" or facts.is_pixart:
+        check_pixart(config, facts)
+        return
     if config.spec.family in ("sd", "lcm") and facts.is_xl:
         raise ExportError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
     if config.spec.family == "sd-xl" and not facts.is_xl:
@@ -216,6 +221,22 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     if facts.architecture == "sdxl-refiner" and config.spec.task == "text-to-image":
         raise ExportError(
             f"--task text-to-image: {model} is an SDXL refiner, which refines images; pass --task image-to-image."
+        )
+
+
+def check_pixart(config: ExportConfig, facts: ModelFacts) -> None:
+    """`neuron-export pixart` takes PixArt-α/-Σ pipelines only, and they take no other command."""
+    model = config.spec.model
+    if config.spec.family != "pixart":
+        raise ExportError(
+            f"--model {model} is a {facts.pipeline_class} (a diffusion transformer); export it with "
+            "`neuron-export pixart`."
+        )
+    if not facts.is_pixart:
+        command = "sd-xl" if facts.is_xl else "lcm" if facts.is_lcm else "sd"
+        raise ExportError(
+            f"--model {model} is not a PixArt pipeline (model_index.json names {facts.pipeline_class or 'no class'}); "
+            f"export it with `neuron-export {command}`."
         )
 
 
@@ -335,6 +356,22 @@ class JobContext:
     cache: ComponentCache
 
 
+def with_torch_dtype(spec: ComponentSpec, torch_dtype: str) -> ComponentSpec:
+    """The spec of a component loaded and traced in `torch_dtype`: its float inputs in that dtype, and the dtype
+    among what its trace computes (so in its cache key); float32 leaves it as it is."""
+    if torch_dtype == "float32":
+        return spec
+    inputs = tuple(
+        dataclasses.replace(tensor, dtype=torch_dtype) if tensor.dtype == "float32" else tensor
+        for tensor in spec.inputs
+    )
+    return dataclasses.replace(spec, inputs=inputs, traced={**spec.traced, "torch_dtype": torch_dtype})
+
+
+def _file_stats(path: Path, component: str, architecture: str) -> list[int]:
+    return list(weight_stats((path,), component, architecture))
+
+
 def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
     """One Job per component: its spec, compiler flags, tolerance, cache key and estimates."""
     config, source, facts, backend, hashes = (
@@ -352,8 +389,8 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
         for weight_file in facts.weight_files[name]:
             if weight_file.suffix == ".safetensors":
                 hashes.remember(weight_file, "header_checked", lambda f=weight_file: check_safetensors(f) or True)  # type: ignore[misc,func-returns-value]
-        role = role_of(name)
-        spec = role.describe(name, facts, context.shapes)
+        role = role_of(name, facts.architecture)
+        spec = with_torch_dtype(role.describe(name, facts, context.shapes), config.spec.torch_dtype)
         if name == "unet" and source.ip_adapter is not None:
             spec = dataclasses.replace(
                 spec,
@@ -369,10 +406,15 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
             config.spec.auto_cast_type,
             config.spec.optlevel,
             config.spec.target,
+            facts.architecture,
         )
         atol = config.spec.atol or role.tolerance(backend, config.spec.auto_cast)
         weight_hashes = tuple(hashes.sha256(path) for path in facts.weight_files[name])
-        after_trace = tuple(after_trace_calls(name, config.spec.dynamic_batch_size)) if backend == "neuron" else ()
+        after_trace = (
+            tuple(after_trace_calls(name, config.spec.dynamic_batch_size, facts.architecture))
+            if backend == "neuron"
+            else ()
+        )
         fusions = fusions_for(name, context.loras, facts.is_xl)
         key = cache_key(
             config,
@@ -387,7 +429,7 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
             fusions,
         )
         per_file = [
-            hashes.remember(f, f"stats:{name}", lambda f=f, name=name: list(weight_stats((f,), name)))  # type: ignore[misc]
+            hashes.remember(f, f"stats:{name}", functools.partial(_file_stats, f, name, facts.architecture))
             for f in facts.weight_files[name]
         ]
         weights = WeightStats(sum(p for p, _ in per_file), sum(b for _, b in per_file))
@@ -404,8 +446,10 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
                 atol=atol,
                 cache_key=key,
                 cached=context.cache.peek(key),
-                estimated_peak_bytes=estimate_peak_bytes(backend, name, weights, batch, height, width),
-                estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width),
+                estimated_peak_bytes=estimate_peak_bytes(
+                    backend, name, weights, batch, height, width, facts.architecture
+                ),
+                estimated_seconds=estimate_seconds(backend, name, weights, batch, height, width, facts.architecture),
                 loras=fusions,
                 model=component_model(source, name),
                 module_path=role.module_path,
@@ -434,7 +478,9 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     cache_dir = component_cache_dir(config)
     hashes = HashIndex(cache_dir, config.options.hub_cache_dir)
     loras = plan_loras(config, source, facts, hashes)
-    shapes = Shapes(config.spec.batch_size, config.spec.num_images_per_prompt, height, width)
+    shapes = Shapes(
+        config.spec.batch_size, config.spec.num_images_per_prompt, height, width, config.spec.sequence_length
+    )
     context = JobContext(config, source, facts, backend, shapes, loras, hashes, ComponentCache(cache_dir))
     jobs = plan_jobs(names, context)
     budget = config.options.max_memory or available_memory_bytes()
@@ -447,7 +493,12 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
             f"(about {largest.estimated_peak_bytes / 2**30:.1f} GiB estimated); raise --max-memory, "
             "free memory, or compile on a larger host."
         )
-    pipeline = pipeline_for(config.spec.family, config.spec.task, "controlnet" if config.spec.controlnet else None)
+    pipeline = pipeline_for(
+        config.spec.family,
+        config.spec.task,
+        "controlnet" if config.spec.controlnet else None,
+        diffusers=facts.pipeline_class,
+    )
     plan = Plan(
         config=config,
         source=source,

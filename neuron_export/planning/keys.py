@@ -51,6 +51,8 @@ def cache_key(
         "inline_weights": config.spec.inline_weights if backend == "neuron" else None,
         "after_trace": list(after_trace),
     }
+    if spec.traced:
+        payload["traced"] = spec.traced
     if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in
         payload["ip_adapter_scale"] = spec.add_ons["ip_adapter_scale"]
     if loras:  # only the components an adapter touches change key

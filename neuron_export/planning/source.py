@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from neuron_export.errors import ExportError
-from neuron_export.pipelines import pipeline_for
+from neuron_export.pipelines import PIXART_ARCHITECTURES, PIXART_CLASSES, pipeline_for
 from neuron_export.planning.source_files import files_inside, inside, model_roots, read_header
-from neuron_export.roles.registry import CONTROLNET, role_of, roles
+from neuron_export.roles.registry import CONTROLNET, role_of, roles_for
 
 # Files copied unchanged into the export so the runtime can tokenize and schedule.
 PROCESSOR_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2", "feature_extractor")
@@ -42,6 +42,13 @@ KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
     ),
     "scheduler": ("diffusers", None),  # None: any scheduler the installed diffusers has
     "image_encoder": ("transformers", frozenset({"CLIPVisionModelWithProjection"})),
+}
+# A PixArt pipeline: a diffusion transformer conditioned on a T5 encoder, with a T5 tokenizer.
+PIXART_KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
+    **{name: KNOWN_CLASSES[name] for name in ("vae", "scheduler")},
+    "transformer": ("diffusers", frozenset({"PixArtTransformer2DModel"})),
+    "text_encoder": ("transformers", frozenset({"T5EncoderModel"})),
+    "tokenizer": ("transformers", frozenset({"T5Tokenizer", "T5TokenizerFast"})),
 }
 PIX2PIX_PIPELINE = pipeline_for("sd", "instruct-pix2pix").diffusers
 
@@ -165,9 +172,9 @@ class ModelFacts:
     """What the pipeline is, decided from its configs rather than from its name."""
 
     pipeline_class: str
-    architecture: str  # "sd", "sdxl" or "sdxl-refiner"
+    architecture: str  # "sd", "sdxl", "sdxl-refiner", "pixart-alpha" or "pixart-sigma"
     is_lcm: bool
-    unet: dict[str, Any]
+    unet: dict[str, Any]  # empty for a PixArt pipeline (its denoiser is `transformer`)
     vae: dict[str, Any]
     text_encoder: dict[str, Any] | None
     text_encoder_2: dict[str, Any] | None
@@ -176,6 +183,18 @@ class ModelFacts:
     controlnets: tuple[dict[str, Any], ...] = ()  # each ControlNet's config.json, in --controlnet order
     image_encoder: dict[str, Any] | None = None  # the IP-Adapter's CLIP vision config
     ip_adapter_tokens: int = 0  # image encoder hidden states per image the UNet takes (0: no IP-Adapter)
+    # --- diffusion transformers (PixArt) ---
+    transformer: dict[str, Any] | None = None  # its config.json
+    tokenizer_max_length: int | None = None  # the tokenizer's model_max_length: the default sequence length
+
+    @property
+    def is_pixart(self) -> bool:
+        return self.architecture.startswith("pixart")
+
+    @property
+    def denoiser(self) -> dict[str, Any]:
+        """The config of the model that denoises: the UNet, or a PixArt pipeline's transformer."""
+        return self.transformer if self.transformer is not None else self.unet
 
     @property
     def is_pix2pix(self) -> bool:
@@ -184,7 +203,7 @@ class ModelFacts:
 
     @property
     def unet_in_channels(self) -> int:
-        return int(self.unet.get("in_channels", 4))
+        return int(self.denoiser.get("in_channels", 4))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -192,7 +211,7 @@ class ModelFacts:
 
     @property
     def default_side(self) -> int:
-        sample_size = self.unet.get("sample_size", 64)
+        sample_size = self.denoiser.get("sample_size", 64)
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         return int(sample_size) * self.vae_scale_factor
@@ -204,7 +223,9 @@ class ModelFacts:
     @property
     def components(self) -> tuple[str, ...]:
         """Every component this pipeline has, in export order: as many of each role as the role counts."""
-        return tuple(role.component(index) for role in roles() for index in range(role.count(self)))
+        return tuple(
+            role.component(index) for role in roles_for(self.architecture) for index in range(role.count(self))
+        )
 
 
 def _read_json(path: Path, what: str, roots: tuple[Path, ...] | None = None) -> dict[str, Any]:
@@ -270,9 +291,11 @@ def diffusers_schedulers() -> frozenset[str]:
     return frozenset(re.findall(r"""["']([A-Za-z_]\w*Scheduler)["']""", Path(spec.origin).read_text()))
 
 
-def check_component_classes(model_id: str, index: dict[str, Any]) -> None:
+def check_component_classes(
+    model_id: str, index: dict[str, Any], known: dict[str, tuple[str, frozenset[str] | None]] = KNOWN_CLASSES
+) -> None:
     """Every part we export or copy must be diffusers' or transformers' own class, never a repository's code."""
-    for name, (library, classes) in KNOWN_CLASSES.items():
+    for name, (library, classes) in known.items():
         entry = index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
             continue  # absent, or null like the refiner's text_encoder
@@ -300,6 +323,8 @@ def read_facts(source: ModelSource) -> ModelFacts:
         )
     roots = model_roots(source.path)
     index = _read_json(source.path / "model_index.json", "model_index.json", roots)
+    if index.get("_class_name") in PIXART_CLASSES:
+        return _with_weights(source, index, read_pixart_facts(source, index))
     check_component_classes(source.model_id, index)
     unet_folder = source.folder("unet")
     if not (unet_folder / "config.json").is_file():
@@ -344,11 +369,46 @@ def read_facts(source: ModelSource) -> ModelFacts:
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
     )
+    return _with_weights(source, index, facts)
+
+
+def _with_weights(source: ModelSource, index: dict[str, Any], facts: ModelFacts) -> ModelFacts:
+    roots = model_roots(source.path)
     weights = {name: find_weight_files(source.folder(name), source.roots(name)) for name in facts.components}
     for name in PROCESSOR_FOLDERS:  # copied whole into the export: nothing in them may lead outside the model
         if isinstance(index.get(name), list) and (source.path / name).is_dir():
             files_inside(source.path / name, roots)
     return ModelFacts(**{**facts.__dict__, "weight_files": weights})
+
+
+def read_pixart_facts(source: ModelSource, index: dict[str, Any]) -> ModelFacts:
+    """A PixArt-α or -Σ pipeline (its pipeline class says which): T5 encoder, transformer, VAE."""
+    check_component_classes(source.model_id, index, PIXART_KNOWN_CLASSES)
+    roots = model_roots(source.path)
+    for folder in ("transformer", "text_encoder"):
+        if not (source.path / folder / "config.json").is_file():
+            raise ExportError(
+                f"--model {source.model_id} has no {folder} ({source.path / folder / 'config.json'} is missing); "
+                "neuron-export needs a full PixArt pipeline with transformer/ and text_encoder/ folders."
+            )
+    transformer = _read_json(source.path / "transformer" / "config.json", "transformer/config.json", roots)
+    text_encoder = _read_json(source.path / "text_encoder" / "config.json", "text_encoder/config.json", roots)
+    tokenizer_config = source.path / "tokenizer" / "tokenizer_config.json"
+    max_length = None
+    if tokenizer_config.is_file():
+        value = _read_json(tokenizer_config, "tokenizer/tokenizer_config.json", roots).get("model_max_length")
+        max_length = value if isinstance(value, int) and 0 < value < 100_000 else None  # "very large": unset
+    return ModelFacts(
+        pipeline_class=str(index["_class_name"]),
+        architecture=PIXART_ARCHITECTURES[str(index["_class_name"])],
+        is_lcm=False,
+        unet={},
+        vae=_read_json(source.path / "vae" / "config.json", "vae/config.json", roots),
+        text_encoder=text_encoder,
+        text_encoder_2=None,
+        transformer=transformer,
+        tokenizer_max_length=max_length,
+    )
 
 
 def read_vae_config(source: ModelSource, unet: dict[str, Any]) -> dict[str, Any]:

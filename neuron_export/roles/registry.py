@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 ModelFacts = Any  # planning/source.py's ModelFacts: named, not imported (planning imports this module)
 
+# The model architectures (planning/source.py's ModelFacts.architecture) each role can serve.
+UNET_ARCHITECTURES = frozenset({"sd", "sdxl", "sdxl-refiner"})
+PIXART_ARCHITECTURES = frozenset({"pixart-alpha", "pixart-sigma"})
+ALL_ARCHITECTURES = UNET_ARCHITECTURES | PIXART_ARCHITECTURES
+
 FAST_LOADING = "--enable-fast-loading-neuron-binaries"
 TRANSFORMER = ("--model-type=transformer", FAST_LOADING)
 UNET_LIKE = (FAST_LOADING, "--model-type=unet-inference")
@@ -76,6 +81,21 @@ class Role:
     async_load: bool = True  # torch_neuronx.async_load: loads alongside the others
     count: Callable[[ModelFacts], int] = lambda facts: 1  # how many components of this role a pipeline has
     tolerances: Mapping[tuple[str, str], float] = field(default_factory=lambda: TOLERANCES)  # see TOLERANCES
+    # the architectures whose pipelines have this role; two roles may share a component name (`text_encoder` is
+    # CLIP in a UNet pipeline, T5 in PixArt) when they serve different architectures
+    architectures: frozenset[str] = UNET_ARCHITECTURES
+    key: str = ""  # its registry name when that is not `name` (a second role with the same component name)
+    # neuronx-distributed ModelBuilder roles: weights kept out of the NEFF, in weights/tp{r}_sharded_checkpoint
+    sharded: bool = False
+    generic_flags: bool = True  # False: `flags` are the whole compiler string (no --auto-cast, --optlevel, --target)
+
+    @property
+    def registry_name(self) -> str:
+        return self.key or self.name
+
+    def serves(self, architecture: str | None) -> bool:
+        """Whether a pipeline of this architecture has this role (None: any, for lookups by name alone)."""
+        return architecture is None or architecture in self.architectures
 
     def matches(self, component: str) -> bool:
         if not self.numbered:
@@ -118,13 +138,20 @@ _ROLES: dict[str, Role] = {}
 
 def register(role: Role) -> Role:
     """Add a role (after the ones already known); its components are then planned, built and loaded."""
-    if role.name in _ROLES:
-        raise ValueError(f"a role named {role.name!r} is already registered")
-    _ROLES[role.name] = role
+    if role.registry_name in _ROLES:
+        raise ValueError(f"a role named {role.registry_name!r} is already registered")
+    clash = next(
+        (other for other in _ROLES.values() if other.name == role.name and other.architectures & role.architectures),
+        None,
+    )
+    if clash is not None:
+        raise ValueError(f"the role {clash.registry_name!r} already names {role.name!r} for the same architectures")
+    _ROLES[role.registry_name] = role
     return role
 
 
 def unregister(name: str) -> None:
+    """Remove the role registered under `name` (its registry name)."""
     _ROLES.pop(name, None)
 
 
@@ -133,25 +160,32 @@ def roles() -> tuple[Role, ...]:
     return tuple(_ROLES.values())
 
 
-def find_role(component: str) -> Role | None:
-    return next((role for role in _ROLES.values() if role.matches(component)), None)
+def find_role(component: str, architecture: str | None = None) -> Role | None:
+    """The role of a component in a pipeline of `architecture` (None: the first registered of that name, for
+    facts every role of the name shares, such as its folder)."""
+    return next((role for role in _ROLES.values() if role.matches(component) and role.serves(architecture)), None)
 
 
-def role_of(component: str) -> Role:
-    role = find_role(component)
+def role_of(component: str, architecture: str | None = None) -> Role:
+    role = find_role(component, architecture)
     if role is None:
         raise KeyError(f"{component!r} is not a component of any registered role")
     return role
 
 
+def roles_for(architecture: str | None) -> tuple[Role, ...]:
+    """The roles a pipeline of this architecture has, in export order (None: every role)."""
+    return tuple(role for role in _ROLES.values() if role.serves(architecture))
+
+
 def default_components() -> tuple[str, ...]:
     """What an export builds unless --components says otherwise (each exists only where the model has it)."""
-    return tuple(role.name for role in _ROLES.values() if role.default)
+    return tuple(dict.fromkeys(role.name for role in _ROLES.values() if role.default))
 
 
 def component_spellings() -> str:
     """Every component name a user may give, for help and error messages."""
-    return ", ".join(role.spelling() for role in _ROLES.values())
+    return ", ".join(dict.fromkeys(role.spelling() for role in _ROLES.values()))
 
 
 ADAPTERS = "neuron_export.runtime.adapters"
@@ -211,6 +245,7 @@ register(
         default=True,
         tensor_prefixes=("encoder.", "quant_conv."),
         feature_map=(128, 1),
+        architectures=ALL_ARCHITECTURES,
     )
 )
 register(
@@ -225,6 +260,7 @@ register(
         default=True,
         tensor_prefixes=("decoder.", "post_quant_conv."),
         feature_map=(128, 8),
+        architectures=ALL_ARCHITECTURES,
     )
 )
 # A ControlNet is a UNet's encoder half: its costs and activations are the UNet's, it goes where the UNet goes
@@ -259,5 +295,51 @@ register(
         flags=("--model-type=transformer",),
         async_load=False,
         count=lambda facts: int(facts.image_encoder is not None),
+    )
+)
+# PixArt-α / -Σ (and Flux's text_encoder_2): T5 encoders are traced through neuronx-distributed's ModelBuilder
+# with their weights kept beside the NEFF, and compiled with optimum-neuron's fixed T5 flags, whatever --auto-cast
+# and --optlevel say.
+T5_FLAGS = (
+    "--model-type=transformer",
+    "-O1",
+    "--tensorizer-options='--enable-ccop-compute-overlap --cc-pipeline-tiling-factor=4'",
+    "--auto-cast=none",
+    "--internal-hlo2tensorizer-options='--verify-hlo=true'",
+)
+T5_COSTS = _costs(BuildCost(1.10), BuildCost(6.0))
+# The diffusion transformer: a UNet's activations per pixel at its patch size, and its costs.
+DIT_COSTS = _costs(BuildCost(1.10, 1200), BuildCost(8.0, 6000))
+T5_ENCODER = register(
+    Role(
+        name="text_encoder",
+        key="t5_text_encoder",
+        module_path="neuron_export.roles.t5",
+        source_folder="text_encoder",
+        slot="text_encoder",
+        adapter=f"{ADAPTERS}:t5_encoder_slot",
+        costs=T5_COSTS,
+        flags=T5_FLAGS,
+        default=True,
+        architectures=PIXART_ARCHITECTURES,
+        sharded=True,
+        generic_flags=False,
+        count=lambda facts: int(facts.text_encoder is not None),
+    )
+)
+register(
+    Role(
+        name="transformer",
+        module_path="neuron_export.roles.pixart",
+        source_folder="transformer",
+        slot="transformer",
+        adapter=f"{ADAPTERS}:transformer_slot",
+        costs=DIT_COSTS,
+        flags=TRANSFORMER,  # optimum adds --model-type transformer, and fast loading for a "transformer" class
+        default=True,
+        feature_map=(96, 1),
+        with_unet=True,
+        lazy_load=True,
+        architectures=PIXART_ARCHITECTURES,
     )
 )

@@ -12,7 +12,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str = "float32"  # or "int64"
+    dtype: str = "float32"  # or "int64", "bfloat16", "float16" (a --torch-dtype export)
     high: int | None = None  # token ids are drawn from [0, high)
     timestep: bool = False  # drawn from the scheduler's range [0, 1000)
 
@@ -25,6 +25,7 @@ class Shapes:
     images_per_prompt: int
     height: int
     width: int
+    sequence_length: int | None = None  # text tokens (T5 encoders; None: the tokenizer's model_max_length)
 
     @property
     def image_batch(self) -> int:
@@ -45,6 +46,8 @@ class ComponentSpec:
     output_hidden_states: bool = False
     # what load() adds to the model (an IP-Adapter file, its scale)
     add_ons: dict[str, Any] = field(default_factory=dict)
+    # what the traced module computes beyond its inputs (a T5's attention mask, from the padding id); in its key
+    traced: dict[str, Any] = field(default_factory=dict)
 
 
 def make_inputs(specs: tuple[TensorSpec, ...], seed: int) -> list[Any]:
@@ -57,9 +60,9 @@ def make_inputs(specs: tuple[TensorSpec, ...], seed: int) -> list[Any]:
         if spec.dtype == "int64":
             tensors.append(torch.randint(0, spec.high or 2, spec.shape, generator=generator, dtype=torch.int64))
         elif spec.timestep:
-            tensors.append(torch.rand(spec.shape, generator=generator) * 999.0)
+            tensors.append((torch.rand(spec.shape, generator=generator) * 999.0).to(getattr(torch, spec.dtype)))
         else:
-            tensors.append(torch.randn(spec.shape, generator=generator))
+            tensors.append(torch.randn(spec.shape, generator=generator).to(getattr(torch, spec.dtype)))
     return tensors
 
 

@@ -26,7 +26,8 @@ try:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 except ImportError:
     from diffusers.models.unet_2d_condition import UNet2DConditionOutput
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 
@@ -243,6 +244,57 @@ class CompiledUNet(CompiledComponent):
         return UNet2DConditionOutput(sample=noise) if return_dict else (noise,)
 
 
+class CompiledT5Encoder(CompiledComponent):
+    """T5EncoderModel: `input_ids` -> its output object. The artifact takes no mask, as optimum-neuron's loader
+    calls it; where the pipeline masks the padding (PixArt) the artifact computes that mask itself (roles/t5.py)."""
+
+    def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.runner = runner
+
+    def forward(
+        self, input_ids: Any, attention_mask: Any = None, return_dict: bool | None = True, **kwargs: Any
+    ) -> Any:
+        (hidden,) = self.runner(input_ids.to(torch.long))
+        out = BaseModelOutput(last_hidden_state=hidden)
+        return out if return_dict is not False else out.to_tuple()
+
+
+class CompiledPixArtTransformer(CompiledComponent):
+    """PixArtTransformer2DModel: (sample, encoder_hidden_states, timestep [B] float, encoder_attention_mask int64);
+    the resolution conditioning is fixed in the artifact."""
+
+    def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.runner = runner
+
+    def forward(
+        self,
+        hidden_states: Any,
+        encoder_hidden_states: Any = None,
+        timestep: Any = None,
+        added_cond_kwargs: Any = None,
+        cross_attention_kwargs: Any = None,
+        attention_mask: Any = None,
+        encoder_attention_mask: Any = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        count = hidden_states.shape[0]
+        steps = torch.as_tensor(timestep).to(torch.float32)
+        if steps.ndim == 0 or steps.numel() == 1:
+            steps = steps.reshape(1).expand(count)
+        if encoder_attention_mask is None:
+            encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], dtype=torch.int64)
+        (noise,) = self.runner(
+            self._float(hidden_states),
+            self._float(encoder_hidden_states),
+            steps,
+            encoder_attention_mask.to(torch.int64),
+        )
+        return Transformer2DModelOutput(sample=noise) if return_dict else (noise,)
+
+
 class CompiledVae(CompiledComponent):
     """AutoencoderKL from the two halves: `encode(x).latent_dist` and `decode(z).sample`."""
 
@@ -379,6 +431,16 @@ class LoadedPart(NamedTuple):
 def text_encoder_slot(parts: Sequence[LoadedPart]) -> CompiledTextEncoder:
     (part,) = parts
     return CompiledTextEncoder(part.name, part.runner, part.config, part.outputs)
+
+
+def t5_encoder_slot(parts: Sequence[LoadedPart]) -> CompiledT5Encoder:
+    (part,) = parts
+    return CompiledT5Encoder(part.runner, part.config)
+
+
+def transformer_slot(parts: Sequence[LoadedPart]) -> CompiledPixArtTransformer:
+    (part,) = parts
+    return CompiledPixArtTransformer(part.runner, part.config)
 
 
 def unet_slot(parts: Sequence[LoadedPart]) -> CompiledUNet:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME, COMPONENT_CONFIG
 from neuron_export.manifest import Manifest
-from neuron_export.roles.registry import find_role, roles
+from neuron_export.roles.registry import find_role, roles_for
 from neuron_export.runtime.controlnets import order_controlnets
 from neuron_export.runtime.reading import (
     DATA_PARALLEL_MODES,
@@ -38,7 +38,7 @@ def data_parallel_components(mode: str, names: Sequence[str]) -> tuple[str, ...]
         )
     if mode == "all":
         return tuple(names)
-    if mode == "unet":  # the UNet and what takes its doubled batch (ControlNets), as optimum-neuron places them
+    if mode in ("unet", "transformer"):  # the denoiser and what takes its doubled batch (ControlNets), as optimum does
         return tuple(name for name in names if (role := find_role(name)) is not None and role.with_unet)
     return ()
 
@@ -194,7 +194,7 @@ def load_components(export_dir: Path, manifest: Manifest, loader: Any) -> dict[s
     from neuron_export.runtime.adapters import LoadedPart  # imports torch: only when loading
 
     slots: dict[str, tuple[Any, list[LoadedPart]]] = {}
-    for role in roles():
+    for role in roles_for(manifest.pipeline.architecture or None):
         for name in sorted((n for n in manifest.components if role.matches(n)), key=role.index):
             parts = slots.setdefault(role.slot, (role.make_adapter(), []))[1]
             parts.append(
@@ -232,6 +232,27 @@ def assemble_pipeline(export_dir: Path, manifest: Manifest, loader: Any) -> Any:
             kwargs[name] = index[name]  # force_zeros_for_empty_prompt, requires_aesthetics_score, ...
         elif name == "requires_safety_checker":
             kwargs[name] = False
+    if manifest.pipeline.architecture.startswith("pixart"):
+        pipeline_cls = _static_text_pipeline(pipeline_cls, manifest)
     pipe = pipeline_cls(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _static_text_pipeline(pipeline_cls: Any, manifest: Manifest) -> Any:
+    """A PixArt pipeline whose call takes the export's sequence length (as optimum-neuron's forces it) and its
+    compiled size (no resolution binning, which would pick another size); a caller's own values still win."""
+    import functools
+
+    length = (
+        int(manifest.components["text_encoder"].inputs[0].shape[1]) if "text_encoder" in manifest.components else None
+    )
+
+    @functools.wraps(pipeline_cls.__call__)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if length is not None:
+            kwargs.setdefault("max_sequence_length", length)
+        kwargs.setdefault("use_resolution_binning", False)
+        return pipeline_cls.__call__(self, *args, **kwargs)
+
+    return type(pipeline_cls.__name__, (pipeline_cls,), {"__call__": call, "__module__": pipeline_cls.__module__})

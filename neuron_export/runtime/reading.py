@@ -23,7 +23,7 @@ TURBO_DEFAULTS = {
     "inpainting": {"num_inference_steps": 2, "guidance_scale": 0.0, "strength": 0.5},
 }
 
-DATA_PARALLEL_MODES = ("none", "unet", "all")
+DATA_PARALLEL_MODES = ("none", "unet", "transformer", "all")
 NEURON_DEVICE_IDS = (0, 1)  # the two NeuronCores of one Inferentia2 chip
 
 
@@ -57,7 +57,7 @@ def required_components(manifest: Manifest) -> tuple[str, ...]:
         names.append("text_encoder")
     if pipeline.architecture in ("sdxl", "sdxl-refiner"):
         names.append("text_encoder_2")
-    names.append("unet")
+    names.append("transformer" if pipeline.architecture.startswith("pixart") else "unet")
     kind = pipeline_named(pipeline.diffusers_pipeline)
     if kind is not None and "image" in kind.images:  # an init image is encoded to latents
         names.append("vae_encoder")

@@ -14,8 +14,11 @@ from neuron_export.testing.tokenizer import (
     BOS,
     EOS,
     TOKENIZER_MAX_LENGTH,
+    make_t5_tokenizer,
     make_tokenizer,
+    t5_vocab,
     tokenizer_vocab,
+    write_t5_tokenizer_files,
     write_tokenizer_files,
 )
 
@@ -30,6 +33,8 @@ EXAMPLE_NAMES = (
     "sd-controlnet",
     "sdxl-controlnet",
     "sd-ip-adapter",
+    "pixart-alpha",
+    "pixart-sigma",
 )
 
 # --- shared dimensions of the tiny examples -------------------------------------------------------
@@ -173,6 +178,69 @@ def _lcm_scheduler():
     )
 
 
+# --- PixArt: a diffusion transformer conditioned on a T5 encoder ------------------------------------
+
+TINY_T5_D_MODEL = 32  # the T5's hidden size, which is the transformer's caption_channels
+
+
+def tiny_t5_encoder():
+    """A tiny random T5EncoderModel (heads and feed-forward width divisible by 2, for tensor parallelism)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(t5_vocab()),
+        d_model=TINY_T5_D_MODEL,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def tiny_pixart_transformer():
+    """diffusers' own PixArt test transformer (tests/pipelines/pixart_*): 8x8 latents, 2 layers, patch 2."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        sample_size=TINY_UNET_SAMPLE_SIZE,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=TINY_T5_D_MODEL,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+
+
+def _build_pixart(sigma: bool):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline
+
+    pipeline_cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    scheduler = DPMSolverMultistepScheduler() if sigma else DDIMScheduler()
+    return pipeline_cls(
+        tokenizer=make_t5_tokenizer(),
+        text_encoder=tiny_t5_encoder(),
+        vae=_tiny_vae(),
+        transformer=tiny_pixart_transformer(),
+        scheduler=scheduler,
+    )
+
+
 # --- pipeline builders ----------------------------------------------------------------------------
 
 
@@ -255,6 +323,8 @@ _PIPELINE_BUILDERS = {
     "sdxl": _build_sdxl,
     "sdxl-refiner": _build_sdxl_refiner,
     "lcm": _build_lcm,
+    "pixart-alpha": lambda: _build_pixart(sigma=False),
+    "pixart-sigma": lambda: _build_pixart(sigma=True),
 }
 
 _ADD_ON_BUILDERS: dict[str, tuple[Callable[..., None], Callable[..., object]]] = {
@@ -267,11 +337,26 @@ _TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
 
 def _save_pipeline(pipeline, directory: pathlib.Path) -> None:
     pipeline.save_pretrained(directory, safe_serialization=True)
+    if "PixArt" in type(pipeline).__name__:
+        _save_t5_tokenizer(directory)
+        return
     for name in _TOKENIZER_FOLDERS:
         if getattr(pipeline, name, None) is not None:
             write_tokenizer_files(directory / name)
     if (directory / "text_encoder" / "model.safetensors").is_file():
         _prefix_text_model_keys(directory / "text_encoder" / "model.safetensors")
+
+
+def _save_t5_tokenizer(directory: pathlib.Path) -> None:
+    """The T5 tokenizer as files both transformers lines load, named T5TokenizerFast in model_index.json
+    (transformers 5 records T5Tokenizer, which transformers 4.x reads as the sentencepiece-file tokenizer)."""
+    import json
+
+    write_t5_tokenizer_files(directory / "tokenizer")
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _prefix_text_model_keys(weights: pathlib.Path) -> None:

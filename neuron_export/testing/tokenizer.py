@@ -82,3 +82,61 @@ def write_tokenizer_files(folder: pathlib.Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     config.update(special, tokenizer_class="CLIPTokenizer", model_max_length=TOKENIZER_MAX_LENGTH)
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# --- the tiny T5 tokenizer of the PixArt examples ---------------------------------------------------
+
+T5_MAX_LENGTH = 16  # the tokenizer's model_max_length: an export's default sequence length
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5's own vocabulary
+T5_WORDS = ("a", "photo", "of", "an", "astronaut", "riding", "horse", "on", "mars", "the", "cat", "dog")
+_T5_SPACE = "\u2581"  # SentencePiece's word-start marker
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """The Unigram vocabulary: specials, whole words, then single characters (so every prompt tokenizes)."""
+    import string
+
+    characters = [_T5_SPACE, *(string.ascii_letters + string.digits + string.punctuation)]
+    return (
+        [(token, 0.0) for token in T5_SPECIALS]
+        + [(_T5_SPACE + word, -2.0) for word in T5_WORDS]
+        + [(character, -5.0) for character in characters]
+    )
+
+
+def write_t5_tokenizer_files(folder: pathlib.Path) -> None:
+    """A tokenizer.json (Unigram, SentencePiece-style word starts, `</s>` appended) and its config: what
+    T5TokenizerFast loads on transformers 4.x and 5 without a sentencepiece model file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("spiece.model", "added_tokens.json"):
+        (folder / stale).unlink(missing_ok=True)
+    tokenizer = Tokenizer(models.Unigram(t5_vocab(), unk_id=T5_SPECIALS.index("<unk>"), byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_T5_SPACE, prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement=_T5_SPACE, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", T5_SPECIALS.index("</s>"))]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    config = {
+        **special,
+        "tokenizer_class": "T5Tokenizer",
+        "model_max_length": T5_MAX_LENGTH,
+        "extra_ids": 0,
+        "additional_special_tokens": [],
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def make_t5_tokenizer():
+    """The tiny T5TokenizerFast, loaded from its files."""
+    import tempfile
+
+    from transformers import T5TokenizerFast
+
+    with tempfile.TemporaryDirectory(prefix="tiny-t5-tokenizer-") as folder:
+        write_t5_tokenizer_files(pathlib.Path(folder))
+        return T5TokenizerFast.from_pretrained(folder)

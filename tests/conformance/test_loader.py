@@ -301,3 +301,51 @@ def test_several_controlnets_pair_with_their_images_in_controlnet_order(loaded: 
     result = loaded["sd-multi-controlnet"]
     assert result["controlnet_folders"] == ["controlnet_0", "controlnet_1", "controlnet_2"]
     assert result["max_abs_diff"] <= MAX_PIXEL_DIFF
+
+
+# --- PixArt-α / -Σ: a T5 encoder (weights/ shard beside it) and a diffusion transformer --------------------
+# The tiny transformer's 8x8 latents are in no resolution-binning table, so both pipelines are called without
+# binning; optimum-neuron forces max_sequence_length to the export's (16, the tiny tokenizer's), and the reference
+# diffusers call is given the same.
+PIXART_CALL = {"num_inference_steps": 3, "use_resolution_binning": False, "max_sequence_length": 16}
+PIXART_CASES = [
+    Case(
+        "pixart-sigma",
+        "pixart-sigma",
+        "pixart",
+        pipeline="NeuronPixArtSigmaPipeline",
+        call={"prompt": PROMPT, **PIXART_CALL},
+    ),
+    Case(
+        "pixart-alpha-batch-2",
+        "pixart-alpha",
+        "pixart",
+        batch_size=2,
+        pipeline="NeuronPixArtAlphaPipeline",
+        call={"prompt": [PROMPT, "a red fox in snow"], **PIXART_CALL},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded_pixart(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("loader-pixart")
+    exports = {case.name: export_ours(case, sources, root / case.name, backend="cpu") for case in PIXART_CASES}
+    requests = [generate_request(case, sources, exports[case.name], {}) for case in PIXART_CASES]
+    results = venv.generate(requests)["results"]
+    return {result["name"]: {**result, "manifest": manifest(exports[result["name"]])} for result in results}
+
+
+@pytest.mark.parametrize("case", PIXART_CASES, ids=[case.name for case in PIXART_CASES])
+def test_optimum_neuron_loads_our_pixart_export_and_matches_diffusers(case: Case, loaded_pixart):
+    """Equal to diffusers, whose pipelines mask the T5's padding: our T5 artifact takes input_ids alone (all
+    optimum's loader passes a `t5-encoder`) and masks the padding inside, where the reference's drifts."""
+    result = loaded_pixart[case.name]
+    assert result["ok"], result.get("error")
+    assert result["shape_errors"] == []
+    assert result["optimum_shape"] == result["reference_shape"]
+    assert result["max_abs_diff"] <= MAX_PIXEL_DIFF, result
+    assert result["data_parallel_mode"] == result["manifest"]["pipeline"]["data_parallel_mode"] == "transformer"
+    placement = result["placement"]
+    assert placement["transformer"]["data_parallel"] and placement["transformer"]["device_ids"] == [0, 1]
+    assert not placement["text_encoder"]["data_parallel"]
