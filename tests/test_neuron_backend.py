@@ -221,3 +221,27 @@ def test_separate_weights_are_refused_where_neuronx_cc_cannot_build_them(
     assert result.exit_code == 2, result
     assert "--no-inline-weights" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not output.exists()
+
+
+def test_a_missing_neuronx_distributed_is_one_sentence_naming_the_fix(monkeypatch):
+    """A ModelBuilder role (the T5 encoder) on the Neuron backend needs neuronx-distributed; without it the build
+    stops with one sentence naming the component, the package and the way out."""
+    from neuron_export.build.backends import neuron
+    from neuron_export.errors import BuildError
+
+    monkeypatch.setitem(sys.modules, "neuronx_distributed", None)  # import fails as if it were not installed
+    with pytest.raises(BuildError) as caught:
+        neuron._model_builder("text_encoder")
+    message = str(caught.value)
+    assert "text_encoder" in message and "neuronx_distributed does not import" in message
+    assert "pip install neuronx-distributed" in message and "--backend cpu" in message
+    assert message.count("\n") == 0 and message.endswith(".")
+
+
+def test_shards_are_found_in_rank_order(tmp_path):
+    from neuron_export.build.backends import neuron
+
+    for rank in (10, 2, 0, 1):
+        (tmp_path / neuron.shard_name(rank)).write_bytes(b"")
+    (tmp_path / "tp_sharded_checkpoint.safetensors").write_bytes(b"")  # not a rank's shard
+    assert [path.name for path in neuron.shard_files(tmp_path)] == [neuron.shard_name(r) for r in (0, 1, 2, 10)]

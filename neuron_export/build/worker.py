@@ -271,8 +271,16 @@ def build_component(
             after_trace=job.after_trace,
             workdir=workdir / spec.name,
         )
+        # ModelBuilder roles (weights beside the module) on the Neuron backend: traced and sharded by neuronx-distributed
+        builder = None
+        sharded = order.backend == "neuron" and hasattr(module, "write_weights")
         try:
-            traced = backend.compile(wrapper, trace_inputs, request)
+            if sharded:
+                traced, builder = backend.compile_sharded(wrapper, trace_inputs, request)
+            else:
+                traced = backend.compile(wrapper, trace_inputs, request)
+        except BuildError:
+            raise  # already one sentence (neuronx-distributed missing)
         except Exception as exc:
             kept = f"; compiler work dir and log kept in {workdir / spec.name}" if order.backend == "neuron" else ""
             reason = str(exc).splitlines()[0][:300] if str(exc) else ""
@@ -285,8 +293,13 @@ def build_component(
         with writing(f"{spec.name}'s artifact", directory, needed, "--cache-dir"):
             archive.save(traced, artifact)
             # ModelBuilder roles keep their weights beside the module (written from the model as traced, LoRA fused)
-            weight_files = module.write_weights(model, spec, directory) if hasattr(module, "write_weights") else []
-        del traced, wrapper, model, trace_inputs
+            if builder is not None:
+                weight_files = backend.write_shards(builder, request, directory)
+            elif hasattr(module, "write_weights"):
+                weight_files = module.write_weights(model, spec, directory)
+            else:
+                weight_files = []
+        del traced, wrapper, model, trace_inputs, builder
         release_memory()
 
         if skip_reason is None:

@@ -22,7 +22,7 @@ from conformance import calls, venv
 from neuron_export.testing.lora import LORA_WEIGHT_NAME
 
 DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
-DOUBLE_MODULES = ("torch_neuronx", "neuronxcc")
+DOUBLE_MODULES = ("torch_neuronx", "neuronxcc", "neuronx_distributed")
 IP_ADAPTER_SCALE = 0.6
 
 

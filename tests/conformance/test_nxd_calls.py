@@ -102,3 +102,102 @@ def test_nxd_shards_cover_every_rank(reference: dict[str, dict[str, Any]], case:
         expected = [f"weights/tp{rank}_sharded_checkpoint.safetensors" for rank in range(tp)]
         assert summary["shards"] == expected
         assert [f for f in summary["files"] if f.startswith("weights/")] == expected
+
+
+# ------------------------------------------------------------------ our side: the Neuron backend's calls
+
+# What we intend to differ from optimum's calls (the README's conformance table): the callables given to ModelBuilder
+# are ours (the module builder, the checkpoint loader reading the module as traced, the process-group hook), so
+# only their presence is compared; the input / output names are recorded by optimum's runner alone (ours are in
+# config.json, compared by the loader and config cases); torch_neuronx.trace's flags are compared as parsed.
+OUR_CALLABLES = {"checkpoint_loader", "init_custom_process_group_fn"}
+RUNNER_ONLY = {"input_names", "output_names"}
+
+
+def comparable(summary: dict[str, Any]) -> dict[str, Any]:
+    """A component summary (calls.component_summaries) without what the README lists as ours by intent."""
+    result = {key: value for key, value in summary.items() if key not in RUNNER_ONLY}
+    if result.get("api") == "torch_neuronx.trace":
+        # torch_neuronx takes a list (ours) or a string (optimum's): compared as neuronx-cc parses them
+        result.pop("compiler_args", None)
+    if "builder" in result:
+        result["builder"] = {
+            key: (value is not None if key in OUR_CALLABLES else value) for key, value in result["builder"].items()
+        }
+        result["models"] = [{**model, "module_cls": model["module_cls"] is not None} for model in result["models"]]
+    return result
+
+
+def component_differences(ours: dict[str, Any], expected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    ours, expected = comparable(ours), comparable(expected)
+    return {
+        key: (ours.get(key), expected.get(key))
+        for key in ours.keys() | expected.keys()
+        if ours.get(key) != expected.get(key)
+    }
+
+
+OUR_SIZE = 64  # our smallest --height / --width (optimum's case above uses 16)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, Any]]]:
+    """Our `--backend neuron` export of the tiny PixArt-Σ example (neuron_export/testing/examples.py), the
+    recording doubles standing in for torch_neuronx and neuronx_distributed, and optimum's export of the same
+    source with the same options: {"ours": summaries, "optimum": summaries} (calls.component_summaries)."""
+    from conftest import run_cli
+
+    from conformance.conftest import neuron_sdk_doubles
+    from neuron_export.testing.examples import build_example
+
+    root = tmp_path_factory.mktemp("nxd-pair")
+    source = build_example("pixart-sigma", root / "source")
+    output = root / "ours" / "export"
+    with neuron_sdk_doubles():
+        result = run_cli(
+            "pixart", "-m", source, "--height", OUR_SIZE, "--width", OUR_SIZE,
+            "--backend", "neuron", "--disable-validation", "-o", output, "--cache-dir", root / "cache",
+        )  # fmt: skip
+    assert result.exit_code == 0, result
+    ours = calls.component_summaries(calls.read_events(output.parent / "torch_neuronx_calls.jsonl"), output)
+    (theirs,) = venv.export([{"model": source, "output": root / "optimum", "height": OUR_SIZE, "width": OUR_SIZE}])[
+        "results"
+    ]
+    assert theirs["ok"], theirs.get("error")
+    optimum = calls.component_summaries(calls.read_events(theirs["record"]), theirs["output"])
+    return {"ours": ours, "optimum": optimum}
+
+
+@pytest.mark.parametrize("component", EXPECTED["pixart-sigma"]["order"])
+def test_our_neuron_backend_makes_optimums_calls_for_pixart(
+    pair: dict[str, dict[str, dict[str, Any]]], component: str
+) -> None:
+    """Per component: the same API (ModelBuilder for the T5, torch_neuronx.trace for the rest), construction
+    keywords, add's key / compiler string / example inputs, trace's keywords, environment, shards and files."""
+    assert sorted(pair["ours"]) == sorted(pair["optimum"]) == sorted(EXPECTED["pixart-sigma"]["order"])
+    diff = component_differences(pair["ours"][component], pair["optimum"][component])
+    assert not diff, f"{component}: (ours, optimum's) per differing key: {diff}"
+
+
+def test_our_t5_calls_equal_the_recorded_expectation(pair: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The T5's calls do not depend on the image size: ours equal nxd_calls_expected.json's as well."""
+    diff = component_differences(pair["ours"]["text_encoder"], EXPECTED["pixart-sigma"]["components"]["text_encoder"])
+    assert not diff, diff
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        ("dropped shard", lambda s: s.update(shards=[], files=[f for f in s["files"] if not f.startswith("weights/")])),
+        ("wrong compiler string", lambda s: s["models"][0].update(compiler_args="--auto-cast=all")),
+        ("tensor parallelism", lambda s: s["builder"].update(tp_degree=2)),
+        ("weights initialized at trace", lambda s: s.update(traces=[{"initialize_model_weights": True}])),
+    ],
+    ids=lambda fault: fault[0],
+)
+def test_a_planted_fault_in_our_t5_calls_is_a_difference(
+    pair: dict[str, dict[str, dict[str, Any]]], fault: Any
+) -> None:
+    planted = json.loads(json.dumps(pair["ours"]["text_encoder"]))
+    fault[1](planted)
+    assert component_differences(planted, pair["optimum"]["text_encoder"])

@@ -1,19 +1,33 @@
-"""torch_neuronx.trace with explicit neuronx-cc flags per component role and model architecture.
+"""torch_neuronx.trace with explicit neuronx-cc flags per component role and model architecture, and
+neuronx-distributed's ModelBuilder for the sharded roles (the T5 encoders): weights kept out of the NEFF, in
+`weights/tp{rank}_sharded_checkpoint.safetensors` shards written by ModelBuilder.shard_checkpoint.
 
 The flags come from neuron_export/compiler.py and the role registry (neuron_export/roles/registry.py), never from a model's path or class name (the
 reference exporter's substring matching silently drops them for local paths).
+
+ModelBuilder is called as optimum-neuron 0.4.5 calls it (optimum/exporters/neuron/convert.py get_builder,
+trace_neuronx, shard_weights): the same construction arguments, one model added under the key `BaseModelInstance`
+with the role's fixed compiler string as one string and the example inputs as one bucket, traced without
+initializing weights, then sharded into a folder named `weights/`. What differs is ours: the callable that
+builds the module (our traced wrapper, the same module the CPU backend traces) and the checkpoint loader (that
+module's state dict, so a fused LoRA and --torch-dtype are in the shards, where the reference re-reads the
+source files from disk).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from neuron_export import compiler
 from neuron_export.build.backends.request import CompileRequest
+from neuron_export.errors import BuildError
 
 COMPILER_TYPE = "neuronx-cc"
 
@@ -28,10 +42,28 @@ def compiler_version() -> str:
     return compiler.compiler_version("neuron")
 
 
+# neuronx-distributed's own names: the folder optimum-neuron's loader reads the shards from, and each rank's file.
+WEIGHTS_FOLDER = "weights"
+SHARD_PATTERN = re.compile(r"tp(\d+)_sharded_checkpoint\.safetensors")
+NXD_INSTALL_HINT = (
+    "install it on the Neuron host with pip install neuronx-distributed from AWS's Neuron package repository "
+    "(https://pip.repos.neuron.amazonaws.com), or pass --backend cpu"
+)
+
+
+def shard_name(rank: int) -> str:
+    return f"tp{rank}_sharded_checkpoint.safetensors"
+
+
 @contextlib.contextmanager
-def compile_environment() -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in COMPILE_ENVIRONMENT}
-    os.environ.update(COMPILE_ENVIRONMENT)
+def compile_environment(tensor_parallel_size: int = 1) -> Iterator[None]:
+    """The reference's compile environment; a tensor-parallel ModelBuilder trace also gets LOCAL_WORLD_SIZE=tp
+    (as optimum-neuron sets it for Flux)."""
+    environment = dict(COMPILE_ENVIRONMENT)
+    if tensor_parallel_size > 1:
+        environment["LOCAL_WORLD_SIZE"] = str(tensor_parallel_size)
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
     try:
         yield
     finally:
@@ -72,11 +104,114 @@ def compile(wrapper: Any, example_inputs: list[Any], request: CompileRequest) ->
     return traced
 
 
+def _model_builder(component: str) -> tuple[Any, Any]:
+    """neuronx-distributed's ModelBuilder and BaseModelInstance, imported only when a sharded role is built."""
+    try:
+        from neuronx_distributed.trace.model_builder import BaseModelInstance, ModelBuilder
+    except Exception as exc:  # ImportError, or a broken install raising on import
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        raise BuildError(
+            f"--backend neuron traces {component} with neuronx-distributed's ModelBuilder, but neuronx_distributed "
+            f"does not import ({problem}); {NXD_INSTALL_HINT}."
+        ) from None
+    return ModelBuilder, BaseModelInstance
+
+
+def parallel_module(wrapper: Any, tensor_parallel_size: int) -> Any:
+    """What ModelBuilder's BaseModelInstance builds on each rank. At tp 1 a parallel layer is the plain layer,
+    so it is the wrapper as traced on the CPU backend; above 1 a role must give its layers as
+    neuronx-distributed's parallel layers (not written yet)."""
+    if tensor_parallel_size != 1:
+        raise NotImplementedError("ModelBuilder modules with tensor parallelism above 1")
+    return wrapper
+
+
+def checkpoint(wrapper: Any) -> dict[str, Any]:
+    """ModelBuilder's checkpoint loader: the module's own state dict (the weights as traced: LoRA fused, dtype
+    cast), each tensor its own contiguous copy (tied ones included), named as the module names its parameters."""
+    return {name: tensor.detach().clone().contiguous() for name, tensor in wrapper.state_dict().items()}
+
+
+def no_process_groups() -> None:
+    """ModelBuilder's init_custom_process_group_fn: no groups besides tensor parallelism (as the reference's,
+    which only adds a speculative-decoding group, absent here)."""
+
+
+def compile_sharded(wrapper: Any, example_inputs: list[Any], request: CompileRequest) -> tuple[Any, Any]:
+    """Trace through ModelBuilder with the weights left out of the NEFF; returns (traced module, builder).
+    The shards are written afterwards by write_shards."""
+    model_builder, base_model_instance = _model_builder(request.component)
+    tp = request.tensor_parallel_size
+    request.workdir.mkdir(parents=True, exist_ok=True)
+    builder = model_builder(
+        router=None,
+        tp_degree=tp,
+        pp_degree=1,
+        ep_degree=1,
+        world_size=tp,
+        start_rank_id=0,
+        local_ranks_size=tp,
+        checkpoint_loader=functools.partial(checkpoint, wrapper),
+        compiler_workdir=str(request.workdir),
+        debug=False,
+        num_cores_per_group=1,
+        init_custom_process_group_fn=no_process_groups,
+        logical_nc_config=1,
+        weights_to_skip_layout_optimization=[],
+    )
+    builder.add(
+        key="BaseModelInstance",  # the reference keys its one model by that class's name
+        model_instance=base_model_instance(functools.partial(parallel_module, wrapper, tp), input_output_aliases={}),
+        example_inputs=[tuple(example_inputs)],  # one bucket
+        compiler_args=" ".join(request.compiler_args),  # ModelBuilder takes one string
+        priority_model_idx=0,
+    )
+    with compile_environment(tp):
+        traced = builder.trace(initialize_model_weights=False)
+    return traced, builder
+
+
+def write_shards(builder: Any, request: CompileRequest, directory: Path) -> list[str]:
+    """ModelBuilder.shard_checkpoint into a `weights/` folder of the work dir (as the reference serializes into
+    its component's `weights/`), then each rank's shard moved flat into `directory` (a cache entry keeps them
+    flat); returns their paths inside the component folder, in rank order. A missing or extra shard is an error."""
+    staging = request.workdir / WEIGHTS_FOLDER
+    shutil.rmtree(staging, ignore_errors=True)
+    builder.shard_checkpoint(serialize_path=f"{staging}{os.sep}")
+    written = sorted(path.name for path in staging.iterdir()) if staging.is_dir() else []
+    expected = [shard_name(rank) for rank in range(request.tensor_parallel_size)]
+    if sorted(written) != sorted(expected):
+        raise BuildError(
+            f"ModelBuilder.shard_checkpoint wrote {written or 'nothing'} for {request.component} where "
+            f"{expected} were expected (one per rank of tensor parallelism {request.tensor_parallel_size})."
+        )
+    for name in expected:
+        shutil.move(str(staging / name), str(directory / name))
+    staging.rmdir()
+    return [f"{WEIGHTS_FOLDER}/{name}" for name in expected]
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The tp{rank} shards in a folder, in rank order (tp10 after tp9)."""
+    found = [
+        (int(match.group(1)), path)
+        for path in folder.glob("tp*_sharded_checkpoint.safetensors")
+        if (match := SHARD_PATTERN.fullmatch(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
 def load(path: Path) -> Any:
     import torch
     import torch_neuronx  # noqa: F401  (registers the Neuron ops TorchScript needs to load)
 
-    return torch.jit.load(str(path))
+    module = torch.jit.load(str(path))
+    if hasattr(module, "nxd_model"):  # a ModelBuilder artifact: its weights are the shards, given once per rank
+        from safetensors.torch import load_file
+
+        shards = shard_files(path.parent) or shard_files(path.parent / WEIGHTS_FOLDER)
+        module.nxd_model.initialize([load_file(str(shard)) for shard in shards], torch.tensor(0))
+    return module
 
 
 def validation_skip_reason() -> str | None:

@@ -16,3 +16,4 @@ class CompileRequest:
     cpu_backend: bool  # trace without a NeuronCore (a CPU-only compile host)
     after_trace: tuple[str, ...]  # torch_neuronx calls on the traced module before saving, in order
     workdir: Path
+    tensor_parallel_size: int = 1  # ranks of a neuronx-distributed ModelBuilder component (sharded roles)
