@@ -42,7 +42,7 @@ def neuron_sdk(monkeypatch, tmp_path):
 
 
 def double_modules() -> list[str]:
-    return [name for name in sys.modules if name.split(".")[0] in ("torch_neuronx", "neuronxcc")]
+    return [name for name in sys.modules if name.split(".")[0] in ("torch_neuronx", "neuronxcc", "neuronx_distributed")]
 
 
 def calls_by_component(calls: list[dict]) -> dict[str, dict]:
@@ -245,3 +245,25 @@ def test_shards_are_found_in_rank_order(tmp_path):
         (tmp_path / neuron.shard_name(rank)).write_bytes(b"")
     (tmp_path / "tp_sharded_checkpoint.safetensors").write_bytes(b"")  # not a rank's shard
     assert [path.name for path in neuron.shard_files(tmp_path)] == [neuron.shard_name(r) for r in (0, 1, 2, 10)]
+
+
+def test_the_t5_shard_is_written_by_model_builder_with_the_weights_as_traced(neuron_sdk, cli, tiny_model, tmp_path):
+    """PixArt's T5 on the Neuron backend: traced through neuronx-distributed's ModelBuilder (the double), its one
+    shard written by shard_checkpoint from the module as traced (the source's weights under the wrapper's names),
+    placed in text_encoder/weights/ and recorded in the manifest; nothing left in the compiler work dir."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "pixart_neuron"
+    source = tiny_model("pixart-sigma")
+    result = cli("pixart", "-m", source, "--backend", "neuron", "-o", output, "--components", "text_encoder")
+    assert result.exit_code == 0, result
+    assert neuron_sdk() == []  # no torch_neuronx.trace call: the T5 goes through ModelBuilder
+    shard_path = output / "text_encoder" / "weights" / "tp0_sharded_checkpoint.safetensors"
+    shard = load_file(str(shard_path))
+    weights = load_file(str(source / "text_encoder" / "model.safetensors"))
+    for key, tensor in weights.items():
+        assert bool((shard[f"model.{key}"] == tensor).all()), key
+    manifest = json.loads((output / "manifest.json").read_text())
+    files = [record["path"] for record in manifest["components"]["text_encoder"]["files"]]
+    assert files == ["text_encoder/model.neuron", "text_encoder/weights/tp0_sharded_checkpoint.safetensors"]
+    assert not list(tmp_path.glob(".pixart_neuron.*"))
