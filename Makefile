@@ -13,7 +13,7 @@ PINNED_TESTS ?= --ignore=tests/test_ray_executor.py --ignore=tests/test_neuron_h
 # quality: the checks CI runs before the tests (seconds; after make install); format: what makes the first two pass
 LINT_IMPORTS = $(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
-.PHONY: install envs demo quality format test test-fast test-latest test-pinned bench
+.PHONY: install envs demo quality format test test-fast test-latest test-pinned suite-latest suite-pinned bench
 
 install:
 	$(PYTHON) scripts/install.py
@@ -35,17 +35,30 @@ format:
 	$(PYTHON) -m ruff check --fix .
 	$(PYTHON) -m ruff format .
 
-test: test-latest test-pinned
+# test runs the two stacks at once, one core each (most of a test is a process starting Python and torch, on one
+# core), each stack's output printed whole when it ends; test-latest and test-pinned run one stack
+test: install envs
+	$(MAKE) --no-print-directory -j2 --output-sync=target suite-latest suite-pinned OMP_THREADS=1
 
 # the fast tier, for a developer between edits (no install; about 3 minutes): CI runs every tier
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 test-latest: install envs
-	$(PYTHON) -m pytest -q
+	$(MAKE) --no-print-directory suite-latest
 
 test-pinned: envs
-	.venv-pinned/bin/python -m pytest -q $(PINNED_TESTS)
+	$(MAKE) --no-print-directory suite-pinned
+
+# torch's threads per suite: all cores when one suite runs, one each when both do (more would only contend)
+OMP_THREADS ?=
+SUITE_ENV = $(if $(OMP_THREADS),OMP_NUM_THREADS=$(OMP_THREADS) MKL_NUM_THREADS=$(OMP_THREADS),)
+
+suite-latest:
+	$(SUITE_ENV) $(PYTHON) -m pytest -q -p no:cacheprovider
+
+suite-pinned:
+	$(SUITE_ENV) .venv-pinned/bin/python -m pytest -q -p no:cacheprovider $(PINNED_TESTS)
 
 bench: install
 	$(PYTHON) scripts/bench_export_memory.py

@@ -1,6 +1,6 @@
 """The exit-code table and the exceptions that reach the user as one sentence instead of a traceback.
 
-Each exception class carries its exit code; `neuron_export.cli.main` is the one place that turns an
+Each exception class carries its exit code; `neuron_export.cli.app` is the one place that turns an
 exception into a message and an exit code.
 """
 

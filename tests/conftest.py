@@ -48,6 +48,7 @@ SLOW_FILES = {
     "test_trust.py",
     "test_calls.py",
     "test_loader.py",  # tests/conformance: optimum-neuron in its own environment
+    "test_nxd_calls.py",
 }
 
 

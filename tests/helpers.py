@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pathlib
+import shutil
 from collections.abc import Iterator
 
 
@@ -46,3 +47,11 @@ def export_tiny(model: pathlib.Path, out: pathlib.Path, family: str) -> pathlib.
 def warnings(stderr: str) -> list[str]:
     """The warning lines a command printed (with --json, its progress lines go to stderr too)."""
     return [line for line in stderr.splitlines() if line.startswith("neuron-export: warning")]
+
+
+def hub_repository(cache: pathlib.Path, repo: str, files: pathlib.Path, commit: str) -> None:
+    """`repo` at `commit` in a huggingface_hub cache folder, holding a copy of `files`, its main branch there."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)

@@ -25,3 +25,11 @@ def test_subpackage_init_files_hold_only_a_docstring():
         assert len(body) <= 1 and all(
             isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body
         ), f"{path.relative_to(PACKAGE)} holds more than a docstring"
+
+
+def test_every_module_is_named_in_the_readme_architecture_tree():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    tree = readme.split("\n## Architecture\n", 1)[1].split("```", 2)[1]
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py" or path.parent == PACKAGE:
+            assert path.name in tree, f"{path.relative_to(PACKAGE)} is not in the README's Architecture tree"

@@ -38,7 +38,7 @@ def test_an_output_where_no_directory_can_be_made_is_one_sentence(cli, tiny_mode
 
 
 def test_any_os_error_on_a_path_becomes_one_sentence():
-    from neuron_export.cli.main import exit_status
+    from neuron_export.cli.app import exit_status
 
     code, message = exit_status(OSError(errno.EIO, "Input/output error", "/mnt/x/out"))
     assert code == 2 and message.startswith("Cannot use /mnt/x/out: input/output error;")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import hub_repository
 from ray_cluster import LOCAL_ONLY, two_node_cluster
 
 import neuron_export
@@ -173,14 +173,6 @@ def test_a_task_whose_node_is_lost_runs_again_on_the_other(ray_cluster, tiny_mod
     assert f"{lost}: started again (attempt 2: its node or worker was lost) on {head_label}" in output
     assert f"{lost}: done on {head_label}" in output
     assert len(list((tmp_path / "exports").glob("*/manifest.json"))) == 2
-
-
-def hub_repository(cache: Path, repo: str, files: Path, commit: str) -> None:
-    """`repo` at `commit` in a huggingface_hub cache folder, holding a copy of `files`, its main branch there."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(files, folder / "snapshots" / commit)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)
 
 
 def hidden_while_the_nodes_build(repositories, here, node_hub_cache, monkeypatch) -> None:

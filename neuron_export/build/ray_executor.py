@@ -20,12 +20,13 @@ from neuron_export.build.parent import build_one, work_order
 from neuron_export.build.worker import WorkOrder
 from neuron_export.errors import BuildError, ExportError, MemoryBudgetError
 from neuron_export.events import BuildEvent, EventHandler, Stage
+from neuron_export.files import default_cache_dir
 from neuron_export.manifest import ComponentRecord
 from neuron_export.planning.fleet import FleetJob, unique_jobs
 from neuron_export.planning.jobs import Plan, traced_library_versions
 from neuron_export.planning.source import ComponentOrigin
 from neuron_export.planning.sources import hub_download
-from neuron_export.store.cache import ComponentCache, default_cache_dir
+from neuron_export.store.cache import ComponentCache
 from neuron_export.store.remote import RemoteCache, display_url
 from neuron_export.store.remote_trust import Trust, trust_of
 from neuron_export.store.supply import BUILT, supply

@@ -45,7 +45,8 @@ def parse_duration(text: str) -> float:
 
 
 def _cache(cache_dir: Path | None) -> "ComponentCache":
-    from neuron_export.store.cache import ComponentCache, default_cache_dir
+    from neuron_export.files import default_cache_dir
+    from neuron_export.store.cache import ComponentCache
 
     return ComponentCache(cache_dir or default_cache_dir())
 

@@ -4,10 +4,12 @@ import inspect
 import time
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from neuron_export.cli import rerun
 from neuron_export.cli.options import (
     Atol,
     AutoCast,
@@ -95,12 +97,20 @@ def _as_list(value: Any) -> list[Any]:
 def export_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], sink: "Sink") -> None:
     """Plan every export (a shape matrix or several configs make several) before building any, then build them
     in turn (components they share come from the cache after the first build), or, with --executor ray, build
-    what they all miss on the cluster first and assemble each from the remote cache."""
+    what they all miss on the cluster first and assemble each from the remote cache. An answer "up to date"
+    (given now, or due after the build) is kept for the quick rerun (cli/rerun.py)."""
     from neuron_export.build.run import fan_out, run_plan
     from neuron_export.cli.render import result_object
     from neuron_export.planning.exports import plan_exports
 
+    since = time.time_ns()
     plans = plan_exports(family_or_config, overrides, **options)
+    if all(plan.up_to_date for plan in plans):
+        transcript = up_to_date_answer(plans, sink.json_mode)
+        rerun.Transcript.replay(transcript.parts)
+        if rerun.Recording.on:
+            rerun.keep(transcript, plans, config_files(family_or_config), since)
+        return
     try:
         fan_out(plans, on_event=sink.event)
     finally:
@@ -109,7 +119,7 @@ def export_and_render(family_or_config: Any, overrides: list[str], options: dict
     for plan in plans:
         sink.plan(plan)
         if plan.up_to_date:
-            sink.line(f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten.")
+            sink.line(up_to_date_line(plan))
             result = run_plan(plan)  # reads the manifest back; every component counts as cached
         else:
             started = time.monotonic()
@@ -122,6 +132,56 @@ def export_and_render(family_or_config: Any, overrides: list[str], options: dict
             {**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date}
         )
     sink.result(results[0] if len(results) == 1 else {"ok": True, "exports": results})
+    if rerun.Recording.on:
+        keep_the_next_answer(family_or_config, overrides, options, sink.json_mode)
+
+
+def up_to_date_line(plan: Any) -> str:
+    return f"{plan.output} is up to date: every component matches; nothing was rebuilt or rewritten."
+
+
+def up_to_date_answer(plans: list[Any], json_mode: bool) -> rerun.Transcript:
+    """What the command prints when every export is up to date, as a transcript (printed, and kept for reruns)."""
+    from neuron_export.build.run import run_plan
+    from neuron_export.cli.render import Sink, result_object
+
+    transcript = rerun.Transcript()
+    sink = Sink(json_mode, stream=transcript.err if json_mode else transcript.out, out=transcript.out)
+    results = []
+    for plan in plans:
+        sink.plan(plan)
+        sink.line(up_to_date_line(plan))
+        result = run_plan(plan)  # reads the manifest back; every component counts as cached
+        results.append(
+            {**result_object(result.manifest, result.output, result.origins), "up_to_date": result.up_to_date}
+        )
+    sink.result(results[0] if len(results) == 1 else {"ok": True, "exports": results})
+    return transcript
+
+
+def keep_the_next_answer(family_or_config: Any, overrides: list[str], options: dict[str, Any], json_mode: bool) -> None:
+    """After a build, plan again (quietly) and keep the answer a rerun would give, so the first rerun is quick too."""
+    import contextlib
+    import io
+
+    from neuron_export.errors import ExportError
+    from neuron_export.planning.exports import plan_exports
+
+    since = time.time_ns()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            plans = plan_exports(family_or_config, overrides, **options)
+            if not all(plan.up_to_date for plan in plans) or any(plan.source.commit for plan in plans):
+                return  # a Hub source is asked again on a rerun: no quick answer to keep
+            transcript = up_to_date_answer(plans, json_mode)
+    except ExportError:
+        return
+    rerun.keep(transcript, plans, config_files(family_or_config), since)
+
+
+def config_files(family_or_config: Any) -> list[Path]:
+    """The YAML files an export was read from (none for a family's command)."""
+    return [Path(source) for source in _as_list(family_or_config) if Path(source).is_file()]
 
 
 def plan_and_render(family_or_config: Any, overrides: list[str], options: dict[str, Any], sink: "Sink") -> None:

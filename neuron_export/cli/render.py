@@ -41,9 +41,10 @@ class Sink:
     """Where a command's output goes, made once from --json: words for a terminal (rich progress) or a log
     (plain lines), or one JSON object on stdout with the words on stderr."""
 
-    def __init__(self, json_mode: bool = False, stream: Any = None) -> None:
+    def __init__(self, json_mode: bool = False, stream: Any = None, out: Any = None) -> None:
         self.json_mode = json_mode
-        self.stream = stream or (sys.stderr if json_mode else sys.stdout)
+        self.out = out or sys.stdout  # the JSON result's stream
+        self.stream = stream or (sys.stderr if json_mode else self.out)
         self.interactive = self.stream.isatty()
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
@@ -69,11 +70,11 @@ class Sink:
     def result(self, value: Any, indent: int | None = None) -> None:
         """A command's result: the one JSON value on stdout with --json (the words said it already otherwise)."""
         if self.json_mode:
-            print(json.dumps(value, indent=indent), flush=True)
+            print(json.dumps(value, indent=indent), file=self.out, flush=True)
 
     def error(self, message: str, exit_code: int) -> None:
         if self.json_mode:
-            print(json.dumps({"ok": False, "error": message, "exit_code": exit_code}), flush=True)
+            print(json.dumps({"ok": False, "error": message, "exit_code": exit_code}), file=self.out, flush=True)
         else:
             print(f"neuron-export: error: {message}", file=sys.stderr, flush=True)
 

@@ -12,6 +12,7 @@ from typing import Any
 from neuron_export.compiler import after_trace_calls, compiler_version, neuron_sdk_error, resolve_backend
 from neuron_export.compiler import compiler_args as neuron_compiler_args
 from neuron_export.errors import ExportError, MemoryBudgetError
+from neuron_export.files import default_cache_dir
 from neuron_export.pipelines import pipeline_for
 from neuron_export.planning.conditioning import read_add_ons
 from neuron_export.planning.config import MAX_SIDE, MIN_SIDE, ExportConfig
@@ -30,7 +31,7 @@ from neuron_export.planning.source import ModelFacts, ModelSource, check_safeten
 from neuron_export.planning.sources import resolve_sources
 from neuron_export.roles.registry import default_components, role_of
 from neuron_export.roles.spec import ComponentSpec, Shapes
-from neuron_export.store.cache import ComponentCache, HashIndex, default_cache_dir
+from neuron_export.store.cache import ComponentCache, HashIndex
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from neuron_export.errors import ExportError
 from neuron_export.files import ARTIFACT_NAME
 from neuron_export.manifest import ComponentRecord, sha256_file
 
-CACHE_ENV = "NEURON_EXPORT_CACHE"
 RECORD_NAME = "record.json"
 MARKER_NAME = ".neuron-export-entry"  # in every entry we store: a folder under components/ without it is not ours
 TMP_PREFIX = "neuron-export-"  # every folder we make in tmp/ starts so; anything else there is not ours
@@ -37,13 +36,6 @@ RECORD_LIMIT = 16 * 2**20  # a record.json larger than this is not one of ours
 # 4: keys hold only what decides the bytes (no architecture, LCM-ness or validation settings; configs without
 #    their provenance keys); validation results are stored beside the artifact.
 CONTRACT_VERSION = 4
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "neuron-export"
 
 
 class HashIndex:

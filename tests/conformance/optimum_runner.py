@@ -410,7 +410,8 @@ def export_argv(case: dict[str, Any]) -> list[str]:
 @contextlib.contextmanager
 def _component_names(torch_neuronx: Any) -> Iterator[None]:
     """Tells the double which component each trace call compiles: optimum's export_models calls
-    convert.export(output=<dir>/<component>/model.neuron) once per component (convert.py, 0.4.5)."""
+    convert.export(output=<dir>/<component>/model.neuron) once per component (convert.py, 0.4.5). What that returns
+    (the traced input and output names) is recorded as a "component_io" event."""
     from optimum.exporters.neuron import convert
 
     original = convert.export
@@ -419,7 +420,13 @@ def _component_names(torch_neuronx: Any) -> Iterator[None]:
         output = kwargs.get("output")
         component = Path(output).parent.name if output is not None else None
         with torch_neuronx.record_context(component=component):
-            return original(*args, **kwargs)
+            inputs, outputs = original(*args, **kwargs)
+        # The names optimum gives the traced inputs and outputs (its NeuronConfig's), beside the calls.
+        torch_neuronx._emit(
+            {"event": "component_io", "component": component, "inputs": list(inputs), "outputs": list(outputs)},
+            torch_neuronx._record_path(None),
+        )
+        return inputs, outputs
 
     convert.export = export
     try:

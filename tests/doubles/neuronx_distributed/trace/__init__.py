@@ -1,4 +1,5 @@
-"""TEST DOUBLE of `neuronx_distributed.trace` (written by us): tensor-parallel tracing is not available."""
+"""TEST DOUBLE of `neuronx_distributed.trace` (written by us): ModelBuilder records (model_builder.py);
+the older parallel_model_trace path is not available."""
 
 from typing import Any
 
