@@ -1,0 +1,191 @@
+"""Flux on the CPU backend: optimum-neuron 0.4.5's layout (CLIP text_encoder, T5 text_encoder_2 and transformer with a
+weight shard per tensor-parallel rank, both VAE halves), each config.json's neuron block, the manifest, the cache,
+and the refusals (a tp that does not divide the heads, Kontext, the flag on other families)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from neuron_export.roles.registry import T5_FLAGS, role_of
+
+COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_encoder", "vae_decoder")
+SHARDED = ("text_encoder_2", "transformer")
+SIZE = ("--height", "64", "--width", "64")  # Flux's default is 1024 px; the tiny tests run 64 px
+
+
+def shard(component: str, rank: int) -> str:
+    return f"{component}/weights/tp{rank}_sharded_checkpoint.safetensors"
+
+
+def export_json(cli, model, out, *extra):
+    result = cli("flux", "-m", model, "--backend", "cpu", "-o", out, "--json", *SIZE, *extra)
+    assert result.exit_code == 0, result
+    return json.loads(result.stdout)
+
+
+def origins(result: dict) -> dict[str, str]:
+    return {name: component["origin"] for name, component in result["components"].items()}
+
+
+@pytest.fixture(scope="module")
+def flux_export(tiny_model, tmp_path_factory):
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("flux") / "tp2"
+    result = run_cli(
+        "flux", "-m", tiny_model("flux"), "--backend", "cpu", "--tensor-parallel-size", "2", *SIZE, "-o", out
+    )
+    assert result.exit_code == 0, result
+    return out
+
+
+def test_the_export_has_optimums_folders_and_a_shard_per_rank(flux_export, tiny_model):
+    files = {p.relative_to(flux_export).as_posix() for p in flux_export.rglob("*") if p.is_file()}
+    for component in COMPONENTS:
+        assert {f"{component}/model.neuron", f"{component}/config.json"} <= files
+    weights = {name for name in files if "/weights/" in name}
+    assert weights == {shard(component, rank) for component in SHARDED for rank in (0, 1)}
+    assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json"} <= files
+    assert "tokenizer_2/tokenizer.json" in files
+    assert not any(name.startswith(("unet/", "vae/")) for name in files)
+    # every rank's shard holds the component's weights as the source has them
+    for component, weights_file in (
+        ("text_encoder_2", "model.safetensors"),
+        ("transformer", "diffusion_pytorch_model.safetensors"),
+    ):
+        source = load_file(str(tiny_model("flux") / component / weights_file))
+        for rank in (0, 1):
+            tensors = load_file(str(flux_export / shard(component, rank)))
+            for key, tensor in source.items():
+                assert key in tensors and bool((tensors[key] == tensor).all()), (component, rank, key)
+
+
+def test_each_config_has_the_neuron_block_optimum_writes(flux_export):
+    def neuron(component: str) -> dict:
+        return json.loads((flux_export / component / "config.json").read_text())["neuron"]
+
+    assert (neuron("text_encoder")["model_type"], neuron("text_encoder")["static_sequence_length"]) == (
+        "clip-text-model",
+        77,
+    )
+    t5 = neuron("text_encoder_2")
+    assert (t5["model_type"], t5["task"], t5["static_sequence_length"]) == ("t5-encoder", "feature-extraction", 16)
+    transformer = neuron("transformer")
+    assert (transformer["model_type"], transformer["task"]) == ("flux-transformer-2d", "semantic-segmentation")
+    statics = {key: value for key, value in transformer.items() if key.startswith("static_")}
+    assert statics == {
+        "static_batch_size": 1,
+        "static_sequence_length": 16,  # the T5 tokenizer's model_max_length
+        "static_num_channels": 4,
+        "static_height": 8,
+        "static_width": 8,
+        "static_vae_scale_factor": 8,
+        "static_encoder_hidden_size": 32,
+        "static_rotary_axes_dim": 16,
+    }
+    assert {name: neuron(name)["tensor_parallel_size"] for name in COMPONENTS} == {
+        "text_encoder": 1,
+        "text_encoder_2": 2,
+        "transformer": 2,
+        "vae_encoder": 1,
+        "vae_decoder": 1,
+    }
+    assert neuron("vae_decoder")["static_num_channels"] == 1  # Flux's latents before 2x2 packing
+
+
+def test_the_manifest_records_flux_its_inputs_and_the_shards(flux_export):
+    manifest = json.loads((flux_export / "manifest.json").read_text())
+    pipeline = manifest["pipeline"]
+    assert (pipeline["diffusers_pipeline"], pipeline["optimum_pipeline"]) == ("FluxPipeline", "NeuronFluxPipeline")
+    assert (pipeline["architecture"], pipeline["data_parallel_mode"]) == ("flux", "none")
+    transformer = manifest["components"]["transformer"]
+    assert [(t["name"], t["shape"]) for t in transformer["inputs"]] == [
+        ("hidden_states", [1, 16, 4]),
+        ("encoder_hidden_states", [1, 16, 32]),
+        ("pooled_projections", [1, 32]),
+        ("timestep", [1]),
+        ("guidance", [1]),
+        ("image_rotary_emb", [32, 16, 2]),  # S + N positions, sum(axes_dims_rope), cos and sin; no batch
+    ]
+    assert transformer["outputs"] == ["out_hidden_states"]
+    for component in SHARDED:
+        paths = [f["path"] for f in manifest["components"][component]["files"]]
+        assert [shard(component, 0), shard(component, 1)] == paths[1:]
+    assert manifest["components"]["text_encoder_2"]["neuron_compiler_args"] == list(T5_FLAGS)
+    assert all(component["validation"]["status"] == "passed" for component in manifest["components"].values())
+
+
+def test_a_rerun_builds_nothing_and_another_tp_rebuilds_only_the_sharded(cli, tiny_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("flux"), model)
+    first = export_json(cli, model, tmp_path / "a", "--tensor-parallel-size", "2")
+    assert origins(first) == dict.fromkeys(COMPONENTS, "built")
+    again = export_json(cli, model, tmp_path / "b", "--tensor-parallel-size", "2")
+    assert origins(again) == dict.fromkeys(COMPONENTS, "cached")
+    for component in SHARDED:
+        for rank in (0, 1):
+            name = shard(component, rank)
+            assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    single = export_json(cli, model, tmp_path / "c")  # optimum-cli's default: tp 1
+    assert origins(single) == {**dict.fromkeys(COMPONENTS, "cached"), **dict.fromkeys(SHARDED, "built")}
+    assert not (tmp_path / "c" / shard("transformer", 1)).exists()
+
+
+def test_flux_roles_are_registered_beside_the_others():
+    assert role_of("text_encoder", "flux").module_path == "neuron_export.roles.text_encoder"  # CLIP, plain trace
+    assert role_of("text_encoder_2", "flux").module_path == "neuron_export.roles.t5"
+    assert role_of("text_encoder_2", "sdxl").module_path == "neuron_export.roles.text_encoder"
+    assert role_of("transformer", "flux").module_path == "neuron_export.roles.flux"
+    assert role_of("transformer", "flux").sharded and role_of("text_encoder_2", "flux").sharded
+
+
+def refused(cli, *args) -> str:
+    result = cli(*args)
+    assert result.exit_code != 0, result
+    assert "Traceback" not in result.stderr
+    return result.stderr + result.stdout
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_heads_is_refused(cli, tiny_model, tmp_path):
+    message = refused(
+        cli, "flux", "-m", tiny_model("flux"), "--backend", "cpu", "--tensor-parallel-size", "3", "-o", tmp_path / "x"
+    )
+    assert "--tensor-parallel-size 3" in message and "num_attention_heads (2)" in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_kontext_is_recognised_and_refused_in_one_sentence(cli, tiny_model, tmp_path):
+    model = tmp_path / "kontext"
+    shutil.copytree(tiny_model("flux"), model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    message = refused(cli, "flux", "-m", model, "--backend", "cpu", "-o", tmp_path / "x")
+    assert "FluxKontextPipeline" in message and "cannot export yet" in message
+
+
+@pytest.mark.parametrize(
+    ("family", "example", "message"),
+    [("sd", "flux", "export it with `neuron-export flux`"), ("flux", "sd", "is not a Flux pipeline")],
+)
+def test_the_wrong_command_names_the_right_one(cli, tiny_model, tmp_path, family, example, message):
+    assert message in refused(cli, family, "-m", tiny_model(example), "--backend", "cpu", "-o", tmp_path / "x")
+
+
+def test_tensor_parallel_size_is_refused_by_the_other_families(cli, tiny_model, tmp_path):
+    message = refused(
+        cli,
+        "pixart",
+        "-m",
+        tiny_model("pixart-sigma"),
+        "--backend",
+        "cpu",
+        "--tensor-parallel-size",
+        "2",
+        "-o",
+        tmp_path / "x",
+    )
+    assert "--tensor-parallel-size" in message
