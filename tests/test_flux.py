@@ -189,3 +189,61 @@ def test_tensor_parallel_size_is_refused_by_the_other_families(cli, tiny_model, 
         tmp_path / "x",
     )
     assert "--tensor-parallel-size" in message
+
+
+# --- runtime: the export equals diffusers' eager pipeline ------------------------------------------------
+
+PROMPTS = ["a photo of an astronaut riding a horse on mars", "a cat"]
+STEPS = 3
+ATOL = 1e-4  # as the other runtime tests
+
+
+def eager_images(model, prompts, **extra):
+    import diffusers
+    import torch
+
+    pipe = diffusers.FluxPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompts,
+        num_inference_steps=STEPS,
+        generator=torch.Generator("cpu").manual_seed(0),
+        height=64,
+        width=64,
+        max_sequence_length=16,
+        **extra,
+    ).images
+
+
+def test_load_runs_the_export_equal_to_the_eager_pipeline(flux_export, tiny_model):
+    import diffusers
+    import numpy as np
+    import torch
+
+    import neuron_export
+    from neuron_export.manifest import read_manifest
+
+    pipe = neuron_export.load(flux_export)
+    assert isinstance(pipe, diffusers.FluxPipeline)
+    # the export's size and sequence length are the call's defaults (FluxPipeline's own are 1024 px, 512 tokens)
+    ours = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+    reference = eager_images(tiny_model("flux"), PROMPTS, output_type="np")
+    assert ours.images.shape == reference.shape == (2, 64, 64, 3)
+    difference = float(np.abs(ours.images - reference).max())
+    assert difference < ATOL, difference
+    manifest = read_manifest(flux_export)
+    compiled = {name: tuple(tuple(t.shape) for t in record.inputs) for name, record in manifest.components.items()}
+    assert set(pipe.text_encoder_2.runner.calls) == {compiled["text_encoder_2"]}
+    assert set(pipe.transformer.runner.calls) == {compiled["transformer"]}  # the rotary input whole, per chunk
+
+
+def test_generate_writes_the_image_of_the_eager_pipeline(cli, flux_export, tiny_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    done = cli("generate", flux_export, "--prompt", PROMPTS[0], "--steps", STEPS, "--seed", 0, "-o", out)
+    assert done.exit_code == 0, done
+    reference = eager_images(tiny_model("flux"), PROMPTS[0])[0]
+    ours = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
+    assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1
