@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -247,3 +248,23 @@ def test_generate_writes_the_image_of_the_eager_pipeline(cli, flux_export, tiny_
     reference = eager_images(tiny_model("flux"), PROMPTS[0])[0]
     ours = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
     assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1
+
+
+def test_the_shipped_flux_config_is_the_documented_tp8_export():
+    from neuron_export.planning.config import make_config, read_config_file
+
+    path = Path(__file__).parent.parent / "configs" / "flux-dev-1024-tp8.yaml"
+    spec = make_config(read_config_file(path)).spec
+    assert (spec.family, spec.model, spec.tensor_parallel_size) == ("flux", "black-forest-labs/FLUX.1-dev", 8)
+    assert (spec.height, spec.width, spec.sequence_length, spec.torch_dtype) == (1024, 1024, 512, "bfloat16")
+    assert (
+        24 % spec.tensor_parallel_size == 0 and 64 % spec.tensor_parallel_size == 0
+    )  # FLUX.1-dev's and T5-XXL's heads
+
+
+def test_tensor_parallel_size_in_a_config_of_another_family_is_refused():
+    from neuron_export.errors import ExportError
+    from neuron_export.planning.config import make_config
+
+    with pytest.raises((ExportError, ValueError), match="tensor_parallel_size = 2 is for `neuron-export flux`"):
+        make_config({"family": "sd", "tensor_parallel_size": 2})
