@@ -268,3 +268,37 @@ def test_tensor_parallel_size_in_a_config_of_another_family_is_refused():
 
     with pytest.raises((ExportError, ValueError), match="tensor_parallel_size = 2 is for `neuron-export flux`"):
         make_config({"family": "sd", "tensor_parallel_size": 2})
+
+
+# --- verify: FLUX.1-dev at 1024 px, tp 8, as optimum-neuron documents it ------------------------------------------
+FLUX_DEV = {  # parameter counts of black-forest-labs/FLUX.1-dev's components (safetensors headers)
+    "text_encoder": 123_060_480,
+    "text_encoder_2": 4_762_310_656,
+    "transformer": 11_901_408_320,
+    "vae_encoder": 34_163_592,
+    "vae_decoder": 49_490_179,
+}
+FLUX_DEV_INPUTS = {"vae_encoder": ((1, 3, 1024, 1024),), "vae_decoder": ((1, 16, 128, 128),)}
+
+
+def flux_dev_footprint(tp: int):
+    from neuron_export.deploy.footprint import ComponentFootprint, estimate
+
+    components = [ComponentFootprint(name, count, 0, FLUX_DEV_INPUTS.get(name, ())) for name, count in FLUX_DEV.items()]
+    return estimate(components, "none", torch_dtype="bfloat16", architecture="flux", tensor_parallel_size=tp)
+
+
+def test_flux_dev_tp8_fits_inf2_24xlarge_48xlarge_and_trn1_32xlarge_not_smaller():
+    """optimum-neuron's Flux guide exports FLUX.1-dev with --tensor_parallel_size 8 for inf2.24xlarge/48xlarge and
+    trn1.32xlarge: 8 NeuronCores, each with an eighth of the T5 and transformer weights."""
+    from neuron_export.deploy.footprint import fits, smallest_fit
+    from neuron_export.deploy.instances import INSTANCES
+
+    footprint = flux_dev_footprint(8)
+    assert footprint.cores_needed == 8
+    verdicts = {instance.name: fits(footprint, instance).fits for instance in INSTANCES}
+    assert verdicts["inf2.24xlarge"] and verdicts["inf2.48xlarge"] and verdicts["trn1.32xlarge"]
+    assert not verdicts["inf2.xlarge"] and not verdicts["inf2.8xlarge"]  # 2 NeuronCores
+    assert smallest_fit(footprint, "inf2").name == "inf2.24xlarge"
+    # unsharded, the transformer alone outgrows one NeuronCore's 16 GiB
+    assert not fits(flux_dev_footprint(1), next(i for i in INSTANCES if i.name == "inf2.48xlarge")).fits
