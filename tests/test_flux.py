@@ -302,3 +302,33 @@ def test_flux_dev_tp8_fits_inf2_24xlarge_48xlarge_and_trn1_32xlarge_not_smaller(
     assert smallest_fit(footprint, "inf2").name == "inf2.24xlarge"
     # unsharded, the transformer alone outgrows one NeuronCore's 16 GiB
     assert not fits(flux_dev_footprint(1), next(i for i in INSTANCES if i.name == "inf2.48xlarge")).fits
+
+
+def test_inpainting_reuses_the_components_and_runs_equal_to_the_eager_pipeline(cli, tiny_model, tmp_path):
+    import diffusers
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import neuron_export
+
+    out = tmp_path / "inpaint"
+    export_json(cli, tiny_model("flux"), out, "--task", "inpainting", "--tensor-parallel-size", "2")
+    pipeline = json.loads((out / "manifest.json").read_text())["pipeline"]
+    assert (pipeline["diffusers_pipeline"], pipeline["optimum_pipeline"]) == (
+        "FluxInpaintPipeline",
+        "NeuronFluxInpaintPipeline",
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(((np.arange(64 * 64).reshape(64, 64) // 64 > 32) * 255).astype(np.uint8)).convert("RGB")
+    call = {"image": image, "mask_image": mask, "num_inference_steps": STEPS, "strength": 0.8, "output_type": "np"}
+    pipe = neuron_export.load(out)
+    assert isinstance(pipe, diffusers.FluxInpaintPipeline)
+    ours = pipe(PROMPTS[1], generator=torch.Generator("cpu").manual_seed(0), **call).images
+    eager = diffusers.FluxInpaintPipeline.from_pretrained(tiny_model("flux"))
+    eager.set_progress_bar_config(disable=True)
+    reference = eager(
+        PROMPTS[1], generator=torch.Generator("cpu").manual_seed(0), height=64, width=64, max_sequence_length=16, **call
+    ).images
+    assert ours.shape == reference.shape == (1, 64, 64, 3)
+    assert float(np.abs(ours - reference).max()) < ATOL
