@@ -16,7 +16,7 @@ ASTRONAUT = "a photo of an astronaut riding a horse on mars"
 class PipelineKind:
     """One exportable pipeline: its classes, its Hub tag, the images a call takes, its examples."""
 
-    family: str  # the export command: sd, sd-xl, lcm, pixart
+    family: str  # the export command: sd, sd-xl, lcm, pixart, flux
     task: str  # --task
     add_on: str | None  # "controlnet" when --controlnet is given, else None
     diffusers: str  # diffusers' pipeline class, recorded as the manifest's diffusers_pipeline
@@ -112,6 +112,9 @@ PIPELINES: tuple[PipelineKind, ...] = (
     # PixArt-α and PixArt-Σ share the `pixart` command; which one a model is comes from its pipeline class.
     _kind("pixart", "text-to-image", "PixArtSigmaPipeline", "NeuronPixArtSigmaPipeline"),
     _kind("pixart", "text-to-image", "PixArtAlphaPipeline", "NeuronPixArtAlphaPipeline"),
+    # Flux: inpainting reuses a text-to-image export's components (optimum-neuron's loader reads the same folders)
+    _kind("flux", "text-to-image", "FluxPipeline", "NeuronFluxPipeline"),
+    _kind("flux", "inpainting", "FluxInpaintPipeline", "NeuronFluxInpaintPipeline"),
 )
 
 DIFFUSERS_CLASSES = frozenset(kind.diffusers for kind in PIPELINES)
@@ -119,6 +122,9 @@ LCM_CLASSES = frozenset(kind.diffusers for kind in PIPELINES if kind.is_lcm)
 PIXART_CLASSES = frozenset(kind.diffusers for kind in PIPELINES if kind.family == "pixart")
 # ModelFacts.architecture of each PixArt pipeline class
 PIXART_ARCHITECTURES = {"PixArtSigmaPipeline": "pixart-sigma", "PixArtAlphaPipeline": "pixart-alpha"}
+# Flux pipelines neuron-export reads: those with the table's rows, and Kontext, recognised to be refused
+FLUX_KONTEXT = "FluxKontextPipeline"
+FLUX_CLASSES = frozenset(kind.diffusers for kind in PIPELINES if kind.family == "flux") | {FLUX_KONTEXT}
 
 
 def pipeline_for(family: str, task: str, add_on: str | None = None, diffusers: str | None = None) -> PipelineKind:

@@ -37,6 +37,7 @@ EXPECTED_WEIGHTS = {
     "sd-ip-adapter": {"models/image_encoder/model.safetensors", "models/ip-adapter-full-face_tiny.safetensors"},
     "pixart-alpha": PIXART_WEIGHTS,
     "pixart-sigma": PIXART_WEIGHTS,
+    "flux": PIXART_WEIGHTS | {"text_encoder_2/model.safetensors"},
 }
 TOKENIZER_FOLDERS = {
     "sd": ("tokenizer",),
@@ -88,6 +89,7 @@ def test_all_names_are_listed():
         "sd-ip-adapter",
         "pixart-alpha",
         "pixart-sigma",
+        "flux",
     )
 
 
@@ -330,3 +332,27 @@ def test_tiny_controlnets_have_no_zero_output_convolutions(tiny_model):
     controlnet = ControlNetModel.from_pretrained(tiny_model("sd-controlnet"))
     for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
         assert conv.weight.abs().sum() > 0
+
+
+def test_the_tiny_flux_runs_in_diffusers_with_both_tokenizers(tiny_model):
+    import torch
+    from diffusers import FluxPipeline
+
+    folder = tiny_model("flux")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["tokenizer_2"] == ["transformers", "T5TokenizerFast"]
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    assert transformer["guidance_embeds"] is True and transformer["axes_dims_rope"] == [4, 4, 8]
+    pipe = FluxPipeline.from_pretrained(folder)
+    assert pipe.vae_scale_factor == 8 and pipe.tokenizer_2.model_max_length == 16
+    images = pipe(
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+    ).images
+    assert_one_64x64_image(images)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import neuron_export
-from neuron_export.pipelines import PIPELINES
+from neuron_export.pipelines import FLUX_KONTEXT, PIPELINES
 
 PACKAGE = Path(neuron_export.__file__).parent
-PIPELINE_CLASS = re.compile(r"(Neuron)?(StableDiffusion|LatentConsistency|PixArt)\w*Pipeline")
+PIPELINE_CLASS = re.compile(r"(Neuron)?(StableDiffusion|LatentConsistency|PixArt|Flux)\w*Pipeline")
 
 
 def test_only_the_pipelines_table_names_pipeline_classes():
@@ -25,7 +25,8 @@ def test_only_the_pipelines_table_names_pipeline_classes():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and PIPELINE_CLASS.fullmatch(node.value):
                 spelled.setdefault(path.relative_to(PACKAGE).as_posix(), set()).add(node.value)
     assert set(spelled) == {"pipelines.py"}, spelled
-    assert {kind.diffusers for kind in PIPELINES} | {kind.optimum for kind in PIPELINES} == spelled["pipelines.py"]
+    rows = {kind.diffusers for kind in PIPELINES} | {kind.optimum for kind in PIPELINES}
+    assert rows | {FLUX_KONTEXT} == spelled["pipelines.py"]  # Kontext: recognised, to be refused
 
 
 def card_generate_line(export: Path, repo_id: str) -> str:

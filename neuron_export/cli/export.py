@@ -56,6 +56,7 @@ from neuron_export.cli.options import (
     SetOptions,
     Target,
     Task,
+    TensorParallelSize,
     Token,
     TorchDtype,
     Unet,
@@ -71,6 +72,7 @@ FAMILY_HELP = {
     "sd-xl": "SDXL base, turbo and refiner (the refiner is recognised from the model); LCM-SDXL with --unet.",
     "lcm": "Latent consistency models distilled from Stable Diffusion (e.g. SimianLuo/LCM_Dreamshaper_v7).",
     "pixart": "PixArt-α and PixArt-Σ diffusion transformers with their T5 encoder (recognised from the model).",
+    "flux": "Flux diffusion transformers with their CLIP and T5 encoders, tensor parallel (FLUX.1-dev, -schnell).",
 }
 BUILD_HELP = "Export from YAML config files (several: one set of jobs, shared components built once): defaults < file < --set < flags."
 
@@ -200,14 +202,17 @@ FAMILY_TASKS = {
     "sd-xl": ("text-to-image", "image-to-image", "inpainting"),
     "lcm": ("text-to-image", "image-to-image"),
     "pixart": ("text-to-image",),
+    "flux": ("text-to-image", "inpainting"),
 }
 IP_ADAPTER_OPTIONS = {"ip_adapter", "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_scale"}
 UNET_ONLY = {"unet", "controlnet", "lora", "lora_weight_name", "lora_adapter_name", "lora_scale"} | IP_ADAPTER_OPTIONS
+DIT_ONLY = {"sequence_length", "torch_dtype", "tensor_parallel_size"}
 FAMILY_REFUSES = {
-    "sd": {"sequence_length", "torch_dtype"},
-    "sd-xl": IP_ADAPTER_OPTIONS | {"sequence_length", "torch_dtype"},
-    "lcm": IP_ADAPTER_OPTIONS | {"controlnet", "sequence_length", "torch_dtype"},
-    "pixart": UNET_ONLY,
+    "sd": DIT_ONLY,
+    "sd-xl": IP_ADAPTER_OPTIONS | DIT_ONLY,
+    "lcm": IP_ADAPTER_OPTIONS | {"controlnet"} | DIT_ONLY,
+    "pixart": UNET_ONLY | {"tensor_parallel_size"},
+    "flux": UNET_ONLY,
 }
 
 
@@ -225,6 +230,7 @@ def _template(  # in help-panel order: model, shapes, compiler, add-ons, cache, 
     width: Width = None,
     num_images_per_prompt: ImagesPerPrompt = None,
     sequence_length: SequenceLength = None,
+    tensor_parallel_size: TensorParallelSize = None,
     dynamic_batch_size: DynamicBatchSize = False,
     torch_dtype: TorchDtype = None,
     auto_cast: AutoCast = None,

@@ -97,7 +97,15 @@ SequenceLength = Annotated[
     int | None,
     typer.Option(
         "--sequence-length",
-        help="Text tokens the T5 encoder and transformer take (pixart) [default: the tokenizer's model_max_length].",
+        help="Text tokens the T5 encoder and transformer take (pixart, flux) [default: the tokenizer's model_max_length].",
+        rich_help_panel="Shapes",
+    ),
+]
+TensorParallelSize = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel-size",
+        help="NeuronCores the T5 encoder and transformer are sharded over (flux) [default: 1].",
         rich_help_panel="Shapes",
     ),
 ]
@@ -106,7 +114,7 @@ TorchDtype = Annotated[
     TorchDtypeChoice | None,
     typer.Option(
         "--torch-dtype",
-        help="float32 | bfloat16 | float16: load and trace the models in this dtype (pixart) [default: float32].",
+        help="float32 | bfloat16 | float16: load and trace the models in this dtype (pixart, flux) [default: float32].",
         rich_help_panel="Compiler",
     ),
 ]

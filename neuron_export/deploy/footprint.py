@@ -53,6 +53,8 @@ ASSUMPTIONS = (
     "device activations: per model, max(0.25 GiB, 4 x batch x widest channels x full-resolution H x W x 4 bytes) (UNet "
     "320 channels at the latent size, VAE 128 at the image size); a NeuronCore needs only its largest model's, since "
     "the runtime shares one scratchpad between the models loaded on a core; plus 0.5 GiB runtime reserve per core",
+    "tensor parallelism: a sharded component (Flux's T5 and transformer at --tensor-parallel-size N) holds 1/N of "
+    "its device weights on each of NeuronCores 0..N-1, and the whole model once on the host",
     "placement: data-parallel mode 'unet' puts a UNet replica on NeuronCores 0 and 1 and every other component on core 0; "
     "'all' puts every component on both cores; each core gets an equal share of its chip's HBM; pipelines loaded "
     "together are placed the same way, each on the same cores",
@@ -139,6 +141,7 @@ def estimate(
     label: str = "",
     torch_dtype: str = "float32",
     architecture: str | None = None,
+    tensor_parallel_size: int = 1,
 ) -> Footprint:
     """Device memory per NeuronCore and host RAM to load the pipeline; see ASSUMPTIONS."""
     held = HALF_BYTES if torch_dtype in ("bfloat16", "float16") else FP32_BYTES  # bytes per parameter, as traced
@@ -152,6 +155,17 @@ def estimate(
         on_all = data_parallel_mode not in ("unet", "transformer", "none") or (
             data_parallel_mode in ("unet", "transformer") and role.with_unet
         )
+        if role.sharded and tensor_parallel_size > 1:  # a slice of its weights on each of the tp cores
+            needs.append(
+                ComponentNeed(
+                    name=f"{label}{c.name}",
+                    cores=tuple(range(tensor_parallel_size)),
+                    host_bytes=c.parameter_count * held,  # every rank's slice is read: the whole model, once
+                    device_weight_bytes=c.parameter_count * per_param // tensor_parallel_size,
+                    activation_bytes=activation_bytes(c.name, c.input_shapes),
+                )
+            )
+            continue
         needs.append(
             ComponentNeed(
                 name=f"{label}{c.name}",
@@ -240,6 +254,7 @@ def footprint_of(manifest: Manifest, label: str = "") -> Footprint:
         label,
         torch_dtype=str(manifest.config.get("torch_dtype") or "float32"),
         architecture=manifest.pipeline.architecture,
+        tensor_parallel_size=int(manifest.config.get("tensor_parallel_size") or 1),
     )
 
 

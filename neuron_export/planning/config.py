@@ -23,7 +23,7 @@ from neuron_export.planning.config_messages import explain_validation_error, unk
 from neuron_export.roles.registry import component_spellings, find_role
 from neuron_export.store.remote_trust import SIGNING_KEY_ENV, resolve_trust, trust_of
 
-Family = Literal["sd", "sd-xl", "lcm", "pixart"]
+Family = Literal["sd", "sd-xl", "lcm", "pixart", "flux"]
 Task = Literal["text-to-image", "image-to-image", "inpainting", "instruct-pix2pix"]
 AutoCast = Literal["none", "matmul", "all"]
 AutoCastType = Literal["bf16", "fp16", "tf32"]
@@ -32,8 +32,8 @@ Target = Literal["inf2", "trn1", "trn2"]
 Backend = Literal["auto", "neuron", "cpu"]
 ComponentName = str  # a registered role's component (roles/registry.py): checked in _known_components
 
-FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm", "pixart")
-TEXT_FAMILIES = ("pixart",)  # the families whose text encoder takes --sequence-length (T5)
+FAMILIES: tuple[str, ...] = ("sd", "sd-xl", "lcm", "pixart", "flux")
+TEXT_FAMILIES = ("pixart", "flux")  # the families whose text encoder takes --sequence-length (T5)
 
 # The checkpoint each command exports when --model is not given.
 CANONICAL_MODELS = {
@@ -41,6 +41,7 @@ CANONICAL_MODELS = {
     "sd-xl": "stabilityai/stable-diffusion-xl-base-1.0",
     "lcm": "SimianLuo/LCM_Dreamshaper_v7",
     "pixart": "PixArt-alpha/PixArt-Sigma-XL-2-512-MS",
+    "flux": "black-forest-labs/FLUX.1-dev",
 }
 
 MIN_SIDE, MAX_SIDE = 64, 4096
@@ -74,6 +75,8 @@ class ExportSpec(BaseModel):
     width: int | None = None
     num_images_per_prompt: int = 1
     sequence_length: int | None = Field(default=None, ge=1, le=4096)  # T5 tokens (PixArt); None: the tokenizer's
+    # ranks the neuronx-distributed components (Flux's T5 and transformer) are sharded over; optimum-cli's default
+    tensor_parallel_size: int = Field(default=1, ge=1, le=128)
     torch_dtype: TorchDtype = "float32"  # the dtype the models are loaded and traced in (optimum-cli's --torch_dtype)
     auto_cast: AutoCast = "matmul"
     auto_cast_type: AutoCastType | None = None  # bf16 unless given, when auto-casting
@@ -170,8 +173,17 @@ class ExportSpec(BaseModel):
     def _sequence_length_family(self) -> ExportSpec:
         if self.sequence_length is not None and self.family not in TEXT_FAMILIES:
             raise ValueError(
-                f"sequence_length = {self.sequence_length} is for `neuron-export pixart` (T5 encoders); CLIP text "
+                f"sequence_length = {self.sequence_length} is for `neuron-export pixart` and `flux` (T5 encoders); CLIP text "
                 f"encoders of `{self.family}` always take 77 tokens, so drop it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tensor_parallel_family(self) -> ExportSpec:
+        if self.tensor_parallel_size != 1 and self.family != "flux":
+            raise ValueError(
+                f"tensor_parallel_size = {self.tensor_parallel_size} is for `neuron-export flux`; `{self.family}` "
+                "components run on one NeuronCore each, so drop it"
             )
         return self
 
@@ -179,7 +191,7 @@ class ExportSpec(BaseModel):
     def _torch_dtype_family(self) -> ExportSpec:
         if self.torch_dtype != "float32" and self.family not in TEXT_FAMILIES:
             raise ValueError(
-                f"torch_dtype = '{self.torch_dtype}' is for `neuron-export pixart`; `{self.family}` exports trace in "
+                f"torch_dtype = '{self.torch_dtype}' is for `neuron-export pixart` and `flux`; `{self.family}` exports trace in "
                 "float32 and cast with --auto-cast, so drop it"
             )
         return self

@@ -103,7 +103,9 @@ class Plan:
     @property
     def data_parallel_mode(self) -> str:
         """How the runtime spreads the pipeline over an Inferentia2 chip's two NeuronCores."""
-        if self.facts.is_pixart:  # optimum-neuron's name: the transformer on both cores, for the guidance batch
+        if self.facts.is_flux and self.config.spec.tensor_parallel_size > 1:  # one sharded copy over the cores
+            return "none"
+        if self.facts.is_pixart or self.facts.is_flux:  # optimum-neuron's name: the transformer on both cores
             return "transformer"
         return "all" if self.facts.is_lcm or self.config.spec.family == "lcm" else "unet"
 
@@ -173,6 +175,9 @@ def check_family_and_task(config: ExportConfig, facts: ModelFacts) -> None:
     if config.spec.family == "pixart" or facts.is_pixart:
         check_pixart(config, facts)
         return
+    if config.spec.family == "flux" or facts.is_flux:
+        check_flux(config, facts)
+        return
     if config.spec.family in ("sd", "lcm") and facts.is_xl:
         raise ExportError(f"--model {model} is an SDXL pipeline; export it with `neuron-export sd-xl`.")
     if config.spec.family == "sd-xl" and not facts.is_xl:
@@ -238,6 +243,39 @@ def check_pixart(config: ExportConfig, facts: ModelFacts) -> None:
             f"--model {model} is not a PixArt pipeline (model_index.json names {facts.pipeline_class or 'no class'}); "
             f"export it with `neuron-export {command}`."
         )
+
+
+def check_flux(config: ExportConfig, facts: ModelFacts) -> None:
+    """`neuron-export flux` takes Flux pipelines (not Kontext), they take no other command, and the tensor parallel
+    size divides the heads it shards (the T5's and the transformer's)."""
+    model = config.spec.model
+    if config.spec.family != "flux":
+        raise ExportError(
+            f"--model {model} is a {facts.pipeline_class} (a diffusion transformer); export it with "
+            "`neuron-export flux`."
+        )
+    if not facts.is_flux:
+        command = "pixart" if facts.is_pixart else "sd-xl" if facts.is_xl else "lcm" if facts.is_lcm else "sd"
+        raise ExportError(
+            f"--model {model} is not a Flux pipeline (model_index.json names {facts.pipeline_class or 'no class'}); "
+            f"export it with `neuron-export {command}`."
+        )
+    if facts.architecture != "flux":
+        raise ExportError(
+            f"--model {model} is a {facts.pipeline_class}, which neuron-export cannot export yet (its transformer "
+            "takes the reference image's tokens too); export a FluxPipeline model with `neuron-export flux`."
+        )
+    tp = config.spec.tensor_parallel_size
+    heads = {
+        "the transformer's num_attention_heads": int((facts.transformer or {}).get("num_attention_heads", 1)),
+        "the T5 encoder's num_heads": int((facts.text_encoder_2 or {}).get("num_heads", 1)),
+    }
+    for what, count in heads.items():
+        if count % tp:
+            raise ExportError(
+                f"--tensor-parallel-size {tp} does not divide {what} ({count}) of --model {model}; pass a divisor "
+                f"of {count}."
+            )
 
 
 def check_weight_placement(config: ExportConfig, facts: ModelFacts, names: list[str]) -> None:
@@ -479,7 +517,12 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     hashes = HashIndex(cache_dir, config.options.hub_cache_dir)
     loras = plan_loras(config, source, facts, hashes)
     shapes = Shapes(
-        config.spec.batch_size, config.spec.num_images_per_prompt, height, width, config.spec.sequence_length
+        config.spec.batch_size,
+        config.spec.num_images_per_prompt,
+        height,
+        width,
+        config.spec.sequence_length,
+        config.spec.tensor_parallel_size,
     )
     context = JobContext(config, source, facts, backend, shapes, loras, hashes, ComponentCache(cache_dir))
     jobs = plan_jobs(names, context)

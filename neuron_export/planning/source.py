@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from neuron_export.errors import ExportError
-from neuron_export.pipelines import PIXART_ARCHITECTURES, PIXART_CLASSES, pipeline_for
+from neuron_export.pipelines import FLUX_CLASSES, FLUX_KONTEXT, PIXART_ARCHITECTURES, PIXART_CLASSES, pipeline_for
 from neuron_export.planning.source_files import files_inside, inside, model_roots, read_header
 from neuron_export.roles.registry import CONTROLNET, role_of, roles_for
 
@@ -49,6 +49,13 @@ PIXART_KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
     "transformer": ("diffusers", frozenset({"PixArtTransformer2DModel"})),
     "text_encoder": ("transformers", frozenset({"T5EncoderModel"})),
     "tokenizer": ("transformers", frozenset({"T5Tokenizer", "T5TokenizerFast"})),
+}
+# A Flux pipeline: CLIP (pooled) and T5 (sequence) text encoders, a Flux transformer.
+FLUX_KNOWN_CLASSES: dict[str, tuple[str, frozenset[str] | None]] = {
+    **{name: KNOWN_CLASSES[name] for name in ("vae", "scheduler", "text_encoder", "tokenizer")},
+    "transformer": ("diffusers", frozenset({"FluxTransformer2DModel"})),
+    "text_encoder_2": ("transformers", frozenset({"T5EncoderModel"})),
+    "tokenizer_2": ("transformers", frozenset({"T5Tokenizer", "T5TokenizerFast"})),
 }
 PIX2PIX_PIPELINE = pipeline_for("sd", "instruct-pix2pix").diffusers
 
@@ -172,7 +179,7 @@ class ModelFacts:
     """What the pipeline is, decided from its configs rather than from its name."""
 
     pipeline_class: str
-    architecture: str  # "sd", "sdxl", "sdxl-refiner", "pixart-alpha" or "pixart-sigma"
+    architecture: str  # "sd", "sdxl", "sdxl-refiner", "pixart-alpha", "pixart-sigma", "flux" or "flux-kontext"
     is_lcm: bool
     unet: dict[str, Any]  # empty for a PixArt pipeline (its denoiser is `transformer`)
     vae: dict[str, Any]
@@ -190,6 +197,10 @@ class ModelFacts:
     @property
     def is_pixart(self) -> bool:
         return self.architecture.startswith("pixart")
+
+    @property
+    def is_flux(self) -> bool:
+        return self.architecture.startswith("flux")
 
     @property
     def denoiser(self) -> dict[str, Any]:
@@ -211,6 +222,8 @@ class ModelFacts:
 
     @property
     def default_side(self) -> int:
+        if self.is_flux:  # FluxPipeline's default_sample_size (128 latent pixels), as diffusers sizes its images
+            return 128 * self.vae_scale_factor
         sample_size = self.denoiser.get("sample_size", 64)
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
@@ -325,6 +338,8 @@ def read_facts(source: ModelSource) -> ModelFacts:
     index = _read_json(source.path / "model_index.json", "model_index.json", roots)
     if index.get("_class_name") in PIXART_CLASSES:
         return _with_weights(source, index, read_pixart_facts(source, index))
+    if index.get("_class_name") in FLUX_CLASSES:
+        return _with_weights(source, index, read_flux_facts(source, index))
     check_component_classes(source.model_id, index)
     unet_folder = source.folder("unet")
     if not (unet_folder / "config.json").is_file():
@@ -393,11 +408,7 @@ def read_pixart_facts(source: ModelSource, index: dict[str, Any]) -> ModelFacts:
             )
     transformer = _read_json(source.path / "transformer" / "config.json", "transformer/config.json", roots)
     text_encoder = _read_json(source.path / "text_encoder" / "config.json", "text_encoder/config.json", roots)
-    tokenizer_config = source.path / "tokenizer" / "tokenizer_config.json"
-    max_length = None
-    if tokenizer_config.is_file():
-        value = _read_json(tokenizer_config, "tokenizer/tokenizer_config.json", roots).get("model_max_length")
-        max_length = value if isinstance(value, int) and 0 < value < 100_000 else None  # "very large": unset
+    max_length = tokenizer_max_length(source, "tokenizer", roots)
     return ModelFacts(
         pipeline_class=str(index["_class_name"]),
         architecture=PIXART_ARCHITECTURES[str(index["_class_name"])],
@@ -408,6 +419,43 @@ def read_pixart_facts(source: ModelSource, index: dict[str, Any]) -> ModelFacts:
         text_encoder_2=None,
         transformer=transformer,
         tokenizer_max_length=max_length,
+    )
+
+
+def tokenizer_max_length(source: ModelSource, folder: str, roots: tuple[Path, ...]) -> int | None:
+    """The tokenizer's model_max_length, or None when it states none (or a "very large" placeholder)."""
+    config = source.path / folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    value = _read_json(config, f"{folder}/tokenizer_config.json", roots).get("model_max_length")
+    return value if isinstance(value, int) and 0 < value < 100_000 else None
+
+
+def read_flux_facts(source: ModelSource, index: dict[str, Any]) -> ModelFacts:
+    """A Flux pipeline (Kontext recognised from its class): CLIP and T5 text encoders, transformer, VAE."""
+    check_component_classes(source.model_id, index, FLUX_KNOWN_CLASSES)
+    roots = model_roots(source.path)
+    for folder in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        if not (source.path / folder / "config.json").is_file():
+            raise ExportError(
+                f"--model {source.model_id} has no {folder} ({source.path / folder / 'config.json'} is missing); "
+                "neuron-export needs a full Flux pipeline with transformer/, text_encoder/, text_encoder_2/ and "
+                "vae/ folders."
+            )
+    configs = {
+        folder: _read_json(source.path / folder / "config.json", f"{folder}/config.json", roots)
+        for folder in ("transformer", "text_encoder", "text_encoder_2", "vae")
+    }
+    return ModelFacts(
+        pipeline_class=str(index["_class_name"]),
+        architecture="flux-kontext" if index["_class_name"] == FLUX_KONTEXT else "flux",
+        is_lcm=False,
+        unet={},
+        vae=configs["vae"],
+        text_encoder=configs["text_encoder"],
+        text_encoder_2=configs["text_encoder_2"],
+        transformer=configs["transformer"],
+        tokenizer_max_length=tokenizer_max_length(source, "tokenizer_2", roots),
     )
 
 

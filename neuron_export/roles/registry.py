@@ -22,7 +22,8 @@ ModelFacts = Any  # planning/source.py's ModelFacts: named, not imported (planni
 # The model architectures (planning/source.py's ModelFacts.architecture) each role can serve.
 UNET_ARCHITECTURES = frozenset({"sd", "sdxl", "sdxl-refiner"})
 PIXART_ARCHITECTURES = frozenset({"pixart-alpha", "pixart-sigma"})
-ALL_ARCHITECTURES = UNET_ARCHITECTURES | PIXART_ARCHITECTURES
+FLUX_ARCHITECTURES = frozenset({"flux"})  # Kontext ("flux-kontext") is recognised and refused: no roles serve it
+ALL_ARCHITECTURES = UNET_ARCHITECTURES | PIXART_ARCHITECTURES | FLUX_ARCHITECTURES
 
 FAST_LOADING = "--enable-fast-loading-neuron-binaries"
 TRANSFORMER = ("--model-type=transformer", FAST_LOADING)
@@ -201,6 +202,7 @@ register(
         flags=TRANSFORMER,
         default=True,
         count=lambda facts: int(facts.text_encoder is not None),
+        architectures=UNET_ARCHITECTURES | FLUX_ARCHITECTURES,  # Flux's pooled CLIP encoder is a plain trace
     )
 )
 register(
@@ -341,5 +343,42 @@ register(
         with_unet=True,
         lazy_load=True,
         architectures=PIXART_ARCHITECTURES,
+    )
+)
+# Flux: its T5 is `text_encoder_2` and its transformer is tensor parallel; both ModelBuilder roles, sharded over
+# --tensor-parallel-size ranks (weights/tp{r}_sharded_checkpoint.safetensors for every rank).
+FLUX_T5_ENCODER = register(
+    Role(
+        name="text_encoder_2",
+        key="flux_t5_text_encoder_2",
+        module_path="neuron_export.roles.t5",
+        source_folder="text_encoder_2",
+        slot="text_encoder_2",
+        adapter=f"{ADAPTERS}:t5_encoder_slot",
+        costs=T5_COSTS,
+        flags=T5_FLAGS,
+        default=True,
+        architectures=FLUX_ARCHITECTURES,
+        sharded=True,
+        generic_flags=False,
+        count=lambda facts: int(facts.text_encoder_2 is not None),
+    )
+)
+FLUX_TRANSFORMER = register(
+    Role(
+        name="transformer",
+        key="flux_transformer",
+        module_path="neuron_export.roles.flux",
+        source_folder="transformer",
+        slot="transformer",
+        adapter=f"{ADAPTERS}:flux_transformer_slot",
+        costs=DIT_COSTS,
+        flags=TRANSFORMER,  # optimum adds --model-type transformer, and fast loading for a "transformer" class
+        default=True,
+        feature_map=(96, 1),
+        with_unet=True,
+        lazy_load=True,
+        architectures=FLUX_ARCHITECTURES,
+        sharded=True,
     )
 )

@@ -26,6 +26,7 @@ class Shapes:
     height: int
     width: int
     sequence_length: int | None = None  # text tokens (T5 encoders; None: the tokenizer's model_max_length)
+    tensor_parallel_size: int = 1  # ranks a neuronx-distributed role is sharded over (Flux)
 
     @property
     def image_batch(self) -> int:

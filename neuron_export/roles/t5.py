@@ -47,7 +47,9 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
         inputs=(TensorSpec("input_ids", (batch, length), "int64", high=int(config["vocab_size"])),),
         outputs=("last_hidden_state",),
         static_shapes={"batch_size": batch, "sequence_length": length},
-        traced=traced,
+        traced=traced
+        if shapes.tensor_parallel_size == 1
+        else {**traced, "tensor_parallel_size": shapes.tensor_parallel_size},
     )
 
 
@@ -83,14 +85,17 @@ def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:
     return [_encode(model, spec, inputs[0])]
 
 
-def write_weights(model: Any, spec: ComponentSpec, directory: Path, tensor_parallel_size: int = 1) -> list[str]:
+def write_weights(model: Any, spec: ComponentSpec, directory: Path) -> list[str]:
     """The weight shards ModelBuilder keeps beside the module, written flat into `directory`; returns their paths
-    inside the component folder (`weights/tp0_sharded_checkpoint.safetensors`, ...). At tp 1 the one shard holds
-    the whole state dict under transformers' names, each tensor its own contiguous copy (tied ones included)."""
+    inside the component folder (`weights/tp0_sharded_checkpoint.safetensors`, ...): one per rank below the
+    spec's tensor parallel size. Each holds the whole state dict under the source's names, each tensor its own
+    contiguous copy (tied ones included): the CPU module runs unsplit, so every rank's shard is the same superset
+    (neuronx-distributed slices the parallel layers per rank; the loader hands every shard to the module)."""
     from safetensors.torch import save_file
 
-    if tensor_parallel_size != 1:
-        raise NotImplementedError("T5 shards for tensor parallelism above 1")
+    ranks = int(spec.traced.get("tensor_parallel_size", 1))
     state = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
-    save_file(state, str(directory / shard_name(0)))
-    return [f"{WEIGHTS_FOLDER}/{shard_name(0)}"]
+    metadata = {"format": "pt", "split": "none", "tensor_parallel_size": str(ranks)}
+    for rank in range(ranks):
+        save_file(state, str(directory / shard_name(rank)), metadata=metadata)
+    return [f"{WEIGHTS_FOLDER}/{shard_name(rank)}" for rank in range(ranks)]

@@ -7,8 +7,9 @@ Imports torch at the top: only loading.py imports this module, inside the functi
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -295,6 +296,54 @@ class CompiledPixArtTransformer(CompiledComponent):
         return Transformer2DModelOutput(sample=noise) if return_dict else (noise,)
 
 
+class CompiledFluxTransformer(CompiledComponent):
+    """FluxTransformer2DModel: the rotary embedding of the text and image position ids is computed here on the host
+    (as optimum-neuron's runtime does) and passed with the other inputs; guidance only when the model embeds it."""
+
+    def __init__(self, runner: StaticRunner, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.runner = runner
+        from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+        self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=list(config.get("axes_dims_rope", (16, 56, 56))))
+        self.guidance = "guidance" in runner.input_names
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """diffusers' cache hooks' scope (FluxPipeline enters it around each call); a compiled module caches nothing."""
+        yield
+
+    def forward(
+        self,
+        hidden_states: Any,
+        encoder_hidden_states: Any = None,
+        pooled_projections: Any = None,
+        timestep: Any = None,
+        img_ids: Any = None,
+        txt_ids: Any = None,
+        guidance: Any = None,
+        joint_attention_kwargs: Any = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        count = hidden_states.shape[0]
+
+        def per_sample(value: Any) -> Any:
+            value = torch.as_tensor(value).to(torch.float32)
+            return value.reshape(1).expand(count) if value.numel() == 1 else value
+
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        cos, sin = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        inputs = [self._float(hidden_states), self._float(encoder_hidden_states), self._float(pooled_projections)]
+        inputs.append(self._float(per_sample(timestep)))
+        if self.guidance:
+            inputs.append(self._float(per_sample(guidance)))
+        inputs.append(self._float(torch.stack([cos, sin], dim=-1)))
+        (noise,) = self.runner(*inputs)
+        return Transformer2DModelOutput(sample=noise) if return_dict else (noise,)
+
+
 class CompiledVae(CompiledComponent):
     """AutoencoderKL from the two halves: `encode(x).latent_dist` and `decode(z).sample`."""
 
@@ -441,6 +490,11 @@ def t5_encoder_slot(parts: Sequence[LoadedPart]) -> CompiledT5Encoder:
 def transformer_slot(parts: Sequence[LoadedPart]) -> CompiledPixArtTransformer:
     (part,) = parts
     return CompiledPixArtTransformer(part.runner, part.config)
+
+
+def flux_transformer_slot(parts: Sequence[LoadedPart]) -> CompiledFluxTransformer:
+    (part,) = parts
+    return CompiledFluxTransformer(part.runner, part.config)
 
 
 def unet_slot(parts: Sequence[LoadedPart]) -> CompiledUNet:

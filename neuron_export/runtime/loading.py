@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from neuron_export.runtime.adapters import StaticRunner
 
 
-UNBATCHED_INPUTS = ("conditioning_scale",)  # one value per ControlNet call, whatever the batch
+# passed whole to every call, whatever the batch: a ControlNet's scale, Flux's rotary embedding (one per position)
+UNBATCHED_INPUTS = ("conditioning_scale", "image_rotary_emb")
 
 
 def data_parallel_components(mode: str, names: Sequence[str]) -> tuple[str, ...]:
@@ -232,27 +233,32 @@ def assemble_pipeline(export_dir: Path, manifest: Manifest, loader: Any) -> Any:
             kwargs[name] = index[name]  # force_zeros_for_empty_prompt, requires_aesthetics_score, ...
         elif name == "requires_safety_checker":
             kwargs[name] = False
-    if manifest.pipeline.architecture.startswith("pixart"):
-        pipeline_cls = _static_text_pipeline(pipeline_cls, manifest)
+    if manifest.pipeline.architecture.startswith("pixart"):  # no resolution binning, which picks another size
+        pipeline_cls = _static_text_pipeline(pipeline_cls, manifest, {"use_resolution_binning": False})
+    elif manifest.pipeline.architecture.startswith("flux"):  # FluxPipeline would default to 1024 px
+        size = {"height": manifest.pipeline.height, "width": manifest.pipeline.width}
+        pipeline_cls = _static_text_pipeline(pipeline_cls, manifest, size)
     pipe = pipeline_cls(**kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _static_text_pipeline(pipeline_cls: Any, manifest: Manifest) -> Any:
-    """A PixArt pipeline whose call takes the export's sequence length (as optimum-neuron's forces it) and its
-    compiled size (no resolution binning, which would pick another size); a caller's own values still win."""
+def _static_text_pipeline(pipeline_cls: Any, manifest: Manifest, defaults: dict[str, Any]) -> Any:
+    """A diffusion-transformer pipeline whose call takes the export's sequence length (the text tokens its
+    transformer was compiled for, as optimum-neuron's PixArt runtime forces it) and `defaults` (its compiled size);
+    a caller's own values still win."""
     import functools
 
-    length = (
-        int(manifest.components["text_encoder"].inputs[0].shape[1]) if "text_encoder" in manifest.components else None
-    )
+    transformer = manifest.components.get("transformer")
+    lengths = [t.shape[1] for t in (transformer.inputs if transformer else []) if t.name == "encoder_hidden_states"]
+    length = int(lengths[0]) if lengths else None
 
     @functools.wraps(pipeline_cls.__call__)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if length is not None:
             kwargs.setdefault("max_sequence_length", length)
-        kwargs.setdefault("use_resolution_binning", False)
+        for key, value in defaults.items():
+            kwargs.setdefault(key, value)
         return pipeline_cls.__call__(self, *args, **kwargs)
 
     return type(pipeline_cls.__name__, (pipeline_cls,), {"__call__": call, "__module__": pipeline_cls.__module__})

@@ -55,9 +55,9 @@ def required_components(manifest: Manifest) -> tuple[str, ...]:
     names = []
     if pipeline.architecture != "sdxl-refiner":
         names.append("text_encoder")
-    if pipeline.architecture in ("sdxl", "sdxl-refiner"):
+    if pipeline.architecture in ("sdxl", "sdxl-refiner", "flux"):
         names.append("text_encoder_2")
-    names.append("transformer" if pipeline.architecture.startswith("pixart") else "unet")
+    names.append("transformer" if pipeline.architecture.startswith(("pixart", "flux")) else "unet")
     kind = pipeline_named(pipeline.diffusers_pipeline)
     if kind is not None and "image" in kind.images:  # an init image is encoded to latents
         names.append("vae_encoder")

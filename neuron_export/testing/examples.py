@@ -35,6 +35,7 @@ EXAMPLE_NAMES = (
     "sd-ip-adapter",
     "pixart-alpha",
     "pixart-sigma",
+    "flux",
 )
 
 # --- shared dimensions of the tiny examples -------------------------------------------------------
@@ -139,10 +140,16 @@ def _tiny_sdxl_unet(*, refiner: bool = False, time_cond_proj_dim: int | None = N
     )
 
 
-def _tiny_vae(*, scaling_factor: float = 0.18215):
+def _tiny_vae(
+    *, scaling_factor: float = 0.18215, latent_channels: int = 4, shift_factor: float | None = None, quant_conv=True
+):
     from diffusers import AutoencoderKL
 
+    # Flux's VAE has no quant convolutions and a shift factor; the UNet pipelines' has quant convolutions
+    flux_like = {} if quant_conv else {"use_quant_conv": False, "use_post_quant_conv": False}
     return AutoencoderKL(
+        **flux_like,
+        **({} if shift_factor is None else {"shift_factor": shift_factor}),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -150,7 +157,7 @@ def _tiny_vae(*, scaling_factor: float = 0.18215):
         block_out_channels=(8, 8, 16, 16),  # four blocks -> vae scale factor 8, like real models
         layers_per_block=1,
         norm_num_groups=4,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=64,
         scaling_factor=scaling_factor,
     )
@@ -241,6 +248,41 @@ def _build_pixart(sigma: bool):
     )
 
 
+# --- Flux: a rectified-flow transformer conditioned on CLIP (pooled) and T5 (sequence) ------------------
+
+
+def tiny_flux_transformer():
+    """diffusers' own Flux test transformer (tests/pipelines/flux), with guidance embeds as FLUX.1-dev has."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,  # 1 latent channel, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_T5_D_MODEL,
+        pooled_projection_dim=TINY_TEXT_HIDDEN,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+
+
+def _build_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(latent_channels=1, scaling_factor=1.5035, shift_factor=0.0609, quant_conv=False),
+        text_encoder=_tiny_text_encoder(),
+        tokenizer=make_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(),
+        tokenizer_2=make_t5_tokenizer(),
+        transformer=tiny_flux_transformer(),
+    )
+
+
 # --- pipeline builders ----------------------------------------------------------------------------
 
 
@@ -325,6 +367,7 @@ _PIPELINE_BUILDERS = {
     "lcm": _build_lcm,
     "pixart-alpha": lambda: _build_pixart(sigma=False),
     "pixart-sigma": lambda: _build_pixart(sigma=True),
+    "flux": _build_flux,
 }
 
 _ADD_ON_BUILDERS: dict[str, tuple[Callable[..., None], Callable[..., object]]] = {
@@ -340,6 +383,11 @@ def _save_pipeline(pipeline, directory: pathlib.Path) -> None:
     if "PixArt" in type(pipeline).__name__:
         _save_t5_tokenizer(directory)
         return
+    if "Flux" in type(pipeline).__name__:  # CLIP tokenizer and encoder first, the T5 ones second
+        write_tokenizer_files(directory / "tokenizer")
+        _prefix_text_model_keys(directory / "text_encoder" / "model.safetensors")
+        _save_t5_tokenizer(directory, "tokenizer_2")
+        return
     for name in _TOKENIZER_FOLDERS:
         if getattr(pipeline, name, None) is not None:
             write_tokenizer_files(directory / name)
@@ -347,15 +395,15 @@ def _save_pipeline(pipeline, directory: pathlib.Path) -> None:
         _prefix_text_model_keys(directory / "text_encoder" / "model.safetensors")
 
 
-def _save_t5_tokenizer(directory: pathlib.Path) -> None:
+def _save_t5_tokenizer(directory: pathlib.Path, folder: str = "tokenizer") -> None:
     """The T5 tokenizer as files both transformers lines load, named T5TokenizerFast in model_index.json
     (transformers 5 records T5Tokenizer, which transformers 4.x reads as the sentencepiece-file tokenizer)."""
     import json
 
-    write_t5_tokenizer_files(directory / "tokenizer")
+    write_t5_tokenizer_files(directory / folder)
     index_path = directory / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    index[folder] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

@@ -68,6 +68,7 @@ class Case:
     loras: tuple[tuple[str, str, float], ...] = ()  # (LORA_EXAMPLES name, adapter name, scale), fused in order
     controlnets: tuple[str, ...] = ()  # tiny ControlNet example names ("name" or "name@seed"), in --controlnet order
     ip_adapter: bool = False  # the tiny IP-Adapter (example sd-ip-adapter) at IP_ADAPTER_SCALE
+    extra: tuple[str, ...] = ()  # further options of ours (Flux's --tensor-parallel-size)
 
     def ip_adapter_options(self, sources: Sources) -> dict[str, Any]:
         from neuron_export.testing.adapters import IP_ADAPTER_SUBFOLDER, IP_ADAPTER_WEIGHT_NAME
@@ -116,7 +117,7 @@ class Case:
             args += ["--unet", sources.get(self.unet)]
         for lora, adapter_name, scale in self.loras:
             args += ["--lora", sources.lora(lora), "--lora-adapter-name", adapter_name, "--lora-scale", scale]
-        return [str(arg) for arg in args] + self.add_on_args(sources, reference=False)
+        return [str(arg) for arg in [*args, *self.extra]] + self.add_on_args(sources, reference=False)
 
     def lora_arguments(self, sources: Sources) -> list[str]:
         """optimum-cli's LoRA options for the same adapters (its list spellings, one flag per list)."""

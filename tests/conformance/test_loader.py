@@ -349,3 +349,39 @@ def test_optimum_neuron_loads_our_pixart_export_and_matches_diffusers(case: Case
     placement = result["placement"]
     assert placement["transformer"]["data_parallel"] and placement["transformer"]["device_ids"] == [0, 1]
     assert not placement["text_encoder"]["data_parallel"]
+
+
+# --- Flux at tp 2: CLIP, a T5 (weights/tp0, tp1) and a tensor-parallel transformer (weights/tp0, tp1) --------------
+# optimum-neuron's loader reads tp from the transformer's config, sets NEURON_RT_NUM_CORES to it and loads every
+# module on its own (data_parallel_mode "none"); both are given the export's size and sequence length.
+FLUX_CASES = [
+    Case(
+        "flux-tp2",
+        "flux",
+        "flux",
+        height=64,
+        width=64,
+        extra=("--tensor-parallel-size", "2"),
+        pipeline="NeuronFluxPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 3, "height": 64, "width": 64, "max_sequence_length": 16},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded_flux(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("loader-flux")
+    exports = {case.name: export_ours(case, sources, root / case.name, backend="cpu") for case in FLUX_CASES}
+    requests = [generate_request(case, sources, exports[case.name], {}) for case in FLUX_CASES]
+    results = venv.generate(requests)["results"]
+    return {result["name"]: {**result, "manifest": manifest(exports[result["name"]])} for result in results}
+
+
+@pytest.mark.parametrize("case", FLUX_CASES, ids=[case.name for case in FLUX_CASES])
+def test_optimum_neuron_loads_our_flux_export_and_matches_diffusers(case: Case, loaded_flux):
+    result = loaded_flux[case.name]
+    assert result["ok"], result.get("error")
+    assert result["shape_errors"] == []
+    assert result["optimum_shape"] == result["reference_shape"]
+    assert result["max_abs_diff"] <= MAX_PIXEL_DIFF, result
+    assert result["data_parallel_mode"] == result["manifest"]["pipeline"]["data_parallel_mode"] == "none"
