@@ -267,3 +267,11 @@ def test_the_t5_shard_is_written_by_model_builder_with_the_weights_as_traced(neu
     files = [record["path"] for record in manifest["components"]["text_encoder"]["files"]]
     assert files == ["text_encoder/model.neuron", "text_encoder/weights/tp0_sharded_checkpoint.safetensors"]
     assert not list(tmp_path.glob(".pixart_neuron.*"))
+
+
+def test_tensor_parallelism_on_neuron_is_refused_before_any_work(neuron_sdk, cli, tiny_model, tmp_path):
+    result = cli(
+        "flux", "-m", tiny_model("flux"), "--backend", "neuron", "--tensor-parallel-size", "2", "-o", tmp_path / "out"
+    )
+    assert result.exit_code == 2 and "--tensor-parallel-size 2 with --backend neuron" in result.stderr, result
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -270,6 +270,7 @@ def build_component(
             cpu_backend=order.backend == "neuron" and not device_present(),
             after_trace=job.after_trace,
             workdir=workdir / spec.name,
+            tensor_parallel_size=int(spec.traced.get("tensor_parallel_size", 1)),
         )
         # ModelBuilder roles (weights beside the module) on the Neuron backend: traced and sharded by neuronx-distributed
         builder = None

@@ -309,6 +309,18 @@ def native_side(config: ExportConfig, facts: ModelFacts) -> int:
     return side
 
 
+def check_tensor_parallelism(config: ExportConfig, backend: str) -> None:
+    """Tensor parallelism on Neuron needs each sharded role's layers split across ranks, not written yet: refused
+    before anything is downloaded, rather than compiled into shards that would not load."""
+    tp = config.spec.tensor_parallel_size
+    if backend == "neuron" and tp > 1:
+        raise ExportError(
+            f"--tensor-parallel-size {tp} with --backend neuron: neuron-export cannot yet split a component's "
+            "layers across NeuronCores, so those shards would not load; pass --tensor-parallel-size 1, or "
+            "--backend cpu to build and check the layout."
+        )
+
+
 def planned_backend(config: ExportConfig, planning: bool) -> tuple[str, list[str]]:
     """The backend, resolved; a plan for --backend neuron needs no SDK (the flags come from a table), and says so."""
     problem = neuron_sdk_error() if planning and config.spec.backend == "neuron" else None
@@ -504,6 +516,7 @@ def make_plan(config: ExportConfig, planning: bool = False) -> Plan:
     output instead of refusing."""
     check_given_output(config, planning)
     backend, notes = planned_backend(config, planning)
+    check_tensor_parallelism(config, backend)
     source = resolve_sources(config, tuple(config.spec.components or default_components()))
     facts = read_facts(source)
     facts = read_add_ons(config, source, facts)
