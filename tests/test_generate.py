@@ -736,8 +736,10 @@ def test_data_parallel_modes():
     assert data_parallel_components("unet", names) == ("unet",)
     assert data_parallel_components("all", names) == tuple(names)
     assert data_parallel_components("none", names) == ()
+    pixart = ["text_encoder", "transformer", "vae_encoder", "vae_decoder"]
+    assert data_parallel_components("transformer", pixart) == ("transformer",)  # a diffusion transformer's name
     with pytest.raises(ExportError):
-        data_parallel_components("transformer", names)
+        data_parallel_components("both", names)
 
 
 def test_help_stays_light():
