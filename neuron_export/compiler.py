@@ -28,6 +28,21 @@ def neuron_sdk_error() -> str | None:
     return None
 
 
+NXD_INSTALL_HINT = (
+    "install it on the Neuron host with pip install neuronx-distributed from AWS's Neuron package repository, "
+    "or pass --backend cpu"
+)
+
+
+def neuronx_distributed_error() -> str | None:
+    """None when neuronx-distributed's ModelBuilder imports (what sharded roles are traced and loaded with)."""
+    try:
+        import neuronx_distributed.trace.model_builder  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising on import
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return None
+
+
 # Neuron SDK 2.21 (torch-neuronx 2.5) to 2.31 (torch-neuronx 2.9), the last release with torch-neuronx for inf2.
 SUPPORTED_SDK = "Neuron SDK 2.21 to 2.31"
 SUPPORTED_TORCH_NEURONX = ((2, 5), (2, 9))

@@ -275,3 +275,11 @@ def test_tensor_parallelism_on_neuron_is_refused_before_any_work(neuron_sdk, cli
     )
     assert result.exit_code == 2 and "--tensor-parallel-size 2 with --backend neuron" in result.stderr, result
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_missing_neuronx_distributed_is_refused_before_any_build(neuron_sdk, cli, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "neuronx_distributed", None)  # import fails as if it were not installed
+    result = cli("pixart", "-m", tiny_model("pixart-sigma"), "--backend", "neuron", "-o", tmp_path / "out")
+    assert result.exit_code != 0 and "neuronx_distributed does not import" in result.stderr, result
+    assert "--backend neuron traces text_encoder" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and "[1/" not in result.stdout  # refused before any component started

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuron_export.compiler import after_trace_calls, compiler_version, neuron_sdk_error, resolve_backend
+from neuron_export.compiler import (
+    NXD_INSTALL_HINT,
+    after_trace_calls,
+    compiler_version,
+    neuron_sdk_error,
+    neuronx_distributed_error,
+    resolve_backend,
+)
 from neuron_export.compiler import compiler_args as neuron_compiler_args
 from neuron_export.errors import ExportError, MemoryBudgetError
 from neuron_export.files import default_cache_dir
@@ -346,8 +353,15 @@ def output_note(plan: Plan) -> str | None:
 
 
 def refuse_unless_ready(plan: Plan) -> None:
-    """What a plan only reports, an export refuses: a Neuron backend without its SDK, an output it may not replace."""
+    """What a plan only reports, an export refuses: a Neuron backend without its SDK (or without neuronx-distributed
+    for a sharded role), an output it may not replace."""
     resolve_backend(plan.backend)
+    sharded = [job.component for job in plan.jobs if role_of(job.component, plan.facts.architecture).sharded]
+    if plan.backend == "neuron" and sharded and (problem := neuronx_distributed_error()) is not None:
+        raise ExportError(
+            f"--backend neuron traces {sharded[0]} with neuronx-distributed's ModelBuilder, but neuronx_distributed "
+            f"does not import ({problem}); {NXD_INSTALL_HINT}."
+        )
     check_output(plan.output, plan.config.options.force)
     refuse_existing_output(plan)
 

@@ -45,10 +45,6 @@ def compiler_version() -> str:
 # neuronx-distributed's own names: the folder optimum-neuron's loader reads the shards from, and each rank's file.
 WEIGHTS_FOLDER = "weights"
 SHARD_PATTERN = re.compile(r"tp(\d+)_sharded_checkpoint\.safetensors")
-NXD_INSTALL_HINT = (
-    "install it on the Neuron host with pip install neuronx-distributed from AWS's Neuron package repository "
-    "(https://pip.repos.neuron.amazonaws.com), or pass --backend cpu"
-)
 
 
 def shard_name(rank: int) -> str:
@@ -106,14 +102,14 @@ def compile(wrapper: Any, example_inputs: list[Any], request: CompileRequest) ->
 
 def _model_builder(component: str) -> tuple[Any, Any]:
     """neuronx-distributed's ModelBuilder and BaseModelInstance, imported only when a sharded role is built."""
-    try:
-        from neuronx_distributed.trace.model_builder import BaseModelInstance, ModelBuilder
-    except Exception as exc:  # ImportError, or a broken install raising on import
-        problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    problem = compiler.neuronx_distributed_error()
+    if problem is not None:
         raise BuildError(
             f"--backend neuron traces {component} with neuronx-distributed's ModelBuilder, but neuronx_distributed "
-            f"does not import ({problem}); {NXD_INSTALL_HINT}."
-        ) from None
+            f"does not import ({problem}); {compiler.NXD_INSTALL_HINT}."
+        )
+    from neuronx_distributed.trace.model_builder import BaseModelInstance, ModelBuilder
+
     return ModelBuilder, BaseModelInstance
 
 
