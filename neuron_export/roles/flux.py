@@ -107,7 +107,98 @@ def wrap(model: Any, spec: ComponentSpec) -> Any:
         def forward(self, *inputs: torch.Tensor) -> tuple:
             return (_call(self.model, spec, inputs),)
 
+        def parallel_module(self) -> Any:
+            return wrap(parallel_transformer(self.model), spec)
+
+        def parallel_checkpoint(self) -> dict[str, Any]:
+            return parallel_checkpoint(dict(self.state_dict()), self.model, prefix="model.")
+
     return FluxTransformerForTrace().eval()
+
+
+def _split_attention(attention: Any, what: str) -> None:
+    from neuron_export.roles import parallel
+
+    attention.heads = parallel.per_rank(attention.heads, f"{what}'s attention heads")
+    for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        if getattr(attention, name, None) is not None:
+            setattr(attention, name, parallel.column(getattr(attention, name)))
+    if getattr(attention, "to_out", None) is not None:
+        attention.to_out[0] = parallel.row(attention.to_out[0])
+    if getattr(attention, "to_add_out", None) is not None:
+        attention.to_add_out = parallel.row(attention.to_add_out)
+
+
+def _split_feed_forward(feed_forward: Any) -> None:
+    from neuron_export.roles import parallel
+
+    feed_forward.net[0].proj = parallel.column(feed_forward.net[0].proj)
+    feed_forward.net[2] = parallel.row(feed_forward.net[2])
+
+
+def single_block_projection(linear: Any, attention_width: int) -> Any:
+    """A single block's proj_out for one rank. Its input is the concatenation [attention | MLP], and on a rank
+    that is [this rank's heads | this rank's MLP slice]: not a contiguous slice of proj_out's input features, so
+    one row-parallel layer would pair the wrong columns. Two row-parallel layers, one over each half (the bias
+    once), summed: W_attn a + W_mlp m + b, which is proj_out of the whole concatenation."""
+    import torch
+
+    from neuron_export.roles import parallel
+
+    class SplitProjection(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention_width = parallel.per_rank(attention_width, "a single block's attention width")
+            self.attn = parallel.row(linear, in_features=attention_width)
+            self.mlp = parallel.row(linear, bias=False, in_features=linear.in_features - attention_width)
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            attention, mlp = hidden_states.split(
+                [self.attention_width, hidden_states.shape[-1] - self.attention_width], dim=-1
+            )
+            return self.attn(attention) + self.mlp(mlp)
+
+    return SplitProjection()
+
+
+def split_transformer(model: Any) -> None:
+    """Swap a Flux transformer's attention and feed-forward layers for neuronx-distributed's parallel layers, in
+    place: q, k, v (and the text stream's) split by heads, the output projections row-parallel; feed-forward
+    first linear split by width, last row-parallel; a single block's MLP in split by width, its proj_out as
+    single_block_projection. Embedders, norms and the final projection stay whole."""
+    from neuron_export.roles import parallel
+
+    for index, block in enumerate(model.transformer_blocks):
+        _split_attention(block.attn, f"transformer block {index}")
+        _split_feed_forward(block.ff)
+        _split_feed_forward(block.ff_context)
+    for index, block in enumerate(model.single_transformer_blocks):
+        attention_width = block.attn.heads * block.attn.head_dim
+        _split_attention(block.attn, f"single transformer block {index}")
+        parallel.per_rank(block.proj_mlp.out_features, f"single transformer block {index}'s MLP width")
+        block.proj_mlp = parallel.column(block.proj_mlp)
+        block.proj_out = single_block_projection(block.proj_out, attention_width)
+
+
+def parallel_transformer(model: Any) -> Any:
+    """The Flux transformer one rank runs (roles/parallel.py)."""
+    from neuron_export.roles import parallel
+
+    return parallel.rebuild(model, split_transformer)
+
+
+def parallel_checkpoint(state: dict[str, Any], model: Any, prefix: str = "") -> dict[str, Any]:
+    """The model's state dict under the parallel module's names: each single block's proj_out weight cut at the
+    attention width into `proj_out.attn` (with the bias) and `proj_out.mlp`; everything else as it is."""
+    state = dict(state)
+    for index, block in enumerate(model.single_transformer_blocks):
+        name = f"{prefix}single_transformer_blocks.{index}.proj_out"
+        width = block.attn.heads * block.attn.head_dim
+        weight = state.pop(f"{name}.weight")
+        state[f"{name}.attn.weight"] = weight[:, :width].contiguous()
+        state[f"{name}.mlp.weight"] = weight[:, width:].contiguous()
+        state[f"{name}.attn.bias"] = state.pop(f"{name}.bias")
+    return state
 
 
 def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:

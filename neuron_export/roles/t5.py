@@ -66,7 +66,8 @@ def _encode(model: Any, spec: ComponentSpec, input_ids: Any) -> Any:
 
 
 def wrap(model: Any, spec: ComponentSpec) -> Any:
-    """`input_ids` -> a one-item tuple (the last hidden state)."""
+    """`input_ids` -> a one-item tuple (the last hidden state). `parallel_module()` builds what one rank of a
+    tensor-parallel ModelBuilder trace runs, `parallel_checkpoint()` the weights under that module's names."""
     import torch
 
     class T5EncoderForTrace(torch.nn.Module):
@@ -77,7 +78,43 @@ def wrap(model: Any, spec: ComponentSpec) -> Any:
         def forward(self, input_ids: torch.Tensor) -> tuple:
             return (_encode(self.model, spec, input_ids),)
 
+        def parallel_module(self) -> Any:
+            return wrap(parallel_encoder(self.model), spec)
+
+        def parallel_checkpoint(self) -> dict[str, Any]:
+            return dict(self.state_dict())
+
     return T5EncoderForTrace().eval()
+
+
+def split_encoder(encoder: Any) -> None:
+    """Swap a T5 encoder's attention and feed-forward layers for neuronx-distributed's parallel layers, in place.
+    Attention: q, k, v split by heads (each rank computes its heads), the relative position bias by heads too,
+    the output projection row-parallel (the heads' contributions summed over the ranks). Feed-forward: wi (or
+    wi_0 and wi_1, gated) split by width, wo row-parallel."""
+    from neuron_export.roles import parallel
+
+    for index, block in enumerate(encoder.encoder.block):
+        attention, feed_forward = block.layer[0].SelfAttention, block.layer[1].DenseReluDense
+        heads = parallel.per_rank(attention.n_heads, f"T5 block {index}'s attention heads")
+        for name in ("q", "k", "v"):
+            setattr(attention, name, parallel.column(getattr(attention, name)))
+        attention.o = parallel.row(attention.o)
+        attention.n_heads, attention.inner_dim = heads, heads * attention.key_value_proj_dim
+        if attention.has_relative_attention_bias:
+            attention.relative_attention_bias = parallel.head_embedding(attention.relative_attention_bias)
+        for name in ("wi", "wi_0", "wi_1"):
+            if hasattr(feed_forward, name):
+                parallel.per_rank(getattr(feed_forward, name).out_features, f"T5 block {index}'s d_ff")
+                setattr(feed_forward, name, parallel.column(getattr(feed_forward, name)))
+        feed_forward.wo = parallel.row(feed_forward.wo)
+
+
+def parallel_encoder(model: Any) -> Any:
+    """The T5 encoder one rank runs (roles/parallel.py): the model's names, its split layers sized for the rank."""
+    from neuron_export.roles import parallel
+
+    return parallel.rebuild(model, split_encoder)
 
 
 def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:

@@ -1,0 +1,122 @@
+"""Our tensor-parallel modules (roles/t5.py, roles/flux.py, from neuronx-distributed's parallel layers) compute
+what the unsharded eager module computes: each rank built as ModelBuilder builds it and loaded with its slice of
+the full weights, the ranks run together (tests/doubles/neuronx_distributed: ranks as threads, the layers' real
+all-reduce / all-gather), every rank's output equal to the eager encoder's / transformer's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+DOUBLES = Path(__file__).parent / "doubles"
+TP = 2
+
+
+@pytest.fixture
+def nxd(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The neuronx_distributed double on the path; returns (ranks.run, layers.shard_state_dict)."""
+    monkeypatch.syspath_prepend(str(DOUBLES))
+    for name in [name for name in sys.modules if name.split(".")[0] == "neuronx_distributed"]:
+        monkeypatch.delitem(sys.modules, name)
+    from neuronx_distributed.parallel_layers import layers, ranks
+
+    yield ranks.run, layers.shard_state_dict
+    for name in [name for name in sys.modules if name.split(".")[0] == "neuronx_distributed"]:
+        sys.modules.pop(name, None)
+
+
+def run_sharded(nxd: Any, wrapper: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every rank's output: its module (wrapper.parallel_module()) loaded with its slice of
+    wrapper.parallel_checkpoint() (every tensor the module has, none left over)."""
+    run, shard = nxd
+    checkpoint = wrapper.parallel_checkpoint()
+
+    def rank(index: int) -> torch.Tensor:
+        module = wrapper.parallel_module()
+        state = shard(module, checkpoint, index)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        with torch.no_grad():
+            return module(*inputs)[0]
+
+    return run(TP, rank)
+
+
+def tiny_flux() -> Any:
+    from neuron_export.testing.examples import tiny_flux_transformer
+
+    return tiny_flux_transformer().eval()
+
+
+def test_t5_encoder_on_two_ranks_equals_the_eager_encoder(nxd: Any) -> None:
+    from neuron_export.roles import t5
+    from neuron_export.roles.spec import ComponentSpec, TensorSpec
+    from neuron_export.testing.examples import tiny_t5_encoder
+
+    torch.manual_seed(0)
+    model = tiny_t5_encoder().eval()
+    spec = ComponentSpec(
+        name="text_encoder_2", model_type=t5.MODEL_TYPE, task="feature-extraction",
+        inputs=(TensorSpec("input_ids", (2, 12), "int64", high=model.config.vocab_size),),
+        outputs=("last_hidden_state",), static_shapes={}, traced={"tensor_parallel_size": TP},
+    )  # fmt: skip
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 12))
+    expected = t5.reference(model, spec, [input_ids])[0]
+    outputs = run_sharded(nxd, t5.wrap(model, spec), [input_ids])
+    assert len(outputs) == TP
+    for output in outputs:
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flux_transformer_on_two_ranks_equals_the_eager_transformer(nxd: Any) -> None:
+    from neuron_export.roles import flux
+
+    torch.manual_seed(0)
+    model = tiny_flux()
+    spec = flux_spec(model)
+    inputs = [torch.randn(t.shape) for t in spec.inputs]
+    expected = flux.reference(model, spec, inputs)[0]
+    outputs = run_sharded(nxd, flux.wrap(model, spec), inputs)
+    assert len(outputs) == TP
+    for output in outputs:
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def flux_spec(model: Any) -> Any:
+    from neuron_export.roles import flux
+    from neuron_export.roles.spec import ComponentSpec, TensorSpec
+
+    config = model.config
+    tokens, length, axes = 16, 12, sum(config.axes_dims_rope)
+    inputs = (
+        TensorSpec("hidden_states", (1, tokens, config.in_channels)),
+        TensorSpec("encoder_hidden_states", (1, length, config.joint_attention_dim)),
+        TensorSpec("pooled_projections", (1, config.pooled_projection_dim)),
+        TensorSpec("timestep", (1,)),
+        TensorSpec("guidance", (1,)),
+        TensorSpec("image_rotary_emb", (length + tokens, axes, 2)),
+    )
+    return ComponentSpec(
+        name="transformer", model_type=flux.MODEL_TYPE, task="semantic-segmentation", inputs=inputs,
+        outputs=("out_hidden_states",), static_shapes={}, traced={"tensor_parallel_size": TP},
+    )  # fmt: skip
+
+
+def test_a_wrong_split_differs_from_the_eager_module(nxd: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison above catches a wrong split: a single block's proj_out as one row-parallel layer over its
+    concatenated input (shapes fit, each rank pairs the wrong columns) gives other numbers."""
+    from neuron_export.roles import flux, parallel
+
+    monkeypatch.setattr(flux, "single_block_projection", lambda linear, width: parallel.row(linear))
+    monkeypatch.setattr(flux, "parallel_checkpoint", lambda state, model, prefix="": state)
+    torch.manual_seed(0)
+    model = tiny_flux()
+    spec = flux_spec(model)
+    inputs = [torch.randn(t.shape) for t in spec.inputs]
+    outputs = run_sharded(nxd, flux.wrap(model, spec), inputs)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(outputs[0], flux.reference(model, spec, inputs)[0], atol=1e-5, rtol=1e-5)
