@@ -269,11 +269,60 @@ def test_the_t5_shard_is_written_by_model_builder_with_the_weights_as_traced(neu
     assert not list(tmp_path.glob(".pixart_neuron.*"))
 
 
-def test_tensor_parallelism_on_neuron_is_refused_before_any_work(neuron_sdk, cli, tiny_model, tmp_path):
+def test_flux_at_tp_2_on_neuron_writes_each_ranks_slice(neuron_sdk, cli, tiny_model, tmp_path):
+    """--tensor-parallel-size 2 on the Neuron backend: the T5 and the transformer go through ModelBuilder at tp 2
+    (the transformer's trace with LOCAL_WORLD_SIZE=2, the T5's without), and each rank's shard holds that rank's
+    slice of the parallel layers (the double builds our parallel module and cuts the weights as the real one),
+    under our parallel module's names: the halves of a q projection, the whole of a norm."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    output = tmp_path / "flux_neuron"
+    source = tiny_model("flux")
+    result = cli(
+        "flux", "-m", source, "--backend", "neuron", "--tensor-parallel-size", "2", "--height", "64", "--width", "64",
+        "--components", "text_encoder_2,transformer", "--disable-validation", "-o", output,
+    )  # fmt: skip
+    assert result.exit_code == 0, result
+    t5_source = load_file(str(source / "text_encoder_2" / "model.safetensors"))
+    q = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    norm = "encoder.final_layer_norm.weight"
+    for rank in (0, 1):
+        path = output / "text_encoder_2" / "weights" / f"tp{rank}_sharded_checkpoint.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            assert handle.metadata()["split"] == "rank"
+        shard = load_file(str(path))
+        assert torch.equal(shard[f"model.{q}"], t5_source[q].chunk(2)[rank])
+        assert torch.equal(shard[f"model.{norm}"], t5_source[norm])
+        transformer = load_file(str(output / "transformer" / "weights" / f"tp{rank}_sharded_checkpoint.safetensors"))
+        out = "model.single_transformer_blocks.0.proj_out"
+        assert f"{out}.weight" not in transformer and {f"{out}.attn.weight", f"{out}.mlp.weight"} <= set(transformer)
+    builds = {event["component"]: event for event in read_nxd_events(tmp_path) if event["event"] == "nxd_trace"}
+    assert builds["transformer"]["environment"]["LOCAL_WORLD_SIZE"] == "2"
+    assert builds["text_encoder_2"]["environment"]["LOCAL_WORLD_SIZE"] is None
+
+
+def read_nxd_events(folder):
+    path = folder / "torch_neuronx_calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_tensor_parallelism_for_a_role_without_parallel_layers_is_refused(
+    neuron_sdk, cli, tiny_model, tmp_path, monkeypatch
+):
+    """A sharded role that cannot be split (Role.tensor_parallel False) refuses tp above 1 before any work."""
+    import dataclasses
+
+    from neuron_export.roles import registry
+
+    role = registry.FLUX_TRANSFORMER
+    monkeypatch.setitem(registry._ROLES, role.registry_name, dataclasses.replace(role, tensor_parallel=False))
     result = cli(
         "flux", "-m", tiny_model("flux"), "--backend", "neuron", "--tensor-parallel-size", "2", "-o", tmp_path / "out"
     )
     assert result.exit_code == 2 and "--tensor-parallel-size 2 with --backend neuron" in result.stderr, result
+    assert "cannot split transformer's layers" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 

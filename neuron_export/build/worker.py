@@ -271,6 +271,7 @@ def build_component(
             after_trace=job.after_trace,
             workdir=workdir / spec.name,
             tensor_parallel_size=int(spec.traced.get("tensor_parallel_size", 1)),
+            local_world_size=spec.traced.get("local_world_size"),
         )
         # ModelBuilder roles (weights beside the module) on the Neuron backend: traced and sharded by neuronx-distributed
         builder = None

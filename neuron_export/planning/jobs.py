@@ -36,7 +36,7 @@ from neuron_export.planning.keys import cache_key, component_model, traced_libra
 from neuron_export.planning.lora import LoraAdapter, LoraFusion, fusions_for, plan_loras
 from neuron_export.planning.source import ModelFacts, ModelSource, check_safetensors, read_facts
 from neuron_export.planning.sources import resolve_sources
-from neuron_export.roles.registry import default_components, role_of
+from neuron_export.roles.registry import FLUX_ARCHITECTURES, default_components, role_of, roles
 from neuron_export.roles.spec import ComponentSpec, Shapes
 from neuron_export.store.cache import ComponentCache, HashIndex
 
@@ -317,14 +317,23 @@ def native_side(config: ExportConfig, facts: ModelFacts) -> int:
 
 
 def check_tensor_parallelism(config: ExportConfig, backend: str) -> None:
-    """Tensor parallelism on Neuron needs each sharded role's layers split across ranks, not written yet: refused
-    before anything is downloaded, rather than compiled into shards that would not load."""
+    """Tensor parallelism on Neuron needs every sharded role of the family to be built from neuronx-distributed's
+    parallel layers (Role.tensor_parallel): otherwise refused before anything is downloaded, rather than compiled
+    into shards that would not load."""
     tp = config.spec.tensor_parallel_size
-    if backend == "neuron" and tp > 1:
+    if backend != "neuron" or tp == 1:
+        return
+    architectures = FLUX_ARCHITECTURES if config.spec.family == "flux" else frozenset()  # flux alone takes tp
+    unsplittable = [
+        role.name
+        for role in roles()
+        if role.sharded and not role.tensor_parallel and role.architectures & architectures
+    ]
+    if unsplittable or not architectures:
         raise ExportError(
-            f"--tensor-parallel-size {tp} with --backend neuron: neuron-export cannot yet split a component's "
-            "layers across NeuronCores, so those shards would not load; pass --tensor-parallel-size 1, or "
-            "--backend cpu to build and check the layout."
+            f"--tensor-parallel-size {tp} with --backend neuron: neuron-export cannot split "
+            f"{', '.join(unsplittable) or 'this family'}'s layers across NeuronCores, so those shards would not "
+            "load; pass --tensor-parallel-size 1, or --backend cpu to build and check the layout."
         )
 
 

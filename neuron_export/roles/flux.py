@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.roles import t5
+from neuron_export.roles.registry import role_of
 from neuron_export.roles.spec import ComponentSpec, Shapes, TensorSpec
 
 if TYPE_CHECKING:
@@ -56,7 +57,15 @@ def describe(name: str, facts: ModelFacts, shapes: Shapes) -> ComponentSpec:
             "encoder_hidden_size": int(facts.text_encoder["hidden_size"]),
             "rotary_axes_dim": axes,
         },
-        traced={"tensor_parallel_size": shapes.tensor_parallel_size},
+        traced={
+            "tensor_parallel_size": shapes.tensor_parallel_size,
+            # the reference compiles it with LOCAL_WORLD_SIZE set (the role's local_world_size)
+            **(
+                {"local_world_size": shapes.tensor_parallel_size}
+                if role_of(name, facts.architecture).local_world_size
+                else {}
+            ),
+        },
     )
 
 

@@ -88,6 +88,12 @@ class Role:
     key: str = ""  # its registry name when that is not `name` (a second role with the same component name)
     # neuronx-distributed ModelBuilder roles: weights kept out of the NEFF, in weights/tp{r}_sharded_checkpoint
     sharded: bool = False
+    # a sharded role whose modules are made of neuronx-distributed's parallel layers (roles/parallel.py), so it can
+    # be split over --tensor-parallel-size ranks on Neuron
+    tensor_parallel: bool = False
+    # its ModelBuilder trace runs with LOCAL_WORLD_SIZE set to the tensor parallel size (as optimum-neuron's Flux
+    # transformer config sets it; its T5 config does not, outside trn2)
+    local_world_size: bool = False
     generic_flags: bool = True  # False: `flags` are the whole compiler string (no --auto-cast, --optlevel, --target)
 
     @property
@@ -325,6 +331,7 @@ T5_ENCODER = register(
         default=True,
         architectures=PIXART_ARCHITECTURES,
         sharded=True,
+        tensor_parallel=True,
         generic_flags=False,
         count=lambda facts: int(facts.text_encoder is not None),
     )
@@ -360,6 +367,7 @@ FLUX_T5_ENCODER = register(
         default=True,
         architectures=FLUX_ARCHITECTURES,
         sharded=True,
+        tensor_parallel=True,
         generic_flags=False,
         count=lambda facts: int(facts.text_encoder_2 is not None),
     )
@@ -373,12 +381,17 @@ FLUX_TRANSFORMER = register(
         slot="transformer",
         adapter=f"{ADAPTERS}:flux_transformer_slot",
         costs=DIT_COSTS,
-        flags=TRANSFORMER,  # optimum adds --model-type transformer, and fast loading for a "transformer" class
+        # optimum-neuron compiles it as an NxD component: the T5's fixed string (FluxTransformerNeuronConfig
+        # get_compiler_args without context parallelism, off trn2), whatever --auto-cast and --optlevel say
+        flags=T5_FLAGS,
+        generic_flags=False,
         default=True,
         feature_map=(96, 1),
         with_unet=True,
         lazy_load=True,
         architectures=FLUX_ARCHITECTURES,
         sharded=True,
+        tensor_parallel=True,
+        local_world_size=True,
     )
 )

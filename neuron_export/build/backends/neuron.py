@@ -1,6 +1,7 @@
 """torch_neuronx.trace with explicit neuronx-cc flags per component role and model architecture, and
-neuronx-distributed's ModelBuilder for the sharded roles (the T5 encoders): weights kept out of the NEFF, in
-`weights/tp{rank}_sharded_checkpoint.safetensors` shards written by ModelBuilder.shard_checkpoint.
+neuronx-distributed's ModelBuilder for the sharded roles (the T5 encoders, the Flux transformer): weights kept
+out of the NEFF, in `weights/tp{rank}_sharded_checkpoint.safetensors` shards written by
+ModelBuilder.shard_checkpoint, each rank's slice of the parallel layers above tensor parallelism 1.
 
 The flags come from neuron_export/compiler.py and the role registry (neuron_export/roles/registry.py), never from a model's path or class name (the
 reference exporter's substring matching silently drops them for local paths).
@@ -8,10 +9,11 @@ reference exporter's substring matching silently drops them for local paths).
 ModelBuilder is called as optimum-neuron 0.4.5 calls it (optimum/exporters/neuron/convert.py get_builder,
 trace_neuronx, shard_weights): the same construction arguments, one model added under the key `BaseModelInstance`
 with the role's fixed compiler string as one string and the example inputs as one bucket, traced without
-initializing weights, then sharded into a folder named `weights/`. What differs is ours: the callable that
-builds the module (our traced wrapper, the same module the CPU backend traces) and the checkpoint loader (that
-module's state dict, so a fused LoRA and --torch-dtype are in the shards, where the reference re-reads the
-source files from disk).
+initializing weights, then sharded into a folder named `weights/`, with LOCAL_WORLD_SIZE=tp while a
+tensor-parallel component traces. What differs is ours: the callable that builds the module (at tp 1 our traced
+wrapper, the same module the CPU backend traces; above, the role's module made of neuronx-distributed's parallel
+layers, roles/parallel.py) and the checkpoint loader (that module's weights, so a fused LoRA and --torch-dtype
+are in the shards, where the reference re-reads the source files from disk).
 """
 
 from __future__ import annotations
@@ -52,12 +54,12 @@ def shard_name(rank: int) -> str:
 
 
 @contextlib.contextmanager
-def compile_environment(tensor_parallel_size: int = 1) -> Iterator[None]:
-    """The reference's compile environment; a tensor-parallel ModelBuilder trace also gets LOCAL_WORLD_SIZE=tp
-    (as optimum-neuron sets it for Flux)."""
+def compile_environment(local_world_size: int | None = None) -> Iterator[None]:
+    """The reference's compile environment; a ModelBuilder trace of a role that says so also gets
+    LOCAL_WORLD_SIZE (as optimum-neuron sets it for the Flux transformer, not for its T5)."""
     environment = dict(COMPILE_ENVIRONMENT)
-    if tensor_parallel_size > 1:
-        environment["LOCAL_WORLD_SIZE"] = str(tensor_parallel_size)
+    if local_world_size is not None:
+        environment["LOCAL_WORLD_SIZE"] = str(local_world_size)
     saved = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)
     try:
@@ -115,17 +117,24 @@ def _model_builder(component: str) -> tuple[Any, Any]:
 
 def parallel_module(wrapper: Any, tensor_parallel_size: int) -> Any:
     """What ModelBuilder's BaseModelInstance builds on each rank. At tp 1 a parallel layer is the plain layer,
-    so it is the wrapper as traced on the CPU backend; above 1 a role must give its layers as
-    neuronx-distributed's parallel layers (not written yet)."""
-    if tensor_parallel_size != 1:
-        raise NotImplementedError("ModelBuilder modules with tensor parallelism above 1")
-    return wrapper
+    so it is the wrapper as traced on the CPU backend; above 1 it is the role's module made of
+    neuronx-distributed's parallel layers (the wrapper's parallel_module: roles/t5.py, roles/flux.py), built
+    while ModelBuilder's parallel_state says the rank count and rank."""
+    if tensor_parallel_size == 1:
+        return wrapper
+    build = getattr(wrapper, "parallel_module", None)
+    if build is None:
+        raise BuildError(f"{type(wrapper).__name__} has no tensor-parallel module (its role cannot be split).")
+    return build()
 
 
-def checkpoint(wrapper: Any) -> dict[str, Any]:
+def checkpoint(wrapper: Any, tensor_parallel_size: int = 1) -> dict[str, Any]:
     """ModelBuilder's checkpoint loader: the module's own state dict (the weights as traced: LoRA fused, dtype
-    cast), each tensor its own contiguous copy (tied ones included), named as the module names its parameters."""
-    return {name: tensor.detach().clone().contiguous() for name, tensor in wrapper.state_dict().items()}
+    cast), each tensor its own contiguous copy (tied ones included), named as the module ModelBuilder builds
+    (parallel_module) names its parameters: above tp 1, the role's parallel_checkpoint (whole tensors; the
+    builder cuts each parallel layer's for each rank)."""
+    state = wrapper.parallel_checkpoint() if tensor_parallel_size > 1 else wrapper.state_dict()
+    return {name: tensor.detach().clone().contiguous() for name, tensor in state.items()}
 
 
 def no_process_groups() -> None:
@@ -147,7 +156,7 @@ def compile_sharded(wrapper: Any, example_inputs: list[Any], request: CompileReq
         world_size=tp,
         start_rank_id=0,
         local_ranks_size=tp,
-        checkpoint_loader=functools.partial(checkpoint, wrapper),
+        checkpoint_loader=functools.partial(checkpoint, wrapper, tp),
         compiler_workdir=str(request.workdir),
         debug=False,
         num_cores_per_group=1,
@@ -162,7 +171,7 @@ def compile_sharded(wrapper: Any, example_inputs: list[Any], request: CompileReq
         compiler_args=" ".join(request.compiler_args),  # ModelBuilder takes one string
         priority_model_idx=0,
     )
-    with compile_environment(tp):
+    with compile_environment(request.local_world_size):
         traced = builder.trace(initialize_model_weights=False)
     return traced, builder
 

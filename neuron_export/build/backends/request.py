@@ -17,3 +17,4 @@ class CompileRequest:
     after_trace: tuple[str, ...]  # torch_neuronx calls on the traced module before saving, in order
     workdir: Path
     tensor_parallel_size: int = 1  # ranks of a neuronx-distributed ModelBuilder component (sharded roles)
+    local_world_size: int | None = None  # LOCAL_WORLD_SIZE while it traces (the role's local_world_size), or unset

@@ -14,7 +14,8 @@ torch_neuronx double's record (same file, same rules for where it goes: tests/do
      "example_inputs" (one entry per bucket: {"shapes", "dtypes"}), "kwargs" (the other keywords)}
   - {"event": "nxd_trace", "builder_id", "component", "trace_id", "kwargs", "environment" (ENVIRONMENT_KEYS)}
   - {"event": "nxd_shard_checkpoint", "builder_id", "component", "serialize_path", "files" (names, rank order),
-     "tensors" (count per file), "dtypes", "shapes" {name: shape} (the checkpoint loader's state dict)}
+     "split" ("rank" or "none"), "unsplit_reason", "tensors" (count per file), "dtypes", "shapes" {name: shape}
+     (the checkpoint loader's state dict), "rank_shapes" (per file {name: shape})}
   - {"event": "nxd_transform_weight_layout", ...}: only when NXD_LAYOUT_TRANSFORMATION_OPTIONS is set.
 tests/conformance/calls.py (merge_nxd_builds) folds them into one dict per builder. Arguments are bound to the
 real parameter lists (neuronx-distributed's ModelBuilder.__init__ / add / trace), so a keyword the real API lacks
@@ -25,10 +26,12 @@ What is written, as the real one names it: trace returns a TorchScript module wi
 optimum/neuron/modeling_traced.py); its forward computes nothing (a NEFF would). It carries the double's stamp
 (attribute `torch_neuronx_double`, see torch_neuronx.artifact_info). shard_checkpoint writes
 `tp{rank}_sharded_checkpoint.safetensors` for each local rank (start_rank_id .. + local_ranks_size, every rank <
-tp_degree on one host), each holding the checkpoint loader's full state dict. The real builder builds the parallel
-model (module_cls, on the meta device), drops the checkpoint keys that model's state_dict lacks and slices each
-parallel layer's weights for the rank (neuronx_distributed/trace/trace.py preprocess_checkpoint / shard_children);
-this double does not build the model, so its shards are unsplit supersets (their metadata says "split": "none").
+tp_degree on one host), each holding that rank's state dict as the real builder makes it: the parallel model built
+(module_cls, with parallel_state at tp_degree: the double's parallel layers, parallel_layers/layers.py), the
+checkpoint keys its state_dict lacks dropped, each parallel layer's weights sliced for the rank
+(neuronx_distributed/trace/trace.py preprocess_checkpoint / shard_children); metadata "split": "rank". A model the
+double cannot build (optimum-neuron's parallel Flux transformer imports NKI kernels) gets unsplit shards, metadata
+"split": "none" and the reason, recorded in the event too.
 If the torch_neuronx double's fail-on marker names the component, trace fails like a neuronx-cc crash.
 """
 
@@ -268,29 +271,64 @@ class ModelBuilder:
         artifact._c._register_attribute(torch_neuronx.STAMP_ATTRIBUTE, torch._C.StringType.get(), json.dumps(stamp))
         return artifact
 
+    def _parallel_model(self) -> tuple[torch.nn.Module | None, str | None]:
+        """The first added model as the real builder builds it for sharding (its model instance's load_module /
+        get, parallel_state at tp_degree), or None and why when its module needs what this double lacks (an
+        ImportError: optimum-neuron's own parallel Flux model imports NKI kernels)."""
+        if not self.models:
+            raise RuntimeError("TEST DOUBLE ModelBuilder.shard_checkpoint: no model was added")
+        instance = self.models[0]["model_instance"]
+        try:
+            instance.load_module()
+        except ImportError as exc:
+            return None, f"module_cls not built: {type(exc).__name__}: {exc}"
+        model, _ = instance.get(0)
+        return model, None
+
     def shard_checkpoint(self, serialize_path: str | os.PathLike[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        """One state dict per local rank, as the real one: the parallel model built with parallel_state at
+        tp_degree, the checkpoint's keys the model lacks dropped, each parallel layer's weights cut for the rank
+        (parallel_layers/layers.py shard_state_dict: the real trace.py's preprocess_checkpoint / shard_children).
+        When the model cannot be built here (see _parallel_model) every shard is the unsplit checkpoint and its
+        metadata says "split": "none" with the reason, as the record does."""
         import torch_neuronx
         from safetensors.torch import save_file
+
+        from neuronx_distributed.parallel_layers import layers, parallel_state
 
         if self.checkpoint_loader is None:
             raise RuntimeError("TEST DOUBLE ModelBuilder.shard_checkpoint: no checkpoint_loader was given")
         state = {name: tensor.detach().clone().contiguous() for name, tensor in self.checkpoint_loader().items()}
         ranks = range(self.start_rank_id, self.start_rank_id + self.local_ranks_size)  # the real builder's ranks
-        shards = [dict(state) for _ in ranks]
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp_degree)
+        try:
+            model, unsplit_reason = self._parallel_model()
+            if model is None:
+                shards = [dict(state) for _ in ranks]
+            else:
+                shards = [layers.shard_state_dict(model, state, rank) for rank in ranks]
+        finally:
+            parallel_state.destroy_model_parallel()
+        split = "none" if model is None else "rank"
         files = [SHARD_NAME.format(rank=rank) for rank in ranks]
         if serialize_path is not None:
             folder = Path(serialize_path)
             folder.mkdir(parents=True, exist_ok=True)
             for rank, name, shard in zip(ranks, files, shards, strict=True):
-                metadata = {"test_double": "neuronx_distributed", "rank": str(rank), "split": "none"}
+                metadata = {"test_double": "neuronx_distributed", "rank": str(rank), "split": split}
+                if unsplit_reason is not None:
+                    metadata["reason"] = unsplit_reason
                 save_file(shard, str(folder / name), metadata=metadata)
         self._emit(
             "nxd_shard_checkpoint",
             serialize_path=str(serialize_path) if serialize_path is not None else None,
             files=files if serialize_path is not None else [],
+            split=split,
+            unsplit_reason=unsplit_reason,
             tensors=[len(shard) for shard in shards],
             dtypes=sorted({torch_neuronx._dtype_name(t.dtype) for t in state.values()}),
             shapes={name: list(tensor.shape) for name, tensor in sorted(state.items())},
+            rank_shapes=[{name: list(t.shape) for name, t in sorted(shard.items())} for shard in shards],
         )
         return shards
 
