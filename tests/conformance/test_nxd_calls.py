@@ -9,7 +9,8 @@ and dtypes, trace's keywords), the input and output names optimum gives it, the 
 it traced, tensor parallelism and every file its folder holds (the weights/tp{r}_sharded_checkpoint.safetensors
 shards included). It was read off a run and checked line by line against optimum's source (convert.py get_builder /
 trace_neuronx / shard_weights, model_configs.py T5EncoderForDiffusersNeuronConfig / FluxTransformerNeuronConfig
-get_compiler_args). Our Neuron backend is to make the same calls; a later test compares the two.
+get_compiler_args). Below, our Neuron backend's calls are compared with optimum's on the same tiny sources:
+PixArt-Σ (T5 at tp=1) and Flux at tp=2 (T5 and transformer split by our parallel modules).
 """
 
 from __future__ import annotations
@@ -140,32 +141,42 @@ def component_differences(ours: dict[str, Any], expected: dict[str, Any]) -> dic
 OUR_SIZE = 64  # our smallest --height / --width (optimum's case above uses 16)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, Any]]]:
-    """Our `--backend neuron` export of the tiny PixArt-Σ example (neuron_export/testing/examples.py), the
-    recording doubles standing in for torch_neuronx and neuronx_distributed, and optimum's export of the same
-    source with the same options: {"ours": summaries, "optimum": summaries} (calls.component_summaries)."""
+def our_and_optimums_calls(
+    root: Path, example: str, family: str, options: dict[str, Any], our_args: list[Any]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Our `--backend neuron` export of a tiny example (neuron_export/testing/examples.py), the recording doubles
+    standing in for torch_neuronx and neuronx_distributed, and optimum's export of the same source with the same
+    options: {"ours": summaries, "optimum": summaries} (calls.component_summaries)."""
     from conftest import run_cli
 
     from conformance.conftest import neuron_sdk_doubles
     from neuron_export.testing.examples import build_example
 
-    root = tmp_path_factory.mktemp("nxd-pair")
-    source = build_example("pixart-sigma", root / "source")
+    source = build_example(example, root / "source")
     output = root / "ours" / "export"
     with neuron_sdk_doubles():
         result = run_cli(
-            "pixart", "-m", source, "--height", OUR_SIZE, "--width", OUR_SIZE,
+            family, "-m", source, "--height", options["height"], "--width", options["width"], *our_args,
             "--backend", "neuron", "--disable-validation", "-o", output, "--cache-dir", root / "cache",
         )  # fmt: skip
     assert result.exit_code == 0, result
     ours = calls.component_summaries(calls.read_events(output.parent / "torch_neuronx_calls.jsonl"), output)
-    (theirs,) = venv.export([{"model": source, "output": root / "optimum", "height": OUR_SIZE, "width": OUR_SIZE}])[
-        "results"
-    ]
+    (theirs,) = venv.export([{"model": source, "output": root / "optimum", **options}])["results"]
     assert theirs["ok"], theirs.get("error")
     optimum = calls.component_summaries(calls.read_events(theirs["record"]), theirs["output"])
-    return {"ours": ours, "optimum": optimum}
+    return {
+        "ours": ours,
+        "optimum": optimum,
+        "our_record": calls.read_events(output.parent / "torch_neuronx_calls.jsonl"),
+        "optimum_record": calls.read_events(theirs["record"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, Any]]]:
+    """The tiny PixArt-Σ at OUR_SIZE, ours and optimum's (our_and_optimums_calls)."""
+    root = tmp_path_factory.mktemp("nxd-pair")
+    return our_and_optimums_calls(root, "pixart-sigma", "pixart", {"height": OUR_SIZE, "width": OUR_SIZE}, [])
 
 
 @pytest.mark.parametrize("component", EXPECTED["pixart-sigma"]["order"])
@@ -201,3 +212,74 @@ def test_a_planted_fault_in_our_t5_calls_is_a_difference(
     planted = json.loads(json.dumps(pair["ours"]["text_encoder"]))
     fault[1](planted)
     assert component_differences(planted, pair["optimum"]["text_encoder"])
+
+
+# ------------------------------------------------------------------ Flux at tensor parallelism 2
+
+FLUX_TP = 2
+FLUX_SEQUENCE_LENGTH = 12
+
+
+@pytest.fixture(scope="module")
+def flux_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, dict[str, Any]]]:
+    """The tiny Flux (heads, T5 heads and widths divisible by 2) at OUR_SIZE and tp 2, ours and optimum's."""
+    root = tmp_path_factory.mktemp("nxd-flux-pair")
+    options = {
+        "height": OUR_SIZE,
+        "width": OUR_SIZE,
+        "sequence_length": FLUX_SEQUENCE_LENGTH,
+        "extra_args": ["--tensor_parallel_size", str(FLUX_TP)],
+    }
+    our_args = ["--tensor-parallel-size", FLUX_TP, "--sequence-length", FLUX_SEQUENCE_LENGTH]
+    return our_and_optimums_calls(root, "flux", "flux", options, our_args)
+
+
+@pytest.mark.parametrize("component", EXPECTED["flux-tp2"]["order"])
+def test_our_neuron_backend_makes_optimums_calls_for_flux_at_tp_2(
+    flux_pair: dict[str, dict[str, dict[str, Any]]], component: str
+) -> None:
+    """Per component: ModelBuilder at tp 2 for the T5 and the transformer (construction keywords, the NxD
+    compiler string, example inputs, LOCAL_WORLD_SIZE for the transformer alone, one shard per rank),
+    torch_neuronx.trace for CLIP and the VAE halves."""
+    assert sorted(flux_pair["ours"]) == sorted(flux_pair["optimum"]) == sorted(EXPECTED["flux-tp2"]["order"])
+    diff = component_differences(flux_pair["ours"][component], flux_pair["optimum"][component])
+    assert not diff, f"{component}: (ours, optimum's) per differing key: {diff}"
+
+
+def test_our_flux_shards_are_each_ranks_slice(flux_pair: dict[str, Any]) -> None:
+    """Our shards are cut per rank (the double built our parallel module): a q projection is half as tall on
+    each rank, a norm whole. optimum's T5 is cut too; its transformer cannot be built by the double (it imports
+    neuronx-distributed modules the double lacks, and NKI kernels), so its shards are unsplit and say so."""
+    ours = [e for e in flux_pair["our_record"] if e["event"] == "nxd_shard_checkpoint"]
+    assert sorted(e["component"] for e in ours) == ["text_encoder_2", "transformer"]
+    for event in ours:
+        assert event["split"] == "rank", event.get("unsplit_reason")
+        names = event["shapes"]
+        q = next(name for name in names if name.endswith(("attn.to_q.weight", "SelfAttention.q.weight")))
+        norm = next(name for name in names if "norm" in name and name.endswith("weight"))
+        assert [shapes[q][0] * FLUX_TP for shapes in event["rank_shapes"]] == [names[q][0]] * FLUX_TP
+        assert [shapes[norm] for shapes in event["rank_shapes"]] == [names[norm]] * FLUX_TP
+    theirs = {e["component"]: e for e in flux_pair["optimum_record"] if e["event"] == "nxd_shard_checkpoint"}
+    assert theirs["text_encoder_2"]["split"] == "rank"
+    assert (
+        theirs["transformer"]["split"] == "none" and "module_cls not built" in theirs["transformer"]["unsplit_reason"]
+    )
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        (
+            "dropped shard",
+            lambda s: s.update(shards=s["shards"][:1], files=[f for f in s["files"] if f != s["shards"][-1]]),
+        ),
+        ("wrong compiler string", lambda s: s["models"][0].update(compiler_args="--model-type=transformer -O2")),
+        ("tensor parallelism", lambda s: (s["builder"].update(tp_degree=1), s.update(tensor_parallel_size=1))),
+        ("no LOCAL_WORLD_SIZE", lambda s: s["environment"].pop("LOCAL_WORLD_SIZE", None)),
+    ],
+    ids=lambda fault: fault[0],
+)
+def test_a_planted_fault_in_our_flux_transformer_calls_is_a_difference(flux_pair: dict[str, Any], fault: Any) -> None:
+    planted = json.loads(json.dumps(flux_pair["ours"]["transformer"]))
+    fault[1](planted)
+    assert component_differences(planted, flux_pair["optimum"]["transformer"])

@@ -30,7 +30,7 @@ tp_degree on one host), each holding that rank's state dict as the real builder 
 (module_cls, with parallel_state at tp_degree: the double's parallel layers, parallel_layers/layers.py), the
 checkpoint keys its state_dict lacks dropped, each parallel layer's weights sliced for the rank
 (neuronx_distributed/trace/trace.py preprocess_checkpoint / shard_children); metadata "split": "rank". A model the
-double cannot build (optimum-neuron's parallel Flux transformer imports NKI kernels) gets unsplit shards, metadata
+double cannot build (optimum-neuron's parallel Flux transformer imports neuronx-distributed modules it lacks, and NKI kernels) gets unsplit shards, metadata
 "split": "none" and the reason, recorded in the event too.
 If the torch_neuronx double's fail-on marker names the component, trace fails like a neuronx-cc crash.
 """
@@ -274,7 +274,7 @@ class ModelBuilder:
     def _parallel_model(self) -> tuple[torch.nn.Module | None, str | None]:
         """The first added model as the real builder builds it for sharding (its model instance's load_module /
         get, parallel_state at tp_degree), or None and why when its module needs what this double lacks (an
-        ImportError: optimum-neuron's own parallel Flux model imports NKI kernels)."""
+        ImportError: optimum-neuron's own parallel Flux model imports parallel_layers.layer_norm and NKI kernels)."""
         if not self.models:
             raise RuntimeError("TEST DOUBLE ModelBuilder.shard_checkpoint: no model was added")
         instance = self.models[0]["model_instance"]
