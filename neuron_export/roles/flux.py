@@ -4,7 +4,10 @@ image_rotary_emb) -> `out_hidden_states`, the packed velocity prediction.
 The rotary embedding is an input, computed on the host from the text and image position ids ([S + N,
 sum(axes_dims_rope), 2]: cosines then sines, no batch dimension), as optimum-neuron traces it. optimum-neuron builds
 it through neuronx-distributed's ModelBuilder with tensor parallelism, its weights beside the module in
-`weights/tp{rank}_sharded_checkpoint.safetensors` for every rank; `write_weights` writes those shards.
+`weights/tp{rank}_sharded_checkpoint.safetensors` for every rank; `write_weights` writes those shards for the CPU
+backend. On Neuron, ModelBuilder builds `parallel_transformer` on each rank (diffusers' transformer with its
+attention and feed-forward layers swapped for neuronx-distributed's parallel layers, roles/parallel.py) and cuts
+`parallel_checkpoint` (the weights under that module's names) for each rank.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """T5 encoders (PixArt-α/-Σ's `text_encoder`, Flux's `text_encoder_2`): `input_ids` -> `last_hidden_state`.
 
 optimum-neuron traces them through neuronx-distributed's ModelBuilder with the weights outside the NEFF, in
-`weights/tp{rank}_sharded_checkpoint.safetensors` beside the module; `write_weights` writes those shards.
+`weights/tp{rank}_sharded_checkpoint.safetensors` beside the module; `write_weights` writes those shards for the
+CPU backend. Above tensor parallelism 1 the Neuron backend has ModelBuilder build `parallel_encoder` on each rank:
+the same encoder with q/k/v, the relative position bias and the feed-forward's first linears split by heads /
+width and the output projections row-parallel (neuronx-distributed's parallel layers, roles/parallel.py).
 
 The attention mask: optimum-neuron's loader never passes one to a `t5-encoder` (its text-encoder part drops it),
 so a mask input would make the export unloadable there, and the reference runs the encoder unmasked, which drifts
