@@ -120,3 +120,18 @@ def test_a_wrong_split_differs_from_the_eager_module(nxd: Any, monkeypatch: pyte
     outputs = run_sharded(nxd, flux.wrap(model, spec), inputs)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(outputs[0], flux.reference(model, spec, inputs)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_ranks_module_holds_each_parameter_in_the_models_dtype(nxd: Any) -> None:
+    """A T5 in bfloat16 with its `wo` kept in float32 (as transformers keeps it): each rank's module the same."""
+    from neuron_export.roles import t5
+    from neuron_export.testing.examples import tiny_t5_encoder
+
+    model = tiny_t5_encoder().eval().to(torch.bfloat16)
+    for block in model.encoder.block:
+        block.layer[1].DenseReluDense.wo.float()
+    run, _ = nxd
+    dtypes = run(TP, lambda rank: {name: p.dtype for name, p in t5.parallel_encoder(model).named_parameters()})
+    expected = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes == [expected] * TP
+    assert expected["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32

@@ -79,22 +79,33 @@ def set_child(root: Any, path: str, module: Any) -> None:
 
 
 def rebuild(model: Any, split: Callable[[Any], None]) -> Any:
-    """`model`'s architecture for this rank: rebuilt from its config on the meta device, `split(copy)` swapping in
-    parallel layers (built on the CPU), then the rest given empty CPU storage in the model's dtype."""
+    """`model`'s architecture for this rank: rebuilt from its config on the meta device, each parameter in the
+    dtype the model holds it in, `split(copy)` swapping in parallel layers (built on the CPU, in the dtype of the
+    layer each replaces), then the rest given empty CPU storage."""
     import torch
 
-    dtype = next(model.parameters()).dtype
     with torch.device("meta"):
         copy = (
             type(model)(model.config) if hasattr(type(model), "config_class") else type(model).from_config(model.config)
         )
-    copy = copy.to(dtype).eval()
+    dtypes = {name: tensor.dtype for name, tensor in model.named_parameters(remove_duplicate=False)}
+    cast: dict[int, Any] = {}  # a tied parameter (T5's shared / embed_tokens) stays one parameter
+    for module_name, module in copy.named_modules(remove_duplicate=False):  # each in the model's dtype for it
+        for name, tensor in list(module.named_parameters(recurse=False)):
+            if id(tensor) not in cast:
+                dtype = dtypes.get(f"{module_name}.{name}" if module_name else name, tensor.dtype)
+                cast[id(tensor)] = torch.nn.Parameter(tensor.to(dtype), False)
+            module.register_parameter(name, cast[id(tensor)])
+    copy = copy.eval()
     with torch.device("cpu"):
         split(copy)
-    for module in copy.modules():
+    storage: dict[int, Any] = {}
+    for _, module in copy.named_modules(remove_duplicate=False):
         for name, tensor in list(module.named_parameters(recurse=False)):
             if tensor.is_meta:
-                module.register_parameter(name, torch.nn.Parameter(torch.empty_like(tensor, device="cpu"), False))
+                if id(tensor) not in storage:
+                    storage[id(tensor)] = torch.nn.Parameter(torch.empty_like(tensor, device="cpu"), False)
+                module.register_parameter(name, storage[id(tensor)])
         for name, tensor in list(module.named_buffers(recurse=False)):
             if tensor is not None and tensor.is_meta:
                 raise RuntimeError(f"{type(module).__name__}.{name}: a buffer cannot be rebuilt from the config")
