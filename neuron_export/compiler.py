@@ -167,7 +167,7 @@ def compiler_args(
     architecture: str | None = None,
 ) -> list[str]:
     role = role_of(component, architecture)
-    if not role.generic_flags:  # its own fixed string (the T5 encoder), whatever the export's cast and level
+    if not role.generic_flags:  # a ModelBuilder role: its fixed string, whatever the export's cast and level
         return list(role.flags)
     args = ["--auto-cast", AUTO_CAST_FLAG[auto_cast]]
     if auto_cast != "none" and auto_cast_type:
