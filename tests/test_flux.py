@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from neuron_export.roles.registry import T5_FLAGS, role_of
@@ -53,7 +54,8 @@ def test_the_export_has_optimums_folders_and_a_shard_per_rank(flux_export, tiny_
     assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json"} <= files
     assert "tokenizer_2/tokenizer.json" in files
     assert not any(name.startswith(("unet/", "vae/")) for name in files)
-    # every rank's shard holds the component's weights as the source has them
+    # every rank's shard holds the component's weights as the source has them, under the traced wrapper's names
+    # (`model.` + the source's), as the Neuron backend's ModelBuilder shards do; the module holds none of them
     for component, weights_file in (
         ("text_encoder_2", "model.safetensors"),
         ("transformer", "diffusion_pytorch_model.safetensors"),
@@ -62,7 +64,11 @@ def test_the_export_has_optimums_folders_and_a_shard_per_rank(flux_export, tiny_
         for rank in (0, 1):
             tensors = load_file(str(flux_export / shard(component, rank)))
             for key, tensor in source.items():
-                assert key in tensors and bool((tensors[key] == tensor).all()), (component, rank, key)
+                name = f"model.{key}"
+                assert name in tensors and bool((tensors[name] == tensor).all()), (component, rank, key)
+        module = torch.jit.load(str(flux_export / component / "model.neuron"))
+        assert hasattr(module, "nxd_model")
+        assert sum(t.numel() for t in module.state_dict().values()) == 0
 
 
 def test_each_config_has_the_neuron_block_optimum_writes(flux_export):
