@@ -256,6 +256,81 @@ def test_generate_writes_the_image_of_the_eager_pipeline(cli, flux_export, tiny_
     assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1
 
 
+# --- the shards are what the artifacts compute with ------------------------------------------------------
+
+CHANGED = "model.proj_out.weight"  # the transformer's last projection: any change shows in the image
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """The shard at `path` rewritten with `change(tensors)` applied (its header metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def flux_images(export: Path):
+    import torch
+
+    import neuron_export
+
+    pipe = neuron_export.load(export)
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe(PROMPTS[0], num_inference_steps=STEPS, generator=generator, output_type="np").images
+
+
+def test_a_changed_shard_changes_what_load_computes_and_verify_names_it(flux_export, tmp_path, cli):
+    """Our load computes with rank 0's shard as it is on disk (it does not check hashes: `verify` does)."""
+    import numpy as np
+
+    changed = tmp_path / "changed"
+    shutil.copytree(flux_export, changed)
+    rewrite_shard(changed / shard("transformer", 0), lambda tensors: tensors[CHANGED].mul_(-1.0))
+    difference = float(np.abs(flux_images(changed) - flux_images(flux_export)).max())
+    assert difference > 0.01, difference
+
+    code, out, _ = cli("verify", changed, "--json")
+    assert code == 3
+    problems = json.loads(out)["checks"]["integrity"]["problems"]
+    assert len(problems) == 1 and problems[0].startswith(f"{shard('transformer', 0)}: sha256"), problems
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda tensors: tensors.pop(CHANGED), f"has no tensor {CHANGED}"),
+        (lambda tensors: tensors.__setitem__(CHANGED, torch.zeros(3)), f"{CHANGED} has shape [3]"),
+        (lambda tensors: tensors.__setitem__(CHANGED, tensors[CHANGED].half()), f"{CHANGED} is not float32"),
+        (lambda tensors: tensors.__setitem__("model.extra.weight", torch.zeros(1)), "model.extra.weight"),
+    ],
+    ids=["missing", "shape", "dtype", "unexpected"],
+)
+def test_a_shard_that_does_not_fit_its_module_is_refused_naming_the_tensor(flux_export, tmp_path, cli, change, named):
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_export, broken)
+    rewrite_shard(broken / shard("transformer", 0), change)
+    done = cli("generate", broken, "--prompt", "a cat", "--steps", 1, "-o", tmp_path / "x.png")
+    assert done.exit_code != 0
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert "transformer/weights/" in message and named in message, message
+
+
+def test_an_artifact_without_its_shards_is_refused_and_never_computes_uninitialized(flux_export, tmp_path, cli):
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_export, broken)
+    shutil.rmtree(broken / "text_encoder_2" / "weights")
+    done = cli("generate", broken, "--prompt", "a cat", "--steps", 1, "-o", tmp_path / "x.png")
+    assert done.exit_code != 0 and "text_encoder_2/weights/" in done.stderr, done
+    module = torch.jit.load(str(flux_export / "text_encoder_2" / "model.neuron"))
+    with pytest.raises(torch.jit.Error, match="nxd_model.initialize"):
+        module(torch.zeros(1, 16, dtype=torch.int64))
+
+
 def test_the_shipped_flux_config_is_the_documented_tp8_export():
     from neuron_export.planning.config import make_config, read_config_file
 

@@ -199,7 +199,7 @@ def initialize(module: Any, artifact: Path) -> Any:
         module.nxd_model.initialize(
             [load_file(str(shard)) for shard in shards], torch.tensor([START_RANK], dtype=torch.int32)
         )
-    except RuntimeError as error:
+    except (RuntimeError, torch.jit.Error) as error:  # a TorchScript raise arrives as torch.jit.Error
         raise ExportError(
             f"{component}'s weights in {component}/{WEIGHTS_FOLDER}/ do not fit its module: {jit_message(error)}; "
             "re-export the model (or run `neuron-export verify`)."
