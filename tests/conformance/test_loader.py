@@ -400,6 +400,18 @@ FLUX_CASES = [
         pipeline="NeuronFluxPipeline",
         call={"prompt": PROMPT, "num_inference_steps": 3, "height": 64, "width": 64, "max_sequence_length": 16},
     ),
+    # a LoRA (transformer and CLIP layers) fused into the written weights; the reference fuses it as diffusers does
+    Case(
+        "flux-tp2-lora",
+        "flux",
+        "flux",
+        height=64,
+        width=64,
+        extra=("--tensor-parallel-size", "2"),
+        loras=(("flux-style", "style", 0.8),),
+        pipeline="NeuronFluxPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 3, "height": 64, "width": 64, "max_sequence_length": 16},
+    ),
 ]
 
 
