@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from neuron_export.roles.registry import T5_FLAGS, role_of
@@ -53,7 +54,8 @@ def test_the_export_has_optimums_folders_and_a_shard_per_rank(flux_export, tiny_
     assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json"} <= files
     assert "tokenizer_2/tokenizer.json" in files
     assert not any(name.startswith(("unet/", "vae/")) for name in files)
-    # every rank's shard holds the component's weights as the source has them
+    # every rank's shard holds the component's weights as the source has them, under the traced wrapper's names
+    # (`model.` + the source's), as the Neuron backend's ModelBuilder shards do; the module holds none of them
     for component, weights_file in (
         ("text_encoder_2", "model.safetensors"),
         ("transformer", "diffusion_pytorch_model.safetensors"),
@@ -62,7 +64,11 @@ def test_the_export_has_optimums_folders_and_a_shard_per_rank(flux_export, tiny_
         for rank in (0, 1):
             tensors = load_file(str(flux_export / shard(component, rank)))
             for key, tensor in source.items():
-                assert key in tensors and bool((tensors[key] == tensor).all()), (component, rank, key)
+                name = f"model.{key}"
+                assert name in tensors and bool((tensors[name] == tensor).all()), (component, rank, key)
+        module = torch.jit.load(str(flux_export / component / "model.neuron"))
+        assert hasattr(module, "nxd_model")
+        assert sum(t.numel() for t in module.state_dict().values()) == 0
 
 
 def test_each_config_has_the_neuron_block_optimum_writes(flux_export):
@@ -248,6 +254,209 @@ def test_generate_writes_the_image_of_the_eager_pipeline(cli, flux_export, tiny_
     reference = eager_images(tiny_model("flux"), PROMPTS[0])[0]
     ours = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
     assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1
+
+
+# --- the shards are what the artifacts compute with ------------------------------------------------------
+
+CHANGED = "model.proj_out.weight"  # the transformer's last projection: any change shows in the image
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """The shard at `path` rewritten with `change(tensors)` applied (its header metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def flux_images(export: Path):
+    import torch
+
+    import neuron_export
+
+    pipe = neuron_export.load(export)
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe(PROMPTS[0], num_inference_steps=STEPS, generator=generator, output_type="np").images
+
+
+def test_a_changed_shard_changes_what_load_computes_and_verify_names_it(flux_export, tmp_path, cli):
+    """Our load computes with rank 0's shard as it is on disk (it does not check hashes: `verify` does)."""
+    import numpy as np
+
+    changed = tmp_path / "changed"
+    shutil.copytree(flux_export, changed)
+    rewrite_shard(changed / shard("transformer", 0), lambda tensors: tensors[CHANGED].mul_(-1.0))
+    difference = float(np.abs(flux_images(changed) - flux_images(flux_export)).max())
+    assert difference > 0.01, difference
+
+    code, out, _ = cli("verify", changed, "--json")
+    assert code == 3
+    problems = json.loads(out)["checks"]["integrity"]["problems"]
+    assert len(problems) == 1 and problems[0].startswith(f"{shard('transformer', 0)}: sha256"), problems
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda tensors: tensors.pop(CHANGED), f"has no tensor {CHANGED}"),
+        (lambda tensors: tensors.__setitem__(CHANGED, torch.zeros(3)), f"{CHANGED} has shape [3]"),
+        (lambda tensors: tensors.__setitem__(CHANGED, tensors[CHANGED].half()), f"{CHANGED} is not float32"),
+        (lambda tensors: tensors.__setitem__("model.extra.weight", torch.zeros(1)), "model.extra.weight"),
+    ],
+    ids=["missing", "shape", "dtype", "unexpected"],
+)
+def test_a_shard_that_does_not_fit_its_module_is_refused_naming_the_tensor(flux_export, tmp_path, cli, change, named):
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_export, broken)
+    rewrite_shard(broken / shard("transformer", 0), change)
+    done = cli("generate", broken, "--prompt", "a cat", "--steps", 1, "-o", tmp_path / "x.png")
+    assert done.exit_code != 0
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    assert "transformer/weights/" in message and named in message, message
+
+
+def test_an_artifact_without_its_shards_is_refused_and_never_computes_uninitialized(flux_export, tmp_path, cli):
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_export, broken)
+    shutil.rmtree(broken / "text_encoder_2" / "weights")
+    done = cli("generate", broken, "--prompt", "a cat", "--steps", 1, "-o", tmp_path / "x.png")
+    assert done.exit_code != 0 and "text_encoder_2/weights/" in done.stderr, done
+    module = torch.jit.load(str(flux_export / "text_encoder_2" / "model.neuron"))
+    with pytest.raises(torch.jit.Error, match="nxd_model.initialize"):
+        module(torch.zeros(1, 16, dtype=torch.int64))
+
+
+# --- a LoRA is fused into the weights that are written ---------------------------------------------------
+
+LORA_TENSOR = "transformer_blocks.0.attn.to_q.weight"  # one of the layers the tiny LoRA touches
+
+
+@pytest.fixture(scope="module")
+def flux_lora(tiny_model, tmp_path_factory):
+    """A random LoRA for the tiny Flux in diffusers' format (`transformer.<layer>.lora_A.weight`, and the CLIP
+    `text_encoder.` layers), shaped from its headers."""
+    from neuron_export.testing.lora import build_lora
+
+    return build_lora(
+        tiny_model("flux"), tmp_path_factory.mktemp("flux-lora"), components=("transformer", "text_encoder")
+    )
+
+
+@pytest.fixture(scope="module")
+def flux_lora_export(tiny_model, flux_lora, tmp_path_factory):
+    from helpers import run_cli
+
+    out = tmp_path_factory.mktemp("flux-lora-export") / "tp2"
+    result = run_cli(
+        "flux", "-m", tiny_model("flux"), "--backend", "cpu", "--tensor-parallel-size", "2", *SIZE,
+        "--lora", flux_lora, "--lora-scale", "0.8", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result
+    return out
+
+
+def eager_fused_flux(model: Path, lora: Path, scale: float):
+    """diffusers' FluxPipeline after load_lora_weights, set_adapters at `scale` and fuse_lora into both components
+    the LoRA has layers for (Flux's fuse_lora fuses only the transformer unless asked; loaded and unfused, the
+    pipeline applies the CLIP encoder's layers too, as the export does)."""
+    import diffusers
+
+    pipe = diffusers.FluxPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="flux")
+    pipe.set_adapters(["flux"], adapter_weights=[scale])
+    pipe.fuse_lora(components=["transformer", "text_encoder"])
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def test_a_lora_is_in_the_written_shards_and_load_equals_diffusers_fused(
+    flux_lora_export, flux_export, flux_lora, tiny_model
+):
+    import numpy as np
+
+    reference = eager_fused_flux(tiny_model("flux"), flux_lora, 0.8)
+    fused = reference.transformer.state_dict()[LORA_TENSOR]
+    source = load_file(str(tiny_model("flux") / "transformer" / "diffusion_pytorch_model.safetensors"))[LORA_TENSOR]
+    assert not torch.equal(fused, source)
+    for rank in (0, 1):
+        written = load_file(str(flux_lora_export / shard("transformer", rank)))[f"model.{LORA_TENSOR}"]
+        assert torch.allclose(written, fused, atol=1e-6), rank
+
+    generator = torch.Generator("cpu").manual_seed(0)
+    expected = reference(
+        PROMPTS[0], num_inference_steps=STEPS, generator=generator, height=64, width=64, max_sequence_length=16,
+        output_type="np",
+    ).images  # fmt: skip
+    ours = flux_images(flux_lora_export)
+    assert float(np.abs(ours - expected).max()) < ATOL
+    assert float(np.abs(ours - flux_images(flux_export)).max()) > 0.01  # the LoRA shows
+
+
+def test_the_lora_is_in_the_manifest_and_the_keys_of_what_it_touches(flux_lora_export, flux_export, flux_lora):
+    import hashlib
+
+    with_lora = json.loads((flux_lora_export / "manifest.json").read_text())
+    without = json.loads((flux_export / "manifest.json").read_text())
+    (recorded,) = with_lora["source"]["loras"]
+    assert recorded["sha256"] == hashlib.sha256(flux_lora.read_bytes()).hexdigest()
+    assert (recorded["scale"], sorted(recorded["components"])) == (0.8, ["text_encoder", "transformer"])
+    keys = {
+        name: (with_lora["components"][name]["cache_key"], without["components"][name]["cache_key"])
+        for name in COMPONENTS
+    }
+    assert {name for name, (ours, theirs) in keys.items() if ours != theirs} == {"text_encoder", "transformer"}
+
+
+def _lora_from(tiny_model, root: Path, example: str, components: tuple[str, ...], name: str = "x.safetensors") -> Path:
+    from neuron_export.testing.lora import LORA_TARGETS, build_lora
+
+    targets = {**LORA_TARGETS, "text_encoder_2": ("q", "v")} if example == "flux" else None  # Flux's is a T5
+    folder = root / name.split(".")[0]
+    return build_lora(tiny_model(example), folder, components=components, weight_name=name, targets=targets)
+
+
+FLUX_BAD_LORAS = {
+    "an SD LoRA": (lambda tiny, root: _lora_from(tiny, root, "sd", ("unet",)), "has layers for unet"),
+    "T5 layers": (
+        lambda tiny, root: _lora_from(tiny, root, "flux", ("transformer", "text_encoder_2"), "t5.safetensors"),
+        "has layers for text_encoder_2, which diffusers' Flux pipeline does not fuse",
+    ),
+    "a pickle": (lambda tiny, root: _pickled_lora(root), "safetensors only"),
+    "no LoRA keys": (lambda tiny, root: _not_a_lora(root), "has no LoRA layers"),
+}
+
+
+def _pickled_lora(root: Path) -> Path:
+    folder = root / "pickled"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.bin").write_bytes(b"not read")
+    return folder
+
+
+def _not_a_lora(root: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"transformer.proj_out.weight": torch.zeros(4, 4)}, str(root / "weights.safetensors"))
+    return root / "weights.safetensors"
+
+
+@pytest.mark.parametrize("case", FLUX_BAD_LORAS)
+def test_a_bad_flux_lora_is_one_sentence_naming_lora_and_no_output(cli, tiny_model, tmp_path, case):
+    make, words = FLUX_BAD_LORAS[case]
+    out = tmp_path / "export"
+    result = cli(
+        "flux", "-m", tiny_model("flux"), "--backend", "cpu", *SIZE, "--lora", make(tiny_model, tmp_path), "-o", out
+    )
+    assert result.exit_code == 2, result
+    message = result.stderr.strip()
+    assert "--lora" in message and words in message and message.count("\n") == 0, message
+    assert not out.exists()
 
 
 def test_the_shipped_flux_config_is_the_documented_tp8_export():

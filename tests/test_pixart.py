@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from neuron_export.roles.registry import T5_FLAGS, role_of
@@ -43,11 +44,14 @@ def test_the_sigma_export_has_optimums_folders_and_the_t5_shard(sigma_export, ti
     assert T5_SHARD in files
     assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json"} <= files
     assert not any(name.startswith(("unet/", "vae/")) for name in files)
-    # the shard holds the T5's weights, as the source has them
+    # the shard holds the T5's weights, as the source has them, under the traced wrapper's names (`model.` + the
+    # source's), as the Neuron backend's ModelBuilder shard does; the module holds none of them
     source = load_file(str(tiny_model("pixart-sigma") / "text_encoder" / "model.safetensors"))
     shard = load_file(str(sigma_export / T5_SHARD))
     for key, tensor in source.items():
-        assert key in shard and bool((shard[key] == tensor).all()), key
+        assert f"model.{key}" in shard and bool((shard[f"model.{key}"] == tensor).all()), key
+    module = torch.jit.load(str(sigma_export / "text_encoder" / "model.neuron"))
+    assert hasattr(module, "nxd_model") and sum(t.numel() for t in module.state_dict().values()) == 0
 
 
 def test_each_config_has_the_neuron_block_optimum_writes(sigma_export):

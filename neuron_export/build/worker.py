@@ -273,9 +273,10 @@ def build_component(
             tensor_parallel_size=int(spec.traced.get("tensor_parallel_size", 1)),
             local_world_size=spec.traced.get("local_world_size"),
         )
-        # ModelBuilder roles (weights beside the module) on the Neuron backend: traced and sharded by neuronx-distributed
+        # ModelBuilder roles (weights beside the module): traced and sharded by neuronx-distributed on the Neuron
+        # backend, by its CPU stand-in (runtime/nxd.py) on the CPU backend
         builder = None
-        sharded = order.backend == "neuron" and hasattr(module, "write_weights")
+        sharded = job.sharded
         try:
             if sharded:
                 traced, builder = backend.compile_sharded(wrapper, trace_inputs, request)
@@ -295,12 +296,7 @@ def build_component(
         with writing(f"{spec.name}'s artifact", directory, needed, "--cache-dir"):
             archive.save(traced, artifact)
             # ModelBuilder roles keep their weights beside the module (written from the model as traced, LoRA fused)
-            if builder is not None:
-                weight_files = backend.write_shards(builder, request, directory)
-            elif hasattr(module, "write_weights"):
-                weight_files = module.write_weights(model, spec, directory)
-            else:
-                weight_files = []
+            weight_files = backend.write_shards(builder, request, directory) if sharded else []
         del traced, wrapper, model, trace_inputs, builder
         release_memory()
 

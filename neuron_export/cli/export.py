@@ -205,14 +205,15 @@ FAMILY_TASKS = {
     "flux": ("text-to-image", "inpainting"),
 }
 IP_ADAPTER_OPTIONS = {"ip_adapter", "ip_adapter_subfolder", "ip_adapter_weight_name", "ip_adapter_scale"}
-UNET_ONLY = {"unet", "controlnet", "lora", "lora_weight_name", "lora_adapter_name", "lora_scale"} | IP_ADAPTER_OPTIONS
+LORA_OPTIONS = {"lora", "lora_weight_name", "lora_adapter_name", "lora_scale"}
+UNET_ONLY = {"unet", "controlnet"} | LORA_OPTIONS | IP_ADAPTER_OPTIONS
 DIT_ONLY = {"sequence_length", "torch_dtype", "tensor_parallel_size"}
 FAMILY_REFUSES = {
     "sd": DIT_ONLY,
     "sd-xl": IP_ADAPTER_OPTIONS | DIT_ONLY,
     "lcm": IP_ADAPTER_OPTIONS | {"controlnet"} | DIT_ONLY,
     "pixart": UNET_ONLY | {"tensor_parallel_size"},
-    "flux": UNET_ONLY,
+    "flux": UNET_ONLY - LORA_OPTIONS,  # a Flux LoRA is fused into the transformer (and CLIP text encoder)
 }
 
 

@@ -60,6 +60,7 @@ class Job:
     loras: tuple[LoraFusion, ...] = ()  # adapters fused into this component before tracing, in order
     model: str = ""  # the model (hub id or directory) its weights come from, as given
     module_path: str = ""  # the module that loads, wraps and checks it (a worker may not know a role registered later)
+    sharded: bool = False  # a ModelBuilder role (Role.sharded): traced with its weights outside, in weights/ shards
 
     @property
     def component(self) -> str:
@@ -500,6 +501,7 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
             after_trace,
             libraries,
             fusions,
+            sharded=role.sharded,
         )
         per_file = [
             hashes.remember(f, f"stats:{name}", functools.partial(_file_stats, f, name, facts.architecture))
@@ -526,6 +528,7 @@ def plan_jobs(names: list[str], context: JobContext) -> list[Job]:
                 loras=fusions,
                 model=component_model(source, name),
                 module_path=role.module_path,
+                sharded=role.sharded,
             )
         )
     hashes.save()

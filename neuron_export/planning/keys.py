@@ -29,6 +29,7 @@ def cache_key(
     after_trace: tuple[str, ...],
     libraries: dict[str, str | None],
     loras: tuple[LoraFusion, ...] = (),
+    sharded: bool = False,
 ) -> str:
     """Exactly what decides a component artifact's bytes: its weights and config, its traced inputs and
     outputs, its compiler and arguments, the traced libraries' versions and its fused add-ons. Not the
@@ -51,6 +52,8 @@ def cache_key(
         "inline_weights": config.spec.inline_weights if backend == "neuron" else None,
         "after_trace": list(after_trace),
     }
+    if sharded:  # the artifact holds no weights: nxd_model.initialize takes them from the shards
+        payload["weights_outside"] = "nxd_model.initialize"
     if spec.traced:
         payload["traced"] = spec.traced
     if spec.add_ons.get("ip_adapter_file"):  # the adapter's weights are in weight_hashes; its scale is traced in

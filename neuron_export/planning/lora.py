@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from neuron_export.planning.config import ExportConfig
 
 SAFETENSORS = ".safetensors"
-DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+DIFFUSERS_PREFIXES = {
+    "unet.": "unet",
+    "transformer.": "transformer",  # Flux (diffusers' FluxLoraLoaderMixin format)
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
+# The components diffusers' Flux pipeline fuses a LoRA into (FluxLoraLoaderMixin: transformer and the CLIP encoder).
+FLUX_LORA_COMPONENTS = ("transformer", "text_encoder")
 KOHYA_PREFIXES = {
     "lora_unet_": "unet",
     "lora_te_": "text_encoder",
@@ -131,7 +138,7 @@ def _split(key: str) -> tuple[str, str, str | None, str] | None:
 
 def _diffusers_module(component: str, module: str) -> str:
     module = module.replace(".processor.", ".").removeprefix("text_model.")
-    names = PROCESSOR_NAMES["unet" if component == "unet" else "text"]
+    names = PROCESSOR_NAMES["unet" if component in ("unet", "transformer") else "text"]
     head, _, last = module.rpartition(".")
     return f"{head}.{names[last]}" if last in names else module
 
@@ -226,7 +233,7 @@ def check_lora(
     if not recognised or not touched:
         first = next(iter(shapes), "(none)")
         raise ExportError(
-            f"--lora {source}: {path.name} has no LoRA layers for a Stable Diffusion UNet or text encoder "
+            f"--lora {source}: {path.name} has no LoRA layers for this model's UNet, transformer or text encoders "
             f"(its first key is {first}); pass a diffusers, PEFT or kohya LoRA made for {model}."
         )
     return tuple(touched)
@@ -266,14 +273,26 @@ def plan_loras(config: ExportConfig, source: ModelSource, facts: Any, hashes: An
     """Every --lora checked against `facts`' weight headers and hashed (once per file, remembered)."""
     if not source.loras:
         return ()
+    if facts.is_pixart:
+        raise ExportError(
+            f"--lora {source.loras[0].source}: neuron-export fuses LoRA into Stable Diffusion and Flux exports, not "
+            "PixArt's; export without --lora."
+        )
     bases = {
         name: base_layers(facts.weight_files[name])
-        for name in ("text_encoder", "text_encoder_2", "unet")
+        for name in ("text_encoder", "text_encoder_2", "unet", "transformer")
         if name in facts.components
     }
-    layers_per_block = facts.unet.get("layers_per_block", 2)  # kohya's sgm names count blocks with it
+    layers_per_block = (facts.unet or {}).get("layers_per_block", 2)  # kohya's sgm names count blocks with it
     layers_per_block = int(layers_per_block[0] if isinstance(layers_per_block, list) else layers_per_block)
     adapters = check_loras(config, source, bases, layers_per_block)
+    for adapter in adapters if facts.is_flux else ():
+        others = [name for name in adapter.components if name not in FLUX_LORA_COMPONENTS]
+        if others:
+            raise ExportError(
+                f"--lora {adapter.source} has layers for {others[0]}, which diffusers' Flux pipeline does not fuse "
+                f"a LoRA into; pass a LoRA for {' and '.join(FLUX_LORA_COMPONENTS)} only."
+            )
     return tuple(LoraAdapter(**{**a.__dict__, "sha256": hashes.sha256(a.path)}) for a in adapters)
 
 

@@ -4,8 +4,7 @@ image_rotary_emb) -> `out_hidden_states`, the packed velocity prediction.
 The rotary embedding is an input, computed on the host from the text and image position ids ([S + N,
 sum(axes_dims_rope), 2]: cosines then sines, no batch dimension), as optimum-neuron traces it. optimum-neuron builds
 it through neuronx-distributed's ModelBuilder with tensor parallelism, its weights beside the module in
-`weights/tp{rank}_sharded_checkpoint.safetensors` for every rank; `write_weights` writes those shards for the CPU
-backend. On Neuron, ModelBuilder builds `parallel_transformer` on each rank (diffusers' transformer with its
+`weights/tp{rank}_sharded_checkpoint.safetensors` for every rank (the backend writes them; Role.sharded). On Neuron, ModelBuilder builds `parallel_transformer` on each rank (diffusers' transformer with its
 attention and feed-forward layers swapped for neuronx-distributed's parallel layers, roles/parallel.py) and cuts
 `parallel_checkpoint` (the weights under that module's names) for each rank.
 """
@@ -215,7 +214,3 @@ def parallel_checkpoint(state: dict[str, Any], model: Any, prefix: str = "") -> 
 
 def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:
     return [_call(model, spec, inputs)]
-
-
-def write_weights(model: Any, spec: ComponentSpec, directory: Path) -> list[str]:
-    return t5.write_weights(model, spec, directory)

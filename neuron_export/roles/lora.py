@@ -1,6 +1,7 @@
 """LoRA fusion, the worker's side: the adapters' layers for the one component being built are loaded, combined at
 their scales and fused into its weights in place, then the LoRA layers are removed, so the traced module is the
-plain model with updated weights.
+plain model with updated weights (a sharded role's weights/ shards are written from it, so they hold the LoRA).
+Stable Diffusion's UNet and text encoders, Flux's transformer and CLIP text encoder.
 
 The steps are diffusers' own (the same conversion of kohya names, the same PEFT layers and merge), applied to one
 component: the weights equal a diffusers pipeline after `load_lora_weights(..., adapter_name=...)` per adapter,
@@ -37,6 +38,9 @@ def fuse(model: Any, component: str, fusions: tuple[LoraFusion, ...]) -> None:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     warnings.filterwarnings("ignore", module=r"peft\..*")  # "several adapters in one model" is what we mean to do
+    if component == "transformer":  # Flux's: no other transformer is given a LoRA (planning refuses PixArt's)
+        fuse_into_transformer(model, fusions)
+        return
     mixin = (
         StableDiffusionXLLoraLoaderMixin
         if any(f.unet_config_mapping for f in fusions)
@@ -75,3 +79,21 @@ def fuse(model: Any, component: str, fusions: tuple[LoraFusion, ...]) -> None:
         set_adapters_for_text_encoder(names, model, scales)
         fuse_text_encoder_lora(model)
         _remove_text_encoder_monkey_patch(model)
+
+
+def fuse_into_transformer(model: Any, fusions: tuple[LoraFusion, ...]) -> None:
+    """Flux's transformer, as diffusers' FluxPipeline.load_lora_weights loads each adapter into it (its own key
+    conversions, the same PEFT layers), then set_adapters and fuse_lora."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    for fusion in fusions:
+        tensors, metadata = read_layers(fusion)
+        state_dict, network_alphas = FluxLoraLoaderMixin.lora_state_dict(tensors, return_alphas=True)
+        extra = {"metadata": metadata} if metadata else {}
+        FluxLoraLoaderMixin.load_lora_into_transformer(
+            state_dict, network_alphas, transformer=model, adapter_name=fusion.adapter_name, **extra
+        )
+        del tensors, state_dict
+    model.set_adapters([fusion.adapter_name for fusion in fusions], [fusion.scale for fusion in fusions])
+    model.fuse_lora()
+    model.unload_lora()

@@ -1,8 +1,8 @@
 """T5 encoders (PixArt-α/-Σ's `text_encoder`, Flux's `text_encoder_2`): `input_ids` -> `last_hidden_state`.
 
 optimum-neuron traces them through neuronx-distributed's ModelBuilder with the weights outside the NEFF, in
-`weights/tp{rank}_sharded_checkpoint.safetensors` beside the module; `write_weights` writes those shards for the
-CPU backend. Above tensor parallelism 1 the Neuron backend has ModelBuilder build `parallel_encoder` on each rank:
+`weights/tp{rank}_sharded_checkpoint.safetensors` beside the module (the backend writes them; Role.sharded).
+Above tensor parallelism 1 the Neuron backend has ModelBuilder build `parallel_encoder` on each rank:
 the same encoder with q/k/v, the relative position bias and the feed-forward's first linears split by heads /
 width and the output projections row-parallel (neuronx-distributed's parallel layers, roles/parallel.py).
 
@@ -24,12 +24,7 @@ if TYPE_CHECKING:
     from neuron_export.planning.source import ModelFacts
 
 MODEL_TYPE = "t5-encoder"
-WEIGHTS_FOLDER = "weights"
 DEFAULT_SEQUENCE_LENGTH = 120  # PixArt-α's max_sequence_length, used when the tokenizer states no limit
-
-
-def shard_name(rank: int) -> str:
-    return f"tp{rank}_sharded_checkpoint.safetensors"
 
 
 def sequence_length(facts: ModelFacts, shapes: Shapes) -> int:
@@ -123,19 +118,3 @@ def parallel_encoder(model: Any) -> Any:
 def reference(model: Any, spec: ComponentSpec, inputs: list[Any]) -> list[Any]:
     """The eager encoder called as the pipeline calls it: with the padding mask where the pipeline gives one."""
     return [_encode(model, spec, inputs[0])]
-
-
-def write_weights(model: Any, spec: ComponentSpec, directory: Path) -> list[str]:
-    """The weight shards ModelBuilder keeps beside the module, written flat into `directory`; returns their paths
-    inside the component folder (`weights/tp0_sharded_checkpoint.safetensors`, ...): one per rank below the
-    spec's tensor parallel size. Each holds the whole state dict under the source's names, each tensor its own
-    contiguous copy (tied ones included): the CPU module runs unsplit, so every rank's shard is the same superset
-    (neuronx-distributed slices the parallel layers per rank; the loader hands every shard to the module)."""
-    from safetensors.torch import save_file
-
-    ranks = int(spec.traced.get("tensor_parallel_size", 1))
-    state = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
-    metadata = {"format": "pt", "split": "none", "tensor_parallel_size": str(ranks)}
-    for rank in range(ranks):
-        save_file(state, str(directory / shard_name(rank)), metadata=metadata)
-    return [f"{WEIGHTS_FOLDER}/{shard_name(rank)}" for rank in range(ranks)]

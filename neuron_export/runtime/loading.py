@@ -52,7 +52,9 @@ class CpuArtifactLoader:
     def load(self, name: str, path: Path, config: dict[str, Any]) -> tuple[Any, bool]:
         import torch
 
-        return torch.jit.load(str(path), map_location="cpu").eval(), False
+        from neuron_export.runtime import nxd
+
+        return nxd.initialize(torch.jit.load(str(path), map_location="cpu"), path).eval(), False
 
 
 class NeuronArtifactLoader:
@@ -75,7 +77,9 @@ class NeuronArtifactLoader:
     def load(self, name: str, path: Path, config: dict[str, Any]) -> tuple[Any, bool]:
         import torch
 
-        module = torch.jit.load(str(path))
+        from neuron_export.runtime import nxd
+
+        module = nxd.initialize(torch.jit.load(str(path)), path)  # a sharded role's weights: its shards, per rank
         if name in self.parallel:
             return self.torch_neuronx.DataParallel(module, self.device_ids, set_dynamic_batching=True), True
         experimental = getattr(self.torch_neuronx, "experimental", None)

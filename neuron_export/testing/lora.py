@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 LORA_TARGETS = {  # the layers each LoRA touches, by component: attention projections, as most LoRAs train
     "unet": ("to_q", "to_k", "to_v", "to_out.0"),
+    "transformer": ("to_q", "to_k", "to_v", "to_out.0"),  # Flux's (its single blocks have no to_out)
     "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "text_encoder_2": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }

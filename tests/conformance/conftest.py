@@ -167,6 +167,7 @@ class Case:
 LORA_EXAMPLES = {
     "sd-style": ("sd", ("unet", "text_encoder"), 0, None),
     "sd-detail": ("sd", ("unet",), 1, {"unet": ("to_k", "to_v", "ff.net.2", "proj_out")}),
+    "flux-style": ("flux", ("transformer", "text_encoder"), 0, None),
 }
 
 

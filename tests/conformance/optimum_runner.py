@@ -623,7 +623,9 @@ def _fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
             str(lora["path"]), weight_name=lora.get("weight_name"), adapter_name=lora["adapter_name"]
         )
     pipe.set_adapters([lora["adapter_name"] for lora in loras], adapter_weights=[lora["scale"] for lora in loras])
-    pipe.fuse_lora()
+    # every component the pipeline loads LoRA into (Flux's fuse_lora() fuses only its transformer unless asked, and
+    # unloading then drops the CLIP encoder's layers; SD's and SDXL's defaults are already these)
+    pipe.fuse_lora(components=list(pipe._lora_loadable_modules))
     pipe.unload_lora_weights()
 
 

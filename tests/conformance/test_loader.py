@@ -327,13 +327,48 @@ PIXART_CASES = [
 ]
 
 
+# The sharded roles' artifacts hold no weights: optimum's loader gives them their weights/ shards through
+# nxd_model.initialize. A copy of each first export with one tensor of its rank-0 shard negated (PixArt: the T5's
+# final norm; Flux: the transformer's last projection) must generate something else: proof that the loader's
+# shards are what the artifact computes with.
+PLANTED = "-planted-shard"
+PLANTED_TENSORS = {
+    "pixart": ("text_encoder", "model.encoder.final_layer_norm.weight"),
+    "flux": ("transformer", "model.proj_out.weight"),
+}
+PLANTED_MIN_DIFF = 0.01  # pixels in [0, 1]; an unread shard gives the ~1e-6 of an unchanged export
+
+
+def planted_request(case: Case, sources: Sources, export: Path, root: Path) -> dict[str, Any]:
+    """The case's generate request on a copy of `export` whose rank-0 shard has one tensor negated."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    component, tensor = PLANTED_TENSORS[case.family]
+    copy = root / f"{case.name}{PLANTED}"
+    shutil.copytree(export, copy)
+    shard = copy / component / "weights" / "tp0_sharded_checkpoint.safetensors"
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(shard))
+    tensors[tensor] = -tensors[tensor]
+    save_file(tensors, str(shard), metadata=metadata)
+    return {**generate_request(case, sources, copy, {}), "name": copy.name}
+
+
 @pytest.fixture(scope="module")
 def loaded_pixart(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     root = tmp_path_factory.mktemp("loader-pixart")
     exports = {case.name: export_ours(case, sources, root / case.name, backend="cpu") for case in PIXART_CASES}
     requests = [generate_request(case, sources, exports[case.name], {}) for case in PIXART_CASES]
+    requests.append(planted_request(PIXART_CASES[0], sources, exports[PIXART_CASES[0].name], root))
     results = venv.generate(requests)["results"]
-    return {result["name"]: {**result, "manifest": manifest(exports[result["name"]])} for result in results}
+    return {
+        result["name"]: {**result, "manifest": manifest(Path(request["export_dir"]))}
+        for result, request in zip(results, requests, strict=True)
+    }
 
 
 @pytest.mark.parametrize("case", PIXART_CASES, ids=[case.name for case in PIXART_CASES])
@@ -365,6 +400,18 @@ FLUX_CASES = [
         pipeline="NeuronFluxPipeline",
         call={"prompt": PROMPT, "num_inference_steps": 3, "height": 64, "width": 64, "max_sequence_length": 16},
     ),
+    # a LoRA (transformer and CLIP layers) fused into the written weights; the reference fuses it as diffusers does
+    Case(
+        "flux-tp2-lora",
+        "flux",
+        "flux",
+        height=64,
+        width=64,
+        extra=("--tensor-parallel-size", "2"),
+        loras=(("flux-style", "style", 0.8),),
+        pipeline="NeuronFluxPipeline",
+        call={"prompt": PROMPT, "num_inference_steps": 3, "height": 64, "width": 64, "max_sequence_length": 16},
+    ),
 ]
 
 
@@ -373,8 +420,12 @@ def loaded_flux(sources: Sources, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("loader-flux")
     exports = {case.name: export_ours(case, sources, root / case.name, backend="cpu") for case in FLUX_CASES}
     requests = [generate_request(case, sources, exports[case.name], {}) for case in FLUX_CASES]
+    requests.append(planted_request(FLUX_CASES[0], sources, exports[FLUX_CASES[0].name], root))
     results = venv.generate(requests)["results"]
-    return {result["name"]: {**result, "manifest": manifest(exports[result["name"]])} for result in results}
+    return {
+        result["name"]: {**result, "manifest": manifest(Path(request["export_dir"]))}
+        for result, request in zip(results, requests, strict=True)
+    }
 
 
 @pytest.mark.parametrize("case", FLUX_CASES, ids=[case.name for case in FLUX_CASES])
@@ -385,3 +436,15 @@ def test_optimum_neuron_loads_our_flux_export_and_matches_diffusers(case: Case, 
     assert result["optimum_shape"] == result["reference_shape"]
     assert result["max_abs_diff"] <= MAX_PIXEL_DIFF, result
     assert result["data_parallel_mode"] == result["manifest"]["pipeline"]["data_parallel_mode"] == "none"
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_optimum_neurons_loader_computes_with_the_shards_it_reads(family: str, loaded_pixart, loaded_flux):
+    """The planted copy (one tensor of a rank-0 shard negated) loads in optimum-neuron and generates something
+    else than diffusers, where the untouched export equals it."""
+    results = loaded_pixart if family == "pixart" else loaded_flux
+    cases = PIXART_CASES if family == "pixart" else FLUX_CASES
+    untouched, planted = results[cases[0].name], results[cases[0].name + PLANTED]
+    assert planted["ok"], planted.get("error")
+    assert untouched["max_abs_diff"] <= MAX_PIXEL_DIFF
+    assert planted["max_abs_diff"] > PLANTED_MIN_DIFF, planted["max_abs_diff"]

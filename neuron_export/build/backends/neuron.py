@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 from neuron_export import compiler
 from neuron_export.build.backends.request import CompileRequest
 from neuron_export.errors import BuildError
+from neuron_export.files import WEIGHTS_FOLDER, shard_files, shard_name  # noqa: F401  (shard_files: read by the tests)
 
 COMPILER_TYPE = "neuronx-cc"
 
@@ -42,15 +42,6 @@ DEVICES_FILE = Path("/proc/devices")
 
 def compiler_version() -> str:
     return compiler.compiler_version("neuron")
-
-
-# neuronx-distributed's own names: the folder optimum-neuron's loader reads the shards from, and each rank's file.
-WEIGHTS_FOLDER = "weights"
-SHARD_PATTERN = re.compile(r"tp(\d+)_sharded_checkpoint\.safetensors")
-
-
-def shard_name(rank: int) -> str:
-    return f"tp{rank}_sharded_checkpoint.safetensors"
 
 
 @contextlib.contextmanager
@@ -196,27 +187,14 @@ def write_shards(builder: Any, request: CompileRequest, directory: Path) -> list
     return [f"{WEIGHTS_FOLDER}/{name}" for name in expected]
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """The tp{rank} shards in a folder, in rank order (tp10 after tp9)."""
-    found = [
-        (int(match.group(1)), path)
-        for path in folder.glob("tp*_sharded_checkpoint.safetensors")
-        if (match := SHARD_PATTERN.fullmatch(path.name))
-    ]
-    return [path for _, path in sorted(found)]
-
-
 def load(path: Path) -> Any:
     import torch
     import torch_neuronx  # noqa: F401  (registers the Neuron ops TorchScript needs to load)
 
-    module = torch.jit.load(str(path))
-    if hasattr(module, "nxd_model"):  # a ModelBuilder artifact: its weights are the shards, given once per rank
-        from safetensors.torch import load_file
+    from neuron_export.runtime import nxd
 
-        shards = shard_files(path.parent) or shard_files(path.parent / WEIGHTS_FOLDER)
-        module.nxd_model.initialize([load_file(str(shard)) for shard in shards], torch.tensor(0))
-    return module
+    # a ModelBuilder artifact's weights are its shards, given once per rank
+    return nxd.initialize(torch.jit.load(str(path)), path)
 
 
 def validation_skip_reason() -> str | None:
