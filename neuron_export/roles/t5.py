@@ -95,7 +95,9 @@ def write_weights(model: Any, spec: ComponentSpec, directory: Path) -> list[str]
 
     ranks = int(spec.traced.get("tensor_parallel_size", 1))
     state = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
-    metadata = {"format": "pt", "split": "none", "tensor_parallel_size": str(ranks)}
+    # one metadata key: safetensors writes a metadata map in a per-process random order, and a shard's bytes must
+    # depend only on its cache key (built on another host or Ray node, it is the same file)
+    metadata = {"format": "pt"}
     for rank in range(ranks):
         save_file(state, str(directory / shard_name(rank)), metadata=metadata)
     return [f"{WEIGHTS_FOLDER}/{shard_name(rank)}" for rank in range(ranks)]
