@@ -216,3 +216,25 @@ def test_a_remote_cache_carries_fluxs_per_rank_shards_to_another_host(cli, tiny_
     for name in files:
         if name != "manifest.json":  # origins and times differ; every other file is the same
             assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+
+
+# --- verify: the shards are part of the export's integrity -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["none", "a dropped rank", "a stray rank"])
+def test_verify_checks_every_ranks_shard(cli, flux_export, tmp_path, fault):
+    copy = Path(shutil.copytree(flux_export, tmp_path / "export"))
+    if fault == "a dropped rank":
+        (copy / shard("transformer", 1)).unlink()
+    elif fault == "a stray rank":  # a third rank the loader would hand to the module
+        shutil.copy(copy / shard("transformer", 1), copy / shard("transformer", 2))
+    code, out, _ = cli("verify", copy, "--json")
+    integrity = json.loads(out)["checks"]["integrity"]
+    if fault == "none":
+        assert code == 0 and integrity["verdict"] == "ok", out
+        fit = json.loads(out)["checks"]["fit"]["summary"]
+        assert "2 NeuronCore(s)" in fit, fit  # tp 2: the sharded roles over both cores
+        return
+    assert code == 3 and integrity["verdict"] == "failed", out
+    named = shard("transformer", 1 if fault == "a dropped rank" else 2)
+    assert named in integrity["summary"], integrity
