@@ -238,3 +238,42 @@ def test_verify_checks_every_ranks_shard(cli, flux_export, tmp_path, fault):
     assert code == 3 and integrity["verdict"] == "failed", out
     named = shard("transformer", 1 if fault == "a dropped rank" else 2)
     assert named in integrity["summary"], integrity
+
+
+# --- a CI matrix: `plan --json` lists the builds, one runner builds each, the last one assembles -----------------
+
+
+@pytest.mark.slow
+def test_ci_runners_build_each_flux_key_from_the_plans_config_and_the_export_downloads_them(
+    cli, tiny_model, tmp_path, monkeypatch
+):
+    """README "Many hosts": each build's config (tp 2 included) makes, on its own runner, exactly the key the plan
+    named, sharded roles with a shard per rank; the final export downloads all five."""
+    args = ["flux", "-m", tiny_model("flux"), "--backend", "cpu", *SIZE, "--tensor-parallel-size", "2"]
+    remote = ["--remote-cache", f"file://{tmp_path / 'remote'}"]
+    builds = plan(cli, "flux", tiny_model("flux"), "--tensor-parallel-size", "2", *remote, "-o", tmp_path / "export")[
+        "builds"
+    ]
+    assert sorted(b["component"] for b in builds) == sorted(FLUX) and not any(b["cached"] for b in builds)
+    key = tmp_path / "ci-key"
+    assert cli("cache", "keygen", key).exit_code == 0
+    monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE_SIGNING_KEY", str(key))
+    for number, build in enumerate(builds):
+        monkeypatch.setenv("NEURON_EXPORT_CACHE", str(tmp_path / f"runner-{number}-cache"))
+        job = tmp_path / f"job-{number}.yaml"
+        job.write_text(json.dumps(build["config"]))
+        out = tmp_path / f"runner-{number}"
+        result = cli("build", job, *remote, "-o", out, "--json")
+        assert result.exit_code == 0, result
+        record = json.loads((out / "manifest.json").read_text())["components"][build["component"]]
+        assert record["cache_key"] == build["cache_key"] and record["origin"] == "built"
+        ranks = 2 if build["component"] in FLUX_SHARDED else 0
+        assert [f["path"] for f in record["files"] if "/weights/" in f["path"]] == [
+            shard(build["component"], rank) for rank in range(ranks)
+        ]
+    monkeypatch.delenv("NEURON_EXPORT_REMOTE_CACHE_SIGNING_KEY")
+    monkeypatch.setenv("NEURON_EXPORT_REMOTE_CACHE_TRUSTED_KEYS", (tmp_path / "ci-key.pub").read_text())
+    monkeypatch.setenv("NEURON_EXPORT_CACHE", str(tmp_path / "assembler-cache"))
+    final = cli(*args, *remote, "-o", tmp_path / "export", "--json")
+    assert final.exit_code == 0, final
+    assert {c["origin"] for c in json.loads(final.stdout)["components"].values()} == {"downloaded"}
