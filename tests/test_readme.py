@@ -46,7 +46,8 @@ HUB_STAND_INS: dict[str, tuple[str, dict]] = {
     "SimianLuo/LCM_Dreamshaper_v7": ("lcm", {}),
     "PixArt-alpha/PixArt-Sigma-XL-2-512-MS": ("pixart-sigma", {}),
     "PixArt-alpha/PixArt-XL-2-512x512": ("pixart-alpha", {}),
-    "black-forest-labs/FLUX.1-dev": ("flux", {}),  # 2 attention heads (its T5: 4): --tensor-parallel-size 2 divides them
+    # the tiny Flux has 2 attention heads (its T5 4): the README's --tensor-parallel-size 2 divides them
+    "black-forest-labs/FLUX.1-dev": ("flux", {}),
     "latent-consistency/lcm-sdxl": ("lcm-sdxl-unet", {}),
     "lllyasviel/sd-controlnet-canny": ("sd-controlnet", {}),
     "lllyasviel/sd-controlnet-depth": ("sd-controlnet", {"seed": 1}),
