@@ -277,3 +277,42 @@ def test_ci_runners_build_each_flux_key_from_the_plans_config_and_the_export_dow
     final = cli(*args, *remote, "-o", tmp_path / "export", "--json")
     assert final.exit_code == 0, final
     assert {c["origin"] for c in json.loads(final.stdout)["components"].values()} == {"downloaded"}
+
+
+# --- generate: a Flux inpainting export from the command line ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_generate_inpaints_with_a_flux_export_as_the_eager_pipeline_does(cli, tiny_model, tmp_path):
+    import diffusers
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = tmp_path / "inpaint"
+    args = ["flux", "-m", tiny_model("flux"), "--backend", "cpu", *SIZE, "--task", "inpainting"]
+    exported = cli(*args, "--tensor-parallel-size", "2", "-o", out)
+    assert exported.exit_code == 0, exported
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    rows = np.arange(64 * 64).reshape(64, 64) // 64
+    Image.fromarray(((rows > 32) * 255).astype(np.uint8)).convert("RGB").save(tmp_path / "mask.png")
+    done = cli(
+        "generate", out, "--prompt", "a cat", "--image", tmp_path / "photo.png", "--mask", tmp_path / "mask.png",
+        "--steps", "3", "--seed", "0", "-o", tmp_path / "cat.png",
+    )  # fmt: skip
+    assert done.exit_code == 0, done
+    assert "(defaults: FluxInpaintPipeline.__call__)" in done.stdout + done.stderr
+    eager = diffusers.FluxInpaintPipeline.from_pretrained(tiny_model("flux"))
+    eager.set_progress_bar_config(disable=True)
+    reference = eager(
+        "a cat",
+        image=Image.open(tmp_path / "photo.png"),
+        mask_image=Image.open(tmp_path / "mask.png"),
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(0),
+        height=64,
+        width=64,
+        max_sequence_length=16,
+    ).images[0]
+    ours = np.asarray(Image.open(tmp_path / "cat.png").convert("RGB")).astype(np.int16)
+    assert np.abs(ours - np.asarray(reference.convert("RGB")).astype(np.int16)).max() <= 1
