@@ -297,3 +297,44 @@ def test_a_hub_ip_adapter_and_a_hub_lora_build_on_nodes_without_the_planned_path
         "image_encoder": "downloaded",
     }  # built on the nodes
     assert manifest["components"]["unet"]["validation"]["status"] == "passed"
+
+
+def export_files(directory: Path) -> dict[str, bytes]:
+    """Every file of an export but its manifest (which records origins and times), by relative path."""
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+
+
+@pytest.mark.parametrize(
+    ("family", "example", "options", "sharded"),
+    [
+        ("pixart", "pixart-sigma", [], {"text_encoder": 1}),
+        ("flux", "flux", ["--tensor-parallel-size", "2"], {"text_encoder_2": 2, "transformer": 2}),
+    ],
+    ids=["pixart-sigma", "flux-tp2"],
+)
+def test_a_diffusion_transformer_built_on_the_cluster_equals_the_local_build(
+    ray_cluster, cli, tiny_model, tmp_path, signing_key, family, example, options, sharded
+):
+    """`neuron-export pixart|flux ... --executor ray`: every component is built on a node (the sharded roles with
+    a weights/ shard per rank) and comes back through the remote cache; the export is the local build's, file for
+    file (the CPU backend's bytes depend only on the cache key: tests/test_reproducible.py)."""
+    args = [family, "-m", tiny_model(example), "--backend", "cpu", "--height", "64", "--width", "64", *options]
+    ray_options = ["--executor", "ray", "--ray-address", ray_cluster.address]
+    remote = ["--remote-cache", f"file://{tmp_path / 'remote'}", "--remote-cache-signing-key", signing_key]
+    on_cluster = cli(*args, *ray_options, *remote, "-o", tmp_path / "ray", "--json")
+    assert on_cluster.exit_code == 0, on_cluster
+    components = json.loads(on_cluster.stdout)["components"]
+    assert {c["origin"] for c in components.values()} == {"downloaded"}  # built on the nodes
+    for component, tp in sharded.items():
+        shards = [f["path"] for f in components[component]["files"] if "/weights/" in f["path"]]
+        assert shards == [f"{component}/weights/tp{rank}_sharded_checkpoint.safetensors" for rank in range(tp)]
+    local = cli(*args, "-o", tmp_path / "local", "--cache-dir", tmp_path / "local-cache", "--json")
+    assert local.exit_code == 0, local
+    assert {c["origin"] for c in json.loads(local.stdout)["components"].values()} == {"built"}
+    ours, theirs = export_files(tmp_path / "ray"), export_files(tmp_path / "local")
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []

@@ -46,6 +46,8 @@ HUB_STAND_INS: dict[str, tuple[str, dict]] = {
     "SimianLuo/LCM_Dreamshaper_v7": ("lcm", {}),
     "PixArt-alpha/PixArt-Sigma-XL-2-512-MS": ("pixart-sigma", {}),
     "PixArt-alpha/PixArt-XL-2-512x512": ("pixart-alpha", {}),
+    # the tiny Flux has 2 attention heads (its T5 4): the README's --tensor-parallel-size 2 divides them
+    "black-forest-labs/FLUX.1-dev": ("flux", {}),
     "latent-consistency/lcm-sdxl": ("lcm-sdxl-unet", {}),
     "lllyasviel/sd-controlnet-canny": ("sd-controlnet", {}),
     "lllyasviel/sd-controlnet-depth": ("sd-controlnet", {"seed": 1}),
@@ -65,7 +67,7 @@ HUB_STAND_INS: dict[str, tuple[str, dict]] = {
         {"base": "sdxl", "weight_names": ["cereal_box_sdxl_v1.safetensors", "cereal_box_sdxl_v1_alt.safetensors"]},
     ),
 }
-BACKEND_COMMANDS = re.compile(r"\bneuron-export (plan )?(sd-xl|sd|lcm|pixart|build)\b")
+BACKEND_COMMANDS = re.compile(r"\bneuron-export (plan )?(sd-xl|sd|lcm|pixart|flux|build)\b")
 URL_STAND_INS: dict[str, Callable[[Path, str], str]] = {
     "http://minio.internal:9000": lambda scratch, s3: s3,
     "file:///mnt/shared/neuron-export": lambda scratch, s3: f"file://{scratch}/shared",

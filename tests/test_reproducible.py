@@ -99,3 +99,29 @@ def test_another_version_of_a_traced_library_gets_other_keys(tiny_model, monkeyp
     )
     after = keys()
     assert len(before) == 4 and all(a != b for a, b in zip(before, after))
+
+
+def test_a_sharded_roles_weight_shards_are_the_same_bytes_from_every_process(tiny_model, tmp_path):
+    """A T5 at --tensor-parallel-size 2 built by three processes, each with its own cache: every rank's
+    weights/ shard is the same file (its safetensors header included), as a Ray node's or another host's build."""
+    model = tiny_model("flux")
+    roots = [tmp_path / name for name in ("a", "b", "c")]
+    command = [sys.executable, "-m", "neuron_export", "flux", "-m", str(model), "--backend", "cpu"]
+    command += ["--components", "text_encoder_2", "--tensor-parallel-size", "2", "--disable-validation"]
+    exports = [
+        subprocess.Popen(
+            [*command, "-o", str(root / "out")],
+            env={**os.environ, "NEURON_EXPORT_CACHE": str(root / "cache")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for root in roots
+    ]
+    for export in exports:
+        _, stderr = export.communicate(timeout=600)
+        assert export.returncode == 0, stderr[-2000:]
+    shards = [f"text_encoder_2/weights/tp{rank}_sharded_checkpoint.safetensors" for rank in (0, 1)]
+    for name in shards:
+        first, *others = ((root / "out" / name).read_bytes() for root in roots)
+        assert all(other == first for other in others), f"{name}: same key, different bytes"

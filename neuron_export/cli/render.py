@@ -12,7 +12,7 @@ from neuron_export.deploy.inspection import validation_text
 from neuron_export.events import Stage
 from neuron_export.files import MANIFEST_NAME
 from neuron_export.format import human_bytes
-from neuron_export.roles.registry import CONTROLNET
+from neuron_export.roles.registry import CONTROLNET, role_of
 
 if TYPE_CHECKING:
     from neuron_export.events import BuildEvent
@@ -227,10 +227,17 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
                 "parameters": job.weights.parameters,
                 "estimated_peak_bytes": job.estimated_peak_bytes,
                 "estimated_seconds": round(job.estimated_seconds, 1),
+                **sharding(plan, job.component),
             }
             for job in plan.jobs
         ],
     }
+
+
+def sharding(plan: Plan, component: str) -> dict[str, Any]:
+    """A neuronx-distributed role is sharded over --tensor-parallel-size ranks (one weights/ shard each)."""
+    sharded = role_of(component, plan.facts.architecture).sharded
+    return {"sharded": sharded, "tensor_parallel_size": plan.config.spec.tensor_parallel_size if sharded else 1}
 
 
 def render_plans(plans: list[Plan], sink: Sink) -> None:
@@ -252,7 +259,9 @@ def render_plans(plans: list[Plan], sink: Sink) -> None:
             table.add_column(column)
         for job in summary["components"]:
             table.add_row(
-                job["component"],
+                f"{job['component']}\n(sharded, tp {job['tensor_parallel_size']})"
+                if job["sharded"]
+                else job["component"],
                 ", ".join(f"{t['name']}{tuple(t['shape'])}" for t in job["inputs"]),
                 " ".join(job["compiler_args"]),
                 job["cache"],

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neuron_export.format import human_bytes, human_count
+from neuron_export.roles.registry import find_role
 
 if TYPE_CHECKING:
     from neuron_export.manifest import ComponentRecord, Manifest
@@ -23,11 +24,21 @@ def artifact_bytes(record: ComponentRecord) -> int:
     return sum(f.size for f in record.files)
 
 
+def sharding(record: ComponentRecord, architecture: str | None, tensor_parallel_size: int) -> dict[str, Any] | None:
+    """A neuronx-distributed role's ranks and the weight shards its folder holds (None: a plain trace)."""
+    role = find_role(record.name, architecture)
+    if role is None or not role.sharded:
+        return None
+    shards = [f.path for f in record.files if f.path.startswith(f"{record.name}/weights/")]
+    return {"tensor_parallel_size": tensor_parallel_size, "shards": shards}
+
+
 def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
     """The facts `inspect` shows, as plain data (also what tests look at)."""
     p, s, c = manifest.pipeline, manifest.source, manifest.config
     components = list(manifest.components.values())
     backends = sorted({r.backend for r in components})
+    tp = int(c.get("tensor_parallel_size") or 1)
     return {
         "export": str(directory),
         "pipeline": {
@@ -53,6 +64,8 @@ def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
             "optlevel": c.get("optlevel"),
             "inline_weights": c.get("inline_weights"),
             "dynamic_batch_size": c.get("dynamic_batch_size"),
+            "torch_dtype": c.get("torch_dtype") or "float32",
+            "tensor_parallel_size": tp,
         },
         "components": [
             {
@@ -68,6 +81,7 @@ def summary(manifest: Manifest, directory: Path) -> dict[str, Any]:
                 "validation": validation_text(r),
                 "compiler_args": r.compiler_args,
                 "neuron_compiler_args": r.neuron_compiler_args,
+                "sharding": sharding(r, p.architecture, tp),
             }
             for r in components
         ],
@@ -103,8 +117,12 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
         "shapes",
         Text(
             f"{p['size']} pixels (height x width), batch {p['batch_size']}, {p['num_images_per_prompt']} image(s) per prompt, "
-            f"data-parallel mode {p['data_parallel_mode']}"
+            f"torch dtype {b['torch_dtype']}"
         ),
+    )
+    facts.add_row(
+        "parallel",
+        Text(f"data-parallel mode {p['data_parallel_mode']}, tensor parallel size {b['tensor_parallel_size']}"),
     )
     facts.add_row("source", Text(source_text(info["source"])))
     facts.add_row(
@@ -157,6 +175,13 @@ def render(manifest: Manifest, directory: Path, console: Any) -> None:
             Text(c["validation"]),
         )
     console.print(table)
+
+    sharded = [c for c in info["components"] if c["sharding"]]
+    if sharded:  # neuronx-distributed roles: their weights live beside the NEFF, one shard per rank
+        console.print(Text("Sharded (neuronx-distributed)", style="bold"))
+        for c in sharded:
+            shards = ", ".join(c["sharding"]["shards"]) or "no shard"
+            console.print(Text(f"  {c['name']}: tp {c['sharding']['tensor_parallel_size']}, {shards}"))
 
     console.print(Text("Compiler", style="bold"))
     for c in info["components"]:

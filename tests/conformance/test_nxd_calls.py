@@ -1,6 +1,6 @@
 """Call conformance, the reference side of the diffusion transformers: what optimum-neuron 0.4.5's exporter asks
 of torch_neuronx and neuronx_distributed's ModelBuilder for PixArt-Σ (T5 at tp=1) and Flux (T5 and transformer
-at tp=2), run in its own virtualenv on tiny random pipelines (tests/conformance/tiny_dit.py) with our recording
+at tp=2), run in its own virtualenv on the tiny random pipelines of neuron_export/testing/examples.py with our recording
 doubles (tests/doubles/torch_neuronx, tests/doubles/neuronx_distributed).
 
 The expectation is data, nxd_calls_expected.json: per case, the components in trace order and, per component,
@@ -16,7 +16,6 @@ PixArt-Σ (T5 at tp=1) and Flux at tp=2 (T5 and transformer split by our paralle
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +26,22 @@ from conformance import calls, venv
 HERE = Path(__file__).resolve().parent
 EXPECTED_PATH = HERE / "nxd_calls_expected.json"
 EXPECTED: dict[str, Any] = json.loads(EXPECTED_PATH.read_text())
-BUILDER = HERE / "tiny_dit.py"
 
 # case -> (tiny pipeline, optimum-cli options besides --model and the output)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "pixart-sigma": ("pixart-sigma", {"height": 16, "width": 16}),  # T5 length: the tokenizer's model_max_length
+    "pixart-sigma": ("pixart-sigma", {"height": 64, "width": 64}),  # T5 length: the tokenizer's model_max_length
     "flux-tp2": (
         "flux",
-        {"height": 16, "width": 16, "sequence_length": 12, "extra_args": ["--tensor_parallel_size", "2"]},
+        {"height": 64, "width": 64, "sequence_length": 12, "extra_args": ["--tensor_parallel_size", "2"]},
     ),
 }
 
 
 def build_tiny_pipelines(root: Path, names: list[str]) -> dict[str, Path]:
-    """The tiny pipelines, built by the conformance virtualenv's own diffusers / transformers (one process)."""
-    folders = {name: root / name for name in names}
-    argv = [str(venv.python()), str(BUILDER)]
-    for name, folder in folders.items():
-        argv += [name, str(folder)]
-    process = subprocess.run(argv, env=venv.environment(), capture_output=True, text=True, timeout=600, check=False)
-    assert process.returncode == 0, process.stderr[-4000:]
-    return folders
+    """The tiny example pipelines (64 px: 8x8 latents), as the loader cases and our side build them."""
+    from neuron_export.testing.examples import build_example
+
+    return {name: build_example(name, root / name) for name in names}
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,9 @@ def write_shards(state: dict[str, Any], request: CompileRequest, directory: Path
     ranks = request.tensor_parallel_size
     if ranks < 1:
         raise BuildError(f"{request.component} needs at least one rank of tensor parallelism, not {ranks}.")
-    metadata = {"format": "pt", "split": "none", "tensor_parallel_size": str(ranks)}
     for rank in range(ranks):
-        save_file(state, str(directory / shard_name(rank)), metadata={**metadata, "rank": str(rank)})
+        # one metadata key: safetensors writes a map's keys in a per-process order, and shards must be reproducible
+        save_file(state, str(directory / shard_name(rank)), metadata={"format": "pt"})
     return [f"{WEIGHTS_FOLDER}/{shard_name(rank)}" for rank in range(ranks)]
 
 
