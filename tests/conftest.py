@@ -29,6 +29,7 @@ SLOW_FILES = {
     "test_cache_keys.py",
     "test_cli_output.py",
     "test_conditioning.py",
+    "test_dit_tools.py",
     "test_examples.py",
     "test_export.py",
     "test_fleet.py",
