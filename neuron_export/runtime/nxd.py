@@ -54,7 +54,7 @@ class WeightsAsInputs(torch.nn.Module):
 
     def __init__(self, wrapper: torch.nn.Module, names: list[str]) -> None:
         super().__init__()
-        object.__setattr__(self, "wrapped", wrapper)
+        self.__dict__["wrapped"] = wrapper  # not a registered child: its weights stay out of what is traced
         self.names = names
 
     def forward(self, inputs: list[torch.Tensor], weights: list[torch.Tensor]) -> Any:
