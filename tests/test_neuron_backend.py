@@ -239,12 +239,12 @@ def test_a_missing_neuronx_distributed_is_one_sentence_naming_the_fix(monkeypatc
 
 
 def test_shards_are_found_in_rank_order(tmp_path):
-    from neuron_export.build.backends import neuron
+    from neuron_export import files
 
     for rank in (10, 2, 0, 1):
-        (tmp_path / neuron.shard_name(rank)).write_bytes(b"")
+        (tmp_path / files.shard_name(rank)).write_bytes(b"")
     (tmp_path / "tp_sharded_checkpoint.safetensors").write_bytes(b"")  # not a rank's shard
-    assert [path.name for path in neuron.shard_files(tmp_path)] == [neuron.shard_name(r) for r in (0, 1, 2, 10)]
+    assert [path.name for path in files.shard_files(tmp_path)] == [files.shard_name(r) for r in (0, 1, 2, 10)]
 
 
 def test_the_t5_shard_is_written_by_model_builder_with_the_weights_as_traced(neuron_sdk, cli, tiny_model, tmp_path):

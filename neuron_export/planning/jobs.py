@@ -366,7 +366,7 @@ def refuse_unless_ready(plan: Plan) -> None:
     """What a plan only reports, an export refuses: a Neuron backend without its SDK (or without neuronx-distributed
     for a sharded role), an output it may not replace."""
     resolve_backend(plan.backend)
-    sharded = [job.component for job in plan.jobs if role_of(job.component, plan.facts.architecture).sharded]
+    sharded = [job.component for job in plan.jobs if job.sharded]
     if plan.backend == "neuron" and sharded and (problem := neuronx_distributed_error()) is not None:
         raise ExportError(
             f"--backend neuron traces {sharded[0]} with neuronx-distributed's ModelBuilder, but neuronx_distributed "

@@ -29,7 +29,7 @@ from typing import Any
 from neuron_export import compiler
 from neuron_export.build.backends.request import CompileRequest
 from neuron_export.errors import BuildError
-from neuron_export.files import WEIGHTS_FOLDER, shard_files, shard_name  # noqa: F401  (shard_files: read by the tests)
+from neuron_export.files import WEIGHTS_FOLDER, shard_name
 
 COMPILER_TYPE = "neuronx-cc"
 
